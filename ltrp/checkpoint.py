@@ -9,7 +9,6 @@ import hashlib
 import io
 import json
 import math
-import pickle
 import posixpath
 import re
 from dataclasses import asdict, dataclass, fields
@@ -132,8 +131,8 @@ def _parse(uri: str, data: bytes) -> tuple[CheckpointFormat, dict[str, torch.Ten
         # their argparse namespace, which is harmless data.
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{uri} is not a PyTorch checkpoint: {err}") from None
+    except Exception as err:  # garbage makes the unpickler fail in many ways (IndexError, EOFError, ...)
+        raise CheckpointError(f"{uri} is not a PyTorch checkpoint: {type(err).__name__}: {err}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{uri} holds a {type(obj).__name__}, not a checkpoint dict")
     return _classify(uri, obj.get("model", obj), obj.get("ltrp_config"))
@@ -176,12 +175,16 @@ _HF_RENAMES = [
     (r"^vit\.embeddings\.cls_token$", "cls_token"),
     (r"^vit\.embeddings\.position_embeddings$", "pos_embed"),
     (r"^vit\.embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-    (r"^vit\.encoder\.layer\.", "blocks."),
+    (r"^vit\.(encoder\.layer|layers)\.", "blocks."),  # hub files; transformers 5 in memory
     (r"^vit\.layernorm\.", "norm."),
-    (r"^decoder\.decoder_layers\.", "decoder_blocks."),
+    # Hub files say decoder_layers; transformers 5's save_pretrained writes decoder_encoder.layer.
+    (r"^decoder\.decoder_(layers|encoder\.layer)\.", "decoder_blocks."),
     (r"^decoder\.", ""),
     (r"\.attention\.attention\.(query|key|value)\.", r".attn.\1."),
-    (r"\.attention\.output\.dense\.", ".attn.proj."),
+    (r"\.attention\.q_proj\.", ".attn.query."),
+    (r"\.attention\.k_proj\.", ".attn.key."),
+    (r"\.attention\.v_proj\.", ".attn.value."),
+    (r"\.attention\.(output\.dense|o_proj)\.", ".attn.proj."),
     (r"\.intermediate\.dense\.", ".mlp.fc1."),
     (r"\.output\.dense\.", ".mlp.fc2."),
     (r"\.layernorm_before\.", ".norm1."),

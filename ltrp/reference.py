@@ -75,7 +75,8 @@ def reference_loo_scores(
             latent_j = mae.encode_tokens(patches[keep].reshape(batch, n - 1, dim))
             tokens_j = mae.decoder_input(latent_j, drop_one(visible)[:, j])
         recon = _decode_isolated(mae, tokens_j, removed)
-        per_patch = torch.stack([pixel_distance(anchor[b, is_masked[b]], recon[b, is_masked[b]], metric)
-                                 for b in range(batch)])
+        per_patch = torch.stack(
+            [pixel_distance(anchor[b, is_masked[b]], recon[b, is_masked[b]], metric) for b in range(batch)]
+        )
         scores.append(per_patch)
     return torch.stack(scores, dim=1)

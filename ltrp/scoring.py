@@ -69,7 +69,7 @@ def loo_scores(
     *,
     mode: Mode = "decoder",
     metric: Metric = "l1",
-    max_tokens: int = 32768,
+    max_tokens: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Leave-one-out importance of each visible patch.
@@ -82,7 +82,9 @@ def loo_scores(
             still saw v inside the encoder) or "encoder" (v is removed before the encoder as well, so
             the MAE sees n - 1 patches, and its position is absent from the decoder too).
         metric: "l1" (mean |A - R_v|, the default) or "l2" (mean squared difference).
-        max_tokens: bound on decoder tokens per chunk of leave-one-out sequences (memory knob).
+        max_tokens: decoder tokens per chunk of leave-one-out sequences; bounds memory. None: 4096 on
+            a CPU (cache-sized chunks measured fastest there: 0.63 vs 0.51 img/s at 65536, MAE-B),
+            131072 on a GPU (large enough to fill it, about 1 GB of activations for MAE-B in bf16).
         autocast_dtype: None for the model's own precision, or torch.bfloat16 / torch.float16 to run
             under autocast (the distances are always taken in fp32).
 
@@ -100,9 +102,13 @@ def loo_scores(
 
     with _precision(images.device, autocast_dtype):
         patches = mae.embed_patches(images)  # (B, L, D)
-        tokens = mae.decoder_input(mae.encode_tokens(gather_tokens(patches, visible)), visible)  # (B, 1+L, Dd)
+        tokens = mae.decoder_input(
+            mae.encode_tokens(gather_tokens(patches, visible)), visible
+        )  # (B, 1+L, Dd)
         anchor = mae.predict(gather_tokens(mae.decode_hidden(tokens)[:, 1:], masked))  # (B, L-n, P)
 
+        if max_tokens is None:
+            max_tokens = 4096 if images.device.type == "cpu" else 131072
         rows_per_chunk = max(1, max_tokens // num_patches)
         scores = torch.empty(batch * n, dtype=torch.float32, device=images.device)
         for start in range(0, batch * n, rows_per_chunk):
