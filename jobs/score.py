@@ -1,79 +1,99 @@
-"""Score a folder of images: leave-one-out MAE pseudo-scores of each image's visible patches.
+"""Score an image corpus: leave-one-out MAE pseudo-scores of each view's visible patches, on Ray.
 
-    python -m jobs.score                                   # embedded demo: sample photos, small MAE
-    python -m jobs.score --images DIR_OR_S3 --mae mae_visualize_vit_base.pth --output runs/scores
+    python -m jobs.score                                    # embedded demo: sample photos, small MAE
+    python -m jobs.score --source s3://bucket/images/ --mae s3://bucket/mae_visualize_vit_base.pth \\
+        --output s3://bucket/scores/run1 --views 4 --crop random --flip --precision fp16
+    python -m jobs.score --config score.yaml --seed 1      # YAML keys are the flag names; flags win
 
-Writes OUTPUT/scores.parquet (image_id, visible, scores; run metadata under the "ltrp" key) and
-OUTPUT/errors.parquet (image_id, reason) for images that could not be decoded.
+Runs on a local Ray, or on the cluster that RAY_ADDRESS names (`ray job submit -- python -m jobs.score`).
+Each run is an MLflow run (MLFLOW_TRACKING_URI, default sqlite:///mlflow.db). Re-running with the same
+output resumes: finished shards are kept, the rest are scored.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from dataclasses import fields
 from pathlib import Path
 
-import torch
+import mlflow
+import ray
+import yaml
 
 from ltrp.demo import write_demo_mae, write_sample_photos
-from ltrp.folder import FolderScoringConfig, score_folder
+from ltrp.score_job import ScoreJobConfig, ScoreJobSummary, run_score_job
 
 DEMO_ROOT = Path("runs/demo")
+HELP = {
+    "source": "folder, s3:// prefix, .tar shard or .parquet/.csv manifest (default: demo photos)",
+    "mae": "MAE checkpoint with a decoder, local or s3:// (default: a random small demo MAE)",
+    "output": "output folder or s3:// prefix (re-using one resumes that job)",
+    "views": "views per image; each has its own crop, flip and visible set",
+    "crop": "center: the central square; random: RandomResizedCrop geometry (scale 0.2-1)",
+    "flip": "mirror half of the views",
+    "mask_ratio": "fraction of patches hidden from the MAE (0.9 keeps 19 of 196)",
+    "seed": "seed of crops, flips and visible sets",
+    "mode": "decoder: cut the patch out of the decoder (the paper); encoder: out of both",
+    "metric": "distance between reconstructions: l1 (the paper) or l2",
+    "precision": "fp32, or autocast to fp16 / bf16 (GPU; fp16 ranks closer to fp32)",
+    "batch_size": "views per scoring call",
+    "shard_size": "images per shard, the unit of commit and resume",
+    "scorers": "scoring actors (default: one per GPU, or 1)",
+    "scorer_cpus": "CPUs reserved by each scoring actor",
+    "min_side": "images with a shorter side below this (px) are recorded as errors",
+    "max_pixels": "images with more pixels than this are recorded as errors (decompression bombs)",
+}
 
 
-def parse_config() -> FolderScoringConfig:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--images", help="folder or s3:// prefix of images (default: demo photos)")
-    parser.add_argument("--mae", help="MAE checkpoint with a decoder (default: a random small demo MAE)")
-    parser.add_argument("--output", default=str(DEMO_ROOT / "scores"), help="output folder or s3:// prefix")
-    parser.add_argument(
-        "--mask-ratio", type=float, default=0.9, help="fraction of patches hidden from the MAE"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the visible sets")
-    parser.add_argument("--view", type=int, default=0, help="view number (each view has its own visible set)")
-    parser.add_argument(
-        "--mode",
-        choices=["decoder", "encoder"],
-        default="decoder",
-        help="decoder: cut the patch from the decoder (the paper); encoder: from both",
-    )
-    parser.add_argument("--metric", choices=["l1", "l2"], default="l1", help="reconstruction distance")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per scoring batch")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    if args.mae is None:
-        print(
-            f"no --mae given: using a randomly initialised demo MAE ({DEMO_ROOT / 'mae_demo.pth'}); "
-            "its scores show the machinery, not meaning"
-        )
-    return FolderScoringConfig(
-        images=args.images or str(write_sample_photos(DEMO_ROOT / "images")),
-        mae=args.mae or str(write_demo_mae(DEMO_ROOT / "mae_demo.pth")),
-        output=args.output,
-        mask_ratio=args.mask_ratio,
-        seed=args.seed,
-        view=args.view,
-        mode=args.mode,
-        metric=args.metric,
-        batch_size=args.batch_size,
-        device=args.device,
-    )
+def parse_config(argv: list[str] | None = None) -> ScoreJobConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of defaults (keys: the options below, with underscores)")
+    for field in fields(ScoreJobConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[field.name])
+        else:
+            kind = {"int": int, "float": float, "int | None": int}.get(field.type, str)
+            parser.add_argument(flag, type=kind, default=None, help=HELP[field.name])
+    args = vars(parser.parse_args(argv))
+    values = yaml.safe_load(Path(args.pop("config")).read_text()) if args.get("config") else {}
+    values.update({k: v for k, v in args.items() if v is not None and k != "config"})
+    if "mae" not in values:
+        print(f"no --mae given: using a randomly initialised demo MAE ({DEMO_ROOT / 'mae_demo.pth'}); "
+              "its scores show the machinery, not meaning")
+        values["mae"] = str(write_demo_mae(DEMO_ROOT / "mae_demo.pth"))
+    values.setdefault("source", str(write_sample_photos(DEMO_ROOT / "images")))
+    values.setdefault("output", str(DEMO_ROOT / "scores"))
+    return ScoreJobConfig(**values)
 
 
 def main() -> None:
     cfg = parse_config()
-    result = score_folder(cfg)
-    for row in result.scores.to_pylist():
-        top = sorted(zip(row["scores"], row["visible"], strict=True), reverse=True)[:5]
-        print(f"{row['image_id']}: top patches " + ", ".join(f"{p} ({s:.4f})" for s, p in top))
-    for row in result.errors.to_pylist():
-        print(f"skipped {row['image_id']}: {row['reason']}")
-    n = result.scores.num_rows
+    ray.init(log_to_driver=True)  # RAY_ADDRESS, if set, names the cluster; else a local one starts
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    mlflow.set_experiment("ltrp-score")
+    with mlflow.start_run(run_name=f"score {Path(cfg.source.rstrip('/')).name}"):
+        mlflow.log_params({f.name: getattr(cfg, f.name) for f in fields(cfg)})
+        summary = run_score_job(cfg)
+        log_summary(summary)
     print(
-        f"scored {n} images ({result.errors.num_rows} skipped) in {result.seconds:.1f} s "
-        f"({n / result.seconds:.2f} img/s) -> {cfg.output}/scores.parquet"
+        f"scored {summary.images_scored} images ({summary.rows_written} rows) and skipped "
+        f"{summary.shards_skipped} finished shards of {summary.shards}; {summary.errors} errors; "
+        f"{summary.seconds:.1f} s, {summary.images_per_second:.2f} img/s -> {summary.output}"
     )
+
+
+def log_summary(summary: ScoreJobSummary) -> None:
+    mlflow.log_metrics({
+        "images_scored": summary.images_scored,
+        "rows_written": summary.rows_written,
+        "shards_skipped": summary.shards_skipped,
+        "errors": summary.errors,
+        "wall_seconds": summary.seconds,
+        "images_per_second": summary.images_per_second,
+    })
+    mlflow.set_tag("output_uri", summary.output)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,17 @@
-"""Image decoding shared by every job: bytes -> RGB uint8 at the MAE's input size -> model tensor."""
+"""Image decoding and views, shared by every job: the scoring job renders a view from an image's bytes
+with `render_view`, and training replays the same stored `View` through the same function.
+
+A view is a crop box in the image's displayed (EXIF-oriented) pixel coordinates plus a horizontal
+flip, drawn as a pure function of (seed, image id, view number): see `view_geometry`.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import math
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -12,33 +21,133 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 #: What the official MAE checkpoints were trained on; the decoder predicts pixels in this space.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 #: ImageNet's mean colour: transparent areas become it, i.e. zero after normalisation.
 _BACKGROUND = tuple(round(255 * m) for m in IMAGENET_MEAN)
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+Crop = Literal["center", "random"]
 
 
 class ImageDecodeError(ValueError):
     """An image that cannot be used; the message says why."""
 
 
-def decode_center_crop(data: bytes, size: int) -> np.ndarray:
-    """Encoded image bytes -> (size, size, 3) uint8 RGB: EXIF orientation applied, any mode converted
-    to RGB, the central square cropped and resized (bicubic).
+@dataclass(frozen=True)
+class View:
+    """A crop box (left, top, right, bottom) in displayed source pixels, then an optional mirror."""
 
-    Raises:
-        ImageDecodeError: empty, undecodable or truncated data.
-    """
+    box: tuple[float, float, float, float]
+    flip: bool = False
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Images outside these bounds are refused (and recorded) instead of decoded."""
+
+    min_side: int = 16  # shorter side, in pixels
+    max_pixels: int = 89_478_485  # PIL's own decompression-bomb threshold
+
+
+def _header(data: bytes, limits: ImageLimits) -> tuple[int, int, bool]:
+    """(stored width, stored height, whether EXIF orientation swaps them), without decoding pixels."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when that is enough
-            img = _to_rgb(ImageOps.exif_transpose(img))
-            return np.asarray(ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC))
+            width, height = img.size
+            transposed = img.getexif().get(0x0112, 1) in _TRANSPOSED_ORIENTATIONS
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"cannot decode image: {err}") from None
+    if width * height > limits.max_pixels:
+        raise ImageDecodeError(f"too large: {width}x{height} exceeds {limits.max_pixels} pixels")
+    if min(width, height) < limits.min_side:
+        raise ImageDecodeError(f"too small: {width}x{height}, shorter side below {limits.min_side} px")
+    return width, height, transposed
+
+
+def displayed_size(data: bytes, limits: ImageLimits = ImageLimits()) -> tuple[int, int]:
+    """(width, height) as displayed (after EXIF orientation), read from the header without decoding.
+
+    Raises:
+        ImageDecodeError: empty or unreadable data, or a size outside `limits`.
+    """
+    width, height, transposed = _header(data, limits)
+    return (height, width) if transposed else (width, height)
+
+
+def _uniforms(key: str, count: int) -> np.ndarray:
+    """`count` floats in [0, 1) from SHAKE-256 of `key`: the same on every machine, forever."""
+    raw = np.frombuffer(hashlib.shake_256(key.encode()).digest(8 * count), dtype="<u8")
+    return (raw >> 11).astype(np.float64) / float(1 << 53)
+
+
+def center_view(width: int, height: int) -> View:
+    """The largest central square."""
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return View((left, top, left + side, top + side))
+
+
+def view_geometry(
+    image_id: str,
+    view: int,
+    width: int,
+    height: int,
+    *,
+    seed: int = 0,
+    crop: Crop = "center",
+    flip: bool = False,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> View:
+    """The crop and flip of one view of an image, a pure function of its arguments.
+
+    `crop="random"` follows RandomResizedCrop: area fraction uniform in `scale`, log-uniform aspect
+    ratio in `ratio`, up to 10 tries, else the central square. `flip=True` mirrors with probability 1/2.
+    """
+    u = _uniforms(f"ltrp-view\0{seed}\0{view}\0{image_id}", 41)  # flip, then 4 per try
+    mirrored = flip and bool(u[0] < 0.5)
+    if crop == "center":
+        return View(center_view(width, height).box, mirrored)
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for attempt in range(10):
+        su, ru, xu, yu = u[1 + 4 * attempt : 5 + 4 * attempt]
+        target = area * (scale[0] + (scale[1] - scale[0]) * su)
+        aspect = math.exp(log_lo + (log_hi - log_lo) * ru)
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = math.floor(xu * (width - w + 1)), math.floor(yu * (height - h + 1))
+            return View((float(left), float(top), float(left + w), float(top + h)), mirrored)
+    return View(center_view(width, height).box, mirrored)
+
+
+def render_view(data: bytes, view: View, size: int, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """Encoded image bytes -> the view as (size, size, 3) uint8 RGB (bicubic resize of the crop box).
+
+    JPEGs are decoded at the smallest power-of-two reduction that still gives the crop at least
+    `size` pixels (draft mode); the box is rescaled to match, so any caller gets the same pixels.
+
+    Raises:
+        ImageDecodeError: unreadable, truncated or out-of-bounds image.
+    """
+    stored_w, stored_h, transposed = _header(data, limits)
+    width, height = (stored_h, stored_w) if transposed else (stored_w, stored_h)
+    left, top, right, bottom = view.box
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            need = (math.ceil(size * width / (right - left)), math.ceil(size * height / (bottom - top)))
+            img.draft("RGB", need[::-1] if transposed else need)
+            img = _to_rgb(ImageOps.exif_transpose(img))
+            sx, sy = img.width / width, img.height / height
+            box = (left * sx, top * sy, right * sx, bottom * sy)
+            out = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageDecodeError(f"cannot decode image: {err}") from None
+    if view.flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -55,6 +164,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def to_model_input(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(B, S, S, 3) uint8 -> (B, 3, S, S) float32, ImageNet mean/std normalised."""
     x = torch.as_tensor(batch).permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
