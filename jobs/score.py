@@ -47,12 +47,16 @@ HELP = {
 
 
 def parse_config(argv: list[str] | None = None) -> ScoreJobConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="YAML file of defaults (keys: the options below, with underscores)")
     for field in fields(ScoreJobConfig):
         flag = "--" + field.name.replace("_", "-")
         if field.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[field.name])
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[field.name]
+            )
         else:
             kind = {"int": int, "float": float, "int | None": int}.get(field.type, str)
             parser.add_argument(flag, type=kind, default=None, help=HELP[field.name])
@@ -60,8 +64,10 @@ def parse_config(argv: list[str] | None = None) -> ScoreJobConfig:
     values = yaml.safe_load(Path(args.pop("config")).read_text()) if args.get("config") else {}
     values.update({k: v for k, v in args.items() if v is not None and k != "config"})
     if "mae" not in values:
-        print(f"no --mae given: using a randomly initialised demo MAE ({DEMO_ROOT / 'mae_demo.pth'}); "
-              "its scores show the machinery, not meaning")
+        print(
+            f"no --mae given: using a randomly initialised demo MAE ({DEMO_ROOT / 'mae_demo.pth'}); "
+            "its scores show the machinery, not meaning"
+        )
         values["mae"] = str(write_demo_mae(DEMO_ROOT / "mae_demo.pth"))
     values.setdefault("source", str(write_sample_photos(DEMO_ROOT / "images")))
     values.setdefault("output", str(DEMO_ROOT / "scores"))
@@ -85,14 +91,16 @@ def main() -> None:
 
 
 def log_summary(summary: ScoreJobSummary) -> None:
-    mlflow.log_metrics({
-        "images_scored": summary.images_scored,
-        "rows_written": summary.rows_written,
-        "shards_skipped": summary.shards_skipped,
-        "errors": summary.errors,
-        "wall_seconds": summary.seconds,
-        "images_per_second": summary.images_per_second,
-    })
+    mlflow.log_metrics(
+        {
+            "images_scored": summary.images_scored,
+            "rows_written": summary.rows_written,
+            "shards_skipped": summary.shards_skipped,
+            "errors": summary.errors,
+            "wall_seconds": summary.seconds,
+            "images_per_second": summary.images_per_second,
+        }
+    )
     mlflow.set_tag("output_uri", summary.output)
 
 

@@ -35,7 +35,15 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from ltrp.checkpoint import load_mae
-from ltrp.images import Crop, ImageDecodeError, ImageLimits, displayed_size, render_view, to_model_input, view_geometry
+from ltrp.images import (
+    Crop,
+    ImageDecodeError,
+    ImageLimits,
+    displayed_size,
+    render_view,
+    to_model_input,
+    view_geometry,
+)
 from ltrp.mae import MAE
 from ltrp.masking import visible_sets
 from ltrp.scoring import Metric, Mode, loo_scores
@@ -59,12 +67,32 @@ SCORES_SCHEMA = pa.schema(
 ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("reason", pa.string())])
 # Rows between the stages: the output columns but scores, plus where they belong and the pixels.
 _STAGE_SCHEMA = pa.schema(
-    [("shard", pa.int32()), ("shard_rows", pa.int32()), *list(SCORES_SCHEMA)[:-1],
-     ("pixels", pa.binary()), ("error", pa.string())]
+    [
+        ("shard", pa.int32()),
+        ("shard_rows", pa.int32()),
+        *list(SCORES_SCHEMA)[:-1],
+        ("pixels", pa.binary()),
+        ("error", pa.string()),
+    ]
 )
 # Settings that change the scores: a resumed job must agree with the first run on all of them.
-_FINGERPRINT = ("source", "plan_digest", "shard_size", "mae_sha256", "mae_config", "views", "crop", "flip",
-                "mask_ratio", "seed", "mode", "metric", "precision", "min_side", "max_pixels")
+_FINGERPRINT = (
+    "source",
+    "plan_digest",
+    "shard_size",
+    "mae_sha256",
+    "mae_config",
+    "views",
+    "crop",
+    "flip",
+    "mask_ratio",
+    "seed",
+    "mode",
+    "metric",
+    "precision",
+    "min_side",
+    "max_pixels",
+)
 
 
 @dataclass
@@ -116,14 +144,17 @@ def run_score_job(cfg: ScoreJobConfig) -> ScoreJobSummary:
     pending = [s for s in shards if s.index not in done]
     images, rows, errors = 0, 0, 0
     if pending:
-        for index, table in _assemble_shards(_pipeline(cfg, pending, mae.cfg.img_size, mae.cfg.grid, metadata)):
+        for index, table in _assemble_shards(
+            _pipeline(cfg, pending, mae.cfg.img_size, mae.cfg.grid, metadata)
+        ):
             scored, failed = out.commit(index, table, metadata)
             rows += scored.num_rows
             errors += failed.num_rows
             images += len(set(scored.column("image_id").to_pylist()))
     out.finish(len(shards))
-    return ScoreJobSummary(cfg.output, len(shards), len(shards) - len(pending), images, rows, errors,
-                           time.perf_counter() - start)
+    return ScoreJobSummary(
+        cfg.output, len(shards), len(shards) - len(pending), images, rows, errors, time.perf_counter() - start
+    )
 
 
 def job_metadata(cfg: ScoreJobConfig, mae: MAE, shards: list[Shard]) -> dict:
@@ -141,7 +172,9 @@ def job_metadata(cfg: ScoreJobConfig, mae: MAE, shards: list[Shard]) -> dict:
     }
 
 
-def _pipeline(cfg: ScoreJobConfig, pending: list[Shard], size: int, grid: int, metadata: dict) -> ray.data.Dataset:
+def _pipeline(
+    cfg: ScoreJobConfig, pending: list[Shard], size: int, grid: int, metadata: dict
+) -> ray.data.Dataset:
     gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
     scorers = cfg.scorers or max(1, gpus)
     ds = ray.data.from_items([{"shard": s.to_json()} for s in pending], override_num_blocks=len(pending))
@@ -150,8 +183,14 @@ def _pipeline(cfg: ScoreJobConfig, pending: list[Shard], size: int, grid: int, m
     # allows and, as the options then differ from the scorers', from fusing decoding into the scoring
     # actors (decoding must scale on its own CPUs).
     shard_bytes = 2**29 + 2 * cfg.shard_size * cfg.views * size * size * 3
-    ds = ds.map_batches(decode_shards, fn_kwargs={"cfg": cfg, "size": size, "grid": grid}, batch_size=1,
-                        batch_format="numpy", num_cpus=1, memory=shard_bytes)
+    ds = ds.map_batches(
+        decode_shards,
+        fn_kwargs={"cfg": cfg, "size": size, "grid": grid},
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=1,
+        memory=shard_bytes,
+    )
     return ds.map_batches(
         ShardScorer,
         fn_constructor_kwargs={"cfg": cfg, "sha256": metadata["mae_sha256"]},
@@ -172,8 +211,11 @@ def decode_shards(batch: dict[str, np.ndarray], cfg: ScoreJobConfig, size: int, 
         shard = Shard.from_json(str(text))
         shard_rows = [row for image in read_shard(shard) for row in _image_rows(image, cfg, size, grid)]
         if not shard_rows:  # still commit the shard, so that it counts as done
-            shard_rows = [_error_row(SourceImage(shard.tar or str(shard.index), shard.tar or "", None),
-                                     "shard holds no images")]
+            shard_rows = [
+                _error_row(
+                    SourceImage(shard.tar or str(shard.index), shard.tar or "", None), "shard holds no images"
+                )
+            ]
         rows += [{**row, "shard": shard.index, "shard_rows": len(shard_rows)} for row in shard_rows]
     return pa.Table.from_pylist(rows, schema=_STAGE_SCHEMA)
 
@@ -186,15 +228,25 @@ def _image_rows(image: SourceImage, cfg: ScoreJobConfig, size: int, grid: int) -
         width, height = displayed_size(image.data, limits)
         rows = []
         for view in range(cfg.views):
-            geometry = view_geometry(image.image_id, view, width, height, seed=cfg.seed, crop=cfg.crop,
-                                     flip=cfg.flip)
-            visible = visible_sets([image.image_id], grid=grid, mask_ratio=cfg.mask_ratio, seed=cfg.seed,
-                                   view=view)
-            rows.append({
-                "image_id": image.image_id, "uri": image.uri, "label": image.label, "view": view,
-                "crop_box": list(geometry.box), "flip": geometry.flip, "visible": visible[0].tolist(),
-                "pixels": render_view(image.data, geometry, size, limits).tobytes(), "error": None,
-            })
+            geometry = view_geometry(
+                image.image_id, view, width, height, seed=cfg.seed, crop=cfg.crop, flip=cfg.flip
+            )
+            visible = visible_sets(
+                [image.image_id], grid=grid, mask_ratio=cfg.mask_ratio, seed=cfg.seed, view=view
+            )
+            rows.append(
+                {
+                    "image_id": image.image_id,
+                    "uri": image.uri,
+                    "label": image.label,
+                    "view": view,
+                    "crop_box": list(geometry.box),
+                    "flip": geometry.flip,
+                    "visible": visible[0].tolist(),
+                    "pixels": render_view(image.data, geometry, size, limits).tobytes(),
+                    "error": None,
+                }
+            )
         return rows
     except ImageDecodeError as err:
         return [_error_row(image, str(err))]
@@ -222,11 +274,23 @@ class ShardScorer:
             pixels = np.frombuffer(bytearray(b"".join(batch.column("pixels").take(ok).to_pylist())), np.uint8)
             images = to_model_input(torch.from_numpy(pixels.reshape(len(ok), size, size, 3)).to(self.device))
             visible = torch.tensor(batch.column("visible").take(ok).to_pylist(), device=self.device)
-            values = loo_scores(self.mae, images, visible, mode=self.cfg.mode, metric=self.cfg.metric,
-                                autocast_dtype=_AUTOCAST[self.cfg.precision]).cpu().tolist()
+            values = (
+                loo_scores(
+                    self.mae,
+                    images,
+                    visible,
+                    mode=self.cfg.mode,
+                    metric=self.cfg.metric,
+                    autocast_dtype=_AUTOCAST[self.cfg.precision],
+                )
+                .cpu()
+                .tolist()
+            )
             for i, row in zip(ok, values, strict=True):
                 scores[i] = row
-        return batch.drop_columns(["pixels"]).append_column("scores", pa.array(scores, pa.list_(pa.float32())))
+        return batch.drop_columns(["pixels"]).append_column(
+            "scores", pa.array(scores, pa.list_(pa.float32()))
+        )
 
 
 def _assemble_shards(ds: ray.data.Dataset):
@@ -281,8 +345,12 @@ class ScoreOutput:
         errors = table.filter(failed).select(["image_id", "uri", "error"]).rename_columns(ERRORS_SCHEMA.names)
         scored = table.filter(pc.invert(failed)).select(SCORES_SCHEMA.names)
         kv = {"ltrp": json.dumps(metadata)}
-        self._write(self._path("errors", f"part-{index:05d}.parquet"), errors.cast(ERRORS_SCHEMA.with_metadata(kv)))
-        self._write(self._path("scores", f"part-{index:05d}.parquet"), scored.cast(SCORES_SCHEMA.with_metadata(kv)))
+        self._write(
+            self._path("errors", f"part-{index:05d}.parquet"), errors.cast(ERRORS_SCHEMA.with_metadata(kv))
+        )
+        self._write(
+            self._path("scores", f"part-{index:05d}.parquet"), scored.cast(SCORES_SCHEMA.with_metadata(kv))
+        )
         return scored, errors
 
     def finish(self, shards: int) -> None:
@@ -308,8 +376,9 @@ def read_scores(uri: str, *, columns: list[str] | None = None, filters: list | N
     """The score table of a job's output (local or s3://), optionally with columns and row filters
     (pyarrow's DNF filters, e.g. `[("label", "=", "3")]`)."""
     fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
-    return pq.read_table(posixpath.join(root, "scores"), filesystem=fs, columns=columns, filters=filters,
-                         schema=SCORES_SCHEMA)
+    return pq.read_table(
+        posixpath.join(root, "scores"), filesystem=fs, columns=columns, filters=filters, schema=SCORES_SCHEMA
+    )
 
 
 def read_errors(uri: str) -> pa.Table:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import posixpath
 import tarfile
@@ -107,12 +108,14 @@ def _manifest(uri: str) -> list[tuple[str, str, str | None]]:
     if "uri" not in table.column_names:
         raise ValueError(f"manifest {uri} has no 'uri' column (columns: {table.column_names})")
     base = posixpath.dirname(path)
-    uris = [u if "://" in u or u.startswith("/") else fs.unstrip_protocol(posixpath.join(base, u))
-            for u in table.column("uri").to_pylist()]
+    uris = [
+        u if "://" in u or u.startswith("/") else fs.unstrip_protocol(posixpath.join(base, u))
+        for u in table.column("uri").to_pylist()
+    ]
     ids = table.column("image_id").to_pylist() if "image_id" in table.column_names else uris
     labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(uris)
     rows = sorted(zip(map(str, ids), uris, [None if x is None else str(x) for x in labels], strict=True))
-    duplicates = [a for a, b in zip(rows, rows[1:], strict=False) if a[0] == b[0]]
+    duplicates = [a for a, b in itertools.pairwise(rows) if a[0] == b[0]]
     if duplicates:
         raise ValueError(f"manifest {uri}: image_id {duplicates[0][0]!r} appears more than once")
     return rows
@@ -167,8 +170,9 @@ def _read_tar(uri: str) -> Iterator[SourceImage]:
         image_ext = next((e for e in sorted(members) if f".{e}".endswith(IMAGE_SUFFIXES)), None)
         if image_ext is None:
             continue  # a sample without an image (e.g. only metadata) is not an image
-        yield SourceImage(key, f"{uri}{TAR_SEPARATOR}{key}.{image_ext}", _tar_label(members),
-                          data=members[image_ext])
+        yield SourceImage(
+            key, f"{uri}{TAR_SEPARATOR}{key}.{image_ext}", _tar_label(members), data=members[image_ext]
+        )
 
 
 def _tar_label(members: dict[str, bytes]) -> str | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,6 +80,69 @@ def s3_bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_address(s3_endpoint: str) -> Iterator[str]:
+    """A real local Ray cluster for the session (after the S3 settings, so its workers inherit them),
+    with more logical CPUs than this 2-core machine has: decode tasks and scoring actors each hold one,
+    and Ray's own bookkeeping must never wait behind them. Jobs in subprocesses join it via RAY_ADDRESS."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MLflow tracking server with a SQLite registry on 127.0.0.1, stopped by process group."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [
+            BIN / "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for_port(port, proc, timeout=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def fashion_mnist(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` test images (count, 28, 28) uint8 and labels, from Debian's package."""
+    images_file = FASHION_MNIST / "t10k-images-idx3-ubyte.gz"
+    if not images_file.exists():
+        pytest.fail("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist (.ci/run does)")
+    with gzip.open(images_file) as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(FASHION_MNIST / "t10k-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    return images[:count], labels[:count]
 
 
 @pytest.fixture

@@ -4,7 +4,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ltrp.images import IMAGENET_MEAN, ImageDecodeError, decode_center_crop, to_model_input
+from ltrp.images import (
+    IMAGENET_MEAN,
+    ImageDecodeError,
+    ImageLimits,
+    View,
+    center_view,
+    displayed_size,
+    render_view,
+    to_model_input,
+    view_geometry,
+)
+
+
+def decode_center_crop(data: bytes, size: int) -> np.ndarray:
+    return render_view(
+        data, center_view(*displayed_size(data, ImageLimits(min_side=1))), size, ImageLimits(min_side=1)
+    )
 
 
 def _encode(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -71,3 +87,44 @@ def test_model_input_is_normalised_nchw() -> None:
     x = to_model_input(batch)
     assert x.shape == (2, 3, 4, 4)
     assert x[0, 0, 0, 0].item() == pytest.approx((1 - 0.485) / 0.229, rel=1e-5)
+
+
+def test_random_views_are_deterministic_inside_the_image_and_in_scale() -> None:
+    boxes = [view_geometry("img", v, 500, 375, seed=1, crop="random", flip=True) for v in range(200)]
+    assert boxes == [view_geometry("img", v, 500, 375, seed=1, crop="random", flip=True) for v in range(200)]
+    for view in boxes:
+        left, top, right, bottom = view.box
+        assert 0 <= left < right <= 500 and 0 <= top < bottom <= 375
+        assert 0.19 <= (right - left) * (bottom - top) / (500 * 375) <= 1.0
+        assert 0.74 <= (right - left) / (bottom - top) <= 1.34 or view.box == center_view(500, 375).box
+    flips = sum(v.flip for v in boxes)
+    assert 70 < flips < 130
+    assert view_geometry("img", 0, 500, 375, seed=2, crop="random") != boxes[0]
+
+
+def test_center_views_without_flip_are_the_central_square() -> None:
+    assert view_geometry("x", 3, 300, 100) == View((100.0, 0.0, 200.0, 100.0), False)
+
+
+def test_render_view_crops_the_box_and_mirrors() -> None:
+    arr = np.zeros((40, 60, 3), np.uint8)
+    arr[:, 30:] = 255  # right half white
+    data = _encode(Image.fromarray(arr))
+    right = render_view(data, View((30.0, 0.0, 60.0, 30.0)), 16)
+    assert right[:, 2:].min() >= 250  # bicubic rings a little next to the dark half
+    mirrored = render_view(data, View((15.0, 0.0, 45.0, 30.0), flip=True), 16).astype(int)
+    assert mirrored[:, :6].mean() > 240 and mirrored[:, -6:].mean() < 15
+
+
+def test_jpeg_draft_decoding_stays_close_to_full_decoding() -> None:
+    import skimage.data
+
+    photo = skimage.data.hubble_deep_field()  # 1000 x 872: decoded at 1/2 or 1/4 scale for 128 px
+    data = _encode(Image.fromarray(photo), "JPEG")
+    view = center_view(*displayed_size(data))
+    drafted = render_view(data, view, 128).astype(float)
+    with Image.open(io.BytesIO(data)) as img:
+        full = np.asarray(
+            img.convert("RGB").resize((128, 128), Image.Resampling.BICUBIC, box=view.box)
+        ).astype(float)
+    assert np.abs(drafted - full).mean() < 4

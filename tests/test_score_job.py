@@ -1,0 +1,283 @@
+"""The scoring job end to end, on real parts: a local Ray cluster, a moto S3 server, an MLflow server,
+Fashion-MNIST and scikit-image photos."""
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+import skimage.data
+import torch
+from conftest import fashion_mnist
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+import ltrp
+from ltrp.checkpoint import CheckpointError
+from ltrp.images import View, render_view, to_model_input
+from ltrp.score_job import SCORES_SCHEMA, ScoreJobConfig, read_errors, read_scores, run_score_job
+from ltrp.sources import read_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
+
+
+def _encode(arr: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    img = Image.fromarray(arr)
+    (img.convert(mode) if mode else img).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _photo_tar() -> bytes:
+    """A WebDataset shard: photo{k}.jpg with its class in photo{k}.cls (or .json for the last)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for k, name in enumerate(PHOTOS):
+            members = {f"photo{k}.jpg": _encode(getattr(skimage.data, name)(), "JPEG")}
+            if k < len(PHOTOS) - 1:
+                members[f"photo{k}.cls"] = str(k).encode()
+            else:
+                members[f"photo{k}.json"] = json.dumps({"label": k}).encode()
+            for member, data in members.items():
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _save_tiny(path: Path, geometry: str = "mae_vit_tiny_patch8") -> str:
+    torch.manual_seed(0)
+    ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES[geometry]), str(path))
+    return str(path)
+
+
+def _job(*args: str, env: dict) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.score", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _save_tiny(tmp_path_factory.mktemp("mae") / "tiny.pth")
+
+
+@pytest.fixture(scope="module")
+def s3_corpus(s3_endpoint: str) -> str:
+    """200 Fashion-MNIST PNGs in ImageFolder layout, and a tar shard of 5 photos, on S3."""
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("corpus")
+    images, labels = fashion_mnist(200)
+    fs.pipe(
+        {
+            f"corpus/fmnist/{label}/{i:04d}.png": _encode(img)
+            for i, (img, label) in enumerate(zip(images, labels, strict=True))
+        }
+    )
+    fs.pipe_file("corpus/fmnist/photos-000.tar", _photo_tar())
+    return "s3://corpus/fmnist"
+
+
+def test_scores_a_real_corpus_from_s3_to_s3(
+    s3_corpus: str, checkpoint: str, ray_address: str, mlflow_uri: str
+) -> None:
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("scores")
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_uri}
+    out = "s3://scores/run1"
+    stdout = _job("--source", s3_corpus, "--mae", checkpoint, "--output", out, "--shard-size", "64", env=env)
+    assert "scored 205 images (205 rows)" in stdout and "0 errors" in stdout
+
+    table = pq.read_table("s3://scores/run1/scores")  # plain pyarrow, through AWS_ENDPOINT_URL_S3
+    assert table.schema.remove_metadata() == SCORES_SCHEMA
+    ids = table.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 205
+    rows = {r["image_id"]: r for r in table.to_pylist()}
+    _, labels = fashion_mnist(200)
+    assert all(rows[f"{label}/{i:04d}.png"]["label"] == str(label) for i, label in enumerate(labels))
+    assert [rows[f"photo{k}"]["label"] for k in range(5)] == ["0", "1", "2", "3", "4"]
+    assert rows["photo1"]["uri"] == "s3://corpus/fmnist/photos-000.tar#photo1.jpg"
+    meta = json.loads(table.schema.metadata[b"ltrp"])
+    assert meta["mae_sha256"] == hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    assert fs.exists("scores/run1/_SUCCESS")
+    assert json.loads(fs.cat_file("scores/run1/_ltrp_job.json"))["mae_sha256"] == meta["mae_sha256"]
+
+    # The stored scores are those of loo_scores on the stored views, replayed from the source bytes.
+    mae = ltrp.load_mae(checkpoint)
+    sample = [rows[i] for i in sorted(rows)[::20]] + [rows[f"photo{k}"] for k in range(5)]
+    pixels = np.stack(
+        [render_view(read_bytes(r["uri"]), View(tuple(r["crop_box"]), r["flip"]), 64) for r in sample]
+    )
+    expected = ltrp.loo_scores(mae, to_model_input(pixels), torch.tensor([r["visible"] for r in sample]))
+    np.testing.assert_allclose(
+        np.array([r["scores"] for r in sample]), expected.numpy(), rtol=1e-5, atol=1e-7
+    )
+
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("ltrp-score").experiment_id],
+        filter_string="tags.output_uri = 's3://scores/run1'",
+    )
+    assert run.data.metrics["images_scored"] == 205 and run.data.metrics["errors"] == 0
+    assert run.data.metrics["images_per_second"] > 0 and run.data.params["source"] == s3_corpus
+
+
+def test_killed_job_resumes_without_duplicates_or_gaps(tmp_path: Path, ray_address: str) -> None:
+    images, labels = fashion_mnist(120)
+    for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+        (tmp_path / "images" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(tmp_path / "images" / str(label) / f"{i:04d}.png")
+    # The 224-px demo geometry, so that the job runs long enough to be killed part-way.
+    mae = _save_tiny(tmp_path / "demo.pth", "mae_vit_demo_patch16")
+    out = tmp_path / "out"
+    args = [
+        "--source",
+        str(tmp_path / "images"),
+        "--mae",
+        mae,
+        "--output",
+        str(out),
+        "--views",
+        "2",
+        "--shard-size",
+        "6",
+        "--batch-size",
+        "12",
+    ]
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.score", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while len(list((out / "scores").glob("part-*.parquet"))) < 3:
+        assert proc.poll() is None, "the job ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "_SUCCESS").exists()
+    first = {p: p.read_bytes() for p in (out / "scores").glob("part-*.parquet")}
+    assert 3 <= len(first) < 20
+
+    stdout = _job(*args, env=env)
+    assert f"skipped {len(first)} finished shards of 20" in stdout
+    assert all(p.read_bytes() == data for p, data in first.items())  # finished shards were not redone
+    table = read_scores(str(out))
+    keys = list(zip(table.column("image_id").to_pylist(), table.column("view").to_pylist(), strict=True))
+    expected = {(f"{label}/{i:04d}.png", v) for i, label in enumerate(labels) for v in (0, 1)}
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+    assert not list(out.rglob(".*.tmp"))
+
+
+def test_bad_and_odd_files_are_recorded_or_scored(tmp_path: Path, ray_address: str, checkpoint: str) -> None:
+    photo = skimage.data.coffee()
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    files = {
+        "good.jpg": _encode(photo, "JPEG"),
+        "truncated.jpg": _encode(photo, "JPEG")[:2000],
+        "empty.jpg": b"",
+        "text.jpg": b"this is text, not a JPEG",
+        "gray16.png": _encode((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)),
+        "cmyk.jpg": _encode(photo, "JPEG", mode="CMYK"),
+        "rgba.png": _encode(photo, "PNG", mode="RGBA"),
+        "tiny.png": _encode(photo[:4, :4]),
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    Image.new("1", (12000, 12000)).save(folder / "bomb.png")  # 144 Mpx in a few kB
+    out = tmp_path / "out"
+    summary = run_score_job(ScoreJobConfig(source=str(folder), mae=checkpoint, output=str(out), shard_size=4))
+    errors = {r["image_id"]: r["reason"] for r in read_errors(str(out)).to_pylist()}
+    assert set(errors) == {"truncated.jpg", "empty.jpg", "text.jpg", "tiny.png", "bomb.png"}
+    assert "empty" in errors["empty.jpg"] and "too small" in errors["tiny.png"]
+    assert "too large" in errors["bomb.png"] and "cannot decode" in errors["text.jpg"]
+    assert "truncated" in errors["truncated.jpg"]
+    scored = read_scores(str(out))
+    assert sorted(scored.column("image_id").to_pylist()) == ["cmyk.jpg", "good.jpg", "gray16.png", "rgba.png"]
+    assert summary.errors == 5 and summary.images_scored == 4 and (out / "_SUCCESS").exists()
+
+
+def test_same_seed_same_table_other_seed_other_views(
+    tmp_path: Path, ray_address: str, checkpoint: str
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in PHOTOS:
+        Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.png")
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        cfg = ScoreJobConfig(
+            source=str(folder),
+            mae=checkpoint,
+            output=str(tmp_path / name),
+            views=3,
+            crop="random",
+            flip=True,
+            seed=seed,
+            shard_size=2,
+        )
+        run_score_job(cfg)
+        runs[name] = read_scores(cfg.output).sort_by([("image_id", "ascending"), ("view", "ascending")])
+    assert runs["a"].num_rows == 15 and runs["a"].equals(runs["b"])
+    assert runs["a"].column("crop_box").to_pylist() != runs["c"].column("crop_box").to_pylist()
+    assert runs["a"].column("visible").to_pylist() != runs["c"].column("visible").to_pylist()
+    assert {f for f in runs["a"].column("flip").to_pylist()} == {True, False}
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path: Path, ray_address: str, checkpoint: str) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(skimage.data.chelsea()).save(folder / "chelsea.png")
+    run_score_job(ScoreJobConfig(source=str(folder), mae=checkpoint, output=str(tmp_path / "out")))
+    with pytest.raises(ValueError, match="differs in: seed"):
+        run_score_job(
+            ScoreJobConfig(source=str(folder), mae=checkpoint, output=str(tmp_path / "out"), seed=1)
+        )
+
+
+def test_bad_checkpoint_fails_before_any_work(tmp_path: Path, checkpoint: str) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(skimage.data.chelsea()).save(folder / "chelsea.png")
+    with pytest.raises(FileNotFoundError, match=r"missing\.pth"):
+        run_score_job(
+            ScoreJobConfig(
+                source=str(folder), mae=str(tmp_path / "missing.pth"), output=str(tmp_path / "out")
+            )
+        )
+    state = torch.load(checkpoint, weights_only=True)["model"]
+    encoder_only = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token"))}
+    torch.save({"model": encoder_only}, tmp_path / "mae_pretrain_vit_tiny.pth")
+    with pytest.raises(CheckpointError, match="encoder only"):
+        run_score_job(
+            ScoreJobConfig(
+                source=str(folder),
+                mae=str(tmp_path / "mae_pretrain_vit_tiny.pth"),
+                output=str(tmp_path / "out"),
+            )
+        )
+    assert not (tmp_path / "out").exists()
