@@ -150,6 +150,11 @@ def render_view(data: bytes, view: View, size: int, limits: ImageLimits = ImageL
     return np.asarray(out)
 
 
+def center_crop(data: bytes, size: int, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """Encoded image bytes -> its central square at (size, size, 3) uint8: the common view."""
+    return render_view(data, center_view(*displayed_size(data, limits)), size, limits)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB: 16-bit grayscale scaled (PIL would clip it to white), alpha composited on
     the mean colour (dropping it would expose whatever colour hides under transparent pixels)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import posixpath
 import time
 import uuid
@@ -75,6 +76,8 @@ _STAGE_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
+# Settings that change how fast, not what: left out of the metadata.
+_EXECUTION_ONLY = ("mae", "output", "batch_size", "scorers", "scorer_cpus", "scorer_threads")
 # Settings that change the scores: a resumed job must agree with the first run on all of them.
 _FINGERPRINT = (
     "source",
@@ -112,6 +115,7 @@ class ScoreJobConfig:
     shard_size: int = 256  # images per shard: the unit of commit and of resume
     scorers: int | None = None  # scoring actors; None: one per GPU in the cluster, else 1
     scorer_cpus: float = 1.0  # CPUs reserved by each scoring actor
+    scorer_threads: int | None = None  # torch threads of a CPU scorer; None: all cores of its node
     min_side: int = 16
     max_pixels: int = 89_478_485
 
@@ -160,7 +164,7 @@ def run_score_job(cfg: ScoreJobConfig) -> ScoreJobSummary:
 def job_metadata(cfg: ScoreJobConfig, mae: MAE, shards: list[Shard]) -> dict:
     """What a score table was computed with."""
     return {
-        **{k: v for k, v in asdict(cfg).items() if k not in ("mae", "output", "batch_size", "scorers")},
+        **{k: v for k, v in asdict(cfg).items() if k not in _EXECUTION_ONLY},
         "mae_uri": mae.checkpoint.uri,
         "mae_sha256": mae.checkpoint.sha256,
         "mae_format": mae.checkpoint.format,
@@ -178,11 +182,11 @@ def _pipeline(
     gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
     scorers = cfg.scorers or max(1, gpus)
     ds = ray.data.from_items([{"shard": s.to_json()} for s in pending], override_num_blocks=len(pending))
-    # A decode worker holds the libraries (~0.5 GB measured, torch included) and one shard's pixels
+    # A decode worker holds the libraries (~0.6 GB measured, torch included) and one shard's pixels
     # (twice, while it builds the table): telling Ray keeps it from running more decodes than memory
     # allows and, as the options then differ from the scorers', from fusing decoding into the scoring
     # actors (decoding must scale on its own CPUs).
-    shard_bytes = 2**29 + 2 * cfg.shard_size * cfg.views * size * size * 3
+    shard_bytes = 3 * 2**28 + 2 * cfg.shard_size * cfg.views * size * size * 3
     ds = ds.map_batches(
         decode_shards,
         fn_kwargs={"cfg": cfg, "size": size, "grid": grid},
@@ -261,6 +265,10 @@ class ShardScorer:
 
     def __init__(self, cfg: ScoreJobConfig, sha256: str) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            # Ray limits a worker to as many threads as CPUs it reserved (one), which halves CPU scoring
+            # on a 2-core node. Scoring dominates and decoding is light, so let torch use every core.
+            torch.set_num_threads(cfg.scorer_threads or os.cpu_count() or 1)
         self.mae = load_mae(cfg.mae).to(self.device)
         if self.mae.checkpoint.sha256 != sha256:
             raise RuntimeError(f"{cfg.mae} changed since the job started (sha256 {sha256[:12]}...)")

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,6 +16,7 @@ def _run(*args: str, cwd: Path = ROOT) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_score_job_demo_defaults_run_from_nothing(tmp_path: Path) -> None:
     stdout = _run("jobs.score", cwd=tmp_path)  # the README's main command, in an empty folder
     assert "randomly initialised demo MAE" in stdout

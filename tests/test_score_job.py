@@ -96,6 +96,7 @@ def s3_corpus(s3_endpoint: str) -> str:
     return "s3://corpus/fmnist"
 
 
+@pytest.mark.slow
 def test_scores_a_real_corpus_from_s3_to_s3(
     s3_corpus: str, checkpoint: str, ray_address: str, mlflow_uri: str
 ) -> None:
@@ -140,6 +141,7 @@ def test_scores_a_real_corpus_from_s3_to_s3(
     assert run.data.metrics["images_per_second"] > 0 and run.data.params["source"] == s3_corpus
 
 
+@pytest.mark.slow
 def test_killed_job_resumes_without_duplicates_or_gaps(tmp_path: Path, ray_address: str) -> None:
     images, labels = fashion_mnist(120)
     for i, (img, label) in enumerate(zip(images, labels, strict=True)):
@@ -221,6 +223,7 @@ def test_bad_and_odd_files_are_recorded_or_scored(tmp_path: Path, ray_address: s
     assert summary.errors == 5 and summary.images_scored == 4 and (out / "_SUCCESS").exists()
 
 
+@pytest.mark.slow
 def test_same_seed_same_table_other_seed_other_views(
     tmp_path: Path, ray_address: str, checkpoint: str
 ) -> None:

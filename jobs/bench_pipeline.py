@@ -1,0 +1,121 @@
+"""Benchmark: the scoring job end to end (list, read, decode, score, commit) against the scoring kernel
+alone, same model, same machine, same batch size, one run.
+
+    python -m jobs.bench_pipeline                              # CPU: MAE-B, 32 JPEGs
+    python -m jobs.bench_pipeline --images 4096 --batch-size 128 --precision fp16   # on a GPU node
+
+The corpus is JPEGs at ImageNet-like sizes (longer side 500 px, quality 90), cut at random from
+scikit-image's photos. Random MAE weights: speed does not depend on them. Prints one line per figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import skimage.data
+import torch
+from PIL import Image
+
+import ltrp
+from ltrp.demo import SAMPLE_PHOTOS
+from ltrp.images import center_crop, to_model_input
+from ltrp.score_job import _AUTOCAST, ScoreJobConfig, run_score_job
+
+
+@dataclass
+class PipelineBenchConfig:
+    geometry: str = "mae_vit_base_patch16"
+    images: int = 32
+    batch_size: int = 8
+    precision: str = "fp32"
+
+
+def write_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """`count` JPEGs of about 500 x 375 px, each a random crop of a sample photo."""
+    rng = np.random.default_rng(seed)
+    photos = [np.asarray(Image.fromarray(getattr(skimage.data, n)()).convert("RGB")) for n in SAMPLE_PHOTOS]
+    paths = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        ch, cw = int(h * rng.uniform(0.6, 1)), int(w * rng.uniform(0.6, 1))
+        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        img = Image.fromarray(photo[top : top + ch, left : left + cw])
+        img.thumbnail((500, 500)) if max(img.size) > 500 else None
+        img = img.resize((500, round(500 * img.height / img.width))) if max(img.size) < 500 else img
+        paths.append(folder / f"{i:05d}.jpg")
+        img.save(paths[-1], quality=90)
+    return paths
+
+
+def kernel_images_per_second(mae: ltrp.MAE, paths: list[Path], cfg: PipelineBenchConfig) -> float:
+    """Scoring alone: images decoded beforehand, batches already on the device."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mae = mae.to(device)
+    size, grid = mae.cfg.img_size, mae.cfg.grid
+    data = [p.read_bytes() for p in paths]
+    pixels = np.stack([center_crop(d, size) for d in data])
+    batches = [
+        (
+            to_model_input(torch.from_numpy(pixels[i : i + cfg.batch_size])).to(device),
+            ltrp.visible_sets([p.name for p in paths[i : i + cfg.batch_size]], grid=grid).to(device),
+        )
+        for i in range(0, len(paths), cfg.batch_size)
+    ]
+    ltrp.loo_scores(mae, *batches[0], autocast_dtype=_AUTOCAST[cfg.precision])  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for images, visible in batches:
+        ltrp.loo_scores(mae, images, visible, autocast_dtype=_AUTOCAST[cfg.precision])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(paths) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    defaults = PipelineBenchConfig()
+    parser.add_argument("--geometry", default=defaults.geometry, choices=ltrp.GEOMETRIES)
+    parser.add_argument("--images", type=int, default=defaults.images, help="JPEGs in the corpus")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="views per scoring call")
+    parser.add_argument("--precision", default=defaults.precision, choices=list(_AUTOCAST))
+    args = parser.parse_args()
+    cfg = PipelineBenchConfig(args.geometry, args.images, args.batch_size, args.precision)
+
+    torch.manual_seed(0)
+    mae = ltrp.MAE(ltrp.GEOMETRIES[cfg.geometry]).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "jpegs").mkdir()
+        paths = write_jpegs(root / "jpegs", cfg.images)
+        ltrp.save_mae(mae, str(root / "mae.pth"))
+        ray.init()
+        job = ScoreJobConfig(
+            source=str(root / "jpegs"),
+            mae=str(root / "mae.pth"),
+            output=str(root / "out"),
+            batch_size=cfg.batch_size,
+            precision=cfg.precision,
+            shard_size=cfg.batch_size,
+        )
+        summary = run_score_job(job)
+        end_to_end = summary.images_per_second
+        kernel = kernel_images_per_second(mae, paths, cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tag = f"pipeline {cfg.geometry} {device} {cfg.precision} batch={cfg.batch_size} images={cfg.images}"
+    print(f"{tag}: end to end {end_to_end:.2f} img/s (Ray startup, model loads and commits included)")
+    print(f"{tag}: kernel only {kernel:.2f} img/s")
+    print(f"{tag}: end to end / kernel {end_to_end / kernel:.2f}")
+
+
+if __name__ == "__main__":
+    main()
