@@ -41,7 +41,7 @@ HELP = {
     "shard_size": "images per shard, the unit of commit and resume",
     "scorers": "scoring actors (default: one per GPU, or 1)",
     "scorer_cpus": "CPUs reserved by each scoring actor",
-    "scorer_threads": "torch threads of a CPU scoring actor (default: all cores of its node)",
+    "scorer_threads": "torch threads of a CPU scoring actor (default: the cores of the machine that submits)",
     "min_side": "images with a shorter side below this (px) are recorded as errors",
     "max_pixels": "images with more pixels than this are recorded as errors (decompression bombs)",
 }

@@ -4,6 +4,7 @@ from ltrp.checkpoint import CheckpointError, CheckpointInfo, load_mae, save_mae
 from ltrp.mae import GEOMETRIES, MAE, MAEConfig
 from ltrp.masking import visible_count, visible_sets
 from ltrp.scoring import loo_scores
+from ltrp.table import read_errors, read_scores
 
 __all__ = [
     "GEOMETRIES",
@@ -13,6 +14,8 @@ __all__ = [
     "MAEConfig",
     "load_mae",
     "loo_scores",
+    "read_errors",
+    "read_scores",
     "save_mae",
     "visible_count",
     "visible_sets",

@@ -8,7 +8,7 @@ names files by task and cannot resume like this; its checkpointing filters rows 
 write a block twice.)
 
 Output under OUTPUT (local path or s3://...):
-    scores/part-00000.parquet ...  one row per (image, view): see SCORES_SCHEMA
+    scores/part-00000.parquet ...  one row per (image, view): see `ltrp.table.SCORES_SCHEMA`
     errors/part-00000.parquet ...  images that could not be used: image_id, uri, reason
     _ltrp_job.json                 run metadata, also in every file's Parquet key-value metadata ("ltrp")
     _SUCCESS                       written once every shard is committed
@@ -49,23 +49,11 @@ from ltrp.mae import MAE
 from ltrp.masking import visible_sets
 from ltrp.scoring import Metric, Mode, loo_scores
 from ltrp.sources import Shard, SourceImage, plan_digest, plan_shards, read_shard
+from ltrp.table import ERRORS_SCHEMA, SCORES_SCHEMA
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-SCORES_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("uri", pa.string()),
-        ("label", pa.string()),
-        ("view", pa.int16()),
-        ("crop_box", pa.list_(pa.float32(), 4)),  # left, top, right, bottom in displayed source pixels
-        ("flip", pa.bool_()),
-        ("visible", pa.list_(pa.int16())),
-        ("scores", pa.list_(pa.float32())),
-    ]
-)
-ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("reason", pa.string())])
 # Rows between the stages: the output columns but scores, plus where they belong and the pixels.
 _STAGE_SCHEMA = pa.schema(
     [
@@ -115,7 +103,7 @@ class ScoreJobConfig:
     shard_size: int = 256  # images per shard: the unit of commit and of resume
     scorers: int | None = None  # scoring actors; None: one per GPU in the cluster, else 1
     scorer_cpus: float = 1.0  # CPUs reserved by each scoring actor
-    scorer_threads: int | None = None  # torch threads of a CPU scorer; None: all cores of its node
+    scorer_threads: int | None = None  # torch threads of a CPU scorer; None: this machine's cores
     min_side: int = 16
     max_pixels: int = 89_478_485
 
@@ -195,6 +183,12 @@ def _pipeline(
         num_cpus=1,
         memory=shard_bytes,
     )
+    # Ray starts a worker with as many OpenMP threads as CPUs it reserved (one), which halved CPU
+    # scoring on a 2-core node; raising it later with torch.set_num_threads made it slower still
+    # (measured: 0.33 and 0.27 img/s against 0.61 with the variable set at start). Scoring dominates
+    # and decoding is light, so CPU scorers get every core.
+    threads = cfg.scorer_threads or os.cpu_count() or 1
+    env = {} if gpus else {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}}
     return ds.map_batches(
         ShardScorer,
         fn_constructor_kwargs={"cfg": cfg, "sha256": metadata["mae_sha256"]},
@@ -203,6 +197,7 @@ def _pipeline(
         compute=ray.data.ActorPoolStrategy(size=scorers),
         num_gpus=1 if gpus else 0,
         num_cpus=cfg.scorer_cpus,
+        **env,
     )
 
 
@@ -265,10 +260,6 @@ class ShardScorer:
 
     def __init__(self, cfg: ScoreJobConfig, sha256: str) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
-            # Ray limits a worker to as many threads as CPUs it reserved (one), which halves CPU scoring
-            # on a 2-core node. Scoring dominates and decoding is light, so let torch use every core.
-            torch.set_num_threads(cfg.scorer_threads or os.cpu_count() or 1)
         self.mae = load_mae(cfg.mae).to(self.device)
         if self.mae.checkpoint.sha256 != sha256:
             raise RuntimeError(f"{cfg.mae} changed since the job started (sha256 {sha256[:12]}...)")
@@ -378,24 +369,6 @@ class ScoreOutput:
             self.fs.mv(tmp, path)
         else:  # an object store shows a PUT whole or not at all
             self.fs.pipe_file(path, data)
-
-
-def read_scores(uri: str, *, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
-    """The score table of a job's output (local or s3://), optionally with columns and row filters
-    (pyarrow's DNF filters, e.g. `[("label", "=", "3")]`)."""
-    fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
-    return pq.read_table(
-        posixpath.join(root, "scores"), filesystem=fs, columns=columns, filters=filters, schema=SCORES_SCHEMA
-    )
-
-
-def read_errors(uri: str) -> pa.Table:
-    """The images a job could not use, with reasons."""
-    fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
-    path = posixpath.join(root, "errors")
-    if not fs.exists(path):
-        return ERRORS_SCHEMA.empty_table()
-    return pq.read_table(path, filesystem=fs, schema=ERRORS_SCHEMA)
 
 
 def read_scores_dataset(uri: str) -> ray.data.Dataset:

@@ -35,3 +35,34 @@ def test_benchmark_prints_both_paths_side_by_side() -> None:
     assert len(lines) == 2
     assert "reference loop" in lines[0] and "img/s" in lines[0]
     assert "batched" in lines[1] and "x reference" in lines[1]
+
+
+def test_score_options_come_from_yaml_and_flags_win(tmp_path: Path) -> None:
+    from jobs.score import parse_config
+
+    (tmp_path / "score.yaml").write_text("source: s3://b/images\nmae: m.pth\nviews: 3\nseed: 7\nflip: true\n")
+    cfg = parse_config(["--config", str(tmp_path / "score.yaml"), "--seed", "9", "--output", "out"])
+    assert (cfg.source, cfg.mae, cfg.views, cfg.seed, cfg.flip, cfg.output) == (
+        "s3://b/images",
+        "m.pth",
+        3,
+        9,
+        True,
+        "out",
+    )
+    assert parse_config(["--mae", "m.pth", "--source", "x", "--no-flip", "--scorers", "2"]).scorers == 2
+
+
+def test_score_help_explains_every_option() -> None:
+    text = _run("jobs.score", "--help")
+    for flag in (
+        "--source",
+        "--mae",
+        "--output",
+        "--views",
+        "--crop",
+        "--flip",
+        "--precision",
+        "--shard-size",
+    ):
+        assert flag in text

@@ -25,8 +25,9 @@ from PIL import Image
 import ltrp
 from ltrp.checkpoint import CheckpointError
 from ltrp.images import View, render_view, to_model_input
-from ltrp.score_job import SCORES_SCHEMA, ScoreJobConfig, read_errors, read_scores, run_score_job
+from ltrp.score_job import ScoreJobConfig, read_scores_dataset, run_score_job
 from ltrp.sources import read_bytes
+from ltrp.table import SCORES_SCHEMA, read_errors, read_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
@@ -131,6 +132,11 @@ def test_scores_a_real_corpus_from_s3_to_s3(
     np.testing.assert_allclose(
         np.array([r["scores"] for r in sample]), expected.numpy(), rtol=1e-5, atol=1e-7
     )
+
+    threes = read_scores(out, columns=["image_id", "label"], filters=[("label", "=", "3")])
+    assert threes.column_names == ["image_id", "label"]
+    assert threes.num_rows == int((labels == 3).sum()) + 1  # and photo3, whose cls is 3
+    assert read_scores_dataset(out).count() == 205
 
     client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs(

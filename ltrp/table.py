@@ -1,0 +1,41 @@
+"""The score table: its schema, and reading it back (plain pyarrow; no Ray needed)."""
+
+from __future__ import annotations
+
+import posixpath
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCORES_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("label", pa.string()),
+        ("view", pa.int16()),
+        ("crop_box", pa.list_(pa.float32(), 4)),  # left, top, right, bottom in displayed source pixels
+        ("flip", pa.bool_()),
+        ("visible", pa.list_(pa.int16())),
+        ("scores", pa.list_(pa.float32())),
+    ]
+)
+ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("reason", pa.string())])
+
+
+def read_scores(uri: str, *, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
+    """The score table of a job's output (local or s3://), optionally with columns and row filters
+    (pyarrow's DNF filters, e.g. `[("label", "=", "3")]`)."""
+    fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
+    return pq.read_table(
+        posixpath.join(root, "scores"), filesystem=fs, columns=columns, filters=filters, schema=SCORES_SCHEMA
+    )
+
+
+def read_errors(uri: str) -> pa.Table:
+    """The images a job could not use, with reasons."""
+    fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
+    path = posixpath.join(root, "errors")
+    if not fs.exists(path):
+        return ERRORS_SCHEMA.empty_table()
+    return pq.read_table(path, filesystem=fs, schema=ERRORS_SCHEMA)
