@@ -13,14 +13,13 @@ output resumes: finished shards are kept, the rest are scored.
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import fields
 from pathlib import Path
 
 import mlflow
 import ray
-import yaml
 
+from jobs._cli import add_dataclass_flags, merged_values, tracking_uri
 from ltrp.demo import write_demo_mae, write_sample_photos
 from ltrp.score_job import ScoreJobConfig, ScoreJobSummary, run_score_job
 
@@ -51,19 +50,8 @@ def parse_config(argv: list[str] | None = None) -> ScoreJobConfig:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", help="YAML file of defaults (keys: the options below, with underscores)")
-    for field in fields(ScoreJobConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type == "bool":
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[field.name]
-            )
-        else:
-            kind = {"int": int, "float": float, "int | None": int}.get(field.type, str)
-            parser.add_argument(flag, type=kind, default=None, help=HELP[field.name])
-    args = vars(parser.parse_args(argv))
-    values = yaml.safe_load(Path(args.pop("config")).read_text()) if args.get("config") else {}
-    values.update({k: v for k, v in args.items() if v is not None and k != "config"})
+    add_dataclass_flags(parser, ScoreJobConfig, HELP)
+    values = merged_values(parser.parse_args(argv), [f.name for f in fields(ScoreJobConfig)])
     if "mae" not in values:
         print(
             f"no --mae given: using a randomly initialised demo MAE ({DEMO_ROOT / 'mae_demo.pth'}); "
@@ -78,7 +66,7 @@ def parse_config(argv: list[str] | None = None) -> ScoreJobConfig:
 def main() -> None:
     cfg = parse_config()
     ray.init(log_to_driver=True)  # RAY_ADDRESS, if set, names the cluster; else a local one starts
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment("ltrp-score")
     with mlflow.start_run(run_name=f"score {Path(cfg.source.rstrip('/')).name}"):
         mlflow.log_params({f.name: getattr(cfg, f.name) for f in fields(cfg)})

@@ -82,45 +82,45 @@ def sincos_pos_embed(grid: int, dim: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dim), patches]).unsqueeze(0)
 
 
-def _blocks(dim: int, depth: int, heads: int, cfg: MAEConfig) -> nn.ModuleList:
-    norm = partial(nn.LayerNorm, eps=cfg.norm_eps)
-    return nn.ModuleList(
-        Block(dim, heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)
-    )
+def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float, norm_eps: float) -> nn.ModuleList:
+    norm = partial(nn.LayerNorm, eps=norm_eps)
+    return nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth))
 
 
-class MAE(nn.Module):
-    """ViT encoder + light ViT decoder predicting the pixels of every patch.
+class ViTEncoder(nn.Module):
+    """ViT with fixed 2-D sin-cos positions that can run on any subset of its patches: MAE's encoder,
+    and the ranker's backbone. Flat attribute names, so that MAE keeps the official state_dict keys.
 
-    Shapes: S = img_size, p = patch_size, L = (S/p)^2 patches, n visible, D / Dd encoder / decoder width.
+    Shapes: S = img_size, p = patch_size, L = (S/p)^2 patches, D = width.
     """
 
-    def __init__(self, cfg: MAEConfig) -> None:
+    def __init__(
+        self,
+        img_size: int,
+        patch_size: int,
+        in_chans: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        norm_eps: float,
+    ) -> None:
         super().__init__()
-        self.cfg = cfg
-        dim, ddim, L = cfg.embed_dim, cfg.decoder_embed_dim, cfg.num_patches
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, dim)
+        grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         # Fixed, not learned, as in MAE; kept as parameters so the official key names and files match.
-        self.pos_embed = nn.Parameter(sincos_pos_embed(cfg.grid, dim), requires_grad=False)
-        self.blocks = _blocks(dim, cfg.depth, cfg.num_heads, cfg)
-        self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
-
-        self.decoder_embed = nn.Linear(dim, ddim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, ddim))
-        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(cfg.grid, ddim), requires_grad=False)
-        self.decoder_blocks = _blocks(ddim, cfg.decoder_depth, cfg.decoder_num_heads, cfg)
-        self.decoder_norm = nn.LayerNorm(ddim, eps=cfg.norm_eps)
-        self.decoder_pred = nn.Linear(ddim, cfg.patch_size**2 * cfg.in_chans)
-        assert self.pos_embed.shape[1] == L + 1
-        self._init_weights()
+        self.pos_embed = nn.Parameter(sincos_pos_embed(grid, dim), requires_grad=False)
+        self.blocks = _blocks(dim, depth, heads, mlp_ratio, norm_eps)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
 
     def _init_weights(self) -> None:
         """MAE's initialisation: xavier-uniform linears (patch embedding as a linear), N(0, .02) tokens."""
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
+        for name, p in self.named_parameters():
+            if name in ("cls_token", "mask_token"):
+                nn.init.normal_(p, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -128,6 +128,53 @@ class MAE(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def embed_patches(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs: (N, C, S, S) -> patch tokens with position: (N, L, D)."""
+        return self.patch_embed(imgs) + self.pos_embed[:, 1:]
+
+    def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (N, n, D) -> normalised outputs with CLS first: (N, 1 + n, D)."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def encode(self, imgs: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """imgs: (N, C, S, S), visible: (N, n) or None for all patches -> (N, 1 + n, D)."""
+        x = self.embed_patches(imgs)
+        return self.encode_tokens(x if visible is None else gather_tokens(x, visible))
+
+
+class MAE(ViTEncoder):
+    """ViT encoder + light ViT decoder predicting the pixels of every patch.
+
+    Shapes: S = img_size, p = patch_size, L = (S/p)^2 patches, n visible, D / Dd encoder / decoder width.
+    """
+
+    def __init__(self, cfg: MAEConfig) -> None:
+        super().__init__(
+            cfg.img_size,
+            cfg.patch_size,
+            cfg.in_chans,
+            cfg.embed_dim,
+            cfg.depth,
+            cfg.num_heads,
+            cfg.mlp_ratio,
+            cfg.norm_eps,
+        )
+        self.cfg = cfg
+        ddim = cfg.decoder_embed_dim
+        self.decoder_embed = nn.Linear(cfg.embed_dim, ddim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, ddim))
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(cfg.grid, ddim), requires_grad=False)
+        self.decoder_blocks = _blocks(
+            ddim, cfg.decoder_depth, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.norm_eps
+        )
+        self.decoder_norm = nn.LayerNorm(ddim, eps=cfg.norm_eps)
+        self.decoder_pred = nn.Linear(ddim, cfg.patch_size**2 * cfg.in_chans)
+        self._init_weights()
 
     def set_fused_attn(self, enabled: bool) -> None:
         """Use `F.scaled_dot_product_attention` (flash / memory-efficient kernels) or explicit softmax."""
@@ -151,23 +198,6 @@ class MAE(nn.Module):
         p, g, c = self.cfg.patch_size, self.cfg.grid, self.cfg.in_chans
         x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], g, g, p, p, c))
         return x.reshape(x.shape[0], c, g * p, g * p)
-
-    # -- encoder --------------------------------------------------------------------------------------
-    def embed_patches(self, imgs: torch.Tensor) -> torch.Tensor:
-        """imgs: (N, C, S, S) -> patch tokens with position: (N, L, D)."""
-        return self.patch_embed(imgs) + self.pos_embed[:, 1:]
-
-    def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Visible patch tokens (N, n, D) -> latents with CLS first: (N, 1 + n, D)."""
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
-
-    def encode(self, imgs: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """imgs: (N, C, S, S), visible: (N, n) -> latents (N, 1 + n, D)."""
-        return self.encode_tokens(gather_tokens(self.embed_patches(imgs), visible))
 
     # -- decoder --------------------------------------------------------------------------------------
     def decoder_input(self, latent: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

@@ -133,9 +133,29 @@ def read_shard(shard: Shard) -> Iterator[SourceImage]:
             yield SourceImage(image_id, uri, label, error=f"cannot read file: {err}")
 
 
+def read_many(uris: list[str]) -> list[bytes]:
+    """Bytes of many images, in order; each tar file among them is streamed once, not once per member."""
+    wanted: dict[str, set[str]] = {}
+    for uri in uris:
+        if _is_tar_member(uri):
+            tar_uri, member = uri.split(TAR_SEPARATOR, 1)
+            wanted.setdefault(tar_uri, set()).add(member)
+    found = {}
+    for tar_uri, members in wanted.items():
+        with fsspec.open(tar_uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for info in tar:
+                if info.name in members:
+                    found[f"{tar_uri}{TAR_SEPARATOR}{info.name}"] = tar.extractfile(info).read()
+    return [found[u] if _is_tar_member(u) else read_bytes(u) for u in uris]
+
+
+def _is_tar_member(uri: str) -> bool:
+    return TAR_SEPARATOR in uri and uri.split(TAR_SEPARATOR, 1)[0].lower().endswith(".tar")
+
+
 def read_bytes(uri: str) -> bytes:
     """Bytes of an image file, or of a tar member (`shard.tar#key.jpg`: scans the tar; slow)."""
-    if TAR_SEPARATOR in uri and uri.split(TAR_SEPARATOR, 1)[0].lower().endswith(".tar"):
+    if _is_tar_member(uri):
         tar_uri, member = uri.split(TAR_SEPARATOR, 1)
         with fsspec.open(tar_uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for info in tar:

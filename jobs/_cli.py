@@ -1,0 +1,44 @@
+"""Shared by the launchers: a dataclass's fields as flags, with an optional YAML file of defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import fields
+from pathlib import Path
+
+import yaml
+
+_TYPES = {"int": int, "float": float, "int | None": int, "float | None": float}
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, help: dict[str, str]) -> None:
+    """One `--flag-name` per field (booleans as --x / --no-x); every default None, so that flags
+    given override the YAML file and the dataclass's own defaults fill the rest."""
+    parser.add_argument("--config", help="YAML file of defaults (keys: the options below, with underscores)")
+    for field in fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help[field.name]
+            )
+        else:
+            parser.add_argument(flag, type=_TYPES.get(field.type, str), default=None, help=help[field.name])
+
+
+def merged_values(args: argparse.Namespace, names: list[str]) -> dict:
+    """YAML values, overridden by the flags given, for the fields in `names`."""
+    given = vars(args)
+    values = yaml.safe_load(Path(given["config"]).read_text()) if given.get("config") else {}
+    values.update({k: v for k, v in given.items() if v is not None and k in names})
+    return {k: v for k, v in values.items() if k in names}
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, default a SQLite file here; a relative SQLite path is made absolute,
+    because Ray workers, which log too, run in other working directories."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + os.path.abspath(uri[len(prefix) :])
+    return uri

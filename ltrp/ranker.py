@@ -1,0 +1,97 @@
+"""The LTRP ranker: a ViT that scores every patch position of an image in one forward pass, no MAE.
+
+The authors' head is one Linear(D -> L) on the final CLS token: a score per patch *position*. The
+per-token variant scores each token from its own output. Training is asymmetric: the ranker sees only
+CLS + the n scored visible patches; at inference it sees all L patches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ltrp.mae import ViTEncoder
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    head: Literal["cls", "token"] = "cls"
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+
+#: ViT-S/16 (the paper's ranker, ~21M parameters) and small ones for tests and demos.
+RANKER_GEOMETRIES: dict[str, RankerConfig] = {
+    "ltrp_vit_small_patch16": RankerConfig(),
+    "ltrp_vit_tiny_patch16": replace(RankerConfig(), embed_dim=192, depth=6, num_heads=3),
+    "ltrp_vit_micro_patch8": RankerConfig(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=4),
+}
+
+
+class Ranker(ViTEncoder):
+    """imgs: (B, 3, S, S) -> a score per patch position; larger = keep."""
+
+    def __init__(self, cfg: RankerConfig) -> None:
+        super().__init__(
+            cfg.img_size,
+            cfg.patch_size,
+            3,
+            cfg.embed_dim,
+            cfg.depth,
+            cfg.num_heads,
+            cfg.mlp_ratio,
+            norm_eps=1e-6,
+        )
+        self.cfg = cfg
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_patches if cfg.head == "cls" else 1)
+        self._init_weights()
+
+    def forward(self, imgs: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of the given patch positions.
+
+        Args:
+            imgs: (B, 3, S, S), normalised like the MAE's inputs.
+            visible: (B, n) positions the ranker sees (asymmetric training), or None for all L.
+
+        Returns:
+            (B, n) scores aligned with `visible`, or (B, L) in raster order when `visible` is None.
+        """
+        out = self.encode(imgs, visible)  # (B, 1 + n, D)
+        if self.cfg.head == "token":
+            return self.head(out[:, 1:]).squeeze(-1)
+        scores = self.head(out[:, 0])  # (B, L): one per position, from the CLS token alone
+        return scores if visible is None else scores.gather(1, visible)
+
+
+def rank(model: Ranker, images: torch.Tensor) -> torch.Tensor:
+    """images: (B, 3, S, S) normalised -> (B, L) patch scores, every patch seen (inference mode)."""
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        scores = model(images)
+    model.train(was_training)
+    return scores
+
+
+def keep_top(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """scores: (B, L) -> indices of the top round(ratio * L) patches of each row, in raster order
+    (ascending), ready to gather tokens with. At least one patch is kept."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"keep ratio must be in (0, 1], got {ratio}")
+    k = max(1, round(ratio * scores.shape[1]))
+    return scores.topk(k, dim=1).indices.sort(dim=1).values

@@ -1,0 +1,289 @@
+"""Ranker training on Ray Train (DDP), reading a score table, tracked and registered in MLflow.
+
+Data: the score table's rows (one per image view) -> each image decoded and its view replayed with the
+scoring job's own `render_view` -> (image, visible, scores) batches. Validation is the views of the
+images whose id hashes into `val_fraction`, so the views of an image never straddle the split.
+
+Fault tolerance: a checkpoint every epoch under RunConfig(storage_path, name); a failed worker group is
+restarted from the last one (`max_failures`), and running again with the same name resumes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import posixpath
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from ltrp.images import View, render_view, to_model_input
+from ltrp.losses import LOSSES, listmle
+from ltrp.metrics import kendall_tau, ndcg_at_k, spearman, topk_overlap
+from ltrp.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig
+from ltrp.sources import read_many
+from ltrp.table import read_scores
+
+
+@dataclass
+class TrainConfig:
+    scores: str  # a scoring job's output (local or s3://)
+    name: str = "ltrp-ranker"  # Ray Train run name: running again with the same name resumes
+    storage: str = "runs/train"  # checkpoints go to STORAGE/NAME (local or s3://)
+    ranker: str = "ltrp_vit_small_patch16"  # see RANKER_GEOMETRIES
+    head: str = "cls"  # "cls" (the paper: Linear on CLS -> L) or "token" (per-token head)
+    loss: str = "listmle"  # see ltrp.losses.LOSSES
+    epochs: int = 10
+    warmup_epochs: int = 1
+    batch_size: int = 64  # views per worker and step
+    lr: float | None = None  # None: 1.5e-4 * global batch / 256, the authors' rule
+    weight_decay: float = 0.06  # not on norms, biases and tokens
+    val_fraction: float = 0.1
+    topk: int = 5  # k of NDCG@k and top-k overlap
+    workers: int = 1
+    use_gpu: bool = False
+    worker_cpus: float = 1.0
+    max_failures: int = 2
+    seed: int = 0
+    registered_model: str = "ltrp-ranker"  # MLflow registered model that receives the new version
+    alias: str | None = None  # set this alias on the new version (promotion sets "champion")
+
+
+def ranker_config(cfg: TrainConfig) -> RankerConfig:
+    return replace(RANKER_GEOMETRIES[cfg.ranker], head=cfg.head)
+
+
+def is_validation(image_id: str, fraction: float) -> bool:
+    """A pure function of the image id, so every view of an image lands on the same side."""
+    digest = hashlib.shake_256(f"ltrp-split\0{image_id}".encode()).digest(8)
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def table_metadata(scores_uri: str) -> dict:
+    """The scoring job's run metadata (MAE sha256, geometry, ...), from its `_ltrp_job.json`."""
+    with fsspec.open(posixpath.join(scores_uri.rstrip("/"), "_ltrp_job.json"), "r") as f:
+        return json.load(f)
+
+
+def _select_split(batch: pa.Table, fraction: float, validation: bool) -> pa.Table:
+    keep = [is_validation(i, fraction) == validation for i in batch.column("image_id").to_pylist()]
+    return batch.filter(pa.array(keep, pa.bool_()))
+
+
+def load_views(batch: pa.Table, size: int) -> dict[str, np.ndarray]:
+    """Score rows -> image (B, S, S, 3) uint8, visible (B, n) int64, scores (B, n) float32: each row's
+    image decoded and its stored view replayed with the scoring job's own `render_view`."""
+    data = read_many(batch.column("uri").to_pylist())
+    boxes, flips = batch.column("crop_box").to_pylist(), batch.column("flip").to_pylist()
+    images = [render_view(d, View(tuple(b), f), size) for d, b, f in zip(data, boxes, flips, strict=True)]
+    return {
+        "image": np.stack(images),
+        "visible": np.asarray(batch.column("visible").to_pylist(), dtype=np.int64),
+        "scores": np.asarray(batch.column("scores").to_pylist(), dtype=np.float32),
+    }
+
+
+def views_dataset(cfg: TrainConfig, validation: bool) -> ray.data.Dataset:
+    from ltrp.score_job import read_scores_dataset
+
+    ds = read_scores_dataset(cfg.scores)
+    ds = ds.map_batches(
+        _select_split,
+        fn_kwargs={"fraction": cfg.val_fraction, "validation": validation},
+        batch_format="pyarrow",
+    )
+    size = ranker_config(cfg).img_size
+    return ds.map_batches(load_views, fn_kwargs={"size": size}, batch_format="pyarrow")
+
+
+def split_counts(cfg: TrainConfig) -> tuple[int, int]:
+    """(train views, validation views) of the score table."""
+    ids = read_scores(cfg.scores, columns=["image_id"]).column("image_id").to_pylist()
+    val = sum(is_validation(i, cfg.val_fraction) for i in ids)
+    return len(ids) - val, val
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices only, not on norms, biases and tokens."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2 and p.shape[0] > 1]
+    ids = {id(p) for p in decay}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up, then cosine to zero."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values)
+    return values
+
+
+def validate(model: torch.nn.Module, shard, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Mean ListMLE, Kendall tau, Spearman, NDCG@k and top-k overlap against the pseudo-scores,
+    over every worker's validation views."""
+    model.eval()
+    sums = torch.zeros(6, device=device)  # listmle, tau, spearman, ndcg, overlap, count
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, device=device):
+            s = model(to_model_input(batch["image"]), batch["visible"]).float()
+            y = batch["scores"]
+            k = min(cfg.topk, y.shape[1])
+            per_row = torch.stack(
+                [
+                    torch.stack([listmle(s[i : i + 1], y[i : i + 1]) for i in range(len(y))]),
+                    kendall_tau(s, y),
+                    spearman(s, y),
+                    ndcg_at_k(s, y.clamp_min(0), k),
+                    topk_overlap(s, y, k),
+                ]
+            )
+            sums[:5] += per_row.sum(dim=1)
+            sums[5] += len(y)
+    sums = _all_reduce_sum(sums)
+    count = sums[5].clamp_min(1)
+    names = [
+        "val_listmle",
+        "val_kendall_tau",
+        "val_spearman",
+        f"val_ndcg_at_{cfg.topk}",
+        f"val_top{cfg.topk}_overlap",
+    ]
+    return {name: (sums[i] / count).item() for i, name in enumerate(names)}
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    cfg = TrainConfig(**config["cfg"])
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    model = Ranker(ranker_config(cfg))
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=config["lr"], betas=(0.9, 0.95))
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"] + 1
+    model = ray.train.torch.prepare_model(model)
+    loss_fn = LOSSES[cfg.loss]
+    steps = config["steps_per_epoch"]
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        total, count = torch.zeros((), device=device), 0
+        for i, batch in enumerate(train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(
+                    epoch * steps + i, cfg.epochs * steps, cfg.warmup_epochs * steps, config["lr"]
+                )
+            with autocast:
+                s = model(to_model_input(batch["image"]), batch["visible"])
+            loss = loss_fn(s.float(), batch["scores"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            count += 1
+        train_loss = _all_reduce_sum(torch.stack([total, torch.tensor(float(count), device=device)]))
+        metrics = {
+            "epoch": epoch,
+            "start_epoch": start_epoch,
+            "train_loss": (train_loss[0] / train_loss[1].clamp_min(1)).item(),
+            **validate(model, val_shard, cfg, device),
+        }
+        with tempfile.TemporaryDirectory() as folder:
+            saved = None
+            if rank == 0:
+                inner = model.module if hasattr(model, "module") else model
+                torch.save(
+                    {
+                        "model": inner.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch,
+                        "ranker_config": asdict(inner.cfg),
+                    },
+                    Path(folder) / "state.pt",
+                )
+                saved = ray.train.Checkpoint.from_directory(folder)
+                if config.get("mlflow_run_id"):
+                    _log_epoch(config["mlflow_uri"], config["mlflow_run_id"], metrics, epoch)
+            ray.train.report(metrics, checkpoint=saved)
+
+
+def _log_epoch(tracking_uri: str, run_id: str, metrics: dict, epoch: int) -> None:
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(1000 * time.time())
+    batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k not in ("epoch",)]
+    MlflowClient(tracking_uri).log_batch(run_id, metrics=batch)
+
+
+def load_ranker_checkpoint(checkpoint: ray.train.Checkpoint) -> Ranker:
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
+    model = Ranker(RankerConfig(**state["ranker_config"]))
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def _absolute(storage: str) -> str:
+    return storage if "://" in storage else os.path.abspath(storage)  # Ray wants absolute local paths
+
+
+def fit(
+    cfg: TrainConfig, mlflow_uri: str | None = None, mlflow_run_id: str | None = None
+) -> ray.train.Result:
+    """Trains on the current Ray cluster; returns Ray Train's result (metrics, last checkpoint)."""
+    meta = table_metadata(cfg.scores)
+    ranker = ranker_config(cfg)
+    grid = meta["mae_config"]["img_size"] // meta["mae_config"]["patch_size"]
+    if grid != ranker.grid:
+        raise ValueError(
+            f"{cfg.scores} scores a {grid}x{grid} patch grid; ranker {cfg.ranker} has "
+            f"{ranker.grid}x{ranker.grid}"
+        )
+    train_views, _ = split_counts(cfg)
+    global_batch = cfg.batch_size * cfg.workers
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": asdict(cfg),
+            "lr": cfg.lr or 1.5e-4 * global_batch / 256,
+            "steps_per_epoch": max(1, math.ceil(train_views / global_batch)),
+            "mlflow_uri": mlflow_uri,
+            "mlflow_run_id": mlflow_run_id,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.worker_cpus}
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=_absolute(cfg.storage),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets={"train": views_dataset(cfg, validation=False), "val": views_dataset(cfg, validation=True)},
+    )
+    return trainer.fit()
