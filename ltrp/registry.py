@@ -27,6 +27,9 @@ def register_ranker(
         input_example=example,
         registered_model_name=name,
         code_paths=[str(Path(ltrp.__file__).parent)],
+        # MLflow 3's default (pt2, torch.export) loads back a graph that refuses .eval() and drops the
+        # `visible` argument; a pickled Ranker (its code shipped alongside) is the whole model.
+        serialization_format="pickle",
         pip_requirements=["torch", "timm", "numpy"],
     )
     client = MlflowClient()

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+from conftest import fashion_mnist
+
+import ltrp
+from ltrp.images import center_crop, to_model_input
+from ltrp.losses import listmle
+from ltrp.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig, keep_top, rank
+
+MICRO = RANKER_GEOMETRIES["ltrp_vit_micro_patch8"]
+
+
+@pytest.mark.parametrize("head", ["cls", "token"])
+def test_scores_have_one_value_per_position_seen(head: str) -> None:
+    torch.manual_seed(0)
+    model = Ranker(RankerConfig(**{**MICRO.__dict__, "head": head})).eval()
+    imgs = torch.randn(2, 3, 64, 64)
+    visible = ltrp.visible_sets(["a", "b"], grid=8, mask_ratio=0.75)
+    assert model(imgs).shape == (2, 64)
+    assert model(imgs, visible).shape == (2, 16)
+    if (
+        head == "cls"
+    ):  # the CLS head scores positions: seeing fewer patches changes the scores, not the layout
+        assert model(imgs, visible).shape == model(imgs).gather(1, visible).shape
+
+
+def test_vit_small_has_about_21m_parameters() -> None:
+    with torch.device("meta"):
+        model = Ranker(RANKER_GEOMETRIES["ltrp_vit_small_patch16"])
+    assert 21e6 < sum(p.numel() for p in model.parameters() if p.requires_grad) < 22.5e6
+
+
+def test_gradients_reach_only_the_scored_positions() -> None:
+    torch.manual_seed(0)
+    model = Ranker(MICRO)
+    visible = ltrp.visible_sets(["a", "b"], grid=8, mask_ratio=0.9)
+    listmle(model(torch.randn(2, 3, 64, 64), visible), torch.rand(2, visible.shape[1])).backward()
+    rows = model.head.weight.grad.abs().sum(dim=1)
+    scored = torch.zeros(64, dtype=torch.bool)
+    scored[visible.flatten()] = True
+    assert (rows[~scored] == 0).all() and (rows[scored] > 0).all()
+
+
+def test_a_tiny_ranker_overfits_a_tiny_real_score_table() -> None:
+    images, _ = fashion_mnist(8)
+    pixels = np.stack([center_crop(_png(img), 64) for img in images])
+    x = to_model_input(pixels)
+    visible = ltrp.visible_sets(range(8), grid=8, mask_ratio=0.75)
+    torch.manual_seed(0)
+    mae = ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"]).eval()
+    y = ltrp.loo_scores(mae, x, visible)  # real pseudo-scores of real images
+    model = Ranker(MICRO)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        loss = listmle(model(x, visible), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def _png(img: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_rank_and_keep_top() -> None:
+    torch.manual_seed(0)
+    model = Ranker(MICRO).train()
+    scores = rank(model, torch.randn(3, 3, 64, 64))
+    assert scores.shape == (3, 64) and model.training
+    kept = keep_top(scores, 0.25)
+    assert kept.shape == (3, 16) and (kept.diff(dim=1) > 0).all()
+    best = scores.argmax(dim=1)
+    assert all(b in row for b, row in zip(best.tolist(), kept.tolist(), strict=True))
+    assert keep_top(scores, 0.001).shape == (3, 1)
+    with pytest.raises(ValueError, match="keep ratio"):
+        keep_top(scores, 0.0)
