@@ -66,3 +66,13 @@ def test_score_help_explains_every_option() -> None:
         "--shard-size",
     ):
         assert flag in text
+
+
+def test_training_benchmark_prints_where_the_time_goes() -> None:
+    stdout = _run(
+        "jobs.bench_train", "--ranker", "ltrp_vit_micro_patch8", "--batch-size", "4", "--steps", "1"
+    )
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 3
+    assert "asymmetric step" in lines[0] and "full step" in lines[1] and "view loading" in lines[2]
+    assert all(float(line.split()[-2]) > 0 for line in lines)

@@ -1,0 +1,94 @@
+"""Benchmark: where a ranker training step's time goes, side by side in one run.
+
+    python -m jobs.bench_train                       # CPU: ViT-S/16, batch 32
+    python -m jobs.bench_train --batch-size 512      # on a GPU machine (bf16 autocast there)
+
+Prints images/s of: the asymmetric training step (CLS + 19 visible tokens, forward + backward + AdamW),
+the same step on all 196 tokens, and loading a view for training (read + decode + replay the view of a
+JPEG at ImageNet-like size, one CPU core), so one can see whether the accelerator or the data is the
+bottleneck. Random weights and data: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import ltrp
+from jobs.bench_pipeline import write_jpegs
+from ltrp.images import center_view, displayed_size, render_view
+from ltrp.losses import listmle
+from ltrp.ranker import RANKER_GEOMETRIES, Ranker
+from ltrp.train import param_groups
+
+
+def step_images_per_second(model: Ranker, batch: int, visible: torch.Tensor | None, steps: int) -> float:
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    images = torch.randn(batch, 3, model.cfg.img_size, model.cfg.img_size, device=device)
+    n = model.cfg.num_patches if visible is None else visible.shape[1]
+    targets = torch.rand(batch, n, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> None:
+        with autocast:
+            s = model(images, visible)
+        loss = listmle(s.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def load_images_per_second(count: int, size: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_jpegs(Path(tmp), count)
+        start = time.perf_counter()
+        for p in paths:
+            data = p.read_bytes()
+            render_view(data, center_view(*displayed_size(data)), size)
+        return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--ranker", default="ltrp_vit_small_patch16", choices=RANKER_GEOMETRIES)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per figure")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = Ranker(RANKER_GEOMETRIES[args.ranker]).to(device).train()
+    grid = model.cfg.grid
+    visible = ltrp.visible_sets(range(args.batch_size), grid=grid).to(device)
+    tag = f"train {args.ranker} {device.type} batch={args.batch_size}"
+    print(
+        f"{tag}: asymmetric step (CLS + {visible.shape[1]} tokens) "
+        f"{step_images_per_second(model, args.batch_size, visible, args.steps):.1f} img/s",
+        flush=True,
+    )
+    print(
+        f"{tag}: full step (all {grid * grid} tokens) "
+        f"{step_images_per_second(model, args.batch_size, None, args.steps):.1f} img/s",
+        flush=True,
+    )
+    print(f"{tag}: view loading, one core {load_images_per_second(64, model.cfg.img_size):.1f} img/s")
+
+
+if __name__ == "__main__":
+    main()
