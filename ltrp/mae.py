@@ -20,11 +20,25 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class MAEConfig:
-    """Geometry of a masked autoencoder, and what its decoder was trained to predict."""
+class PatchGrid:
+    """Square images of img_size pixels, cut into (img_size / patch_size)^2 patches."""
 
     img_size: int = 224
     patch_size: int = 16
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+
+@dataclass(frozen=True)
+class MAEConfig(PatchGrid):
+    """Geometry of a masked autoencoder, and what its decoder was trained to predict."""
+
     in_chans: int = 3
     embed_dim: int = 768
     depth: int = 12
@@ -35,14 +49,6 @@ class MAEConfig:
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6
     norm_pix: bool = False  # True: targets were per-patch standardised pixels (MAE's norm_pix_loss)
-
-    @property
-    def grid(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid**2
 
 
 _BASE = MAEConfig()

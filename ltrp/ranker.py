@@ -13,26 +13,16 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ltrp.mae import ViTEncoder
+from ltrp.mae import PatchGrid, ViTEncoder
 
 
 @dataclass(frozen=True)
-class RankerConfig:
-    img_size: int = 224
-    patch_size: int = 16
+class RankerConfig(PatchGrid):
     embed_dim: int = 384
     depth: int = 12
     num_heads: int = 6
     mlp_ratio: float = 4.0
     head: Literal["cls", "token"] = "cls"
-
-    @property
-    def grid(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid**2
 
 
 #: ViT-S/16 (the paper's ranker, ~21M parameters) and small ones for tests and demos.

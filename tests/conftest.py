@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import ltrp
 
@@ -143,6 +145,13 @@ def fashion_mnist(count: int) -> tuple[np.ndarray, np.ndarray]:
     with gzip.open(FASHION_MNIST / "t10k-labels-idx1-ubyte.gz") as f:
         labels = np.frombuffer(f.read(), np.uint8, offset=8)
     return images[:count], labels[:count]
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    """An image array encoded as PNG."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import fashion_mnist
+from conftest import fashion_mnist, png_bytes
 
 import ltrp
 from ltrp.images import center_crop, to_model_input
@@ -44,7 +44,7 @@ def test_gradients_reach_only_the_scored_positions() -> None:
 
 def test_a_tiny_ranker_overfits_a_tiny_real_score_table() -> None:
     images, _ = fashion_mnist(8)
-    pixels = np.stack([center_crop(_png(img), 64) for img in images])
+    pixels = np.stack([center_crop(png_bytes(img), 64) for img in images])
     x = to_model_input(pixels)
     visible = ltrp.visible_sets(range(8), grid=8, mask_ratio=0.75)
     torch.manual_seed(0)
@@ -60,16 +60,6 @@ def test_a_tiny_ranker_overfits_a_tiny_real_score_table() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
-
-
-def _png(img: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def test_rank_and_keep_top() -> None:

@@ -1,7 +1,6 @@
 """The training job end to end, on real parts: a score table made by the scoring job on a moto S3
 server, Ray Train DDP on a local Ray cluster, checkpoints on S3, a real MLflow server and registry."""
 
-import io
 import os
 import signal
 import subprocess
@@ -14,9 +13,8 @@ import numpy as np
 import pytest
 import s3fs
 import torch
-from conftest import fashion_mnist
+from conftest import fashion_mnist, png_bytes
 from mlflow.tracking import MlflowClient
-from PIL import Image
 
 import ltrp
 from ltrp.ranker import Ranker, rank
@@ -24,12 +22,6 @@ from ltrp.score_job import ScoreJobConfig, run_score_job
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def _png(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +32,7 @@ def score_table(s3_endpoint: str, ray_address: str, tmp_path_factory: pytest.Tem
     images, labels = fashion_mnist(64)
     fs.pipe(
         {
-            f"train-data/images/{y}/{i:03d}.png": _png(x)
+            f"train-data/images/{y}/{i:03d}.png": png_bytes(x)
             for i, (x, y) in enumerate(zip(images, labels, strict=True))
         }
     )
