@@ -26,7 +26,7 @@ from PIL import Image
 import ltrp
 from ltrp.demo import SAMPLE_PHOTOS
 from ltrp.images import center_crop, to_model_input
-from ltrp.score_job import _AUTOCAST, ScoreJobConfig, run_score_job
+from ltrp.score_job import PRECISIONS, ScoreJobConfig, run_score_job
 
 
 @dataclass
@@ -77,12 +77,12 @@ def kernel_images_per_second(mae: ltrp.MAE, paths: list[Path], cfg: PipelineBenc
         )
         for i in range(0, len(paths), cfg.batch_size)
     ]
-    ltrp.loo_scores(mae, *batches[0], autocast_dtype=_AUTOCAST[cfg.precision])  # warm-up
+    ltrp.loo_scores(mae, *batches[0], autocast_dtype=PRECISIONS[cfg.precision])  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for images, visible in batches:
-        ltrp.loo_scores(mae, images, visible, autocast_dtype=_AUTOCAST[cfg.precision])
+        ltrp.loo_scores(mae, images, visible, autocast_dtype=PRECISIONS[cfg.precision])
     if device.type == "cuda":
         torch.cuda.synchronize()
     return len(paths) / (time.perf_counter() - start)
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--geometry", default=defaults.geometry, choices=ltrp.GEOMETRIES)
     parser.add_argument("--images", type=int, default=defaults.images, help="JPEGs in the corpus")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="views per scoring call")
-    parser.add_argument("--precision", default=defaults.precision, choices=list(_AUTOCAST))
+    parser.add_argument("--precision", default=defaults.precision, choices=list(PRECISIONS))
     args = parser.parse_args()
     cfg = PipelineBenchConfig(args.geometry, args.images, args.batch_size, args.precision)
 

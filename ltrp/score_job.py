@@ -52,7 +52,8 @@ from ltrp.sources import Shard, SourceImage, plan_digest, plan_shards, read_shar
 from ltrp.table import ERRORS_SCHEMA, SCORES_SCHEMA
 
 Precision = Literal["fp32", "bf16", "fp16"]
-_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: --precision -> the autocast dtype of the scorers
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Rows between the stages: the output columns but scores, plus where they belong and the pixels.
 _STAGE_SCHEMA = pa.schema(
@@ -280,7 +281,7 @@ class ShardScorer:
                     visible,
                     mode=self.cfg.mode,
                     metric=self.cfg.metric,
-                    autocast_dtype=_AUTOCAST[self.cfg.precision],
+                    autocast_dtype=PRECISIONS[self.cfg.precision],
                 )
                 .cpu()
                 .tolist()

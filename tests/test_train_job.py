@@ -69,8 +69,8 @@ def _train_args(scores: str, storage: str, name: str, epochs: int, *extra: str) 
     ]
 
 
-def _run(args: list[str], env: dict) -> str:
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def _run(args: list[str], env: dict, cwd: Path = ROOT) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return proc.stdout
 
@@ -108,6 +108,8 @@ def test_two_worker_ddp_checkpoints_to_s3_logs_and_registers(
     assert [m.step for m in history] == [0, 1]
 
     mlflow.set_tracking_uri(mlflow_uri)
+    signature = mlflow.models.get_model_info("models:/ltrp-test@candidate").signature
+    assert tuple(signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 3, 64, 64)
     by_alias = mlflow.pytorch.load_model("models:/ltrp-test@candidate")
     by_version = mlflow.pytorch.load_model("models:/ltrp-test/1")
     assert isinstance(by_alias, Ranker)
@@ -127,7 +129,7 @@ def test_a_killed_worker_is_replaced_and_a_rerun_resumes(
     args = _train_args(score_table, str(tmp_path / "ckpt"), "fault", 3)
     proc = subprocess.Popen(
         args,
-        cwd=ROOT,
+        cwd=tmp_path,  # MLflow's SQLite store keeps artifacts in ./mlruns: not in the repository
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -152,5 +154,5 @@ def test_a_killed_worker_is_replaced_and_a_rerun_resumes(
     started = int(stdout.split("this run started at epoch ")[1].split(")")[0])
     assert started in (1, 2)  # the replacement resumed from a checkpoint (the newest may still be uploading)
 
-    again = _run(_train_args(score_table, str(tmp_path / "ckpt"), "fault", 4), env)
+    again = _run(_train_args(score_table, str(tmp_path / "ckpt"), "fault", 4), env, cwd=tmp_path)
     assert "this run started at epoch 3" in again  # same name: resumed after the 3 finished epochs
