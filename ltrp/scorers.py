@@ -1,0 +1,125 @@
+"""Patch scorers behind one interface, for comparing selectors: images -> (B, L) scores, higher = keep.
+
+images are (B, C, S, S) float tensors (normalised as the models expect); patches are the p x p squares
+of the S/p x S/p grid, raster order. Training-free baselines (random, center prior, patch variance,
+gradient energy, FOLK's RCom residual energy) and the LTRP ranker share the interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ltrp.ranker import Ranker, rank
+
+
+def _patch_means(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, S, S) -> mean over each patch and channel: (B, L), raster order."""
+    return F.avg_pool2d(x, patch).mean(dim=1).flatten(1)
+
+
+class RandomScorer:
+    """Uniform random scores; the same for the same batch (a fixed seed per call)."""
+
+    name = "random"
+
+    def __init__(self, patch_size: int, seed: int = 0) -> None:
+        self.patch_size, self.seed = patch_size, seed
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        grid = images.shape[-1] // self.patch_size
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.rand(images.shape[0], grid * grid, generator=g).to(images.device)
+
+
+class CenterScorer:
+    """A center prior: minus the distance of each patch's centre from the image's centre."""
+
+    name = "center"
+
+    def __init__(self, patch_size: int) -> None:
+        self.patch_size = patch_size
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        grid = images.shape[-1] // self.patch_size
+        coords = torch.arange(grid, dtype=torch.float32, device=images.device) - (grid - 1) / 2
+        dist = (coords[:, None] ** 2 + coords[None, :] ** 2).sqrt().flatten()
+        return (-dist).expand(images.shape[0], -1).clone()
+
+
+class VarianceScorer:
+    """Pixel variance inside each patch (all channels). By Parseval, this is also the patch's total
+    spectral energy without DC: the baseline any frequency scorer must beat."""
+
+    name = "variance"
+
+    def __init__(self, patch_size: int) -> None:
+        self.patch_size = patch_size
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        patches = F.unfold(images.float(), p, stride=p)  # (B, C*p*p, L)
+        return patches.var(dim=1, unbiased=False)
+
+
+class GradientEnergyScorer:
+    """Mean squared horizontal and vertical finite differences inside each patch."""
+
+    name = "gradient"
+
+    def __init__(self, patch_size: int) -> None:
+        self.patch_size = patch_size
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        dx = F.pad((x[..., :, 1:] - x[..., :, :-1]) ** 2, (0, 1))
+        dy = F.pad((x[..., 1:, :] - x[..., :-1, :]) ** 2, (0, 0, 0, 1))
+        return _patch_means(dx + dy, self.patch_size)
+
+
+def frequency_split(images: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FOLK's image-adaptive filter, as we read it (FOLK's code is unreleased): per channel, a 2-D FFT of
+    the whole image; Com keeps the k = round(tau * H*W) coefficients of largest magnitude (at least one)
+    and their conjugates, so that Com is a real image (k or k + 1 coefficients: a real image's spectrum
+    comes in conjugate pairs of equal magnitude, and the k-th may split one); RCom = x - Com is what
+    that compression throws away.
+
+    images: (B, C, H, W) -> (com, rcom), both (B, C, H, W) float32.
+    """
+    x = images.float()
+    spectrum = torch.fft.fft2(x)
+    flat = spectrum.flatten(2)  # (B, C, H*W)
+    k = max(1, round(tau * flat.shape[-1]))
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(2, flat.abs().topk(k, dim=2).indices, True)
+    keep = keep.view_as(spectrum)
+    # The conjugate of frequency (u, v) sits at (-u mod H, -v mod W): a flip, then a roll by one.
+    keep |= keep.flip(dims=(-2, -1)).roll(shifts=(1, 1), dims=(-2, -1))
+    com = torch.fft.ifft2(spectrum * keep).real
+    return com, x - com
+
+
+class FolkRComScorer:
+    """Energy of FOLK's RCom residual inside each patch, averaged over the tau set (spec section 5)."""
+
+    name = "folk_rcom"
+
+    def __init__(self, patch_size: int, taus: Sequence[float] = (0.005, 0.01, 0.05)) -> None:
+        self.patch_size, self.taus = patch_size, tuple(taus)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        energies = [_patch_means(frequency_split(images, tau)[1] ** 2, self.patch_size) for tau in self.taus]
+        return torch.stack(energies).mean(dim=0)
+
+
+class RankerScorer:
+    """The LTRP ranker: every patch seen, one forward pass."""
+
+    name = "ltrp"
+
+    def __init__(self, model: Ranker) -> None:
+        self.model = model
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return rank(self.model, images)
