@@ -9,14 +9,19 @@ import torch
 import torch.nn.functional as F
 
 
-def listmle(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood of y's order under a Plackett-Luce model with weights exp(s):
-    sum_i [log sum_{j >= i} exp(s_pi(j)) - s_pi(i)], pi = argsort(y, descending); batch mean.
+def listmle_per_row(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of y's order under a Plackett-Luce model with weights exp(s), per row:
+    sum_i [log sum_{j >= i} exp(s_pi(j)) - s_pi(i)], pi = argsort(y, descending): (B, n) -> (B,).
     The tail sums are a reversed log-cumsum-exp, stable for any magnitude of s."""
     order = y.argsort(dim=1, descending=True)
     s_sorted = s.gather(1, order)
     tails = s_sorted.flip(1).logcumsumexp(dim=1).flip(1)
-    return (tails - s_sorted).sum(dim=1).mean()
+    return (tails - s_sorted).sum(dim=1)
+
+
+def listmle(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """ListMLE (the authors' loss): `listmle_per_row`, batch mean."""
+    return listmle_per_row(s, y).mean()
 
 
 def listnet(s: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

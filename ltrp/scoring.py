@@ -102,9 +102,8 @@ def loo_scores(
 
     with _precision(images.device, autocast_dtype):
         patches = mae.embed_patches(images)  # (B, L, D)
-        tokens = mae.decoder_input(
-            mae.encode_tokens(gather_tokens(patches, visible)), visible
-        )  # (B, 1+L, Dd)
+        latent = mae.encode_tokens(gather_tokens(patches, visible))  # (B, 1+n, D)
+        tokens = mae.decoder_input(latent, visible)  # (B, 1+L, Dd)
         anchor = mae.predict(gather_tokens(mae.decode_hidden(tokens)[:, 1:], masked))  # (B, L-n, P)
 
         if max_tokens is None:

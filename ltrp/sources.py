@@ -140,30 +140,38 @@ def read_many(uris: list[str]) -> list[bytes]:
         if _is_tar_member(uri):
             tar_uri, member = uri.split(TAR_SEPARATOR, 1)
             wanted.setdefault(tar_uri, set()).add(member)
-    found = {}
-    for tar_uri, members in wanted.items():
-        with fsspec.open(tar_uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for info in tar:
-                if info.name in members:
-                    found[f"{tar_uri}{TAR_SEPARATOR}{info.name}"] = tar.extractfile(info).read()
+    found = {
+        f"{tar_uri}{TAR_SEPARATOR}{name}": data
+        for tar_uri, members in wanted.items()
+        for name, data in _tar_members(tar_uri, members).items()
+    }
     return [found[u] if _is_tar_member(u) else read_bytes(u) for u in uris]
-
-
-def _is_tar_member(uri: str) -> bool:
-    return TAR_SEPARATOR in uri and uri.split(TAR_SEPARATOR, 1)[0].lower().endswith(".tar")
 
 
 def read_bytes(uri: str) -> bytes:
     """Bytes of an image file, or of a tar member (`shard.tar#key.jpg`: scans the tar; slow)."""
     if _is_tar_member(uri):
         tar_uri, member = uri.split(TAR_SEPARATOR, 1)
-        with fsspec.open(tar_uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for info in tar:
-                if info.name == member:
-                    return tar.extractfile(info).read()
-        raise FileNotFoundError(f"{member} not in {tar_uri}")
+        return _tar_members(tar_uri, {member})[member]
     with fsspec.open(uri, "rb") as f:
         return f.read()
+
+
+def _is_tar_member(uri: str) -> bool:
+    return TAR_SEPARATOR in uri and uri.split(TAR_SEPARATOR, 1)[0].lower().endswith(".tar")
+
+
+def _tar_members(tar_uri: str, names: set[str]) -> dict[str, bytes]:
+    """{name: bytes} of the named members, in one streaming pass over the tar."""
+    found = {}
+    with fsspec.open(tar_uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for info in tar:
+            if info.name in names:
+                found[info.name] = tar.extractfile(info).read()
+    missing = names - found.keys()
+    if missing:
+        raise FileNotFoundError(f"{sorted(missing)[0]} not in {tar_uri}")
+    return found
 
 
 def _webdataset_key(name: str) -> tuple[str, str]:

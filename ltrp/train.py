@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ltrp.images import View, render_view, to_model_input
-from ltrp.losses import LOSSES, listmle
+from ltrp.losses import LOSSES, listmle_per_row
 from ltrp.metrics import kendall_tau, ndcg_at_k, spearman, topk_overlap
 from ltrp.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig
 from ltrp.sources import read_many
@@ -148,7 +148,7 @@ def validate(model: torch.nn.Module, shard, cfg: TrainConfig, device: torch.devi
             k = min(cfg.topk, y.shape[1])
             per_row = torch.stack(
                 [
-                    torch.stack([listmle(s[i : i + 1], y[i : i + 1]) for i in range(len(y))]),
+                    listmle_per_row(s, y),
                     kendall_tau(s, y),
                     spearman(s, y),
                     ndcg_at_k(s, y.clamp_min(0), k),
