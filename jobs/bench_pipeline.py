@@ -48,8 +48,8 @@ def write_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
         ch, cw = int(h * rng.uniform(0.6, 1)), int(w * rng.uniform(0.6, 1))
         top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
         img = Image.fromarray(photo[top : top + ch, left : left + cw])
-        img.thumbnail((500, 500)) if max(img.size) > 500 else None
-        img = img.resize((500, round(500 * img.height / img.width))) if max(img.size) < 500 else img
+        scale = 500 / max(img.size)  # longer side 500 px, like ImageNet's typical images
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
         paths.append(folder / f"{i:05d}.jpg")
         img.save(paths[-1], quality=90)
     return paths
