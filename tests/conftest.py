@@ -147,6 +147,12 @@ def fashion_mnist(count: int) -> tuple[np.ndarray, np.ndarray]:
     return images[:count], labels[:count]
 
 
+def fashion_mnist_pngs(count: int) -> dict[str, bytes]:
+    """The first `count` test images as PNGs in ImageFolder layout: {"LABEL/IIII.png": bytes}."""
+    images, labels = fashion_mnist(count)
+    return {f"{y}/{i:04d}.png": png_bytes(x) for i, (x, y) in enumerate(zip(images, labels, strict=True))}
+
+
 def png_bytes(img: np.ndarray) -> bytes:
     """An image array encoded as PNG."""
     buf = io.BytesIO()

@@ -18,7 +18,7 @@ import pytest
 import s3fs
 import skimage.data
 import torch
-from conftest import fashion_mnist
+from conftest import fashion_mnist, fashion_mnist_pngs
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -86,13 +86,7 @@ def s3_corpus(s3_endpoint: str) -> str:
     """200 Fashion-MNIST PNGs in ImageFolder layout, and a tar shard of 5 photos, on S3."""
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.mkdir("corpus")
-    images, labels = fashion_mnist(200)
-    fs.pipe(
-        {
-            f"corpus/fmnist/{label}/{i:04d}.png": _encode(img)
-            for i, (img, label) in enumerate(zip(images, labels, strict=True))
-        }
-    )
+    fs.pipe({f"corpus/fmnist/{name}": png for name, png in fashion_mnist_pngs(200).items()})
     fs.pipe_file("corpus/fmnist/photos-000.tar", _photo_tar())
     return "s3://corpus/fmnist"
 
@@ -149,10 +143,10 @@ def test_scores_a_real_corpus_from_s3_to_s3(
 
 @pytest.mark.slow
 def test_killed_job_resumes_without_duplicates_or_gaps(tmp_path: Path, ray_address: str) -> None:
-    images, labels = fashion_mnist(120)
-    for i, (img, label) in enumerate(zip(images, labels, strict=True)):
-        (tmp_path / "images" / str(label)).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(tmp_path / "images" / str(label) / f"{i:04d}.png")
+    for name, png in fashion_mnist_pngs(120).items():
+        (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "images" / name).write_bytes(png)
+    _, labels = fashion_mnist(120)
     # The 224-px demo geometry, so that the job runs long enough to be killed part-way.
     mae = _save_tiny(tmp_path / "demo.pth", "mae_vit_demo_patch16")
     out = tmp_path / "out"

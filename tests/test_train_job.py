@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import s3fs
 import torch
-from conftest import fashion_mnist, png_bytes
+from conftest import fashion_mnist_pngs
 from mlflow.tracking import MlflowClient
 
 import ltrp
@@ -29,13 +29,7 @@ def score_table(s3_endpoint: str, ray_address: str, tmp_path_factory: pytest.Tem
     """The scoring job's output on S3: 64 Fashion-MNIST images, 2 views each, a tiny MAE."""
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.mkdir("train-data")
-    images, labels = fashion_mnist(64)
-    fs.pipe(
-        {
-            f"train-data/images/{y}/{i:03d}.png": png_bytes(x)
-            for i, (x, y) in enumerate(zip(images, labels, strict=True))
-        }
-    )
+    fs.pipe({f"train-data/images/{name}": png for name, png in fashion_mnist_pngs(64).items()})
     torch.manual_seed(0)
     mae = tmp_path_factory.mktemp("mae") / "tiny.pth"
     ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"]), str(mae))
