@@ -1,7 +1,11 @@
-"""Logging a trained ranker to MLflow and registering it as a model version."""
+"""Logging a trained ranker to MLflow and registering it as a model version; promoting a version to
+the `champion` alias under ltrp.promotion's policy, and rolling that back."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -10,7 +14,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 import ltrp
+from ltrp.measures import from_tags
+from ltrp.promotion import Decision, Policy, decide
 from ltrp.ranker import Ranker
+
+CHAMPION = "champion"
 
 
 def register_ranker(
@@ -39,3 +47,120 @@ def register_ranker(
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return client.get_model_version(name, version.version)
+
+
+class PromotionError(RuntimeError):
+    """A promotion or rollback that cannot be carried out (as opposed to a candidate refused)."""
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What `promote` did.
+
+    Attributes:
+        decision: the policy's decision (for an unchanged champion: promote=False, nothing compared).
+        outcome: "promoted", "refused", "dry-run" (nothing moved; `decision.promote` says what would
+            have happened) or "unchanged" (the candidate already is champion; nothing recorded).
+        champion: the champion version the candidate was compared with, None if there was none.
+    """
+
+    decision: Decision
+    outcome: str
+    champion: str | None
+
+
+def champion_version(name: str, client: MlflowClient | None = None) -> str | None:
+    """The version that `name`'s `champion` alias points at, None if the alias is not set."""
+    client = client or MlflowClient()
+    # The registered model's alias map says "not set" without an exception to tell apart from others;
+    # its versions are ints from a SQLite registry and strings over REST.
+    version = client.get_registered_model(name).aliases.get(CHAMPION)
+    return None if version is None else str(version)
+
+
+def promote(
+    name: str,
+    candidate: str,
+    policy: Policy,
+    *,
+    dry_run: bool = False,
+    client: MlflowClient | None = None,
+) -> Promotion:
+    """Compares version `candidate` of `name` with its champion under `policy`, moves the `champion`
+    alias to it if the policy allows (and not `dry_run`), and records on the candidate the tags
+    `promotion.decision` (promoted, refused or dry-run), `.reason`, `.evidence` (JSON), `.policy`
+    (JSON), `.previous_champion` (the champion at decision time, "" if none) and `.time` (UTC ISO 8601).
+
+    Raises:
+        mlflow.exceptions.MlflowException: the model or version does not exist.
+    """
+    client = client or MlflowClient()
+    candidate = str(candidate)
+    tags = client.get_model_version(name, candidate).tags
+    current = champion_version(name, client)
+    if current == candidate:
+        # Comparing the champion with itself would refuse it and overwrite the record rollback reads.
+        return Promotion(Decision(False, f"version {candidate} already is {CHAMPION}"), "unchanged", current)
+    theirs = None if current is None else client.get_model_version(name, current).tags
+    decision = decide(
+        from_tags(tags),
+        None if theirs is None else from_tags(theirs),
+        policy,
+        candidate_dataset=tags.get("eval.dataset"),
+        champion_dataset=None if theirs is None else theirs.get("eval.dataset"),
+    )
+    outcome = "dry-run" if dry_run else "promoted" if decision.promote else "refused"
+    reason = decision.reason
+    if dry_run:
+        reason = ("would promote: " if decision.promote else "would refuse: ") + reason
+    record = {
+        "decision": outcome,
+        "reason": reason,
+        "evidence": json.dumps(decision.evidence, sort_keys=True),
+        "policy": json.dumps(policy.to_dict(), sort_keys=True),
+        "previous_champion": current or "",
+        "time": _now(),
+    }
+    # Tags before the alias: a champion must never exist without the record that rollback reads.
+    for key, value in record.items():
+        client.set_model_version_tag(name, candidate, f"promotion.{key}", value)
+    if outcome == "promoted":
+        client.set_registered_model_alias(name, CHAMPION, candidate)
+    return Promotion(decision, outcome, current)
+
+
+def rollback(name: str, client: MlflowClient | None = None) -> tuple[str, str]:
+    """Moves `champion` back to the version the current champion replaced (its
+    `promotion.previous_champion`), and tags the current one `promotion.rolled_back_to` and
+    `promotion.rolled_back_time`. Rolling back again walks further back through the promotions.
+
+    Returns:
+        (the version rolled back from, the version that is champion now).
+
+    Raises:
+        PromotionError: no champion, a champion not promoted by `promote`, or one that replaced none.
+    """
+    client = client or MlflowClient()
+    current = champion_version(name, client)
+    if current is None:
+        raise PromotionError(f"{name} has no {CHAMPION}: nothing to roll back")
+    tags = client.get_model_version(name, current).tags
+    if tags.get("promotion.decision") != "promoted":
+        raise PromotionError(
+            f"{CHAMPION} version {current} of {name} was not promoted by jobs.promote "
+            f"(promotion.decision={tags.get('promotion.decision', '(none)')}): no previous champion recorded"
+        )
+    previous = tags.get("promotion.previous_champion", "")
+    if not previous:
+        raise PromotionError(
+            f"{CHAMPION} version {current} of {name} was the first model: there is none to roll back to"
+        )
+    client.get_model_version(name, previous)  # fails clearly if that version was deleted since
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.set_model_version_tag(name, current, "promotion.rolled_back_to", previous)
+    client.set_model_version_tag(name, current, "promotion.rolled_back_time", _now())
+    return current, previous
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

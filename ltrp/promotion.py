@@ -1,0 +1,213 @@
+"""Whether a candidate model version may replace the champion: a declared policy and a pure decision.
+
+The policy compares the two versions' evaluations (see ltrp.measures: a mean and a 95% bootstrap
+interval per metric key) and promotes the candidate only if
+
+* both were evaluated on the same held-out set and settings (the same `eval.dataset`);
+* on the primary metric, the candidate's mean is better than the champion's whole interval
+  (lower-is-better: candidate mean < champion lo; higher-is-better: candidate mean > champion hi);
+* on every guarded metric, the candidate's mean is not worse than the champion's whole interval
+  (lower-is-better: candidate mean <= champion hi; higher-is-better: candidate mean >= champion lo).
+
+With no champion yet, a candidate that carries every metric the policy names is promoted. Missing
+metrics on either side refuse: a champion evaluated before a metric existed must be re-evaluated
+(`python -m jobs.evaluate`) on the candidate's dataset before anything can replace it. Nothing here
+talks to MLflow; ltrp.registry reads the tags, calls `decide` and records the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ltrp.measures import KEEP_RATIOS, MEASURES, RATIO_FREE, Estimate, higher_is_better, metric_key
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a candidate must show to replace the champion.
+
+    Attributes:
+        primary: measure the candidate must improve, beyond the champion's 95% interval.
+        primary_ratio: its keep ratio (None for the ratio-free measures, e.g. kendall_tau).
+        guarded: measures on which the candidate must be no worse than the champion's interval.
+        guard_ratios: the keep ratios checked for each guarded measure that has one.
+    """
+
+    primary: str = "reconstruction_error"
+    primary_ratio: float | None = 0.25
+    guarded: tuple[str, ...] = ("reconstruction_error", "accuracy")
+    guard_ratios: tuple[float, ...] = KEEP_RATIOS
+
+    def __post_init__(self) -> None:
+        # YAML gives lists; a frozen dataclass should hold tuples so that it stays hashable.
+        object.__setattr__(self, "guarded", tuple(self.guarded))
+        object.__setattr__(self, "guard_ratios", tuple(float(r) for r in self.guard_ratios))
+        for measure in (self.primary, *self.guarded):
+            if measure not in MEASURES:
+                raise ValueError(f"unknown measure {measure!r}; known: {', '.join(MEASURES)}")
+        if (self.primary in RATIO_FREE) != (self.primary_ratio is None):
+            raise ValueError(
+                f"primary {self.primary!r}: primary_ratio must be "
+                + ("null (it has no keep ratio)" if self.primary in RATIO_FREE else "a keep ratio")
+            )
+
+    @property
+    def primary_key(self) -> str:
+        """The primary metric key, e.g. "reconstruction_error.keep25"."""
+        return metric_key(self.primary, self.primary_ratio)
+
+    @property
+    def guarded_keys(self) -> list[str]:
+        """Every guarded metric key, e.g. "accuracy.keep10", ..., in declaration order."""
+        keys = []
+        for measure in self.guarded:
+            if measure in RATIO_FREE:
+                keys.append(metric_key(measure))
+            else:
+                keys.extend(metric_key(measure, r) for r in self.guard_ratios)
+        return keys
+
+    @property
+    def required_keys(self) -> list[str]:
+        """The keys both versions must carry: the primary, then the guarded ones."""
+        return list(dict.fromkeys([self.primary_key, *self.guarded_keys]))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (lists, not tuples), as recorded with a decision and accepted by from_dict."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Policy:
+        """A policy from a mapping of some of its fields; the rest keep their defaults."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown policy keys: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Policy:
+        """A policy from a YAML file of some of its fields (an empty file: the defaults)."""
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of comparing a candidate with the champion.
+
+    Attributes:
+        promote: whether the candidate may become champion.
+        reason: one line a person can act on.
+        evidence: metric key -> {"role": "primary" | "guard", "higher_is_better", "candidate": [mean,
+            lo, hi], "champion": [mean, lo, hi] or None, "ok": bool}, for the keys the policy names
+            that both sides (or, with no champion, the candidate) carry.
+    """
+
+    promote: bool
+    reason: str
+    evidence: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _triple(e: Estimate | None) -> list[float] | None:
+    return None if e is None else [e.mean, e.lo, e.hi]
+
+
+def _beats(key: str, candidate: Estimate, champion: Estimate) -> bool:
+    """Candidate's mean beyond the champion's interval, on the good side."""
+    return candidate.mean > champion.hi if higher_is_better(key) else candidate.mean < champion.lo
+
+
+def _no_worse(key: str, candidate: Estimate, champion: Estimate) -> bool:
+    """Candidate's mean not beyond the champion's interval on the bad side."""
+    return candidate.mean >= champion.lo if higher_is_better(key) else candidate.mean <= champion.hi
+
+
+def decide(
+    candidate: Mapping[str, Estimate],
+    champion: Mapping[str, Estimate] | None,
+    policy: Policy,
+    *,
+    candidate_dataset: str | None,
+    champion_dataset: str | None,
+) -> Decision:
+    """Whether `candidate` may replace `champion` under `policy`.
+
+    Args:
+        candidate: the candidate's metrics, {metric key: Estimate} (ltrp.measures.from_tags).
+        champion: the champion's metrics, or None when there is no champion yet.
+        policy: what the candidate must show.
+        candidate_dataset: the candidate's `eval.dataset` (None if it has none).
+        champion_dataset: the champion's `eval.dataset` (ignored when there is no champion).
+
+    Returns:
+        The decision; refusals name the metrics or datasets that caused them.
+    """
+    required = policy.required_keys
+    primary = policy.primary_key
+    missing = [k for k in required if k not in candidate]
+    if missing:
+        return Decision(
+            False,
+            f"candidate lacks metrics {', '.join(missing)}: evaluate it (python -m jobs.evaluate) first",
+            _evidence(candidate, champion, required, primary),
+        )
+    if champion is None:
+        return Decision(
+            True, "first model: there is no champion yet", _evidence(candidate, None, required, primary)
+        )
+    if not candidate_dataset or candidate_dataset != champion_dataset:
+        return Decision(
+            False,
+            f"not comparable: candidate evaluated on dataset {candidate_dataset or '(none)'}, champion on "
+            f"{champion_dataset or '(none)'}; re-evaluate the champion on the candidate's dataset",
+            _evidence(candidate, champion, required, primary),
+        )
+    missing = [k for k in required if k not in champion]
+    if missing:
+        return Decision(
+            False,
+            f"champion lacks metrics {', '.join(missing)}: re-evaluate the champion (python -m "
+            "jobs.evaluate) on the candidate's dataset before promoting",
+            _evidence(candidate, champion, required, primary),
+        )
+    evidence = _evidence(candidate, champion, required, primary)
+    failures = []
+    if not evidence[primary]["ok"]:
+        failures.append(f"not better than the champion's 95% interval on {primary}")
+    worse = [k for k in required if k != primary and not evidence[k]["ok"]]
+    if worse:
+        failures.append(f"worse than the champion's 95% interval on {', '.join(worse)}")
+    if failures:
+        return Decision(False, "; ".join(failures), evidence)
+    return Decision(True, f"better on {primary} and no worse on any guarded metric", evidence)
+
+
+def _evidence(
+    candidate: Mapping[str, Estimate],
+    champion: Mapping[str, Estimate] | None,
+    keys: list[str],
+    primary: str,
+) -> dict[str, dict[str, Any]]:
+    """The compared numbers for each of `keys` the candidate carries; "ok" is whether that key passes
+    (None where the champion lacks it or there is no champion)."""
+    rows = {}
+    for key in keys:
+        if key not in candidate:
+            continue
+        theirs = None if champion is None else champion.get(key)
+        ok = None
+        if theirs is not None:
+            # The primary key passes only by beating the champion, so its guard check is implied.
+            ok = (_beats if key == primary else _no_worse)(key, candidate[key], theirs)
+        rows[key] = {
+            "role": "primary" if key == primary else "guard",
+            "higher_is_better": higher_is_better(key),
+            "candidate": _triple(candidate[key]),
+            "champion": _triple(theirs),
+            "ok": ok,
+        }
+    return rows
