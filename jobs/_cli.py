@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -42,3 +43,12 @@ def tracking_uri() -> str:
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
         uri = prefix + os.path.abspath(uri[len(prefix) :])
     return uri
+
+
+def local_resources(workers: int, worker_cpus: float) -> dict:
+    """For a Ray started here (no RAY_ADDRESS): enough logical CPUs that the data-loading tasks still
+    run beside the train workers. Reserving every core for workers deadlocks small machines (2 cores,
+    2 workers: reading the score table waited forever)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return {}
+    return {"num_cpus": max(os.cpu_count() or 1, math.ceil(workers * worker_cpus) + 2)}

@@ -13,14 +13,12 @@ is registered as a new version of --registered-model, tagged with the score tabl
 from __future__ import annotations
 
 import argparse
-import math
-import os
 from dataclasses import asdict, fields
 
 import mlflow
 import ray
 
-from jobs._cli import add_dataclass_flags, merged_values, tracking_uri
+from jobs._cli import add_dataclass_flags, local_resources, merged_values, tracking_uri
 from ltrp.registry import register_ranker
 from ltrp.train import TrainConfig, fit, load_ranker_checkpoint, table_metadata
 
@@ -59,18 +57,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def local_resources(cfg: TrainConfig) -> dict:
-    """For a Ray started here (no RAY_ADDRESS): enough logical CPUs that the data-loading tasks still
-    run beside the train workers. Reserving every core for workers deadlocks small machines (2 cores,
-    2 workers: reading the score table waited forever)."""
-    if os.environ.get("RAY_ADDRESS"):
-        return {}
-    return {"num_cpus": max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.worker_cpus) + 2)}
-
-
 def main() -> None:
     cfg = parse_config()
-    ray.init(**local_resources(cfg))
+    ray.init(**local_resources(cfg.workers, cfg.worker_cpus))
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment("ltrp-train")
     meta = table_metadata(cfg.scores)

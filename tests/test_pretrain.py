@@ -1,0 +1,211 @@
+"""MAE pre-training: the loss and masking in pure torch, the data stage, and the job end to end on a
+real local Ray cluster with a real MLflow server."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import fashion_mnist, fashion_mnist_pngs, png_bytes
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+import ltrp
+from ltrp.images import to_model_input
+from ltrp.mae import random_visible
+from ltrp.pretrain import PretrainConfig, ViewBatches, mae_config, plan_reads, read_images
+from ltrp.sources import Shard
+from ltrp.train import param_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fmnist_batch(count: int, size: int) -> torch.Tensor:
+    images, _ = fashion_mnist(count)
+    rgb = [np.asarray(Image.fromarray(x).convert("RGB").resize((size, size), Image.BICUBIC)) for x in images]
+    return to_model_input(np.stack(rgb))
+
+
+def test_random_visible_is_sorted_distinct_of_mae_count_and_seeded() -> None:
+    visible = random_visible(6, 196, 0.9, generator=torch.Generator().manual_seed(1))
+    assert visible.shape == (6, 19) and visible.dtype == torch.long  # int(196 * 0.1) = 19, MAE's count
+    assert (visible.diff(dim=1) > 0).all() and visible.min() >= 0 and visible.max() < 196
+    assert len({tuple(row.tolist()) for row in visible}) == 6  # per-sample masks
+    again = random_visible(6, 196, 0.9, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(visible, again)
+    assert random_visible(2, 64, generator=torch.Generator()).shape == (2, 16)  # default ratio 0.75
+
+
+def test_norm_pix_targets_standardise_each_patch_and_raw_targets_are_the_patches() -> None:
+    imgs = torch.randn(2, 3, 64, 64) * 3 + 1
+    raw = ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"])
+    norm = ltrp.MAE(replace(ltrp.GEOMETRIES["mae_vit_tiny_patch8"], norm_pix=True))
+    assert torch.equal(raw.targets(imgs), raw.patchify(imgs))
+    patch = raw.patchify(imgs)[1, 5]
+    expected = (patch - patch.mean()) / torch.sqrt(patch.var() + 1e-6)
+    torch.testing.assert_close(norm.targets(imgs)[1, 5], expected)
+
+
+def test_loss_is_mse_on_masked_patches_only(tiny_mae: ltrp.MAE) -> None:
+    imgs = torch.randn(2, 3, 64, 64)
+    visible = random_visible(2, 64, generator=torch.Generator().manual_seed(0))
+    target = tiny_mae.patchify(imgs)
+    pred = target + 1.0  # error 1 everywhere ...
+    pred.scatter_(1, visible.unsqueeze(-1).expand(-1, -1, pred.shape[-1]), 50.0)  # ... but visible patches
+    assert tiny_mae.forward_loss(imgs, pred, visible).item() == pytest.approx(1.0)
+
+
+def test_a_few_steps_on_fashion_mnist_lower_the_loss() -> None:
+    torch.manual_seed(0)
+    mae = ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"])
+    imgs = _fmnist_batch(32, 64)
+    fixed = random_visible(32, 64, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(param_groups(mae, 0.05), lr=1e-3, betas=(0.9, 0.95))
+    with torch.no_grad():
+        before = mae.forward_loss(imgs, mae(imgs, fixed), fixed).item()
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        visible = random_visible(32, 64, generator=generator)
+        loss = mae.forward_loss(imgs, mae(imgs, visible), visible)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = mae.forward_loss(imgs, mae(imgs, fixed), fixed).item()
+    assert after < 0.6 * before
+
+
+def test_views_change_with_the_epoch_and_bad_images_are_skipped_and_listed() -> None:
+    png = png_bytes(fashion_mnist(1)[0][0])
+    batch = {
+        "image_id": np.array(["a", "b", "c"], dtype=object),
+        "uri": np.array(["u/a.png", "u/b.png", "u/c.png"], dtype=object),
+        "data": np.array([png, b"not an image", None], dtype=object),
+        "error": np.array([None, None, "cannot read file: gone"], dtype=object),
+    }
+    out = ViewBatches(32, 0, seed=0, crop="random", flip=True)(batch)
+    assert out["image"].shape == (1, 32, 32, 3) and out["image"].dtype == torch.uint8
+    assert [u for u, _ in out["skipped"]] == ["u/b.png", "u/c.png"]
+    assert "gone" in out["skipped"][1][1]
+    same = ViewBatches(32, 0, seed=0, crop="random", flip=True)(batch)["image"]
+    other = ViewBatches(32, 1, seed=0, crop="random", flip=True)(batch)["image"]
+    assert torch.equal(out["image"], same) and not torch.equal(out["image"], other)
+
+
+def test_max_images_takes_the_first_images_of_the_sorted_source_then_tar_members(
+    tmp_path: Path, ray_address: str
+) -> None:
+    pngs = fashion_mnist_pngs(15)
+    names = sorted(pngs)
+    for name in names[:10]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(pngs[name])
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
+        for k, name in enumerate(names[10:]):
+            info = tarfile.TarInfo(f"{k:03d}.png")
+            info.size = len(pngs[name])
+            tar.addfile(info, io.BytesIO(pngs[name]))
+    cfg = PretrainConfig(source=str(tmp_path), output="unused", shard_size=4, max_images=12)
+    reads, count = plan_reads(cfg)
+    tables = [read_images({k: np.array([v]) for k, v in read.items()}) for read in reads]
+    rows = [row for table in tables for row in table.to_pylist()]
+    assert count == 12 == len(rows)
+    assert sorted(r["image_id"] for r in rows[:10]) == names[:10]  # every file, in a shuffled order
+    assert [r["image_id"] for r in rows[:10]] != names[:10]
+    assert [r["image_id"] for r in rows[10:]] == ["000", "001"]  # then the tar's first members
+    assert Shard.from_json(reads[-1]["shard"]).tar is not None and reads[-1]["limit"] == 2
+    assert plan_reads(cfg) == (reads, count)  # deterministic
+    everything, total = plan_reads(replace(cfg, max_images=None))
+    assert total == 15 and everything[-1]["limit"] == 5
+
+
+def test_norm_pix_is_recorded_in_the_saved_mae(tmp_path: Path) -> None:
+    cfg = mae_config(PretrainConfig(source="x", output="y", geometry="mae_vit_tiny_patch8", norm_pix=True))
+    ltrp.save_mae(ltrp.MAE(cfg), str(tmp_path / "mae.pth"))
+    assert ltrp.load_mae(str(tmp_path / "mae.pth")).cfg == cfg and cfg.norm_pix
+
+
+def _pretrain(tmp_path: Path, env: dict, epochs: int) -> str:
+    args = [
+        sys.executable,
+        "-m",
+        "jobs.pretrain_mae",
+        "--source",
+        str(tmp_path / "images"),
+        "--output",
+        str(tmp_path / "mae.pth"),
+        "--storage",
+        str(tmp_path / "ckpt"),
+        "--name",
+        "fmnist",
+        "--geometry",
+        "mae_vit_tiny_patch8",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "32",
+        "--lr",
+        "1e-3",
+        "--crop",
+        "random",
+        "--flip",
+        "--sample-images",
+        "4",
+    ]
+    # cwd: MLflow's local stores and Ray Train's defaults land in the test's folder, not the repository.
+    proc = subprocess.run(
+        args, cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc.stdout
+
+
+def test_the_job_pretrains_checkpoints_logs_and_resumes(
+    tmp_path: Path, ray_address: str, mlflow_uri: str
+) -> None:
+    images = tmp_path / "images"
+    for name, data in fashion_mnist_pngs(96).items():
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        (images / name).write_bytes(data)
+    (images / "0" / "9999.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_uri}
+
+    stdout = _pretrain(tmp_path, env, epochs=2)
+    assert "this run started at epoch 0" in stdout and "skipped 1 unreadable images" in stdout
+    mae = ltrp.load_mae(str(tmp_path / "mae.pth"))  # strict: every official name, nothing else
+    assert mae.cfg == ltrp.GEOMETRIES["mae_vit_tiny_patch8"] and mae.checkpoint.format == "ltrp"
+    visible = ltrp.visible_sets(["a", "b"], grid=8, mask_ratio=0.75)
+    scores = ltrp.loo_scores(mae, _fmnist_batch(2, 64), visible)
+    assert scores.shape == (2, 16) and torch.isfinite(scores).all() and (scores > 0).any()
+
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("ltrp-pretrain")
+    (run,) = client.search_runs([experiment.experiment_id], f"tags.output = '{tmp_path / 'mae.pth'}'")
+    assert run.data.params["geometry"] == "mae_vit_tiny_patch8" and run.data.params["norm_pix"] == "False"
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in losses] == [0, 1] and all(np.isfinite(m.value) for m in losses)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "lr")] == [0, 1]
+    assert run.data.metrics["skipped_images"] == 1
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"loss_curve.png", "reconstructions", "skipped_images.json"} <= artifacts
+    grids = sorted(a.path for a in client.list_artifacts(run.info.run_id, "reconstructions"))
+    assert grids == ["reconstructions/epoch_000.png", "reconstructions/epoch_001.png"]
+    grid = Image.open(client.download_artifacts(run.info.run_id, grids[-1], str(tmp_path)))
+    assert grid.size == (3 * 2 * 64, 4 * 2 * 64)  # original | masked | reconstruction, 4 images, zoom 2
+    skipped = json.loads(Path(client.download_artifacts(run.info.run_id, "skipped_images.json")).read_text())
+    assert [Path(s["uri"]).name for s in skipped] == ["9999.png"] and "cannot decode" in skipped[0]["reason"]
+
+    again = _pretrain(tmp_path, env, epochs=3)  # same name: resumes after the 2 finished epochs
+    assert "this run started at epoch 2" in again
+    (rerun,) = client.search_runs(
+        [experiment.experiment_id], f"tags.output = '{tmp_path / 'mae.pth'}'", order_by=["start_time DESC"]
+    )[:1]
+    assert [m.step for m in client.get_metric_history(rerun.info.run_id, "train_loss")] == [2]
+    assert ltrp.load_mae(str(tmp_path / "mae.pth")).cfg == mae.cfg
