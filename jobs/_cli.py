@@ -11,6 +11,8 @@ from pathlib import Path
 import yaml
 
 _TYPES = {"int": int, "float": float, "int | None": int, "float | None": float}
+# Fields that take several values: `--keep-ratios 0.1 0.25` (a YAML list in --config).
+_LISTS = {"tuple[float, ...]": float, "tuple[str, ...]": str, "tuple[str, ...] | None": str}
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, help: dict[str, str]) -> None:
@@ -23,6 +25,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, help: dict[s
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help[field.name]
             )
+        elif field.type in _LISTS:
+            parser.add_argument(flag, type=_LISTS[field.type], nargs="+", default=None, help=help[field.name])
         else:
             parser.add_argument(flag, type=_TYPES.get(field.type, str), default=None, help=help[field.name])
 

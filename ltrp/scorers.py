@@ -7,6 +7,7 @@ gradient energy, FOLK's RCom residual energy) and the LTRP ranker share the inte
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +22,8 @@ def _patch_means(x: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 class RandomScorer:
-    """Uniform random scores; the same for the same batch (a fixed seed per call)."""
+    """Uniform random scores, a pure function of (seed, image): an image gets the same scores in any
+    batch, and different images get independent ones."""
 
     name = "random"
 
@@ -30,8 +32,12 @@ class RandomScorer:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         grid = images.shape[-1] // self.patch_size
-        g = torch.Generator().manual_seed(self.seed)
-        return torch.rand(images.shape[0], grid * grid, generator=g).to(images.device)
+        rows = []
+        for image in images.detach().cpu().float():
+            key = hashlib.shake_256(f"{self.seed}".encode() + image.numpy().tobytes()).digest(8)
+            g = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+            rows.append(torch.rand(grid * grid, generator=g))
+        return torch.stack(rows).to(images.device)
 
 
 class CenterScorer:

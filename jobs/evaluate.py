@@ -1,0 +1,74 @@
+"""Evaluate a ranker against the baselines (FOLK's RCom filter, a supervised selector, ...): four
+measures at several keep ratios with bootstrap intervals, a Markdown report and PNGs, tracked in MLflow.
+
+    python -m jobs.evaluate --model models:/ltrp-ranker@candidate --mae runs/mae.pth \\
+        --scores runs/scores-test --train-source data/train --test-source data/test --output runs/eval
+    python -m jobs.evaluate --config pipeline.yaml --model runs/train/run1/checkpoint_000009/state.pt
+
+--model is a registered version (models:/NAME/VERSION or models:/NAME@ALIAS), whose tags then receive
+the ranker's figures (what `python -m jobs.promote` compares), or a training checkpoint file. The
+score table must hold the central square of each held-out image (score --test-source with --crop
+center): it gives the pseudo-scores of measure 1 and the oracle. MLFLOW_TRACKING_URI as for every job.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+import mlflow
+
+from jobs._cli import add_dataclass_flags, merged_values, tracking_uri
+from ltrp.evaluate_job import EvaluateConfig, run_evaluation
+from ltrp.measures import metric_key
+
+HELP = {
+    "model": "models:/NAME/VERSION, models:/NAME@ALIAS, or a ranker training checkpoint (state.pt)",
+    "mae": "the MAE checkpoint that scored the table",
+    "scores": "score table(s) holding the held-out images' central squares (local or s3://)",
+    "train_source": "labelled images that train the classifiers and the supervised selector",
+    "test_source": "labelled held-out images (the ones scored into --scores)",
+    "output": "folder or s3:// prefix for report.md, the PNGs and estimates.json",
+    "keep_ratios": "fractions of patches kept",
+    "seen_classes": "classes the supervised selector is trained on (default: the first half)",
+    "max_train": "training images used (an even spread by id hash)",
+    "max_test": "held-out images measured (an even spread by id hash)",
+    "classifier_dim": "width of the kept-token classifiers",
+    "classifier_depth": "blocks of the kept-token classifiers",
+    "classifier_epochs": "epochs of each classifier",
+    "resamples": "bootstrap resamples of each interval",
+    "seed": "seed of the classifiers, the random scorer and the bootstrap",
+}
+
+
+def parse_config(argv: list[str] | None = None) -> EvaluateConfig:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_dataclass_flags(parser, EvaluateConfig, HELP)
+    values = merged_values(parser.parse_args(argv), [f.name for f in fields(EvaluateConfig)])
+    required = ["model", "mae", "scores", "train_source", "test_source"]
+    missing = [name for name in required if name not in values]
+    if missing:
+        parser.error("missing: " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    return EvaluateConfig(**values)
+
+
+def main() -> None:
+    cfg = parse_config()
+    mlflow.set_tracking_uri(tracking_uri())
+    result, run_id = run_evaluation(cfg)
+    r = result.figure_ratio
+    figures = []
+    for measure in ("reconstruction_error", "accuracy"):
+        key = metric_key(measure, r)
+        ltrp, rand = result.estimates["ltrp"][key].mean, result.estimates["random"][key].mean
+        figures.append(f"{measure} {ltrp:.4f} (random {rand:.4f})")
+    print(
+        f"evaluated {cfg.model} on {result.test_images} held-out images, {round(100 * r)}% of patches "
+        f"kept: {'; '.join(figures)}. Report: {cfg.output.rstrip('/')}/report.md; MLflow run {run_id}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The evaluation job: a ranker (file or MLflow registry) against the baselines, reported and tracked.
+
+Output under OUTPUT (local or s3://): report.md, measures_vs_keep_ratio.png, kept_patches.png and
+estimates.json (every scorer's mean and interval per measure). The same files are logged to an MLflow
+run (experiment ltrp-evaluate), and when the ranker came from the registry, the ranker's figures are
+attached to its model version as tags (see `ltrp.measures`), which is what promotion compares.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import fsspec
+import mlflow
+import torch
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
+
+from ltrp.checkpoint import load_mae
+from ltrp.classifier import ClassifierConfig
+from ltrp.evaluation import EvalSettings, EvaluationResult, evaluate, load_labelled, pseudo_scores
+from ltrp.measures import KEEP_RATIOS, TAG_PREFIX, to_tags
+from ltrp.ranker import Ranker, load_ranker
+from ltrp.report import write_report
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+
+
+@dataclass
+class EvaluateConfig:
+    model: str  # models:/NAME/VERSION, models:/NAME@ALIAS, or a training checkpoint file (state.pt)
+    mae: str  # the MAE that scored the table (reconstruction uses it too)
+    scores: tuple[str, ...]  # score table(s) covering the held-out images' central squares
+    train_source: str  # labelled images for the classifiers and the supervised selector
+    test_source: str  # labelled held-out images, scored into `scores`
+    output: str = "runs/evaluate"
+    keep_ratios: tuple[float, ...] = KEEP_RATIOS
+    seen_classes: tuple[str, ...] | None = None  # the supervised selector's classes; None: first half
+    max_train: int = 4000
+    max_test: int = 1000
+    classifier_dim: int = 64
+    classifier_depth: int = 2
+    classifier_epochs: int = 6
+    resamples: int = 1000
+    seed: int = 0
+
+    def settings(self) -> EvalSettings:
+        return EvalSettings(
+            keep_ratios=tuple(self.keep_ratios),
+            seen_classes=tuple(self.seen_classes) if self.seen_classes else None,
+            max_train=self.max_train,
+            max_test=self.max_test,
+            classifier=ClassifierConfig(
+                embed_dim=self.classifier_dim, depth=self.classifier_depth, epochs=self.classifier_epochs
+            ),
+            resamples=self.resamples,
+            seed=self.seed,
+        )
+
+
+def load_evaluated_ranker(uri: str) -> tuple[Ranker, ModelVersion | None]:
+    """A ranker from the registry (models:/NAME/VERSION or models:/NAME@ALIAS; returns its version too)
+    or from a training checkpoint file (no version)."""
+    match = _MODEL_URI.match(uri)
+    if not match:
+        if uri.startswith("models:/"):
+            raise ValueError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+        return load_ranker(uri), None
+    client = MlflowClient()
+    name = match["name"]
+    version = (
+        client.get_model_version(name, match["version"])
+        if match["version"]
+        else client.get_model_version_by_alias(name, match["alias"])
+    )
+    model = mlflow.pytorch.load_model(f"models:/{name}/{version.version}", map_location="cpu")
+    if not isinstance(model, Ranker):
+        raise ValueError(f"{uri} is a {type(model).__name__}, not an ltrp Ranker")
+    return model.eval(), version
+
+
+def run_evaluation(cfg: EvaluateConfig, progress=print) -> tuple[EvaluationResult, str]:
+    """Evaluates, writes the report to cfg.output and logs it to MLflow (the tracking URI set by the
+    caller). Returns the result and the MLflow run id."""
+    torch.manual_seed(cfg.seed)
+    ranker, version = load_evaluated_ranker(cfg.model)
+    mae = load_mae(cfg.mae)
+    size, settings = mae.cfg.img_size, cfg.settings()
+    train, classes, skipped = load_labelled(cfg.train_source, size, limit=cfg.max_train)
+    test, _, test_skipped = load_labelled(cfg.test_source, size, classes, limit=cfg.max_test)
+    for uri, reason in skipped + test_skipped:
+        progress(f"skipped {uri}: {reason}")
+    covered, visible, pseudo = pseudo_scores(cfg.scores, test)
+    if len(covered) < len(test.pixels):
+        progress(f"{len(test.pixels) - len(covered)} held-out images have no score-table row: left out")
+    test = test.subset(covered)
+    progress(f"evaluating on {len(test.pixels)} held-out images, {len(train.pixels)} training images")
+    result = evaluate(ranker, mae, train, test, visible, pseudo, classes, settings, progress)
+
+    mlflow.set_experiment("ltrp-evaluate")
+    with mlflow.start_run(run_name=f"evaluate {cfg.model}") as run, tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_params({k: str(v)[:500] for k, v in asdict(cfg).items()})
+        mlflow.set_tags({"eval.dataset": result.dataset, "output_uri": cfg.output, "model_uri": cfg.model})
+        mlflow.log_metrics(
+            {f"{s}.{k}": e.mean for s, keys in result.estimates.items() for k, e in keys.items()}
+        )
+        folder = Path(tmp)
+        paths = write_report(result, folder, f"Evaluation of {cfg.model}")
+        estimates = {s: {k: asdict(e) for k, e in keys.items()} for s, keys in result.estimates.items()}
+        (folder / "estimates.json").write_text(json.dumps(estimates, indent=1))
+        for path in [*paths, folder / "estimates.json"]:
+            mlflow.log_artifact(str(path))
+        fs, root = fsspec.core.url_to_fs(cfg.output)
+        fs.makedirs(root, exist_ok=True)
+        fs.put([str(p) for p in folder.iterdir()], root.rstrip("/") + "/")
+        if version is not None:
+            tags = {
+                **to_tags(result.estimates["ltrp"]),
+                f"{TAG_PREFIX}run_id": run.info.run_id,
+                f"{TAG_PREFIX}dataset": result.dataset,
+                f"{TAG_PREFIX}report": cfg.output.rstrip("/") + "/report.md",
+            }
+            client = MlflowClient()
+            for key, value in tags.items():
+                client.set_model_version_tag(version.name, version.version, key, value)
+    return result, run.info.run_id

@@ -1,0 +1,144 @@
+"""The evaluation as people read it: a Markdown report and two PNGs, written to a local folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on cluster nodes and CI
+import matplotlib.pyplot as plt
+import numpy as np
+
+from ltrp.evaluation import EvaluationResult
+from ltrp.measures import MEASURES, RATIO_FREE, Estimate, metric_key
+
+REPORT, CURVES, KEPT = "report.md", "measures_vs_keep_ratio.png", "kept_patches.png"
+_TITLES = {
+    "kendall_tau": "Kendall tau with held-out pseudo-scores",
+    "spearman": "Spearman with held-out pseudo-scores",
+    "ndcg": "NDCG@k with held-out pseudo-scores (k = keep ratio x scored patches)",
+    "topk_overlap": "top-k overlap with held-out pseudo-scores",
+    "reconstruction_error": "MAE reconstruction error on the dropped patches (lower is better)",
+    "accuracy": "accuracy of a classifier on the kept patches only",
+    "accuracy_seen": "accuracy on the classes the supervised selector was trained on",
+    "accuracy_unseen": "accuracy on the classes the supervised selector never saw",
+}
+
+
+def _cell(e: Estimate | None) -> str:
+    return "n/a" if e is None else f"{e.mean:.4f} [{e.lo:.4f}, {e.hi:.4f}]"
+
+
+def _pct(ratio: float) -> str:
+    return f"{round(ratio * 100)}%"
+
+
+def markdown(result: EvaluationResult, title: str) -> str:
+    """The report: one table per measure (scorers x keep ratios), then ltrp's paired differences."""
+    est = result.estimates
+    unseen = [c for c in result.classes if c not in result.seen_classes]
+    lines = [
+        f"# {title}",
+        "",
+        f"{result.test_images} held-out images, {result.train_images} labelled training images for the "
+        f"classifiers; classes {', '.join(result.classes)}; the supervised selector saw "
+        f"{', '.join(result.seen_classes)} and never {', '.join(unseen)}. Each cell: mean over images "
+        f"[95% bootstrap interval]. Evaluation set digest `{result.dataset}`.",
+        "",
+        "The oracle ranks the table's scored patches by their pseudo-scores and the rest at random below "
+        "them; it has no pseudo-scores for the training images, so no classifier figures.",
+        "",
+        "## " + ", ".join(_TITLES[m] for m in RATIO_FREE),
+        "",
+        "| scorer | " + " | ".join(RATIO_FREE) + " |",
+        "| --- |" + " --- |" * len(RATIO_FREE),
+    ]
+    lines += [
+        f"| {s} | " + " | ".join(_cell(est[s].get(m)) for m in RATIO_FREE) + " |" for s in result.scorers
+    ]
+    ratios = result.keep_ratios
+    for measure in (m for m in MEASURES if m not in RATIO_FREE):
+        lines += [
+            "",
+            f"## {_TITLES[measure]}",
+            "",
+            "| scorer | " + " | ".join(f"keep {_pct(r)}" for r in ratios) + " |",
+        ]
+        lines.append("| --- |" + " --- |" * len(ratios))
+        for s in result.scorers:
+            cells = [_cell(est[s].get(metric_key(measure, r))) for r in ratios]
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"## ltrp minus each scorer, paired on the same images (keep {_pct(result.figure_ratio)})",
+        "",
+        "Intervals that exclude 0 are differences the evaluation can tell apart.",
+        "",
+    ]
+    compared = ["reconstruction_error", "accuracy", "accuracy_seen", "accuracy_unseen"]
+    lines += ["| scorer | " + " | ".join(compared) + " |", "| --- |" + " --- |" * len(compared)]
+    for s, diffs in result.paired.items():
+        cells = [_cell(diffs.get(metric_key(m, result.figure_ratio))) for m in compared]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines += ["", f"![measures]({CURVES})", "", f"![kept patches]({KEPT})", ""]
+    return "\n".join(lines)
+
+
+def plot_curves(result: EvaluationResult, path: Path) -> None:
+    """Each ratio-dependent measure against the keep ratio, one line per scorer, 95% intervals as bars."""
+    measures = [m for m in MEASURES if m not in RATIO_FREE]
+    fig, axes = plt.subplots(2, (len(measures) + 1) // 2, figsize=(4.2 * ((len(measures) + 1) // 2), 7.5))
+    x = [100 * r for r in result.keep_ratios]
+    for ax, measure in zip(axes.flat, measures, strict=False):
+        for s in result.scorers:
+            points = [result.estimates[s].get(metric_key(measure, r)) for r in result.keep_ratios]
+            if None in points:
+                continue
+            mean = np.array([e.mean for e in points])
+            err = np.array([[e.mean - e.lo for e in points], [e.hi - e.mean for e in points]])
+            ax.errorbar(x, mean, yerr=err, marker="o", ms=3, capsize=2, label=s, lw=2.2 if s == "ltrp" else 1)
+        ax.set_title(measure.replace("_", " "), fontsize=10)
+        ax.set_xlabel("patches kept (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(measures) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_kept(result: EvaluationResult, path: Path) -> None:
+    """A grid: one row per example image, one column per scorer; kept patches bright, dropped dimmed."""
+    p, examples = result.patch_size, result.examples
+    grid = examples.shape[1] // p
+    cols = ["image", *result.scorers]
+    fig, axes = plt.subplots(len(examples), len(cols), figsize=(1.3 * len(cols), 1.4 * len(examples)))
+    axes = np.atleast_2d(axes)
+    for row, image in enumerate(examples):
+        for col, name in enumerate(cols):
+            shown = image.astype(np.float32) / 255
+            if name != "image":
+                mask = np.zeros(grid * grid, dtype=bool)
+                mask[result.example_keep[name][row]] = True
+                mask = np.kron(mask.reshape(grid, grid), np.ones((p, p), dtype=bool))
+                shown = np.where(mask[..., None], shown, 0.15 + 0.25 * shown)
+            axes[row, col].imshow(shown, interpolation="nearest")
+            axes[row, col].set_xticks([])
+            axes[row, col].set_yticks([])
+            if row == 0:
+                axes[row, col].set_title(name, fontsize=8)
+    fig.suptitle(f"top {round(100 * result.figure_ratio)}% of patches kept by each scorer", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(result: EvaluationResult, folder: Path, title: str) -> list[Path]:
+    """Writes report.md and the two PNGs into `folder`; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / REPORT).write_text(markdown(result, title))
+    plot_curves(result, folder / CURVES)
+    plot_kept(result, folder / KEPT)
+    return [folder / REPORT, folder / CURVES, folder / KEPT]
