@@ -7,9 +7,11 @@ CLS + the n scored visible patches; at inference it sees all L patches.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, replace
 from typing import Literal
 
+import fsspec
 import torch
 from torch import nn
 
@@ -30,6 +32,8 @@ RANKER_GEOMETRIES: dict[str, RankerConfig] = {
     "ltrp_vit_small_patch16": RankerConfig(),
     "ltrp_vit_tiny_patch16": replace(RankerConfig(), embed_dim=192, depth=6, num_heads=3),
     "ltrp_vit_micro_patch8": RankerConfig(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=4),
+    # Fashion-MNIST (28 px upscaled to 32): the grid of the MAE "mae_vit_fmnist_patch4".
+    "ltrp_vit_fmnist_patch4": RankerConfig(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=4),
 }
 
 
@@ -66,6 +70,27 @@ class Ranker(ViTEncoder):
             return self.head(out[:, 1:]).squeeze(-1)
         scores = self.head(out[:, 0])  # (B, L): one per position, from the CLS token alone
         return scores if visible is None else scores.gather(1, visible)
+
+
+def load_ranker(uri: str) -> Ranker:
+    """A ranker from a training checkpoint file (`state.pt` of a Ray Train checkpoint: {"model",
+    "ranker_config", ...}), local or s3://. Strict: a file that is not a ranker, or whose weights do
+    not fit the geometry it declares, is refused with the file named."""
+    try:
+        with fsspec.open(uri, "rb") as f:
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"ranker checkpoint not found: {uri}") from None
+    except Exception as err:  # torch raises many types for a file that is not a checkpoint
+        raise ValueError(f"{uri} is not a ranker checkpoint: {err}") from None
+    if not isinstance(state, dict) or not {"model", "ranker_config"} <= state.keys():
+        raise ValueError(f"{uri} is not a ranker checkpoint: expected the keys 'model' and 'ranker_config'")
+    model = Ranker(RankerConfig(**state["ranker_config"]))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise ValueError(f"{uri}: weights do not fit the ranker they declare: {err}") from None
+    return model.eval()
 
 
 def rank(model: Ranker, images: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from ltrp.images import View, render_view, to_model_input
 from ltrp.losses import LOSSES, listmle_per_row
 from ltrp.metrics import kendall_tau, ndcg_at_k, spearman, topk_overlap
-from ltrp.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig
+from ltrp.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig, load_ranker
 from ltrp.sources import read_many
 from ltrp.table import read_scores
 
@@ -243,10 +243,7 @@ def _log_epoch(tracking_uri: str, run_id: str, metrics: dict, epoch: int) -> Non
 
 def load_ranker_checkpoint(checkpoint: ray.train.Checkpoint) -> Ranker:
     with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
-    model = Ranker(RankerConfig(**state["ranker_config"]))
-    model.load_state_dict(state["model"])
-    return model.eval()
+        return load_ranker(str(Path(folder) / "state.pt"))
 
 
 def _absolute(storage: str) -> str:
