@@ -18,7 +18,11 @@ _LISTS = {"tuple[float, ...]": float, "tuple[str, ...]": str, "tuple[str, ...] |
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, help: dict[str, str]) -> None:
     """One `--flag-name` per field (booleans as --x / --no-x); every default None, so that flags
     given override the YAML file and the dataclass's own defaults fill the rest."""
-    parser.add_argument("--config", help="YAML file of defaults (keys: the options below, with underscores)")
+    parser.add_argument(
+        "--config",
+        help="YAML file of defaults: the options below (with underscores) at the top level or under "
+        "this job's section, as in jobs/pipeline.yaml",
+    )
     for field in fields(cls):
         flag = "--" + field.name.replace("_", "-")
         if field.type == "bool":
@@ -31,10 +35,12 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, help: dict[s
             parser.add_argument(flag, type=_TYPES.get(field.type, str), default=None, help=help[field.name])
 
 
-def merged_values(args: argparse.Namespace, names: list[str]) -> dict:
-    """YAML values, overridden by the flags given, for the fields in `names`."""
+def merged_values(args: argparse.Namespace, names: list[str], section: str) -> dict:
+    """Values for the fields in `names`: the YAML file's top-level keys, then its `section` (the
+    pipeline file has one per job: pretrain, score, train, evaluate), then the flags given."""
     given = vars(args)
     values = yaml.safe_load(Path(given["config"]).read_text()) if given.get("config") else {}
+    values = {**values, **(values.get(section) or {})}
     values.update({k: v for k, v in given.items() if v is not None and k in names})
     return {k: v for k, v in values.items() if k in names}
 

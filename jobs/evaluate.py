@@ -20,6 +20,7 @@ import mlflow
 
 from jobs._cli import add_dataclass_flags, merged_values, tracking_uri
 from ltrp.evaluate_job import EvaluateConfig, run_evaluation
+from ltrp.evaluation import EvaluationResult
 from ltrp.measures import metric_key
 
 HELP = {
@@ -46,7 +47,7 @@ def parse_config(argv: list[str] | None = None) -> EvaluateConfig:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_dataclass_flags(parser, EvaluateConfig, HELP)
-    values = merged_values(parser.parse_args(argv), [f.name for f in fields(EvaluateConfig)])
+    values = merged_values(parser.parse_args(argv), [f.name for f in fields(EvaluateConfig)], "evaluate")
     required = ["model", "mae", "scores", "train_source", "test_source"]
     missing = [name for name in required if name not in values]
     if missing:
@@ -54,8 +55,8 @@ def parse_config(argv: list[str] | None = None) -> EvaluateConfig:
     return EvaluateConfig(**values)
 
 
-def main() -> None:
-    cfg = parse_config()
+def main(argv: list[str] | None = None) -> EvaluationResult:
+    cfg = parse_config(argv)
     mlflow.set_tracking_uri(tracking_uri())
     result, run_id = run_evaluation(cfg)
     r = result.figure_ratio
@@ -68,6 +69,7 @@ def main() -> None:
         f"evaluated {cfg.model} on {result.test_images} held-out images, {round(100 * r)}% of patches "
         f"kept: {'; '.join(figures)}. Report: {cfg.output.rstrip('/')}/report.md; MLflow run {run_id}"
     )
+    return result
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def parse_config(argv: list[str] | None = None) -> PretrainConfig:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_dataclass_flags(parser, PretrainConfig, HELP)
-    values = merged_values(parser.parse_args(argv), [f.name for f in fields(PretrainConfig)])
+    values = merged_values(parser.parse_args(argv), [f.name for f in fields(PretrainConfig)], "pretrain")
     for required in ("source", "output"):
         if required not in values:
             parser.error(f"--{required} is required")
@@ -75,9 +75,11 @@ def parse_config(argv: list[str] | None = None) -> PretrainConfig:
     return PretrainConfig(**values)
 
 
-def main() -> None:
-    cfg = parse_config()
-    ray.init(**local_resources(cfg.workers, cfg.worker_cpus))
+def main(argv: list[str] | None = None) -> list[float]:
+    """Returns the mean training loss of every epoch."""
+    cfg = parse_config(argv)
+    if not ray.is_initialized():  # the pipeline runs every job in one Ray session
+        ray.init(**local_resources(cfg.workers, cfg.worker_cpus))
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment("ltrp-pretrain")
     with mlflow.start_run(run_name=f"pretrain {cfg.name}") as run:
@@ -97,6 +99,7 @@ def main() -> None:
         + ("" if skipped is None else f"; skipped {skipped} unreadable images (MLflow: skipped_images.json)")
         + f"; wrote {cfg.output}"
     )
+    return history
 
 
 if __name__ == "__main__":

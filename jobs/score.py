@@ -51,7 +51,7 @@ def parse_config(argv: list[str] | None = None) -> ScoreJobConfig:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_dataclass_flags(parser, ScoreJobConfig, HELP)
-    values = merged_values(parser.parse_args(argv), [f.name for f in fields(ScoreJobConfig)])
+    values = merged_values(parser.parse_args(argv), [f.name for f in fields(ScoreJobConfig)], "score")
     if "mae" not in values:
         print(
             f"no --mae given: using a randomly initialised demo MAE ({DEMO_ROOT / 'mae_demo.pth'}); "
@@ -63,9 +63,10 @@ def parse_config(argv: list[str] | None = None) -> ScoreJobConfig:
     return ScoreJobConfig(**values)
 
 
-def main() -> None:
-    cfg = parse_config()
-    ray.init(log_to_driver=True)  # RAY_ADDRESS, if set, names the cluster; else a local one starts
+def main(argv: list[str] | None = None) -> ScoreJobSummary:
+    cfg = parse_config(argv)
+    if not ray.is_initialized():  # the pipeline runs every job in one Ray session
+        ray.init(log_to_driver=True)  # RAY_ADDRESS, if set, names the cluster; else a local one starts
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment("ltrp-score")
     with mlflow.start_run(run_name=f"score {Path(cfg.source.rstrip('/')).name}"):
@@ -77,6 +78,7 @@ def main() -> None:
         f"{summary.shards_skipped} finished shards of {summary.shards}; {summary.errors} errors; "
         f"{summary.seconds:.1f} s, {summary.images_per_second:.2f} img/s -> {summary.output}"
     )
+    return summary
 
 
 def log_summary(summary: ScoreJobSummary) -> None:

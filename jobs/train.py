@@ -17,6 +17,7 @@ from dataclasses import asdict, fields
 
 import mlflow
 import ray
+from mlflow.entities.model_registry import ModelVersion
 
 from jobs._cli import add_dataclass_flags, local_resources, merged_values, tracking_uri
 from ltrp.registry import register_ranker
@@ -51,15 +52,16 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_dataclass_flags(parser, TrainConfig, HELP)
-    values = merged_values(parser.parse_args(argv), [f.name for f in fields(TrainConfig)])
+    values = merged_values(parser.parse_args(argv), [f.name for f in fields(TrainConfig)], "train")
     if "scores" not in values:
         parser.error("--scores is required (the output folder of python -m jobs.score)")
     return TrainConfig(**values)
 
 
-def main() -> None:
-    cfg = parse_config()
-    ray.init(**local_resources(cfg.workers, cfg.worker_cpus))
+def main(argv: list[str] | None = None) -> ModelVersion:
+    cfg = parse_config(argv)
+    if not ray.is_initialized():  # the pipeline runs every job in one Ray session
+        ray.init(**local_resources(cfg.workers, cfg.worker_cpus))
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment("ltrp-train")
     meta = table_metadata(cfg.scores)
@@ -83,6 +85,7 @@ def main() -> None:
         + f"; registered {cfg.registered_model} version {version.version}"
         + (f" as @{cfg.alias}" if cfg.alias else "")
     )
+    return version
 
 
 if __name__ == "__main__":
