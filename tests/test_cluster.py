@@ -91,7 +91,7 @@ def _stop(procs: list[subprocess.Popen], marks: list[str]) -> None:
             os.killpg(proc.pid, signal.SIGTERM)
     for proc in procs:
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -232,7 +232,7 @@ def test_submitted_training_job_checkpoints_to_s3_and_registers(
     logs = _submit(
         cluster[0],
         f"jobs.train --scores {out} --storage s3://cluster/train --name run1 --ranker ltrp_vit_micro_patch8"
-        " --epochs 1 --batch-size 16 --workers 2 --worker-cpus 0.5 --registered-model ltrp-cluster"
+        " --epochs 1 --warmup-epochs 0 --batch-size 16 --worker-cpus 0.5 --registered-model ltrp-cluster"
         " --alias candidate",
         settings,
     )
