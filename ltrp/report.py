@@ -90,6 +90,7 @@ def plot_curves(result: EvaluationResult, path: Path) -> None:
     measures = [m for m in MEASURES if m not in RATIO_FREE]
     fig, axes = plt.subplots(2, (len(measures) + 1) // 2, figsize=(4.2 * ((len(measures) + 1) // 2), 7.5))
     x = [100 * r for r in result.keep_ratios]
+    colors = dict(zip(result.scorers, plt.get_cmap("tab10").colors, strict=False))  # same in every panel
     for ax, measure in zip(axes.flat, measures, strict=False):
         for s in result.scorers:
             points = [result.estimates[s].get(metric_key(measure, r)) for r in result.keep_ratios]
@@ -97,7 +98,17 @@ def plot_curves(result: EvaluationResult, path: Path) -> None:
                 continue
             mean = np.array([e.mean for e in points])
             err = np.array([[e.mean - e.lo for e in points], [e.hi - e.mean for e in points]])
-            ax.errorbar(x, mean, yerr=err, marker="o", ms=3, capsize=2, label=s, lw=2.2 if s == "ltrp" else 1)
+            ax.errorbar(
+                x,
+                mean,
+                yerr=err,
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=s,
+                color=colors[s],
+                lw=2.2 if s == "ltrp" else 1,
+            )
         ax.set_title(measure.replace("_", " "), fontsize=10)
         ax.set_xlabel("patches kept (%)")
         ax.grid(alpha=0.3)
@@ -110,7 +121,7 @@ def plot_curves(result: EvaluationResult, path: Path) -> None:
 
 
 def plot_kept(result: EvaluationResult, path: Path) -> None:
-    """A grid: one row per example image, one column per scorer; kept patches bright, dropped dimmed."""
+    """A grid: one row per example image, one column per scorer; kept patches as they are, dropped tinted."""
     p, examples = result.patch_size, result.examples
     grid = examples.shape[1] // p
     cols = ["image", *result.scorers]
@@ -123,7 +134,8 @@ def plot_kept(result: EvaluationResult, path: Path) -> None:
                 mask = np.zeros(grid * grid, dtype=bool)
                 mask[result.example_keep[name][row]] = True
                 mask = np.kron(mask.reshape(grid, grid), np.ones((p, p), dtype=bool))
-                shown = np.where(mask[..., None], shown, 0.15 + 0.25 * shown)
+                # Dropped patches: dimmed under a blue tint, so kept dark background stays visible.
+                shown = np.where(mask[..., None], shown, 0.3 * shown + np.array([0.05, 0.1, 0.35]))
             axes[row, col].imshow(shown, interpolation="nearest")
             axes[row, col].set_xticks([])
             axes[row, col].set_yticks([])
