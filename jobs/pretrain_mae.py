@@ -92,11 +92,11 @@ def main(argv: list[str] | None = None) -> list[float]:
             curve = Path(folder) / "loss_curve.png"
             loss_curve_png(history, curve)
             mlflow.log_artifact(str(curve))
-    skipped = result.metrics.get("skipped_images")
+    skipped = result.metrics.get("skipped_images", 0)
     print(
         f"pre-trained {cfg.geometry} for {cfg.epochs} epochs (this run started at epoch "
         f"{result.metrics['start_epoch']}); train_loss {history[-1]:.4f}"
-        + ("" if skipped is None else f"; skipped {skipped} unreadable images (MLflow: skipped_images.json)")
+        + (f"; skipped {skipped} unreadable images (MLflow: skipped_images.json)" if skipped else "")
         + f"; wrote {cfg.output}"
     )
     return history

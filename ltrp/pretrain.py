@@ -196,7 +196,8 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def reconstruction_grid(mae: MAE, images: np.ndarray, visible: torch.Tensor) -> np.ndarray:
-    """One row per image: original | masked input (hidden patches grey) | reconstruction of all patches.
+    """One row per image: original | masked input (hidden patches grey) | reconstruction, with the
+    visible patches pasted in as in MAE's demo (the loss never trains the outputs at visible positions).
 
     Args:
         mae: the model (its mode is left as it was).
@@ -214,8 +215,10 @@ def reconstruction_grid(mae: MAE, images: np.ndarray, visible: torch.Tensor) -> 
         pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
     shown = torch.zeros(len(images), mae.cfg.num_patches, 1, device=device)
     shown.scatter_(1, visible.to(device).unsqueeze(-1), 1.0)
-    masked = mae.unpatchify(mae.patchify(x) * shown)  # 0 = ImageNet mean colour
-    columns = [images, _to_uint8(masked), _to_uint8(mae.unpatchify(pred))]
+    patches = mae.patchify(x)
+    masked = mae.unpatchify(patches * shown)  # 0 = ImageNet mean colour
+    pasted = mae.unpatchify(patches * shown + pred * (1 - shown))
+    columns = [images, _to_uint8(masked), _to_uint8(pasted)]
     grid = np.concatenate([np.concatenate(list(c), axis=0) for c in columns], axis=1)
     zoom = max(1, math.ceil(96 / images.shape[1]))
     return grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
@@ -283,8 +286,15 @@ def train_loop(config: dict) -> None:
         mae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
-    if start_epoch >= cfg.epochs:  # a finished run, started again: nothing to do, say so
-        ray.train.report({"epoch": start_epoch - 1, "start_epoch": start_epoch, "train_loss": history[-1]})
+    if start_epoch >= cfg.epochs:  # a finished run, started again: no epoch to do
+        # Reported with its checkpoint again: Ray's result carries the metrics of the latest checkpoint.
+        with tempfile.TemporaryDirectory() as folder:
+            saved = None
+            if rank == 0:
+                torch.save(state, Path(folder) / "state.pt")
+                saved = ray.train.Checkpoint.from_directory(folder)
+            metrics = {"epoch": start_epoch - 1, "start_epoch": start_epoch, "train_loss": history[-1]}
+            ray.train.report(metrics, checkpoint=saved)
         return
     model = ray.train.torch.prepare_model(mae)  # moves `mae` itself to the device, then wraps it in DDP
     shard = ray.train.get_dataset_shard("train")
@@ -398,6 +408,8 @@ def fit(
     cfg: PretrainConfig, mlflow_uri: str | None = None, mlflow_run_id: str | None = None
 ) -> ray.train.Result:
     """Pre-trains on the current Ray cluster; returns Ray Train's result (metrics, last checkpoint)."""
+    if cfg.epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {cfg.epochs}")
     if cfg.geometry not in GEOMETRIES:
         raise ValueError(f"unknown geometry {cfg.geometry!r}; one of {sorted(GEOMETRIES)}")
     reads, count = plan_reads(cfg)

@@ -167,6 +167,7 @@ def _pretrain(tmp_path: Path, env: dict, epochs: int) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow  # three job runs: about a minute on an idle 2-core machine, three under load
 def test_the_job_pretrains_checkpoints_logs_and_resumes(
     tmp_path: Path, ray_address: str, mlflow_uri: str
 ) -> None:
@@ -208,4 +209,10 @@ def test_the_job_pretrains_checkpoints_logs_and_resumes(
         [experiment.experiment_id], f"tags.output = '{tmp_path / 'mae.pth'}'", order_by=["start_time DESC"]
     )[:1]
     assert [m.step for m in client.get_metric_history(rerun.info.run_id, "train_loss")] == [2]
-    assert ltrp.load_mae(str(tmp_path / "mae.pth")).cfg == mae.cfg
+    resumed = ltrp.load_mae(str(tmp_path / "mae.pth"))
+    assert resumed.cfg == mae.cfg and resumed.checkpoint.sha256 != mae.checkpoint.sha256
+
+    finished = _pretrain(tmp_path, env, epochs=3)  # nothing left to do: the same MAE is written again
+    assert "this run started at epoch 3" in finished
+    rewritten = ltrp.load_mae(str(tmp_path / "mae.pth"))
+    assert torch.equal(rewritten.decoder_pred.weight, resumed.decoder_pred.weight)
