@@ -1,7 +1,7 @@
 # The two commands of the README. Both build .venv from pyproject.toml first (again when it changes).
 VENV := .venv
 PY := $(VENV)/bin/python
-# Real images for the tests: Debian's Fashion-MNIST (70,000 labelled 28x28 images, installed offline).
+# Real images for the demo and the tests: Debian's Fashion-MNIST (70,000 labelled 28x28 images, installed offline).
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -16,8 +16,8 @@ $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
-demo: $(VENV)/.installed
-	$(PY) -m jobs.score
+demo: $(VENV)/.installed $(FASHION_MNIST)
+	$(PY) -m jobs.pipeline
 
 test: $(VENV)/.installed $(FASHION_MNIST)
 	$(VENV)/bin/ruff check .
