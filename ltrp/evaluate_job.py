@@ -125,6 +125,11 @@ def run_evaluation(cfg: EvaluateConfig, progress=print) -> tuple[EvaluationResul
                 f"{TAG_PREFIX}report": cfg.output.rstrip("/") + "/report.md",
             }
             client = MlflowClient()
+            # A re-evaluation replaces the whole record: keys it no longer produces (another keep ratio)
+            # would otherwise stay and be read by promotion as measured on this eval.dataset.
+            for key in version.tags:
+                if key.startswith(TAG_PREFIX) and key not in tags:
+                    client.delete_model_version_tag(version.name, version.version, key)
             for key, value in tags.items():
                 client.set_model_version_tag(version.name, version.version, key, value)
     return result, run.info.run_id

@@ -269,10 +269,21 @@ def interval(values: np.ndarray, resamples: int, seed: int) -> Estimate:
     return Estimate(float(values.mean()), float(ci.low), float(ci.high))
 
 
-def dataset_digest(test: LabelledImages, mae: MAE, settings: EvalSettings) -> str:
-    """What makes two evaluations comparable: the held-out images, the MAE, the settings."""
+def dataset_digest(
+    test: LabelledImages,
+    mae: MAE,
+    settings: EvalSettings,
+    train: LabelledImages,
+    visible: torch.Tensor,
+    pseudo: torch.Tensor,
+) -> str:
+    """What makes two evaluations comparable: the held-out images, the MAE, the settings, the images
+    that train the classifiers (accuracy depends on them) and the pseudo-scores (agreement does)."""
+    table = hashlib.sha256(visible.long().numpy().tobytes() + pseudo.float().numpy().tobytes())
     spec = {
         "test": sorted(test.uris),
+        "train": sorted(train.uris),
+        "pseudo_scores": table.hexdigest(),
         "mae_sha256": getattr(getattr(mae, "checkpoint", None), "sha256", None),
         "settings": asdict(settings),
     }
@@ -364,7 +375,7 @@ def evaluate(
         seen_classes=seen_names,
         test_images=len(test.pixels),
         train_images=len(train.pixels),
-        dataset=dataset_digest(test, mae, settings),
+        dataset=dataset_digest(test, mae, settings, train, visible, pseudo),
         keep_ratios=tuple(ratios),
         examples=test.pixels[:g],
         example_keep={n: keep_top(test_scores[n][:g], figure_ratio).numpy() for n in names},

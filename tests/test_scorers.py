@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ltrp.ranker import RANKER_GEOMETRIES, Ranker
+from ltrp.classifier import ClassifierConfig, PatchClassifier
+from ltrp.ranker import RANKER_GEOMETRIES, Ranker, keep_top
 from ltrp.scorers import (
     CenterScorer,
     FolkRComScorer,
@@ -76,3 +77,52 @@ def test_variance_is_the_patch_spectral_energy_without_dc() -> None:
     spectrum = torch.fft.fft2(patch).flatten()
     energy_without_dc = (spectrum[1:].abs() ** 2).sum() / 64
     assert VarianceScorer(8)(patch).item() * 64 == pytest.approx(energy_without_dc.item(), rel=1e-5)
+
+
+def _selector(size: int, patch: int) -> PatchClassifier:
+    torch.manual_seed(0)
+    cfg = ClassifierConfig(img_size=size, patch_size=patch, embed_dim=32, depth=2, num_heads=4)
+    return PatchClassifier(cfg, num_classes=3).eval()
+
+
+@pytest.mark.parametrize(("size", "patch"), [(32, 8), (16, 16)])
+@pytest.mark.parametrize("kind", ["random", "flat", "tiny-values"])
+def test_supervised_selector_scores(size: int, patch: int, kind: str) -> None:
+    images = {
+        "random": torch.randn(3, 3, size, size),
+        "flat": torch.full((3, 3, size, size), 0.7),
+        "tiny-values": torch.randn(3, 3, size, size) * 1e-8,
+    }[kind]
+    model = _selector(size, patch)
+    out = model.cls_attention(images)
+    assert out.shape == (3, (size // patch) ** 2)
+    assert torch.isfinite(out).all() and (out >= 0).all()
+    assert (out.sum(dim=1) <= 1 + 1e-6).all() and (out.sum(dim=1) > 0).all()  # CLS keeps the rest
+    assert torch.equal(out, model.cls_attention(images.clone()))
+
+
+def test_supervised_selector_is_the_last_blocks_cls_attention() -> None:
+    """The attention weights timm's own block computes (explicit softmax path), CLS row, mean over heads."""
+    model = _selector(32, 8)
+    images = torch.randn(2, 3, 32, 32)
+    seen = []
+    last = model.blocks[-1].attn
+    last.fused_attn = False
+    handle = last.attn_drop.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    torch.testing.assert_close(model.cls_attention(images), seen[0].mean(dim=1)[:, 0, 1:])
+
+
+def test_random_scorer_is_a_function_of_the_image() -> None:
+    images = torch.randn(4, 3, 32, 32)
+    scorer = RandomScorer(8, seed=0)
+    together = scorer(images)
+    assert torch.equal(together[2:3], scorer(images[2:3]))  # alone
+    assert torch.equal(together[[3, 1]], scorer(images[[3, 1]]))  # another batch, another order
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not torch.equal(together[a], together[b])
+            assert not torch.equal(keep_top(together[[a]], 0.25), keep_top(together[[b]], 0.25))
+    assert not torch.equal(RandomScorer(8, seed=1)(images), together)  # the seed matters too
