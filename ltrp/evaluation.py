@@ -348,8 +348,9 @@ def evaluate(
                     train, keep_top(train_scores[name], r), test, keep, len(classes), cls_cfg, seed
                 ).numpy()
                 values[metric_key("accuracy", r)] = correct
-                values[metric_key("accuracy_seen", r)] = correct[seen_mask]
-                values[metric_key("accuracy_unseen", r)] = correct[~seen_mask]
+                for measure, mask in (("accuracy_seen", seen_mask), ("accuracy_unseen", ~seen_mask)):
+                    if mask.any():  # a held-out set without unseen (or seen) classes has no such figure
+                        values[metric_key(measure, r)] = correct[mask]
         per_image[name] = {k: np.asarray(v) for k, v in values.items()}
 
     progress("bootstrap intervals")

@@ -7,8 +7,9 @@ the mean over the held-out images and its 95% bootstrap interval, as three tags:
     eval.reconstruction_error.keep25.lo   = "0.0398"
     eval.reconstruction_error.keep25.hi   = "0.0427"
 
-plus `eval.run_id` (the MLflow run of the evaluation) and `eval.dataset` (a digest of the held-out set
-and settings: two versions are comparable only when it is the same).
+plus `eval.run_id` (the MLflow run of the evaluation) and `eval.dataset` (a digest of the held-out and
+training images, the pseudo-scores, the MAE and the settings: two versions are comparable only when it
+is the same).
 """
 
 from __future__ import annotations
