@@ -130,7 +130,7 @@ def run_pipeline(config: Path) -> dict:
             cfg + _flags(scores=tables["train"]["output"], name=f"ranker-{train_digest}", storage=checkpoints)
         )
         return {
-            "version": version.version,
+            "version": str(version.version),  # the SQLite store gives an int, a server a str
             **{k: float(v) for k, v in version.tags.items() if k.startswith("val_")},
         }
 

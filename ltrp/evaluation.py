@@ -52,7 +52,7 @@ class EvalSettings:
     max_test: int = 1000  # held-out images measured
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     resamples: int = 1000  # bootstrap resamples
-    examples: int = 6  # images in the kept-patches figure
+    examples: int = 8  # images in the kept-patches figure, one per class first
     seed: int = 0
 
 
@@ -367,7 +367,7 @@ def evaluate(
         if n != "ltrp"
     }
     figure_ratio = 0.25 if 0.25 in ratios else ratios[0]
-    g = min(settings.examples, len(test.pixels))
+    shown = _examples(test.labels, settings.examples)
     return EvaluationResult(
         scorers=names,
         estimates=estimates,
@@ -378,11 +378,18 @@ def evaluate(
         train_images=len(train.pixels),
         dataset=dataset_digest(test, mae, settings, train, visible, pseudo),
         keep_ratios=tuple(ratios),
-        examples=test.pixels[:g],
-        example_keep={n: keep_top(test_scores[n][:g], figure_ratio).numpy() for n in names},
+        examples=test.pixels[shown],
+        example_keep={n: keep_top(test_scores[n][shown], figure_ratio).numpy() for n in names},
         figure_ratio=figure_ratio,
         patch_size=p,
     )
+
+
+def _examples(labels: np.ndarray, count: int) -> list[int]:
+    """Indices of up to `count` images for the figure: the first of each class, then the next ones."""
+    firsts = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)]
+    taken = set(firsts)
+    return (firsts + [i for i in range(len(labels)) if i not in taken])[:count]
 
 
 def _classifier_geometry(cfg: ClassifierConfig, mae: MAE) -> ClassifierConfig:
