@@ -1,5 +1,6 @@
 """The launchers, run as users run them: `python -m jobs.<name>` in a subprocess."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str, cwd: Path = ROOT) -> str:
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    """Runs a launcher on its embedded defaults: no tracking URI from the test session's environment."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
