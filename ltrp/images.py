@@ -150,6 +150,13 @@ def render_view(data: bytes, view: View, size: int, limits: ImageLimits = ImageL
     return np.asarray(out)
 
 
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """An image array (H, W) or (H, W, 3) uint8 encoded as PNG."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def center_crop(data: bytes, size: int, limits: ImageLimits = ImageLimits()) -> np.ndarray:
     """Encoded image bytes -> its central square at (size, size, 3) uint8: the common view."""
     return render_view(data, center_view(*displayed_size(data, limits)), size, limits)

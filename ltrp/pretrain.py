@@ -15,11 +15,9 @@ restarted from the last one (`max_failures`), and running again with the same na
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import math
-import os
 import random
 import tempfile
 import time
@@ -33,7 +31,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from PIL import Image
 
 from ltrp.images import (
     IMAGENET_MEAN,
@@ -42,6 +39,7 @@ from ltrp.images import (
     ImageDecodeError,
     center_crop,
     displayed_size,
+    png_bytes,
     render_view,
     to_model_input,
     view_geometry,
@@ -49,7 +47,7 @@ from ltrp.images import (
 from ltrp.mae import GEOMETRIES, MAE, MAEConfig, random_visible
 from ltrp.masking import visible_sets
 from ltrp.sources import Shard, plan_shards, read_shard
-from ltrp.train import lr_at, param_groups
+from ltrp.train import all_reduce_sum, log_epoch_metrics, lr_at, param_groups, run_trainer
 
 _IMAGES_SCHEMA = pa.schema(
     [("image_id", pa.string()), ("uri", pa.string()), ("data", pa.binary()), ("error", pa.string())]
@@ -224,12 +222,6 @@ def reconstruction_grid(mae: MAE, images: np.ndarray, visible: torch.Tensor) -> 
     return grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
 
 
-def png_bytes(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def loss_curve_png(losses: list[float], path: str | Path) -> None:
     """Training loss per epoch as a PNG (matplotlib, Agg backend: no display needed)."""
     import matplotlib
@@ -249,12 +241,6 @@ def loss_curve_png(losses: list[float], path: str | Path) -> None:
 
 
 # -- training -----------------------------------------------------------------------------------------
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values)
-    return values
-
-
 def _all_gather(items: list) -> list:
     if not (dist.is_available() and dist.is_initialized()):
         return items
@@ -330,7 +316,7 @@ def train_loop(config: dict) -> None:
             loss.backward()
             optimizer.step()
             sums += torch.stack([loss.detach() * len(imgs), torch.tensor(float(len(imgs)), device=device)])
-        sums = _all_reduce_sum(sums)
+        sums = all_reduce_sum(sums)
         skipped = _all_gather(skipped)
         seconds = time.perf_counter() - started
         train_loss = (sums[0] / sums[1].clamp_min(1)).item()
@@ -373,13 +359,10 @@ def _log_epoch(
     config: dict, metrics: dict, epoch: int, grid: np.ndarray | None, skipped: list | None
 ) -> None:
     """Rank 0: the epoch's metrics, its reconstruction grid and (once a run) the skipped images."""
-    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     client, run_id = MlflowClient(config["mlflow_uri"]), config["mlflow_run_id"]
-    now = int(1000 * time.time())
-    batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
-    client.log_batch(run_id, metrics=batch)
+    log_epoch_metrics(config["mlflow_uri"], run_id, metrics, epoch)
     with tempfile.TemporaryDirectory() as folder:
         if grid is not None:
             path = Path(folder) / f"epoch_{epoch:03d}.png"
@@ -400,10 +383,6 @@ def load_pretrained(checkpoint: ray.train.Checkpoint) -> tuple[MAE, list[float]]
     return mae.eval(), state["history"]
 
 
-def _absolute(storage: str) -> str:
-    return storage if "://" in storage else os.path.abspath(storage)  # Ray wants absolute local paths
-
-
 def fit(
     cfg: PretrainConfig, mlflow_uri: str | None = None, mlflow_run_id: str | None = None
 ) -> ray.train.Result:
@@ -418,25 +397,13 @@ def fit(
     size = mae_config(cfg).img_size
     sample_ids, samples = sample_images(reads, cfg.sample_images, size)
     global_batch = cfg.batch_size * cfg.workers
-    trainer = ray.train.torch.TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "cfg": asdict(cfg),
-            "lr": cfg.lr or cfg.base_lr * global_batch / 256,
-            "steps_per_epoch": max(1, math.ceil(count / global_batch)),
-            "sample_ids": sample_ids,
-            "samples": samples,
-            "mlflow_uri": mlflow_uri,
-            "mlflow_run_id": mlflow_run_id,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.worker_cpus}
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.name,
-            storage_path=_absolute(cfg.storage),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-        ),
-        datasets={"train": images_dataset(reads)},
-    )
-    return trainer.fit()
+    loop_config = {
+        "cfg": asdict(cfg),
+        "lr": cfg.lr or cfg.base_lr * global_batch / 256,
+        "steps_per_epoch": max(1, math.ceil(count / global_batch)),
+        "sample_ids": sample_ids,
+        "samples": samples,
+        "mlflow_uri": mlflow_uri,
+        "mlflow_run_id": mlflow_run_id,
+    }
+    return run_trainer(train_loop, loop_config, cfg, {"train": images_dataset(reads)})

@@ -17,6 +17,7 @@ import os
 import posixpath
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -130,7 +131,8 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sums over the DDP workers (in place); the identity outside DDP."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values)
     return values
@@ -157,7 +159,7 @@ def validate(model: torch.nn.Module, shard, cfg: TrainConfig, device: torch.devi
             )
             sums[:5] += per_row.sum(dim=1)
             sums[5] += len(y)
-    sums = _all_reduce_sum(sums)
+    sums = all_reduce_sum(sums)
     count = sums[5].clamp_min(1)
     names = [
         "val_listmle",
@@ -206,7 +208,7 @@ def train_loop(config: dict) -> None:
             optimizer.step()
             total += loss.detach()
             count += 1
-        train_loss = _all_reduce_sum(torch.stack([total, torch.tensor(float(count), device=device)]))
+        train_loss = all_reduce_sum(torch.stack([total, torch.tensor(float(count), device=device)]))
         metrics = {
             "epoch": epoch,
             "start_epoch": start_epoch,
@@ -228,11 +230,12 @@ def train_loop(config: dict) -> None:
                 )
                 saved = ray.train.Checkpoint.from_directory(folder)
                 if config.get("mlflow_run_id"):
-                    _log_epoch(config["mlflow_uri"], config["mlflow_run_id"], metrics, epoch)
+                    log_epoch_metrics(config["mlflow_uri"], config["mlflow_run_id"], metrics, epoch)
             ray.train.report(metrics, checkpoint=saved)
 
 
-def _log_epoch(tracking_uri: str, run_id: str, metrics: dict, epoch: int) -> None:
+def log_epoch_metrics(tracking_uri: str, run_id: str, metrics: dict, epoch: int) -> None:
+    """Rank 0: an epoch's metrics (all but "epoch", the step) into the driver's MLflow run."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -246,8 +249,26 @@ def load_ranker_checkpoint(checkpoint: ray.train.Checkpoint) -> Ranker:
         return load_ranker(str(Path(folder) / "state.pt"))
 
 
-def _absolute(storage: str) -> str:
-    return storage if "://" in storage else os.path.abspath(storage)  # Ray wants absolute local paths
+def run_trainer(
+    train_loop: Callable[[dict], None], loop_config: dict, cfg, datasets: dict
+) -> ray.train.Result:
+    """Runs `train_loop` on Ray Train (DDP) with the job's scaling, checkpoint storage (STORAGE/NAME:
+    a second run with the same name resumes) and restarts. `cfg` is a TrainConfig or a PretrainConfig."""
+    storage = cfg.storage if "://" in cfg.storage else os.path.abspath(cfg.storage)  # Ray wants absolute
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.worker_cpus}
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets=datasets,
+    )
+    return trainer.fit()
 
 
 def fit(
@@ -264,23 +285,12 @@ def fit(
         )
     train_views, _ = split_counts(cfg)
     global_batch = cfg.batch_size * cfg.workers
-    trainer = ray.train.torch.TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "cfg": asdict(cfg),
-            "lr": cfg.lr or 1.5e-4 * global_batch / 256,
-            "steps_per_epoch": max(1, math.ceil(train_views / global_batch)),
-            "mlflow_uri": mlflow_uri,
-            "mlflow_run_id": mlflow_run_id,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.worker_cpus}
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.name,
-            storage_path=_absolute(cfg.storage),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-        ),
-        datasets={"train": views_dataset(cfg, validation=False), "val": views_dataset(cfg, validation=True)},
-    )
-    return trainer.fit()
+    loop_config = {
+        "cfg": asdict(cfg),
+        "lr": cfg.lr or 1.5e-4 * global_batch / 256,
+        "steps_per_epoch": max(1, math.ceil(train_views / global_batch)),
+        "mlflow_uri": mlflow_uri,
+        "mlflow_run_id": mlflow_run_id,
+    }
+    datasets = {"train": views_dataset(cfg, validation=False), "val": views_dataset(cfg, validation=True)}
+    return run_trainer(train_loop, loop_config, cfg, datasets)

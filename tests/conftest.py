@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import io
 import os
 import signal
 import socket
@@ -16,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import ltrp
+from ltrp.datasets import read_fashion_mnist
+from ltrp.images import png_bytes
 
 BIN = Path(sys.executable).parent  # console scripts of the test environment (moto_server, ...)
 
@@ -144,18 +143,12 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.wait(timeout=20)
 
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
 def fashion_mnist(count: int) -> tuple[np.ndarray, np.ndarray]:
     """The first `count` test images (count, 28, 28) uint8 and labels, from Debian's package."""
-    images_file = FASHION_MNIST / "t10k-images-idx3-ubyte.gz"
-    if not images_file.exists():
-        pytest.fail("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist (.ci/run does)")
-    with gzip.open(images_file) as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(FASHION_MNIST / "t10k-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    try:
+        images, labels = read_fashion_mnist("test")
+    except FileNotFoundError as err:
+        pytest.fail(f"{err} (.ci/run installs it)")
     return images[:count], labels[:count]
 
 
@@ -163,13 +156,6 @@ def fashion_mnist_pngs(count: int) -> dict[str, bytes]:
     """The first `count` test images as PNGs in ImageFolder layout: {"LABEL/IIII.png": bytes}."""
     images, labels = fashion_mnist(count)
     return {f"{y}/{i:04d}.png": png_bytes(x) for i, (x, y) in enumerate(zip(images, labels, strict=True))}
-
-
-def png_bytes(img: np.ndarray) -> bytes:
-    """An image array encoded as PNG."""
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture
