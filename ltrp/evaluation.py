@@ -215,13 +215,7 @@ def reconstruction_error(
     errors = []
     for i in range(0, len(images), batch_size):
         x, vis = images[i : i + batch_size], keep[i : i + batch_size]
-        target = mae.patchify(x)
-        if mae.cfg.norm_pix:
-            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
-        per_patch = ((mae(x, vis) - target) ** 2).mean(dim=-1)  # (B, L)
-        dropped = torch.ones_like(per_patch).scatter(1, vis, 0.0)
-        errors.append((per_patch * dropped).sum(dim=1) / dropped.sum(dim=1).clamp_min(1))
+        errors.append(mae.masked_error(x, mae(x, vis), vis))
     return torch.cat(errors)
 
 

@@ -268,9 +268,17 @@ class MAE(ViTEncoder):
             A scalar: the per-patch mean squared error averaged over the N * (L - n) masked patches
             (0 for an empty batch, so that data-parallel workers still take the step together).
         """
+        errors = self.masked_error(imgs, pred, visible)
+        return errors.sum() / max(1, len(errors))  # every image has L - n masked patches: equal weights
+
+    def masked_error(self, imgs: torch.Tensor, pred: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Per image, the mean squared error of `pred` over the patches not in `visible`.
+
+        imgs: (N, C, S, S), pred: (N, L, p*p*C) in the decoder's target space, visible: (N, n) -> (N,).
+        """
         per_patch = (pred.float() - self.targets(imgs).float()).square().mean(dim=-1)  # (N, L)
         masked = torch.ones_like(per_patch).scatter_(1, visible, 0.0)
-        return (per_patch * masked).sum() / masked.sum().clamp_min(1)
+        return (per_patch * masked).sum(dim=1) / masked.sum(dim=1).clamp_min(1)
 
 
 def random_visible(
