@@ -45,6 +45,28 @@ def merged_values(args: argparse.Namespace, names: list[str], section: str) -> d
     return {k: v for k, v in values.items() if k in names}
 
 
+def parse_job_values(
+    cls: type,
+    help: dict[str, str],
+    section: str,
+    description: str,
+    argv: list[str] | None,
+    required: tuple[str, ...] = (),
+) -> tuple[argparse.ArgumentParser, dict]:
+    """A launcher's command line: one flag per field of `cls`, `--config` YAML (top level, then
+    `section`), flags winning; exits with a usage error naming any `required` field left unset.
+    Returns the parser (for further checks) and the values given."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_dataclass_flags(parser, cls, help)
+    values = merged_values(parser.parse_args(argv), [f.name for f in fields(cls)], section)
+    missing = [name for name in required if name not in values]
+    if missing:
+        parser.error("missing: " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    return parser, values
+
+
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, default a SQLite file here; a relative SQLite path is made absolute,
     because Ray workers, which log too, run in other working directories."""

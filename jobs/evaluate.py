@@ -13,12 +13,9 @@ center): it gives the pseudo-scores of measure 1 and the oracle. MLFLOW_TRACKING
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import fields
-
 import mlflow
 
-from jobs._cli import add_dataclass_flags, merged_values, tracking_uri
+from jobs._cli import parse_job_values, tracking_uri
 from ltrp.evaluate_job import EvaluateConfig, run_evaluation
 from ltrp.evaluation import EvaluationResult
 from ltrp.measures import metric_key
@@ -43,15 +40,8 @@ HELP = {
 
 
 def parse_config(argv: list[str] | None = None) -> EvaluateConfig:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_dataclass_flags(parser, EvaluateConfig, HELP)
-    values = merged_values(parser.parse_args(argv), [f.name for f in fields(EvaluateConfig)], "evaluate")
-    required = ["model", "mae", "scores", "train_source", "test_source"]
-    missing = [name for name in required if name not in values]
-    if missing:
-        parser.error("missing: " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    required = ("model", "mae", "scores", "train_source", "test_source")
+    _, values = parse_job_values(EvaluateConfig, HELP, "evaluate", __doc__, argv, required)
     return EvaluateConfig(**values)
 
 

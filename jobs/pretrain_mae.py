@@ -17,15 +17,14 @@ and names; ltrp.load_mae and python -m jobs.score --mae read it).
 
 from __future__ import annotations
 
-import argparse
 import tempfile
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
 import ray
 
-from jobs._cli import add_dataclass_flags, local_resources, merged_values, tracking_uri
+from jobs._cli import local_resources, parse_job_values, tracking_uri
 from ltrp.checkpoint import save_mae
 from ltrp.mae import GEOMETRIES
 from ltrp.pretrain import PretrainConfig, fit, load_pretrained, loss_curve_png
@@ -60,14 +59,7 @@ HELP = {
 
 
 def parse_config(argv: list[str] | None = None) -> PretrainConfig:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_dataclass_flags(parser, PretrainConfig, HELP)
-    values = merged_values(parser.parse_args(argv), [f.name for f in fields(PretrainConfig)], "pretrain")
-    for required in ("source", "output"):
-        if required not in values:
-            parser.error(f"--{required} is required")
+    parser, values = parse_job_values(PretrainConfig, HELP, "pretrain", __doc__, argv, ("source", "output"))
     if values.get("geometry", "mae_vit_base_patch16") not in GEOMETRIES:
         parser.error(f"--geometry must be one of {', '.join(GEOMETRIES)}")
     if values.get("crop", "center") not in ("center", "random"):

@@ -12,14 +12,13 @@ output resumes: finished shards are kept, the rest are scored.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import fields
 from pathlib import Path
 
 import mlflow
 import ray
 
-from jobs._cli import add_dataclass_flags, merged_values, tracking_uri
+from jobs._cli import parse_job_values, tracking_uri
 from ltrp.demo import write_demo_mae, write_sample_photos
 from ltrp.score_job import ScoreJobConfig, ScoreJobSummary, run_score_job
 
@@ -47,11 +46,7 @@ HELP = {
 
 
 def parse_config(argv: list[str] | None = None) -> ScoreJobConfig:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_dataclass_flags(parser, ScoreJobConfig, HELP)
-    values = merged_values(parser.parse_args(argv), [f.name for f in fields(ScoreJobConfig)], "score")
+    _, values = parse_job_values(ScoreJobConfig, HELP, "score", __doc__, argv)
     if "mae" not in values:
         print(
             f"no --mae given: using a randomly initialised demo MAE ({DEMO_ROOT / 'mae_demo.pth'}); "

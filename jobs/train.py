@@ -12,14 +12,13 @@ is registered as a new version of --registered-model, tagged with the score tabl
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import mlflow
 import ray
 from mlflow.entities.model_registry import ModelVersion
 
-from jobs._cli import add_dataclass_flags, local_resources, merged_values, tracking_uri
+from jobs._cli import local_resources, parse_job_values, tracking_uri
 from ltrp.registry import register_ranker
 from ltrp.train import TrainConfig, fit, load_ranker_checkpoint, table_metadata
 
@@ -48,13 +47,7 @@ HELP = {
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_dataclass_flags(parser, TrainConfig, HELP)
-    values = merged_values(parser.parse_args(argv), [f.name for f in fields(TrainConfig)], "train")
-    if "scores" not in values:
-        parser.error("--scores is required (the output folder of python -m jobs.score)")
+    _, values = parse_job_values(TrainConfig, HELP, "train", __doc__, argv, ("scores",))
     return TrainConfig(**values)
 
 
