@@ -16,9 +16,9 @@ from __future__ import annotations
 import mlflow
 
 from jobs._cli import parse_job_values, tracking_uri
-from ltrp.evaluate_job import EvaluateConfig, run_evaluation
-from ltrp.evaluation import EvaluationResult
-from ltrp.measures import metric_key
+from ltrp.evaluation.measures import metric_key
+from ltrp.evaluation.protocol import EvaluationResult
+from ltrp.pipeline.evaluate_job import EvaluateConfig, run_evaluation
 
 HELP = {
     "model": "models:/NAME/VERSION, models:/NAME@ALIAS, or a ranker training checkpoint (state.pt)",

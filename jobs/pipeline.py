@@ -27,8 +27,8 @@ from mlflow.tracking import MlflowClient
 
 from jobs import evaluate, pretrain_mae, promote, score, train
 from jobs._cli import local_resources, tracking_uri
-from ltrp.datasets import write_fashion_mnist
-from ltrp.measures import metric_key
+from ltrp.data.datasets import write_fashion_mnist
+from ltrp.evaluation.measures import metric_key
 
 DEFAULT_CONFIG = Path(__file__).with_name("pipeline.yaml")
 SUMMARY_SCORERS = ("ltrp", "random", "center", "folk_rcom", "supervised")

@@ -25,9 +25,9 @@ import mlflow
 import ray
 
 from jobs._cli import local_resources, parse_job_values, tracking_uri
-from ltrp.checkpoint import save_mae
-from ltrp.mae import GEOMETRIES
-from ltrp.pretrain import PretrainConfig, fit, load_pretrained, loss_curve_png
+from ltrp.core.mae import GEOMETRIES
+from ltrp.data.checkpoints import save_mae
+from ltrp.pipeline.pretrain_job import PretrainConfig, fit, load_pretrained, loss_curve_png
 
 HELP = {
     "source": "images: folder, s3:// prefix, .tar shard or .parquet/.csv manifest",

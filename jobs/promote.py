@@ -6,7 +6,7 @@
     python -m jobs.promote --model ltrp-ranker --rollback                 # champion back to its predecessor
 
 The candidate and the champion are compared on the `eval.*` tags that python -m jobs.evaluate puts on
-a version (ltrp.measures), under the policy of ltrp.promotion (defaults: better than the champion's 95%
+a version (ltrp.evaluation.measures), under the policy of ltrp.evaluation.promotion (defaults: better than the champion's 95%
 interval on reconstruction_error at keep 0.25, no worse on reconstruction_error and accuracy at any
 keep ratio, same evaluation dataset). A --policy YAML overrides some of its fields, e.g.
 
@@ -34,8 +34,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from jobs._cli import tracking_uri
-from ltrp.promotion import Decision, Policy
-from ltrp.registry import PromotionError, promote, rollback
+from ltrp.evaluation.promotion import Decision, Policy
+from ltrp.pipeline.registry import PromotionError, promote, rollback
 
 REFUSED = 3
 
@@ -48,7 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--candidate", help="version to compare with the champion (not with --rollback)")
     parser.add_argument("--dry-run", action="store_true", help="decide and record, but move no alias")
     parser.add_argument("--rollback", action="store_true", help="move champion back to the one it replaced")
-    parser.add_argument("--policy", help="YAML file of ltrp.promotion.Policy fields (default: its defaults)")
+    parser.add_argument(
+        "--policy", help="YAML file of ltrp.evaluation.promotion.Policy fields (default: its defaults)"
+    )
     args = parser.parse_args(argv)
     if args.rollback == (args.candidate is not None):
         parser.error("give either --candidate VERSION or --rollback")

@@ -19,8 +19,8 @@ import mlflow
 import ray
 
 from jobs._cli import parse_job_values, tracking_uri
-from ltrp.demo import write_demo_mae, write_sample_photos
-from ltrp.score_job import ScoreJobConfig, ScoreJobSummary, run_score_job
+from ltrp.data.datasets import write_demo_mae, write_sample_photos
+from ltrp.pipeline.score_job import ScoreJobConfig, ScoreJobSummary, run_score_job
 
 DEMO_ROOT = Path("runs/demo")
 HELP = {

@@ -19,8 +19,8 @@ import ray
 from mlflow.entities.model_registry import ModelVersion
 
 from jobs._cli import local_resources, parse_job_values, tracking_uri
-from ltrp.registry import register_ranker
-from ltrp.train import TrainConfig, fit, load_ranker_checkpoint, table_metadata
+from ltrp.pipeline.registry import register_ranker
+from ltrp.pipeline.train_job import TrainConfig, fit, load_ranker_checkpoint, table_metadata
 
 HELP = {
     "scores": "output of the scoring job (local or s3://)",

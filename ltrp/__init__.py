@@ -1,28 +1,43 @@
-"""ltrp: rank image patches by how much they matter (LTRP, CVPR 2024), at corpus scale."""
+"""ltrp: rank image patches by how much they matter (LTRP, CVPR 2024), at corpus scale.
 
-from ltrp.checkpoint import CheckpointError, CheckpointInfo, load_mae, save_mae
-from ltrp.mae import GEOMETRIES, MAE, MAEConfig
-from ltrp.masking import visible_count, visible_sets
-from ltrp.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig, keep_top, rank
-from ltrp.scoring import loo_scores
-from ltrp.table import read_errors, read_scores
+The library is split by concern; each subpackage may import only what its line says:
 
-__all__ = [
-    "GEOMETRIES",
-    "MAE",
-    "RANKER_GEOMETRIES",
-    "CheckpointError",
-    "CheckpointInfo",
-    "MAEConfig",
-    "Ranker",
-    "RankerConfig",
-    "keep_top",
-    "load_mae",
-    "loo_scores",
-    "rank",
-    "read_errors",
-    "read_scores",
-    "save_mae",
-    "visible_count",
-    "visible_sets",
-]
+    ltrp.core        torch (and timm): models, visible sets, leave-one-out scoring, losses, metrics
+    ltrp.data        + pyarrow, fsspec, PIL: images, corpus sources, score tables, checkpoints, data sets
+    ltrp.evaluation  + scipy, matplotlib: measures, the evaluation protocol, report, promotion policy
+    ltrp.pipeline    + ray, mlflow: the jobs, the shared Ray Train loop, the registry
+
+`import ltrp` itself imports nothing heavy: the names below load their module on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "GEOMETRIES": "ltrp.core.mae",
+    "MAE": "ltrp.core.mae",
+    "MAEConfig": "ltrp.core.mae",
+    "visible_count": "ltrp.core.masking",
+    "visible_sets": "ltrp.core.masking",
+    "RANKER_GEOMETRIES": "ltrp.core.ranker",
+    "Ranker": "ltrp.core.ranker",
+    "RankerConfig": "ltrp.core.ranker",
+    "keep_top": "ltrp.core.ranker",
+    "rank": "ltrp.core.ranker",
+    "loo_scores": "ltrp.core.leave_one_out",
+    "CheckpointError": "ltrp.data.checkpoints",
+    "CheckpointInfo": "ltrp.data.checkpoints",
+    "load_mae": "ltrp.data.checkpoints",
+    "load_ranker": "ltrp.data.checkpoints",
+    "save_mae": "ltrp.data.checkpoints",
+    "read_errors": "ltrp.data.tables",
+    "read_scores": "ltrp.data.tables",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ltrp' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

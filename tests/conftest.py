@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import ltrp
-from ltrp.datasets import read_fashion_mnist
-from ltrp.images import png_bytes
+from ltrp.data.datasets import read_fashion_mnist
+from ltrp.data.images import png_bytes
 
 BIN = Path(sys.executable).parent  # console scripts of the test environment (moto_server, ...)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ltrp
-from ltrp.checkpoint import CheckpointError
+from ltrp.data.checkpoints import CheckpointError
 
 TINY = ltrp.GEOMETRIES["mae_vit_tiny_patch8"]
 HEADS = {"num_heads": TINY.num_heads, "decoder_num_heads": TINY.decoder_num_heads}
@@ -55,7 +55,7 @@ def test_own_format_needs_no_hints_and_keeps_norm_pix(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"])
 def test_official_geometry_is_read_off_the_weights(name: str) -> None:
-    from ltrp.checkpoint import _config
+    from ltrp.data.checkpoints import _config
 
     with torch.device("meta"):
         state = ltrp.MAE(ltrp.GEOMETRIES[name]).state_dict()

@@ -21,9 +21,14 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import ltrp
-from ltrp.classifier import ClassifierConfig, fit_classifier, predict
-from ltrp.evaluate_job import EvaluateConfig, run_evaluation
-from ltrp.evaluation import (
+from ltrp.core.classifier import ClassifierConfig, fit_classifier, predict
+from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig, keep_top
+from ltrp.data.images import center_crop, center_view, displayed_size, to_model_input
+from ltrp.data.sources import plan_shards, read_shard
+from ltrp.data.tables import SCORES_SCHEMA
+from ltrp.evaluation.measures import KEEP_RATIOS, MEASURES, RATIO_FREE, from_tags, metric_key
+from ltrp.evaluation.promotion import Policy
+from ltrp.evaluation.protocol import (
     EvalSettings,
     EvaluationResult,
     LabelledImages,
@@ -37,14 +42,9 @@ from ltrp.evaluation import (
     reconstruction_error,
     spread,
 )
-from ltrp.images import center_crop, center_view, displayed_size, to_model_input
-from ltrp.measures import KEEP_RATIOS, MEASURES, RATIO_FREE, from_tags, metric_key
-from ltrp.promotion import Policy
-from ltrp.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig, keep_top
-from ltrp.registry import register_ranker
-from ltrp.report import CURVES, KEPT, REPORT, write_report
-from ltrp.sources import plan_shards, read_shard
-from ltrp.table import SCORES_SCHEMA
+from ltrp.evaluation.report import CURVES, KEPT, REPORT, write_report
+from ltrp.pipeline.evaluate_job import EvaluateConfig, run_evaluation
+from ltrp.pipeline.registry import register_ranker
 
 # A 32 px MAE and ranker on the 8x8 grid of "mae_vit_fmnist_patch4", small enough for tests.
 SMALL_MAE = ltrp.MAEConfig(

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ltrp.images import (
+from ltrp.data.images import (
     IMAGENET_MEAN,
     ImageDecodeError,
     ImageLimits,

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from ltrp.losses import LOSSES, listmle, listnet, ranknet
+from ltrp.core.losses import LOSSES, listmle, listnet, ranknet
 
 
 def _plackett_luce_nll(s: list[float], y: list[float]) -> float:

@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from ltrp.metrics import kendall_tau
+from ltrp.core.ranking_metrics import kendall_tau
 
 
 def _brute_force_tau(a: list[float], b: list[float]) -> float:

@@ -15,9 +15,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import ltrp
-from ltrp.datasets import FASHION_MNIST_CLASSES
-from ltrp.measures import from_tags
-from ltrp.promotion import Policy
+from ltrp.data.datasets import FASHION_MNIST_CLASSES
+from ltrp.evaluation.measures import from_tags
+from ltrp.evaluation.promotion import Policy
 
 REPO = Path(__file__).resolve().parents[1]
 

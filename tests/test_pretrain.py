@@ -18,11 +18,11 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import ltrp
-from ltrp.images import to_model_input
-from ltrp.mae import random_visible
-from ltrp.pretrain import PretrainConfig, ViewBatches, mae_config, plan_reads, read_images
-from ltrp.sources import Shard
-from ltrp.train import param_groups
+from ltrp.core.mae import random_visible
+from ltrp.core.optim import param_groups
+from ltrp.data.images import to_model_input
+from ltrp.data.sources import Shard
+from ltrp.pipeline.pretrain_job import PretrainConfig, ViewBatches, mae_config, plan_reads, read_images
 
 ROOT = Path(__file__).resolve().parents[1]
 

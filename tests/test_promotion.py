@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 
 from jobs._cli import tracking_uri
 from jobs.promote import main
-from ltrp.measures import KEEP_RATIOS, Estimate, metric_key, to_tags
-from ltrp.promotion import Decision, Policy, decide
-from ltrp.registry import champion_version, promote
+from ltrp.evaluation.measures import KEEP_RATIOS, Estimate, metric_key, to_tags
+from ltrp.evaluation.promotion import Decision, Policy, decide
+from ltrp.pipeline.registry import champion_version, promote
 
 PRIMARY = "reconstruction_error.keep25"
 DEFAULT = Policy()

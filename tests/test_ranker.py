@@ -4,9 +4,9 @@ import torch
 from conftest import fashion_mnist, png_bytes
 
 import ltrp
-from ltrp.images import center_crop, to_model_input
-from ltrp.losses import listmle
-from ltrp.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig, keep_top, rank
+from ltrp.core.losses import listmle
+from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig, keep_top, rank
+from ltrp.data.images import center_crop, to_model_input
 
 MICRO = RANKER_GEOMETRIES["ltrp_vit_micro_patch8"]
 

@@ -23,11 +23,12 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import ltrp
-from ltrp.checkpoint import CheckpointError
-from ltrp.images import View, render_view, to_model_input
-from ltrp.score_job import ScoreJobConfig, read_scores_dataset, run_score_job
-from ltrp.sources import read_bytes
-from ltrp.table import SCORES_SCHEMA, read_errors, read_scores
+from ltrp.data.checkpoints import CheckpointError
+from ltrp.data.images import View, render_view, to_model_input
+from ltrp.data.sources import read_bytes
+from ltrp.data.tables import SCORES_SCHEMA, read_errors, read_scores
+from ltrp.pipeline.score_job import ScoreJobConfig, run_score_job
+from ltrp.pipeline.train_job import read_scores_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")

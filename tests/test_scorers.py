@@ -1,9 +1,7 @@
 import pytest
 import torch
 
-from ltrp.classifier import ClassifierConfig, PatchClassifier
-from ltrp.ranker import RANKER_GEOMETRIES, Ranker, keep_top
-from ltrp.scorers import (
+from ltrp.core.baselines import (
     CenterScorer,
     FolkRComScorer,
     GradientEnergyScorer,
@@ -12,6 +10,8 @@ from ltrp.scorers import (
     VarianceScorer,
     frequency_split,
 )
+from ltrp.core.classifier import ClassifierConfig, PatchClassifier
+from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, keep_top
 
 
 def _scorers(patch: int) -> list:

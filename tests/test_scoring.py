@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import ltrp
-from ltrp.reference import reference_loo_scores
-from ltrp.scoring import drop_one, masked_positions
+from ltrp.core.leave_one_out import drop_one, masked_positions
+from ltrp.core.reference_loop import reference_loo_scores
 
 
 def _random_visible(batch: int, num_patches: int, n: int, seed: int) -> torch.Tensor:
@@ -127,7 +127,7 @@ def test_refuses_unknown_mode_and_metric(tiny_mae: ltrp.MAE) -> None:
 def test_cuda_bf16_scores_rank_like_fp32() -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from ltrp.metrics import kendall_tau
+    from ltrp.core.ranking_metrics import kendall_tau
 
     torch.manual_seed(0)
     cfg = ltrp.GEOMETRIES["mae_vit_base_patch16"]

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ltrp.sources import Shard, plan_digest, plan_shards, read_bytes, read_shard
+from ltrp.data.sources import Shard, plan_digest, plan_shards, read_bytes, read_shard
 
 
 def _touch(path: Path, data: bytes = b"x") -> None:

@@ -17,8 +17,8 @@ from conftest import fashion_mnist_pngs
 from mlflow.tracking import MlflowClient
 
 import ltrp
-from ltrp.ranker import Ranker, rank
-from ltrp.score_job import ScoreJobConfig, run_score_job
+from ltrp.core.ranker import Ranker, rank
+from ltrp.pipeline.score_job import ScoreJobConfig, run_score_job
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

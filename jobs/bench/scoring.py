@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 import ltrp
-from ltrp.metrics import kendall_tau
-from ltrp.reference import reference_loo_scores
+from ltrp.core.ranking_metrics import kendall_tau
+from ltrp.core.reference_loop import reference_loo_scores
 
 
 @dataclass

@@ -11,30 +11,12 @@ sorted ascending) instead of drawn inside the forward: leave-one-out scoring nee
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import partial
 
 import torch
-from timm.layers import PatchEmbed, build_sincos2d_pos_embed
-from timm.models.vision_transformer import Block
 from torch import nn
 
-from ltrp.masking import visible_count
-
-
-@dataclass(frozen=True)
-class PatchGrid:
-    """Square images of img_size pixels, cut into (img_size / patch_size)^2 patches."""
-
-    img_size: int = 224
-    patch_size: int = 16
-
-    @property
-    def grid(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid**2
+from ltrp.core.masking import visible_count
+from ltrp.core.vit import PatchGrid, ViTEncoder, blocks, sincos_pos_embed
 
 
 @dataclass(frozen=True)
@@ -97,77 +79,6 @@ GEOMETRIES: dict[str, MAEConfig] = {
 }
 
 
-def sincos_pos_embed(grid: int, dim: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding with a zero row for the CLS token: (1, 1 + grid*grid, dim)."""
-    patches = build_sincos2d_pos_embed([grid, grid], dim=dim, reverse_coord=True)
-    return torch.cat([torch.zeros(1, dim), patches]).unsqueeze(0)
-
-
-def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float, norm_eps: float) -> nn.ModuleList:
-    norm = partial(nn.LayerNorm, eps=norm_eps)
-    return nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth))
-
-
-class ViTEncoder(nn.Module):
-    """ViT with fixed 2-D sin-cos positions that can run on any subset of its patches: MAE's encoder,
-    and the ranker's backbone. Flat attribute names, so that MAE keeps the official state_dict keys.
-
-    Shapes: S = img_size, p = patch_size, L = (S/p)^2 patches, D = width.
-    """
-
-    def __init__(
-        self,
-        img_size: int,
-        patch_size: int,
-        in_chans: int,
-        dim: int,
-        depth: int,
-        heads: int,
-        mlp_ratio: float,
-        norm_eps: float,
-    ) -> None:
-        super().__init__()
-        grid = img_size // patch_size
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        # Fixed, not learned, as in MAE; kept as parameters so the official key names and files match.
-        self.pos_embed = nn.Parameter(sincos_pos_embed(grid, dim), requires_grad=False)
-        self.blocks = _blocks(dim, depth, heads, mlp_ratio, norm_eps)
-        self.norm = nn.LayerNorm(dim, eps=norm_eps)
-
-    def _init_weights(self) -> None:
-        """MAE's initialisation: xavier-uniform linears (patch embedding as a linear), N(0, .02) tokens."""
-        w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        for name, p in self.named_parameters():
-            if name in ("cls_token", "mask_token"):
-                nn.init.normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def embed_patches(self, imgs: torch.Tensor) -> torch.Tensor:
-        """imgs: (N, C, S, S) -> patch tokens with position: (N, L, D)."""
-        return self.patch_embed(imgs) + self.pos_embed[:, 1:]
-
-    def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch tokens (N, n, D) -> normalised outputs with CLS first: (N, 1 + n, D)."""
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
-
-    def encode(self, imgs: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
-        """imgs: (N, C, S, S), visible: (N, n) or None for all patches -> (N, 1 + n, D)."""
-        x = self.embed_patches(imgs)
-        return self.encode_tokens(x if visible is None else gather_tokens(x, visible))
-
-
 class MAE(ViTEncoder):
     """ViT encoder + light ViT decoder predicting the pixels of every patch.
 
@@ -190,7 +101,7 @@ class MAE(ViTEncoder):
         self.decoder_embed = nn.Linear(cfg.embed_dim, ddim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, ddim))
         self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(cfg.grid, ddim), requires_grad=False)
-        self.decoder_blocks = _blocks(
+        self.decoder_blocks = blocks(
             ddim, cfg.decoder_depth, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.norm_eps
         )
         self.decoder_norm = nn.LayerNorm(ddim, eps=cfg.norm_eps)
@@ -202,7 +113,7 @@ class MAE(ViTEncoder):
         for blk in [*self.blocks, *self.decoder_blocks]:
             blk.attn.fused_attn = enabled
 
-    def compile_blocks(self) -> None:
+    def compileblocks(self) -> None:
         """`torch.compile` every transformer block in place (the blocks hold nearly all the FLOPs)."""
         for blk in [*self.blocks, *self.decoder_blocks]:
             blk.compile()
@@ -305,8 +216,3 @@ def random_visible(
     n = visible_count(num_patches, mask_ratio)
     noise = torch.rand(batch, num_patches, generator=generator)
     return noise.argsort(dim=1)[:, :n].sort(dim=1).values.to(device)
-
-
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x: (N, T, C), index: (N, k) -> x[i, index[i]]: (N, k, C). A fixed-shape gather (no host sync)."""
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

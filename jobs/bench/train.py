@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 import torch
+from jobs.bench_pipeline import write_jpegs
 
 import ltrp
-from jobs.bench_pipeline import write_jpegs
-from ltrp.images import center_crop
-from ltrp.losses import listmle
-from ltrp.ranker import RANKER_GEOMETRIES, Ranker
-from ltrp.train import param_groups
+from ltrp.core.losses import listmle
+from ltrp.core.optim import param_groups
+from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker
+from ltrp.data.images import center_crop
 
 
 def step_images_per_second(model: Ranker, batch: int, visible: torch.Tensor | None, steps: int) -> float:

@@ -13,11 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import posixpath
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -28,14 +25,16 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
-from ltrp.images import View, render_view, to_model_input
-from ltrp.losses import LOSSES, listmle_per_row
-from ltrp.metrics import kendall_tau, ndcg_at_k, spearman, topk_overlap
-from ltrp.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig, load_ranker
-from ltrp.sources import read_many
-from ltrp.table import read_scores
+from ltrp.core.losses import LOSSES, listmle_per_row
+from ltrp.core.optim import lr_at, param_groups
+from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig
+from ltrp.core.ranking_metrics import kendall_tau, ndcg_at_k, spearman, topk_overlap
+from ltrp.data.checkpoints import load_ranker
+from ltrp.data.images import View, render_view, to_model_input
+from ltrp.data.sources import read_many
+from ltrp.data.tables import SCORES_SCHEMA, read_scores
+from ltrp.pipeline.trainer import all_reduce_sum, log_epoch_metrics, run_trainer
 
 
 @dataclass
@@ -45,7 +44,7 @@ class TrainConfig:
     storage: str = "runs/train"  # checkpoints go to STORAGE/NAME (local or s3://)
     ranker: str = "ltrp_vit_small_patch16"  # see RANKER_GEOMETRIES
     head: str = "cls"  # "cls" (the paper: Linear on CLS -> L) or "token" (per-token head)
-    loss: str = "listmle"  # see ltrp.losses.LOSSES
+    loss: str = "listmle"  # see ltrp.core.losses.LOSSES
     epochs: int = 10
     warmup_epochs: int = 1
     batch_size: int = 64  # views per worker and step
@@ -96,9 +95,12 @@ def load_views(batch: pa.Table, size: int) -> dict[str, np.ndarray]:
     }
 
 
-def views_dataset(cfg: TrainConfig, validation: bool) -> ray.data.Dataset:
-    from ltrp.score_job import read_scores_dataset
+def read_scores_dataset(uri: str) -> ray.data.Dataset:
+    """The score table as a Ray Dataset, for distributed consumers such as ranker training."""
+    return ray.data.read_parquet(f"{uri.rstrip('/')}/scores", schema=SCORES_SCHEMA)
 
+
+def views_dataset(cfg: TrainConfig, validation: bool) -> ray.data.Dataset:
     ds = read_scores_dataset(cfg.scores)
     ds = ds.map_batches(
         _select_split,
@@ -114,28 +116,6 @@ def split_counts(cfg: TrainConfig) -> tuple[int, int]:
     ids = read_scores(cfg.scores, columns=["image_id"]).column("image_id").to_pylist()
     val = sum(is_validation(i, cfg.val_fraction) for i in ids)
     return len(ids) - val, val
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on weight matrices only, not on norms, biases and tokens."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2 and p.shape[0] > 1]
-    ids = {id(p) for p in decay}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
-def lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    """Linear warm-up, then cosine to zero."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sums over the DDP workers (in place); the identity outside DDP."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values)
-    return values
 
 
 def validate(model: torch.nn.Module, shard, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
@@ -234,41 +214,9 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics, checkpoint=saved)
 
 
-def log_epoch_metrics(tracking_uri: str, run_id: str, metrics: dict, epoch: int) -> None:
-    """Rank 0: an epoch's metrics (all but "epoch", the step) into the driver's MLflow run."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    now = int(1000 * time.time())
-    batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k not in ("epoch",)]
-    MlflowClient(tracking_uri).log_batch(run_id, metrics=batch)
-
-
 def load_ranker_checkpoint(checkpoint: ray.train.Checkpoint) -> Ranker:
     with checkpoint.as_directory() as folder:
         return load_ranker(str(Path(folder) / "state.pt"))
-
-
-def run_trainer(
-    train_loop: Callable[[dict], None], loop_config: dict, cfg, datasets: dict
-) -> ray.train.Result:
-    """Runs `train_loop` on Ray Train (DDP) with the job's scaling, checkpoint storage (STORAGE/NAME:
-    a second run with the same name resumes) and restarts. `cfg` is a TrainConfig or a PretrainConfig."""
-    storage = cfg.storage if "://" in cfg.storage else os.path.abspath(cfg.storage)  # Ray wants absolute
-    trainer = ray.train.torch.TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.worker_cpus}
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.name,
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-        ),
-        datasets=datasets,
-    )
-    return trainer.fit()
 
 
 def fit(

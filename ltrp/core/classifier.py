@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltrp.mae import PatchGrid, ViTEncoder
+from ltrp.core.vit import PatchGrid, ViTEncoder
 
 
 @dataclass(frozen=True)

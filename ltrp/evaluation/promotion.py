@@ -1,6 +1,6 @@
 """Whether a candidate model version may replace the champion: a declared policy and a pure decision.
 
-The policy compares the two versions' evaluations (see ltrp.measures: a mean and a 95% bootstrap
+The policy compares the two versions' evaluations (see ltrp.evaluation.measures: a mean and a 95% bootstrap
 interval per metric key) and promotes the candidate only if
 
 * both were evaluated on the same held-out set and settings (the same `eval.dataset`);
@@ -12,7 +12,7 @@ interval per metric key) and promotes the candidate only if
 With no champion yet, a candidate that carries every metric the policy names is promoted. Missing
 metrics on either side refuse: a champion evaluated before a metric existed must be re-evaluated
 (`python -m jobs.evaluate`) on the candidate's dataset before anything can replace it. Nothing here
-talks to MLflow; ltrp.registry reads the tags, calls `decide` and records the result.
+talks to MLflow; ltrp.pipeline.registry reads the tags, calls `decide` and records the result.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from ltrp.measures import KEEP_RATIOS, MEASURES, RATIO_FREE, Estimate, higher_is_better, metric_key
+from ltrp.evaluation.measures import KEEP_RATIOS, MEASURES, RATIO_FREE, Estimate, higher_is_better, metric_key
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def decide(
     """Whether `candidate` may replace `champion` under `policy`.
 
     Args:
-        candidate: the candidate's metrics, {metric key: Estimate} (ltrp.measures.from_tags).
+        candidate: the candidate's metrics, {metric key: Estimate} (ltrp.evaluation.measures.from_tags).
         champion: the champion's metrics, or None when there is no champion yet.
         policy: what the candidate must show.
         candidate_dataset: the candidate's `eval.dataset` (None if it has none).

@@ -7,15 +7,13 @@ CLS + the n scored visible patches; at inference it sees all L patches.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, replace
-from typing import Literal
 
-import fsspec
 import torch
 from torch import nn
 
-from ltrp.mae import PatchGrid, ViTEncoder
+from ltrp.core.options import Head
+from ltrp.core.vit import PatchGrid, ViTEncoder
 
 
 @dataclass(frozen=True)
@@ -24,7 +22,7 @@ class RankerConfig(PatchGrid):
     depth: int = 12
     num_heads: int = 6
     mlp_ratio: float = 4.0
-    head: Literal["cls", "token"] = "cls"
+    head: Head = "cls"
 
 
 #: ViT-S/16 (the paper's ranker, ~21M parameters) and small ones for tests and demos.
@@ -70,27 +68,6 @@ class Ranker(ViTEncoder):
             return self.head(out[:, 1:]).squeeze(-1)
         scores = self.head(out[:, 0])  # (B, L): one per position, from the CLS token alone
         return scores if visible is None else scores.gather(1, visible)
-
-
-def load_ranker(uri: str) -> Ranker:
-    """A ranker from a training checkpoint file (`state.pt` of a Ray Train checkpoint: {"model",
-    "ranker_config", ...}), local or s3://. Strict: a file that is not a ranker, or whose weights do
-    not fit the geometry it declares, is refused with the file named."""
-    try:
-        with fsspec.open(uri, "rb") as f:
-            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"ranker checkpoint not found: {uri}") from None
-    except Exception as err:  # torch raises many types for a file that is not a checkpoint
-        raise ValueError(f"{uri} is not a ranker checkpoint: {err}") from None
-    if not isinstance(state, dict) or not {"model", "ranker_config"} <= state.keys():
-        raise ValueError(f"{uri} is not a ranker checkpoint: expected the keys 'model' and 'ranker_config'")
-    model = Ranker(RankerConfig(**state["ranker_config"]))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise ValueError(f"{uri}: weights do not fit the ranker they declare: {err}") from None
-    return model.eval()
 
 
 def rank(model: Ranker, images: torch.Tensor) -> torch.Tensor:

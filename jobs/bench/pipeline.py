@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 
 import ltrp
-from ltrp.demo import SAMPLE_PHOTOS
-from ltrp.images import center_crop, to_model_input
-from ltrp.score_job import PRECISIONS, ScoreJobConfig, run_score_job
+from ltrp.data.datasets import SAMPLE_PHOTOS
+from ltrp.data.images import center_crop, to_model_input
+from ltrp.pipeline.score_job import PRECISIONS, ScoreJobConfig, run_score_job
 
 
 @dataclass

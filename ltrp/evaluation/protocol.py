@@ -24,13 +24,7 @@ import numpy as np
 import torch
 from scipy.stats import bootstrap
 
-from ltrp.classifier import ClassifierConfig, PatchClassifier, fit_classifier, predict
-from ltrp.images import ImageDecodeError, center_crop, center_view, displayed_size, to_model_input
-from ltrp.mae import MAE
-from ltrp.measures import KEEP_RATIOS, Estimate, metric_key
-from ltrp.metrics import kendall_tau, ndcg_at_k, spearman, topk_overlap
-from ltrp.ranker import Ranker, keep_top
-from ltrp.scorers import (
+from ltrp.core.baselines import (
     CenterScorer,
     FolkRComScorer,
     GradientEnergyScorer,
@@ -38,8 +32,14 @@ from ltrp.scorers import (
     RankerScorer,
     VarianceScorer,
 )
-from ltrp.sources import plan_shards, read_shard
-from ltrp.table import read_scores
+from ltrp.core.classifier import ClassifierConfig, PatchClassifier, fit_classifier, predict
+from ltrp.core.mae import MAE
+from ltrp.core.ranker import Ranker, keep_top
+from ltrp.core.ranking_metrics import kendall_tau, ndcg_at_k, spearman, topk_overlap
+from ltrp.data.images import ImageDecodeError, center_crop, center_view, displayed_size, to_model_input
+from ltrp.data.sources import plan_shards, read_shard
+from ltrp.data.tables import read_scores
+from ltrp.evaluation.measures import KEEP_RATIOS, Estimate, metric_key
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # images (B, 3, S, S) -> (B, L), higher = keep
 

@@ -3,7 +3,7 @@
 Output under OUTPUT (local or s3://): report.md, measures_vs_keep_ratio.png, kept_patches.png and
 estimates.json (every scorer's mean and interval per measure). The same files are logged to an MLflow
 run (experiment ltrp-evaluate), and when the ranker came from the registry, the ranker's figures are
-attached to its model version as tags (see `ltrp.measures`), which is what promotion compares.
+attached to its model version as tags (see `ltrp.evaluation.measures`), which is what promotion compares.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from ltrp.checkpoint import load_mae
-from ltrp.classifier import ClassifierConfig
-from ltrp.evaluation import EvalSettings, EvaluationResult, evaluate, load_labelled, pseudo_scores
-from ltrp.measures import KEEP_RATIOS, TAG_PREFIX, to_tags
-from ltrp.ranker import Ranker, load_ranker
-from ltrp.report import write_report
+from ltrp.core.classifier import ClassifierConfig
+from ltrp.core.ranker import Ranker
+from ltrp.data.checkpoints import load_mae, load_ranker
+from ltrp.evaluation.measures import KEEP_RATIOS, TAG_PREFIX, to_tags
+from ltrp.evaluation.protocol import EvalSettings, EvaluationResult, evaluate, load_labelled, pseudo_scores
+from ltrp.evaluation.report import write_report
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 

@@ -10,8 +10,8 @@ matplotlib.use("Agg")  # files only: no display on cluster nodes and CI
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ltrp.evaluation import EvaluationResult
-from ltrp.measures import MEASURES, RATIO_FREE, Estimate, metric_key
+from ltrp.evaluation.measures import MEASURES, RATIO_FREE, Estimate, metric_key
+from ltrp.evaluation.protocol import EvaluationResult
 
 REPORT, CURVES, KEPT = "report.md", "measures_vs_keep_ratio.png", "kept_patches.png"
 _TITLES = {

@@ -11,11 +11,12 @@ import hashlib
 import io
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from ltrp.core.options import Crop
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 #: What the official MAE checkpoints were trained on; the decoder predicts pixels in this space.
@@ -25,8 +26,6 @@ _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 #: ImageNet's mean colour: transparent areas become it, i.e. zero after normalisation.
 _BACKGROUND = tuple(round(255 * m) for m in IMAGENET_MEAN)
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
-
-Crop = Literal["center", "random"]
 
 
 class ImageDecodeError(ValueError):

@@ -1,6 +1,7 @@
-"""Reading and writing MAE checkpoints: official facebookresearch/mae files, Hugging Face
+"""Reading and writing checkpoints. MAE: official facebookresearch/mae files, Hugging Face
 `ViTMAEForPreTraining` weights, and the project's own files. Always strict: a checkpoint either fits
-the model it describes exactly, or is refused with an error that names the file."""
+the model it describes exactly, or is refused with an error that names the file. Ranker: the training
+checkpoints of ranker training (`state.pt`), equally strict."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import fsspec
 import safetensors.torch
 import torch
 
-from ltrp.mae import MAE, MAEConfig
+from ltrp.core.mae import MAE, MAEConfig
+from ltrp.core.ranker import Ranker, RankerConfig
 
 CheckpointFormat = Literal["official", "ltrp", "huggingface"]
 
@@ -274,3 +276,24 @@ def _norm_pix_from_name(uri: str) -> bool | None:
     if name.startswith("mae_pretrain_") and "_full" in name:
         return True
     return None
+
+
+def load_ranker(uri: str) -> Ranker:
+    """A ranker from a training checkpoint file (`state.pt` of a Ray Train checkpoint: {"model",
+    "ranker_config", ...}), local or s3://. Strict: a file that is not a ranker, or whose weights do
+    not fit the geometry it declares, is refused with the file named."""
+    try:
+        with fsspec.open(uri, "rb") as f:
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"ranker checkpoint not found: {uri}") from None
+    except Exception as err:  # torch raises many types for a file that is not a checkpoint
+        raise ValueError(f"{uri} is not a ranker checkpoint: {err}") from None
+    if not isinstance(state, dict) or not {"model", "ranker_config"} <= state.keys():
+        raise ValueError(f"{uri} is not a ranker checkpoint: expected the keys 'model' and 'ranker_config'")
+    model = Ranker(RankerConfig(**state["ranker_config"]))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise ValueError(f"{uri}: weights do not fit the ranker they declare: {err}") from None
+    return model.eval()

@@ -1,5 +1,5 @@
 """Logging a trained ranker to MLflow and registering it as a model version; promoting a version to
-the `champion` alias under ltrp.promotion's policy, and rolling that back."""
+the `champion` alias under ltrp.evaluation.promotion's policy, and rolling that back."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 import ltrp
-from ltrp.measures import from_tags
-from ltrp.promotion import Decision, Policy, decide
-from ltrp.ranker import Ranker
+from ltrp.core.ranker import Ranker
+from ltrp.evaluation.measures import from_tags
+from ltrp.evaluation.promotion import Decision, Policy, decide
 
 CHAMPION = "champion"
 

@@ -20,7 +20,7 @@ import fsspec
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from ltrp.images import IMAGE_SUFFIXES
+from ltrp.data.images import IMAGE_SUFFIXES
 
 TAR_SEPARATOR = "#"  # uri of a tar member: s3://bucket/shard-000.tar#key.jpg
 

@@ -8,7 +8,7 @@ names files by task and cannot resume like this; its checkpointing filters rows 
 write a block twice.)
 
 Output under OUTPUT (local path or s3://...):
-    scores/part-00000.parquet ...  one row per (image, view): see `ltrp.table.SCORES_SCHEMA`
+    scores/part-00000.parquet ...  one row per (image, view): see `ltrp.data.tables.SCORES_SCHEMA`
     errors/part-00000.parquet ...  images that could not be used: image_id, uri, reason
     _ltrp_job.json                 run metadata, also in every file's Parquet key-value metadata ("ltrp")
     _SUCCESS                       written once every shard is committed
@@ -35,8 +35,11 @@ import ray
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from ltrp.checkpoint import load_mae
-from ltrp.images import (
+from ltrp.core.leave_one_out import Metric, Mode, loo_scores
+from ltrp.core.mae import MAE
+from ltrp.core.masking import visible_sets
+from ltrp.data.checkpoints import load_mae
+from ltrp.data.images import (
     Crop,
     ImageDecodeError,
     ImageLimits,
@@ -45,11 +48,8 @@ from ltrp.images import (
     to_model_input,
     view_geometry,
 )
-from ltrp.mae import MAE
-from ltrp.masking import visible_sets
-from ltrp.scoring import Metric, Mode, loo_scores
-from ltrp.sources import Shard, SourceImage, plan_digest, plan_shards, read_shard
-from ltrp.table import ERRORS_SCHEMA, SCORES_SCHEMA
+from ltrp.data.sources import Shard, SourceImage, plan_digest, plan_shards, read_shard
+from ltrp.data.tables import ERRORS_SCHEMA, SCORES_SCHEMA
 
 Precision = Literal["fp32", "bf16", "fp16"]
 #: --precision -> the autocast dtype of the scorers
@@ -89,7 +89,7 @@ _FINGERPRINT = (
 
 @dataclass
 class ScoreJobConfig:
-    source: str  # folder, s3:// prefix, .tar shard or manifest: see `ltrp.sources.plan_shards`
+    source: str  # folder, s3:// prefix, .tar shard or manifest: see `ltrp.data.sources.plan_shards`
     mae: str  # MAE checkpoint with a decoder: see `ltrp.load_mae`
     output: str  # local folder or s3:// prefix
     views: int = 1  # views per image, each its own crop, flip and visible set
@@ -370,8 +370,3 @@ class ScoreOutput:
             self.fs.mv(tmp, path)
         else:  # an object store shows a PUT whole or not at all
             self.fs.pipe_file(path, data)
-
-
-def read_scores_dataset(uri: str) -> ray.data.Dataset:
-    """The score table as a Ray Dataset, for distributed consumers such as ranker training."""
-    return ray.data.read_parquet(f"{uri.rstrip('/')}/scores", schema=SCORES_SCHEMA)

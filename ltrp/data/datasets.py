@@ -1,4 +1,5 @@
-"""Real labelled images that install offline: Debian's Fashion-MNIST, written as an ImageFolder of PNGs."""
+"""Real images that install offline, for the demo and the tests: Debian's Fashion-MNIST (labelled, written
+as an ImageFolder of PNGs), scikit-image's bundled photos, and a random demo MAE."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import gzip
 from pathlib import Path
 
 import numpy as np
+import skimage.data
+import torch
 from PIL import Image
+
+from ltrp.core.mae import GEOMETRIES, MAE
+from ltrp.data.checkpoints import save_mae
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 #: Label index -> folder name (Zalando's class names, made path-safe).
@@ -49,3 +55,27 @@ def write_fashion_mnist(folder: Path, split: str, count: int) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(images[i]).save(path)
     return folder
+
+
+#: scikit-image's bundled photos: colour and grayscale, 191 to 1000 px, nothing to download.
+SAMPLE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "hubble_deep_field", "rocket")
+
+
+def write_sample_photos(folder: Path) -> Path:
+    """Writes the sample photos as JPEG files into `folder` (kept if already there); returns it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SAMPLE_PHOTOS:
+        path = folder / f"{name}.jpg"
+        if not path.exists():
+            Image.fromarray(getattr(skimage.data, name)()).save(path, quality=92)
+    return folder
+
+
+def write_demo_mae(path: Path, *, seed: int = 0) -> Path:
+    """Writes a randomly initialised small MAE (224 px, 16 px patches) unless one is already there.
+    Its scores show the machinery working, not what matters in an image: that needs a trained MAE."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed)
+        save_mae(MAE(GEOMETRIES["mae_vit_demo_patch16"]), str(path))
+    return path

@@ -32,7 +32,10 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from ltrp.images import (
+from ltrp.core.mae import GEOMETRIES, MAE, MAEConfig, random_visible
+from ltrp.core.masking import visible_sets
+from ltrp.core.optim import lr_at, param_groups
+from ltrp.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Crop,
@@ -44,10 +47,8 @@ from ltrp.images import (
     to_model_input,
     view_geometry,
 )
-from ltrp.mae import GEOMETRIES, MAE, MAEConfig, random_visible
-from ltrp.masking import visible_sets
-from ltrp.sources import Shard, plan_shards, read_shard
-from ltrp.train import all_reduce_sum, log_epoch_metrics, lr_at, param_groups, run_trainer
+from ltrp.data.sources import Shard, plan_shards, read_shard
+from ltrp.pipeline.trainer import all_reduce_sum, log_epoch_metrics, run_trainer
 
 _IMAGES_SCHEMA = pa.schema(
     [("image_id", pa.string()), ("uri", pa.string()), ("data", pa.binary()), ("error", pa.string())]
@@ -56,11 +57,11 @@ _IMAGES_SCHEMA = pa.schema(
 
 @dataclass
 class PretrainConfig:
-    source: str  # folder, s3:// prefix, .tar shard or manifest: see `ltrp.sources.plan_shards`
+    source: str  # folder, s3:// prefix, .tar shard or manifest: see `ltrp.data.sources.plan_shards`
     output: str  # the final MAE (local or s3://), written with `ltrp.save_mae`
     name: str = "ltrp-mae"  # Ray Train run name: running again with the same name resumes
     storage: str = "runs/pretrain"  # checkpoints go to STORAGE/NAME (local or s3://)
-    geometry: str = "mae_vit_base_patch16"  # see `ltrp.mae.GEOMETRIES`
+    geometry: str = "mae_vit_base_patch16"  # see `ltrp.core.mae.GEOMETRIES`
     norm_pix: bool = False  # per-patch standardised targets; False: raw pixels, what LTRP scores in
     mask_ratio: float = 0.75
     epochs: int = 10

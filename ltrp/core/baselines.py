@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ltrp.ranker import Ranker, rank
+from ltrp.core.ranker import Ranker, rank
 
 
 def _patch_means(x: torch.Tensor, patch: int) -> torch.Tensor:

@@ -12,14 +12,12 @@ other position, but lets attention use fused kernels and avoids any host synchro
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
 
 import torch
 
-from ltrp.mae import MAE, gather_tokens
-
-Mode = Literal["decoder", "encoder"]
-Metric = Literal["l1", "l2"]
+from ltrp.core.mae import MAE
+from ltrp.core.options import Metric, Mode
+from ltrp.core.vit import gather_tokens
 
 
 def masked_positions(visible: torch.Tensor, num_patches: int) -> torch.Tensor:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from timm.models.vision_transformer import Block
 
-from ltrp.mae import MAE
-from ltrp.scoring import Metric, Mode, check_visible, drop_one, pixel_distance
+from ltrp.core.leave_one_out import check_visible, drop_one, pixel_distance
+from ltrp.core.mae import MAE
+from ltrp.core.options import Metric, Mode
 
 
 def _isolating_mask(batch: int, tokens: int, position: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,35 @@
+"""The vocabulary of choices shared by the library and the jobs' configs, as `Literal` types.
+
+Torch-free on purpose: the launchers parse and validate their options with these before anything
+heavy is imported. Each name set that mirrors a registry (geometries, losses) is tested equal to it.
+"""
+
+from typing import Literal
+
+#: Leave-one-out: cut the patch out of the decoder only (the paper), or out of the encoder too.
+Mode = Literal["decoder", "encoder"]
+#: Distance between the anchor and the leave-one-out reconstructions.
+Metric = Literal["l1", "l2"]
+#: How a view is cut from an image: the central square, or RandomResizedCrop's geometry.
+Crop = Literal["center", "random"]
+#: Scoring arithmetic: fp32, or autocast to fp16 / bf16 (fp16 ranks closer to fp32 at the same speed).
+Precision = Literal["fp32", "fp16", "bf16"]
+#: Ranker head: a Linear on CLS scoring every position (the paper), or one score per token.
+Head = Literal["cls", "token"]
+#: Ranking losses of `ltrp.core.losses.LOSSES`.
+Loss = Literal["listmle", "listnet", "ranknet", "mse"]
+#: Where a job computes: GPUs when the cluster (or machine) has them, or forced either way.
+Device = Literal["auto", "gpu", "cpu"]
+#: Names of `ltrp.core.mae.GEOMETRIES`.
+MAEGeometry = Literal[
+    "mae_vit_base_patch16",
+    "mae_vit_large_patch16",
+    "mae_vit_huge_patch14",
+    "mae_vit_demo_patch16",
+    "mae_vit_tiny_patch8",
+    "mae_vit_fmnist_patch4",
+]
+#: Names of `ltrp.core.ranker.RANKER_GEOMETRIES`.
+RankerGeometry = Literal[
+    "ltrp_vit_small_patch16", "ltrp_vit_tiny_patch16", "ltrp_vit_micro_patch8", "ltrp_vit_fmnist_patch4"
+]

@@ -1,0 +1,39 @@
+"""Where the jobs run, written once: the Ray cluster they join and the MLflow server they log to."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import mlflow
+import ray
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, default a SQLite file here; a relative SQLite path is made absolute,
+    because Ray workers, which log too, run in other working directories."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + os.path.abspath(uri[len(prefix) :])
+    return uri
+
+
+def local_resources(workers: int, worker_cpus: float) -> dict:
+    """For a Ray started here (no RAY_ADDRESS): enough logical CPUs that the data-loading tasks still
+    run beside the train workers. Reserving every core for workers deadlocks small machines (2 cores,
+    2 workers: reading the score table waited forever)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return {}
+    return {"num_cpus": max(os.cpu_count() or 1, math.ceil(workers * worker_cpus) + 2)}
+
+
+def start(experiment: str | None = None, *, workers: int = 1, worker_cpus: float = 1.0) -> None:
+    """Joins the Ray cluster that RAY_ADDRESS names, or starts a local one sized for `workers` train
+    workers (unless this process is already connected: the pipeline runs every job in one session),
+    and points MLflow at `tracking_uri()`, in `experiment` if given."""
+    if not ray.is_initialized():
+        ray.init(**local_resources(workers, worker_cpus))
+    mlflow.set_tracking_uri(tracking_uri())
+    if experiment:
+        mlflow.set_experiment(experiment)
