@@ -1,86 +1,59 @@
-"""Shared by the launchers: a dataclass's fields as flags, with an optional YAML file of defaults."""
+"""The launchers' command line: a job config's fields as typed flags (tyro), with a YAML file of defaults."""
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
-from dataclasses import fields
-from pathlib import Path
+import sys
+from collections.abc import Callable
+from dataclasses import MISSING, fields
+from typing import NoReturn, TypeVar
 
-import yaml
+import tyro
 
-_TYPES = {"int": int, "float": float, "int | None": int, "float | None": float}
-# Fields that take several values: `--keep-ratios 0.1 0.25` (a YAML list in --config).
-_LISTS = {"tuple[float, ...]": float, "tuple[str, ...]": str, "tuple[str, ...] | None": str}
+from ltrp.pipeline.configs import ConfigError, InputError, read_config_file
+
+T = TypeVar("T")
+S = TypeVar("S")
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, help: dict[str, str]) -> None:
-    """One `--flag-name` per field (booleans as --x / --no-x); every default None, so that flags
-    given override the YAML file and the dataclass's own defaults fill the rest."""
-    parser.add_argument(
-        "--config",
-        help="YAML file of defaults: the options below (with underscores) at the top level or under "
-        "this job's section, as in jobs/pipeline.yaml",
+def parse(cls: type[T], section: str, argv: list[str] | None, prog: str, defaults: dict | None = None) -> T:
+    """A job's config from its command line: `--config FILE` (the file's top-level keys this job knows,
+    then its `section`), then the flags, which win. Every value is checked by the config itself; a bad
+    one, an unknown key in the file, or a missing required option exits with code 2 and a message
+    naming it, before anything is started or written.
+
+    Args:
+        cls: the job's config dataclass (`ltrp.pipeline.configs`).
+        section: the job's section in a config file, e.g. "score".
+        argv: the arguments (None: sys.argv[1:]).
+        prog: how the user runs the job, for usage and error messages.
+        defaults: values that replace the config's own defaults (a file and the flags still win).
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    given, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        values = {**(defaults or {}), **(read_config_file(given.config, section) if given.config else {})}
+        required = {f.name: tyro.MISSING for f in fields(cls) if f.default is MISSING}
+        default = cls(**{**required, **values})
+    except (ConfigError, TypeError) as err:
+        refuse(prog, f"{err} (from --config {given.config})" if given.config else str(err))
+    description = (
+        f"{cls.__doc__}\n\nEvery option can also come from --config FILE.yaml: its top-level keys that are "
+        f"options of this job, then its '{section}' section (as in jobs/pipeline.yaml); flags win."
     )
-    for field in fields(cls):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type == "bool":
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=help[field.name]
-            )
-        elif field.type in _LISTS:
-            parser.add_argument(flag, type=_LISTS[field.type], nargs="+", default=None, help=help[field.name])
-        else:
-            parser.add_argument(flag, type=_TYPES.get(field.type, str), default=None, help=help[field.name])
+    return tyro.cli(cls, args=rest, default=default, prog=prog, description=description)
 
 
-def merged_values(args: argparse.Namespace, names: list[str], section: str) -> dict:
-    """Values for the fields in `names`: the YAML file's top-level keys, then its `section` (the
-    pipeline file has one per job: pretrain, score, train, evaluate), then the flags given."""
-    given = vars(args)
-    values = yaml.safe_load(Path(given["config"]).read_text()) if given.get("config") else {}
-    values = {**values, **(values.get(section) or {})}
-    values.update({k: v for k, v in given.items() if v is not None and k in names})
-    return {k: v for k, v in values.items() if k in names}
+def refuse(prog: str, message: str) -> NoReturn:
+    """A usage error: the message on stderr, exit code 2."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
-def parse_job_values(
-    cls: type,
-    help: dict[str, str],
-    section: str,
-    description: str,
-    argv: list[str] | None,
-    required: tuple[str, ...] = (),
-) -> tuple[argparse.ArgumentParser, dict]:
-    """A launcher's command line: one flag per field of `cls`, `--config` YAML (top level, then
-    `section`), flags winning; exits with a usage error naming any `required` field left unset.
-    Returns the parser (for further checks) and the values given."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_dataclass_flags(parser, cls, help)
-    values = merged_values(parser.parse_args(argv), [f.name for f in fields(cls)], section)
-    missing = [name for name in required if name not in values]
-    if missing:
-        parser.error("missing: " + ", ".join("--" + m.replace("_", "-") for m in missing))
-    return parser, values
-
-
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, default a SQLite file here; a relative SQLite path is made absolute,
-    because Ray workers, which log too, run in other working directories."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        uri = prefix + os.path.abspath(uri[len(prefix) :])
-    return uri
-
-
-def local_resources(workers: int, worker_cpus: float) -> dict:
-    """For a Ray started here (no RAY_ADDRESS): enough logical CPUs that the data-loading tasks still
-    run beside the train workers. Reserving every core for workers deadlocks small machines (2 cores,
-    2 workers: reading the score table waited forever)."""
-    if os.environ.get("RAY_ADDRESS"):
-        return {}
-    return {"num_cpus": max(os.cpu_count() or 1, math.ceil(workers * worker_cpus) + 2)}
+def run_job(run: Callable[[T], S], cfg: T, prog: str) -> S:
+    """`run(cfg)`, with an input its up-front checks refuse reported as a usage error (exit 2)."""
+    try:
+        return run(cfg)
+    except InputError as err:
+        refuse(prog, str(err))

@@ -3,7 +3,7 @@ measures at several keep ratios with bootstrap intervals, a Markdown report and 
 
     python -m jobs.evaluate --model models:/ltrp-ranker@candidate --mae runs/mae.pth \\
         --scores runs/scores-test --train-source data/train --test-source data/test --output runs/eval
-    python -m jobs.evaluate --config pipeline.yaml --model runs/train/run1/checkpoint_000009/state.pt
+    python -m jobs.evaluate --config pipeline.yaml --model runs/train/run1/checkpoint_000009/state.pt ...
 
 --model is a registered version (models:/NAME/VERSION or models:/NAME@ALIAS), whose tags then receive
 the ranker's figures (what `python -m jobs.promote` compares), or a training checkpoint file. The
@@ -13,43 +13,18 @@ center): it gives the pseudo-scores of measure 1 and the oracle. MLFLOW_TRACKING
 
 from __future__ import annotations
 
-import mlflow
-
-from jobs._cli import parse_job_values, tracking_uri
-from ltrp.evaluation.measures import metric_key
-from ltrp.evaluation.protocol import EvaluationResult
-from ltrp.pipeline.evaluate_job import EvaluateConfig, run_evaluation
-
-HELP = {
-    "model": "models:/NAME/VERSION, models:/NAME@ALIAS, or a ranker training checkpoint (state.pt)",
-    "mae": "the MAE checkpoint that scored the table",
-    "scores": "score table(s) holding the held-out images' central squares (local or s3://)",
-    "train_source": "labelled images that train the classifiers and the supervised selector",
-    "test_source": "labelled held-out images (the ones scored into --scores)",
-    "output": "folder or s3:// prefix for report.md, the PNGs and estimates.json",
-    "keep_ratios": "fractions of patches kept",
-    "seen_classes": "classes the supervised selector is trained on (default: the first half)",
-    "max_train": "training images used (an even spread by id hash)",
-    "max_test": "held-out images measured (an even spread by id hash)",
-    "classifier_dim": "width of the kept-token classifiers",
-    "classifier_depth": "blocks of the kept-token classifiers",
-    "classifier_epochs": "epochs of each classifier",
-    "resamples": "bootstrap resamples of each interval",
-    "seed": "seed of the classifiers, the random scorer and the bootstrap",
-}
+from jobs._cli import parse, run_job
+from ltrp.pipeline.configs import EvaluateConfig
 
 
-def parse_config(argv: list[str] | None = None) -> EvaluateConfig:
-    required = ("model", "mae", "scores", "train_source", "test_source")
-    _, values = parse_job_values(EvaluateConfig, HELP, "evaluate", __doc__, argv, required)
-    return EvaluateConfig(**values)
+def main(argv: list[str] | None = None):
+    cfg = parse(EvaluateConfig, "evaluate", argv, prog="python -m jobs.evaluate")
+    # Imported after parsing, so that --help and usage errors answer without loading torch or MLflow.
+    from ltrp.evaluation.measures import metric_key
+    from ltrp.pipeline import evaluate_job
 
-
-def main(argv: list[str] | None = None) -> EvaluationResult:
-    cfg = parse_config(argv)
-    mlflow.set_tracking_uri(tracking_uri())
-    result, run_id = run_evaluation(cfg)
-    r = result.figure_ratio
+    summary = run_job(evaluate_job.run, cfg, "python -m jobs.evaluate")
+    result, r = summary.result, summary.result.figure_ratio
     figures = []
     for measure in ("reconstruction_error", "accuracy"):
         key = metric_key(measure, r)
@@ -57,9 +32,9 @@ def main(argv: list[str] | None = None) -> EvaluationResult:
         figures.append(f"{measure} {ltrp:.4f} (random {rand:.4f})")
     print(
         f"evaluated {cfg.model} on {result.test_images} held-out images, {round(100 * r)}% of patches "
-        f"kept: {'; '.join(figures)}. Report: {cfg.output.rstrip('/')}/report.md; MLflow run {run_id}"
+        f"kept: {'; '.join(figures)}. Report: {cfg.output.rstrip('/')}/report.md; MLflow run {summary.run_id}"
     )
-    return result
+    return summary
 
 
 if __name__ == "__main__":

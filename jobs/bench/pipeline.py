@@ -1,8 +1,8 @@
 """Benchmark: the scoring job end to end (list, read, decode, score, commit) against the scoring kernel
 alone, same model, same machine, same batch size, one run.
 
-    python -m jobs.bench_pipeline                              # CPU: MAE-B, 32 JPEGs
-    python -m jobs.bench_pipeline --images 4096 --batch-size 128 --precision fp16   # on a GPU node
+    python -m jobs.bench.pipeline                              # CPU: MAE-B, 32 JPEGs
+    python -m jobs.bench.pipeline --images 4096 --batch-size 128 --precision fp16   # on a GPU node
 
 The corpus is JPEGs at ImageNet-like sizes (longer side 500 px, quality 90), cut at random from
 scikit-image's photos. Random MAE weights: speed does not depend on them. Prints one line per figure.
@@ -26,7 +26,9 @@ from PIL import Image
 import ltrp
 from ltrp.data.datasets import SAMPLE_PHOTOS
 from ltrp.data.images import center_crop, to_model_input
-from ltrp.pipeline.score_job import PRECISIONS, ScoreJobConfig, run_score_job
+from ltrp.pipeline import score_job
+from ltrp.pipeline.configs import ScoreConfig
+from ltrp.pipeline.score_job import PRECISIONS
 
 
 @dataclass
@@ -108,7 +110,7 @@ def main() -> None:
         paths = write_jpegs(root / "jpegs", cfg.images)
         ltrp.save_mae(mae, str(root / "mae.pth"))
         ray.init()
-        job = ScoreJobConfig(
+        job = ScoreConfig(
             source=str(root / "jpegs"),
             mae=str(root / "mae.pth"),
             output=str(root / "out"),
@@ -116,7 +118,7 @@ def main() -> None:
             precision=cfg.precision,
             shard_size=cfg.batch_size,
         )
-        end_to_end = run_score_job(job).images_per_second
+        end_to_end = score_job.score_corpus(job).images_per_second
         steady = steady_images_per_second(root / "out" / "scores")
         ray.shutdown()  # the kernel gets the machine to itself
         kernel = kernel_images_per_second(mae, paths, cfg)

@@ -1,7 +1,7 @@
 """Benchmark: leave-one-out scoring, the authors' reference loop against the batched path, side by side.
 
-    python -m jobs.bench_scoring                       # CPU, MAE-B, batch 8, fp32
-    python -m jobs.bench_scoring --device cuda --geometries mae_vit_base_patch16 mae_vit_large_patch16 \
+    python -m jobs.bench.scoring                       # CPU, MAE-B, batch 8, fp32
+    python -m jobs.bench.scoring --device cuda --geometries mae_vit_base_patch16 mae_vit_large_patch16 \
         --batch-size 128 --compile
 
 Random weights and random images (speed does not depend on them). Prints one line per figure. On a GPU

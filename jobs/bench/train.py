@@ -1,7 +1,7 @@
 """Benchmark: where a ranker training step's time goes, side by side in one run.
 
-    python -m jobs.bench_train                       # CPU: ViT-S/16, batch 32
-    python -m jobs.bench_train --batch-size 512      # on a GPU machine (bf16 autocast there)
+    python -m jobs.bench.train                       # CPU: ViT-S/16, batch 32
+    python -m jobs.bench.train --batch-size 512      # on a GPU machine (bf16 autocast there)
 
 Prints images/s of: the asymmetric training step (CLS + 19 visible tokens, forward + backward + AdamW),
 the same step on all 196 tokens, and loading a view for training (read + decode + replay the view of a
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from jobs.bench_pipeline import write_jpegs
+from jobs.bench.pipeline import write_jpegs
 
 import ltrp
 from ltrp.core.losses import listmle

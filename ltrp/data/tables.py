@@ -24,18 +24,36 @@ ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("re
 
 
 def read_scores(uri: str, *, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
-    """The score table of a job's output (local or s3://), optionally with columns and row filters
-    (pyarrow's DNF filters, e.g. `[("label", "=", "3")]`)."""
-    fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
+    """The score table of a scoring job's output root (local or s3://), optionally with columns and
+    row filters (pyarrow's DNF filters, e.g. `[("label", "=", "Bag")]`).
+
+    Raises:
+        FileNotFoundError: `uri` is not a scoring job's output (it holds no `_ltrp_job.json`).
+    """
+    fs, root = _job_root(uri)
     return pq.read_table(
         posixpath.join(root, "scores"), filesystem=fs, columns=columns, filters=filters, schema=SCORES_SCHEMA
     )
 
 
 def read_errors(uri: str) -> pa.Table:
-    """The images a job could not use, with reasons."""
-    fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
+    """The images a scoring job could not use, with reasons (no rows when every image was used).
+
+    Raises:
+        FileNotFoundError: `uri` is not a scoring job's output (it holds no `_ltrp_job.json`).
+    """
+    fs, root = _job_root(uri)
     path = posixpath.join(root, "errors")
     if not fs.exists(path):
         return ERRORS_SCHEMA.empty_table()
     return pq.read_table(path, filesystem=fs, schema=ERRORS_SCHEMA)
+
+
+def _job_root(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
+    if not fs.exists(posixpath.join(root, "_ltrp_job.json")):
+        raise FileNotFoundError(
+            f"{uri} is not the output of a scoring job (no _ltrp_job.json there): give the folder "
+            "that python -m jobs.score --output named"
+        )
+    return fs, root

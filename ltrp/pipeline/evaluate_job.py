@@ -9,7 +9,6 @@ attached to its model version as tags (see `ltrp.evaluation.measures`), which is
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,90 +17,86 @@ import fsspec
 import mlflow
 import torch
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ltrp.core.classifier import ClassifierConfig
 from ltrp.core.ranker import Ranker
 from ltrp.data.checkpoints import load_mae, load_ranker
-from ltrp.evaluation.measures import KEEP_RATIOS, TAG_PREFIX, to_tags
+from ltrp.evaluation.measures import TAG_PREFIX, to_tags
 from ltrp.evaluation.protocol import EvalSettings, EvaluationResult, evaluate, load_labelled, pseudo_scores
 from ltrp.evaluation.report import write_report
+from ltrp.pipeline import runtime
+from ltrp.pipeline.configs import MODEL_VERSION, EvaluateConfig, checking_inputs
 
-_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+
+@dataclass(frozen=True)
+class EvaluateSummary:
+    result: EvaluationResult
+    run_id: str  # the MLflow run holding the report
 
 
-@dataclass
-class EvaluateConfig:
-    model: str  # models:/NAME/VERSION, models:/NAME@ALIAS, or a training checkpoint file (state.pt)
-    mae: str  # the MAE that scored the table (reconstruction uses it too)
-    scores: tuple[str, ...]  # score table(s) covering the held-out images' central squares
-    train_source: str  # labelled images for the classifiers and the supervised selector
-    test_source: str  # labelled held-out images, scored into `scores`
-    output: str = "runs/evaluate"
-    keep_ratios: tuple[float, ...] = KEEP_RATIOS
-    seen_classes: tuple[str, ...] | None = None  # the supervised selector's classes; None: first half
-    max_train: int = 4000
-    max_test: int = 1000
-    classifier_dim: int = 64
-    classifier_depth: int = 2
-    classifier_epochs: int = 6
-    resamples: int = 1000
-    seed: int = 0
-
-    def settings(self) -> EvalSettings:
-        return EvalSettings(
-            keep_ratios=tuple(self.keep_ratios),
-            seen_classes=tuple(self.seen_classes) if self.seen_classes else None,
-            max_train=self.max_train,
-            max_test=self.max_test,
-            classifier=ClassifierConfig(
-                embed_dim=self.classifier_dim, depth=self.classifier_depth, epochs=self.classifier_epochs
-            ),
-            resamples=self.resamples,
-            seed=self.seed,
-        )
+def settings(cfg: EvaluateConfig) -> EvalSettings:
+    """The protocol's settings from the job's options."""
+    return EvalSettings(
+        keep_ratios=tuple(cfg.keep_ratios),
+        seen_classes=tuple(cfg.seen_classes) if cfg.seen_classes else None,
+        max_train=cfg.max_train,
+        max_test=cfg.max_test,
+        classifier=ClassifierConfig(
+            embed_dim=cfg.classifier_dim, depth=cfg.classifier_depth, epochs=cfg.classifier_epochs
+        ),
+        resamples=cfg.resamples,
+        seed=cfg.seed,
+    )
 
 
 def load_evaluated_ranker(uri: str) -> tuple[Ranker, ModelVersion | None]:
     """A ranker from the registry (models:/NAME/VERSION or models:/NAME@ALIAS; returns its version too)
     or from a training checkpoint file (no version)."""
-    match = _MODEL_URI.match(uri)
+    match = MODEL_VERSION.match(uri)
     if not match:
         if uri.startswith("models:/"):
             raise ValueError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
         return load_ranker(uri), None
     client = MlflowClient()
     name = match["name"]
-    version = (
-        client.get_model_version(name, match["version"])
-        if match["version"]
-        else client.get_model_version_by_alias(name, match["alias"])
-    )
+    try:
+        version = (
+            client.get_model_version(name, match["version"])
+            if match["version"]
+            else client.get_model_version_by_alias(name, match["alias"])
+        )
+    except MlflowException as err:
+        raise ValueError(
+            f"{uri}: not in the registry at {mlflow.get_tracking_uri()}: {err.message}"
+        ) from None
     model = mlflow.pytorch.load_model(f"models:/{name}/{version.version}", map_location="cpu")
     if not isinstance(model, Ranker):
         raise ValueError(f"{uri} is a {type(model).__name__}, not an ltrp Ranker")
     return model.eval(), version
 
 
-def run_evaluation(cfg: EvaluateConfig, progress=print) -> tuple[EvaluationResult, str]:
-    """Evaluates, writes the report to cfg.output and logs it to MLflow (the tracking URI set by the
-    caller). Returns the result and the MLflow run id."""
+def run(cfg: EvaluateConfig, progress=print) -> EvaluateSummary:
+    """Evaluates, writes the report to cfg.output and logs it to an MLflow run (experiment
+    ltrp-evaluate), opened only once the measures are in: a bad input fails before any run exists."""
+    runtime.track("ltrp-evaluate")
     torch.manual_seed(cfg.seed)
-    ranker, version = load_evaluated_ranker(cfg.model)
-    mae = load_mae(cfg.mae)
-    size, settings = mae.cfg.img_size, cfg.settings()
-    train, classes, skipped = load_labelled(cfg.train_source, size, limit=cfg.max_train)
-    test, _, test_skipped = load_labelled(cfg.test_source, size, classes, limit=cfg.max_test)
-    for uri, reason in skipped + test_skipped:
-        progress(f"skipped {uri}: {reason}")
-    covered, visible, pseudo = pseudo_scores(cfg.scores, test)
-    if len(covered) < len(test.pixels):
-        progress(f"{len(test.pixels) - len(covered)} held-out images have no score-table row: left out")
-    test = test.subset(covered)
+    with checking_inputs():  # everything the measures need, before they start
+        ranker, version = load_evaluated_ranker(cfg.model)
+        mae = load_mae(cfg.mae)
+        size = mae.cfg.img_size
+        train, classes, skipped = load_labelled(cfg.train_source, size, limit=cfg.max_train)
+        test, _, test_skipped = load_labelled(cfg.test_source, size, classes, limit=cfg.max_test)
+        for uri, reason in skipped + test_skipped:
+            progress(f"skipped {uri}: {reason}")
+        covered, visible, pseudo = pseudo_scores(cfg.scores, test)
+        if len(covered) < len(test.pixels):
+            progress(f"{len(test.pixels) - len(covered)} held-out images have no score-table row: left out")
+        test = test.subset(covered)
     progress(f"evaluating on {len(test.pixels)} held-out images, {len(train.pixels)} training images")
-    result = evaluate(ranker, mae, train, test, visible, pseudo, classes, settings, progress)
+    result = evaluate(ranker, mae, train, test, visible, pseudo, classes, settings(cfg), progress)
 
-    mlflow.set_experiment("ltrp-evaluate")
     with mlflow.start_run(run_name=f"evaluate {cfg.model}") as run, tempfile.TemporaryDirectory() as tmp:
         mlflow.log_params({k: str(v)[:500] for k, v in asdict(cfg).items()})
         mlflow.set_tags({"eval.dataset": result.dataset, "output_uri": cfg.output, "model_uri": cfg.model})
@@ -132,4 +127,4 @@ def run_evaluation(cfg: EvaluateConfig, progress=print) -> tuple[EvaluationResul
                     client.delete_model_version_tag(version.name, version.version, key)
             for key, value in tags.items():
                 client.set_model_version_tag(version.name, version.version, key, value)
-    return result, run.info.run_id
+    return EvaluateSummary(result, run.info.run_id)

@@ -8,6 +8,8 @@ import os
 import mlflow
 import ray
 
+from ltrp.core.options import Device
+
 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, default a SQLite file here; a relative SQLite path is made absolute,
@@ -31,9 +33,27 @@ def local_resources(workers: int, worker_cpus: float) -> dict:
 def start(experiment: str | None = None, *, workers: int = 1, worker_cpus: float = 1.0) -> None:
     """Joins the Ray cluster that RAY_ADDRESS names, or starts a local one sized for `workers` train
     workers (unless this process is already connected: the pipeline runs every job in one session),
-    and points MLflow at `tracking_uri()`, in `experiment` if given."""
+    then `track(experiment)`."""
     if not ray.is_initialized():
         ray.init(**local_resources(workers, worker_cpus))
+    track(experiment)
+
+
+def track(experiment: str | None = None) -> None:
+    """Points MLflow at `tracking_uri()`, in `experiment` if given."""
     mlflow.set_tracking_uri(tracking_uri())
     if experiment:
         mlflow.set_experiment(experiment)
+
+
+def cluster_gpus() -> int:
+    """GPUs in the Ray cluster this process is connected to (0 when not connected)."""
+    return int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
+
+
+def use_gpu(device: Device) -> bool:
+    """Every job's one rule for `--device`: auto uses GPUs when the cluster has them; gpu insists."""
+    gpus = cluster_gpus()
+    if device == "gpu" and not gpus:
+        raise RuntimeError("--device gpu: the Ray cluster has no GPUs (use --device auto or cpu)")
+    return device == "gpu" or (device == "auto" and gpus > 0)

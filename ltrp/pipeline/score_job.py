@@ -23,10 +23,12 @@ import posixpath
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Literal
+from pathlib import Path
 
 import fsspec
+import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,12 +37,11 @@ import ray
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from ltrp.core.leave_one_out import Metric, Mode, loo_scores
+from ltrp.core.leave_one_out import loo_scores
 from ltrp.core.mae import MAE
 from ltrp.core.masking import visible_sets
 from ltrp.data.checkpoints import load_mae
 from ltrp.data.images import (
-    Crop,
     ImageDecodeError,
     ImageLimits,
     displayed_size,
@@ -50,8 +51,9 @@ from ltrp.data.images import (
 )
 from ltrp.data.sources import Shard, SourceImage, plan_digest, plan_shards, read_shard
 from ltrp.data.tables import ERRORS_SCHEMA, SCORES_SCHEMA
+from ltrp.pipeline import runtime
+from ltrp.pipeline.configs import ScoreConfig, checking_inputs, result_fields
 
-Precision = Literal["fp32", "bf16", "fp16"]
 #: --precision -> the autocast dtype of the scorers
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,52 +67,10 @@ _STAGE_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
-# Settings that change how fast, not what: left out of the metadata.
-_EXECUTION_ONLY = ("mae", "output", "batch_size", "scorers", "scorer_cpus", "scorer_threads")
-# Settings that change the scores: a resumed job must agree with the first run on all of them.
-_FINGERPRINT = (
-    "source",
-    "plan_digest",
-    "shard_size",
-    "mae_sha256",
-    "mae_config",
-    "views",
-    "crop",
-    "flip",
-    "mask_ratio",
-    "seed",
-    "mode",
-    "metric",
-    "precision",
-    "min_side",
-    "max_pixels",
-)
-
-
-@dataclass
-class ScoreJobConfig:
-    source: str  # folder, s3:// prefix, .tar shard or manifest: see `ltrp.data.sources.plan_shards`
-    mae: str  # MAE checkpoint with a decoder: see `ltrp.load_mae`
-    output: str  # local folder or s3:// prefix
-    views: int = 1  # views per image, each its own crop, flip and visible set
-    crop: Crop = "center"  # "random": RandomResizedCrop geometry, scale 0.2-1
-    flip: bool = False  # mirror half of the views
-    mask_ratio: float = 0.9
-    seed: int = 0
-    mode: Mode = "decoder"
-    metric: Metric = "l1"
-    precision: Precision = "fp32"  # fp16 keeps the ranking better than bf16 at the same speed
-    batch_size: int = 32  # views per scoring call
-    shard_size: int = 256  # images per shard: the unit of commit and of resume
-    scorers: int | None = None  # scoring actors; None: one per GPU in the cluster, else 1
-    scorer_cpus: float = 1.0  # CPUs reserved by each scoring actor
-    scorer_threads: int | None = None  # torch threads of a CPU scorer; None: this machine's cores
-    min_side: int = 16
-    max_pixels: int = 89_478_485
 
 
 @dataclass(frozen=True)
-class ScoreJobSummary:
+class ScoreSummary:
     output: str
     shards: int
     shards_skipped: int  # finished by an earlier run
@@ -124,52 +84,111 @@ class ScoreJobSummary:
         return self.images_scored / self.seconds if self.seconds > 0 else 0.0
 
 
-def run_score_job(cfg: ScoreJobConfig) -> ScoreJobSummary:
-    """Scores every image of `cfg.source` not already in `cfg.output`, on the current Ray cluster
-    (a local one is started if none is connected). Fails before any work on a bad checkpoint."""
+@dataclass(frozen=True)
+class ScorePlan:
+    """What a scoring job will do, known before Ray starts: the loaded MAE, the shards, the metadata."""
+
+    cfg: ScoreConfig
+    mae: MAE
+    shards: list[Shard]
+    metadata: dict
+
+
+def plan(cfg: ScoreConfig) -> ScorePlan:
+    """Loads the MAE (refusing a missing, encoder-only or mis-shaped checkpoint) and plans the shards
+    (refusing a source without images) and checks that the output holds nothing of another job,
+    before any worker starts or anything is written."""
+    with checking_inputs():
+        mae = load_mae(cfg.mae)
+        shards = plan_shards(cfg.source, cfg.shard_size)
+        metadata = job_metadata(cfg, mae, shards)
+        ScoreOutput(cfg.output).check(metadata)
+    return ScorePlan(cfg, mae, shards, metadata)
+
+
+def run(cfg: ScoreConfig) -> ScoreSummary:
+    """The scoring job: plans, joins (or starts) Ray, scores into `cfg.output` inside an MLflow run
+    (experiment ltrp-score) with the settings as params and the summary as metrics."""
+    job = plan(cfg)
+    runtime.start("ltrp-score")
+    with mlflow.start_run(run_name=f"score {Path(cfg.source.rstrip('/')).name}"):
+        mlflow.log_params(asdict(cfg))
+        summary = execute(job)
+        mlflow.log_metrics(
+            {
+                "images_scored": summary.images_scored,
+                "rows_written": summary.rows_written,
+                "shards_skipped": summary.shards_skipped,
+                "errors": summary.errors,
+                "wall_seconds": summary.seconds,
+                "images_per_second": summary.images_per_second,
+            }
+        )
+        mlflow.set_tag("output_uri", summary.output)
+    return summary
+
+
+def score_corpus(cfg: ScoreConfig) -> ScoreSummary:
+    """`run` without MLflow: scores every image of `cfg.source` not already in `cfg.output`, on the
+    Ray cluster this process is connected to (a local one is started if none is)."""
+    return execute(plan(cfg))
+
+
+def execute(job: ScorePlan) -> ScoreSummary:
+    """Claims the output, scores the shards it does not hold yet, commits each as it completes."""
     start = time.perf_counter()
-    mae = load_mae(cfg.mae)  # refuses a missing, encoder-only or mis-shaped checkpoint up front
-    shards = plan_shards(cfg.source, cfg.shard_size)
-    metadata = job_metadata(cfg, mae, shards)
+    cfg = job.cfg
     out = ScoreOutput(cfg.output)
-    out.claim(metadata)
+    out.claim(job.metadata)
     done = out.committed_shards()
-    pending = [s for s in shards if s.index not in done]
+    pending = [s for s in job.shards if s.index not in done]
     images, rows, errors = 0, 0, 0
     if pending:
-        for index, table in _assemble_shards(
-            _pipeline(cfg, pending, mae.cfg.img_size, mae.cfg.grid, metadata)
-        ):
-            scored, failed = out.commit(index, table, metadata)
+        batches = _pipeline(cfg, pending, job.mae.cfg.img_size, job.mae.cfg.grid, job.metadata)
+        for index, table in assemble_shards(batches.iter_batches(batch_format="pyarrow", batch_size=None)):
+            scored, failed = out.commit(index, table, job.metadata)
             rows += scored.num_rows
             errors += failed.num_rows
             images += len(set(scored.column("image_id").to_pylist()))
-    out.finish(len(shards))
-    return ScoreJobSummary(
-        cfg.output, len(shards), len(shards) - len(pending), images, rows, errors, time.perf_counter() - start
+    out.finish(len(job.shards))
+    return ScoreSummary(
+        cfg.output,
+        len(job.shards),
+        len(job.shards) - len(pending),
+        images,
+        rows,
+        errors,
+        time.perf_counter() - start,
     )
 
 
-def job_metadata(cfg: ScoreJobConfig, mae: MAE, shards: list[Shard]) -> dict:
-    """What a score table was computed with."""
-    return {
-        **{k: v for k, v in asdict(cfg).items() if k not in _EXECUTION_ONLY},
-        "mae_uri": mae.checkpoint.uri,
-        "mae_sha256": mae.checkpoint.sha256,
-        "mae_format": mae.checkpoint.format,
-        "mae_config": asdict(mae.cfg),
-        "norm_pix": mae.cfg.norm_pix,
+def job_metadata(cfg: ScoreConfig, mae: MAE, shards: list[Shard]) -> dict:
+    """What a score table was computed with. Its "fingerprint" names the keys that decide the scores:
+    every result-changing field of the config (all but the execution-only ones) and what is derived
+    from the inputs (the corpus plan, the MAE's bytes and geometry). A resume must agree on all."""
+    fingerprint = {
+        **result_fields(cfg),
         "plan_digest": plan_digest(shards),
+        "mae_sha256": mae.checkpoint.sha256,
+        "mae_config": asdict(mae.cfg),
+    }
+    return {
+        **fingerprint,
+        "fingerprint": sorted(fingerprint),
+        "mae_uri": mae.checkpoint.uri,
+        "mae_format": mae.checkpoint.format,
+        "norm_pix": mae.cfg.norm_pix,
         "ltrp_version": importlib.metadata.version("ltrp"),
         "torch_version": torch.__version__,
     }
 
 
 def _pipeline(
-    cfg: ScoreJobConfig, pending: list[Shard], size: int, grid: int, metadata: dict
+    cfg: ScoreConfig, pending: list[Shard], size: int, grid: int, metadata: dict
 ) -> ray.data.Dataset:
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
-    scorers = cfg.scorers or max(1, gpus)
+    """Wires the stages into Ray Data: each stage's resources and batch size are declared here."""
+    gpu = runtime.use_gpu(cfg.device)
+    scorers = cfg.scorers or max(1, runtime.cluster_gpus() if gpu else 1)
     ds = ray.data.from_items([{"shard": s.to_json()} for s in pending], override_num_blocks=len(pending))
     # A decode worker holds the libraries (~0.6 GB measured, torch included) and one shard's pixels
     # (twice, while it builds the table): telling Ray keeps it from running more decodes than memory
@@ -189,20 +208,20 @@ def _pipeline(
     # (measured: 0.33 and 0.27 img/s against 0.61 with the variable set at start). Scoring dominates
     # and decoding is light, so CPU scorers get every core.
     threads = cfg.scorer_threads or os.cpu_count() or 1
-    env = {} if gpus else {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}}
+    env = {} if gpu else {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}}
     return ds.map_batches(
         ShardScorer,
-        fn_constructor_kwargs={"cfg": cfg, "sha256": metadata["mae_sha256"]},
+        fn_constructor_kwargs={"cfg": cfg, "sha256": metadata["mae_sha256"], "gpu": gpu},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=scorers),
-        num_gpus=1 if gpus else 0,
+        num_gpus=1 if gpu else 0,
         num_cpus=cfg.scorer_cpus,
         **env,
     )
 
 
-def decode_shards(batch: dict[str, np.ndarray], cfg: ScoreJobConfig, size: int, grid: int) -> pa.Table:
+def decode_shards(batch: dict[str, np.ndarray], cfg: ScoreConfig, size: int, grid: int) -> pa.Table:
     """Decode stage: shard descriptors -> one row per (image, view) with uint8 pixels, and one row per
     unusable image with the reason. Every row carries its shard's row count, so the driver knows
     when a shard is complete."""
@@ -220,7 +239,7 @@ def decode_shards(batch: dict[str, np.ndarray], cfg: ScoreJobConfig, size: int, 
     return pa.Table.from_pylist(rows, schema=_STAGE_SCHEMA)
 
 
-def _image_rows(image: SourceImage, cfg: ScoreJobConfig, size: int, grid: int) -> list[dict]:
+def _image_rows(image: SourceImage, cfg: ScoreConfig, size: int, grid: int) -> list[dict]:
     limits = ImageLimits(cfg.min_side, cfg.max_pixels)
     try:
         if image.error is not None:
@@ -259,8 +278,8 @@ def _error_row(image: SourceImage, reason: str) -> dict:
 class ShardScorer:
     """Scoring stage: a Ray actor holding the MAE on its device; rows with pixels -> rows with scores."""
 
-    def __init__(self, cfg: ScoreJobConfig, sha256: str) -> None:
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    def __init__(self, cfg: ScoreConfig, sha256: str, gpu: bool) -> None:
+        self.device = torch.device("cuda" if gpu else "cpu")
         self.mae = load_mae(cfg.mae).to(self.device)
         if self.mae.checkpoint.sha256 != sha256:
             raise RuntimeError(f"{cfg.mae} changed since the job started (sha256 {sha256[:12]}...)")
@@ -293,11 +312,12 @@ class ShardScorer:
         )
 
 
-def _assemble_shards(ds: ray.data.Dataset):
-    """Streams the pipeline's rows and yields (shard index, all its rows) as each shard completes."""
+def assemble_shards(batches: Iterable[pa.Table]) -> Iterator[tuple[int, pa.Table]]:
+    """Regroups the scored rows, which arrive in batches of any shards in any order, and yields
+    (shard index, all its rows) as each shard completes (its rows carry the shard's row count)."""
     parts: dict[int, list[pa.Table]] = defaultdict(list)
     counts: Counter[int] = Counter()
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in batches:
         shard_col = batch.column("shard").to_numpy()
         for index in np.unique(shard_col):
             part = batch.filter(pa.array(shard_col == index))
@@ -319,20 +339,27 @@ class ScoreOutput:
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
-    def claim(self, metadata: dict) -> None:
-        """Records the job's metadata, or checks that an earlier run's agrees (resume needs that)."""
+    def check(self, metadata: dict) -> bool:
+        """Whether an earlier run of this job holds the output; refuses one of a different job (a resume
+        needs the same corpus, checkpoint and result-changing settings)."""
         path = self._path("_ltrp_job.json")
-        if self.fs.exists(path):
-            earlier = json.loads(self.fs.cat_file(path))
-            differs = [k for k in _FINGERPRINT if earlier.get(k) != metadata.get(k)]
-            if differs:
-                raise ValueError(
-                    f"{self.uri} already holds scores of a different job (differs in: {', '.join(differs)}); "
-                    "resuming needs the same corpus, checkpoint and settings: use another output"
-                )
-            return
-        self.fs.makedirs(self.root, exist_ok=True)
-        self.fs.pipe_file(path, json.dumps(metadata, indent=2).encode())
+        if not self.fs.exists(path):
+            return False
+        earlier = json.loads(self.fs.cat_file(path))
+        keys = set(earlier.get("fingerprint", [])) | set(metadata["fingerprint"])
+        differs = sorted(k for k in keys if earlier.get(k) != metadata.get(k))
+        if differs:
+            raise ValueError(
+                f"{self.uri} already holds scores of a different job (differs in: {', '.join(differs)}); "
+                "resuming needs the same corpus, checkpoint and settings: use another output"
+            )
+        return True
+
+    def claim(self, metadata: dict) -> None:
+        """Records the job's metadata, unless an earlier run of the same job already did."""
+        if not self.check(metadata):
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(self._path("_ltrp_job.json"), json.dumps(metadata, indent=2).encode())
 
     def committed_shards(self) -> set[int]:
         names = self.fs.glob(self._path("scores", "part-*.parquet"))

@@ -27,10 +27,11 @@ from ltrp.data.checkpoints import CheckpointError
 from ltrp.data.images import View, render_view, to_model_input
 from ltrp.data.sources import read_bytes
 from ltrp.data.tables import SCORES_SCHEMA, read_errors, read_scores
-from ltrp.pipeline.score_job import ScoreJobConfig, run_score_job
+from ltrp.pipeline import score_job
+from ltrp.pipeline.configs import ScoreConfig
 from ltrp.pipeline.train_job import read_scores_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
 
 
@@ -213,7 +214,7 @@ def test_bad_and_odd_files_are_recorded_or_scored(tmp_path: Path, ray_address: s
         (folder / name).write_bytes(data)
     Image.new("1", (12000, 12000)).save(folder / "bomb.png")  # 144 Mpx in a few kB
     out = tmp_path / "out"
-    summary = run_score_job(ScoreJobConfig(source=str(folder), mae=checkpoint, output=str(out), shard_size=4))
+    summary = score_job.score_corpus(ScoreConfig(source=str(folder), mae=checkpoint, output=str(out), shard_size=4))
     errors = {r["image_id"]: r["reason"] for r in read_errors(str(out)).to_pylist()}
     assert set(errors) == {"truncated.jpg", "empty.jpg", "text.jpg", "tiny.png", "bomb.png"}
     assert "empty" in errors["empty.jpg"] and "too small" in errors["tiny.png"]
@@ -234,7 +235,7 @@ def test_same_seed_same_table_other_seed_other_views(
         Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.png")
     runs = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        cfg = ScoreJobConfig(
+        cfg = ScoreConfig(
             source=str(folder),
             mae=checkpoint,
             output=str(tmp_path / name),
@@ -244,7 +245,7 @@ def test_same_seed_same_table_other_seed_other_views(
             seed=seed,
             shard_size=2,
         )
-        run_score_job(cfg)
+        score_job.score_corpus(cfg)
         runs[name] = read_scores(cfg.output).sort_by([("image_id", "ascending"), ("view", "ascending")])
     assert runs["a"].num_rows == 15 and runs["a"].equals(runs["b"])
     assert runs["a"].column("crop_box").to_pylist() != runs["c"].column("crop_box").to_pylist()
@@ -256,10 +257,10 @@ def test_resuming_with_other_settings_is_refused(tmp_path: Path, ray_address: st
     folder = tmp_path / "photos"
     folder.mkdir()
     Image.fromarray(skimage.data.chelsea()).save(folder / "chelsea.png")
-    run_score_job(ScoreJobConfig(source=str(folder), mae=checkpoint, output=str(tmp_path / "out")))
+    score_job.score_corpus(ScoreConfig(source=str(folder), mae=checkpoint, output=str(tmp_path / "out")))
     with pytest.raises(ValueError, match="differs in: seed"):
-        run_score_job(
-            ScoreJobConfig(source=str(folder), mae=checkpoint, output=str(tmp_path / "out"), seed=1)
+        score_job.score_corpus(
+            ScoreConfig(source=str(folder), mae=checkpoint, output=str(tmp_path / "out"), seed=1)
         )
 
 
@@ -268,8 +269,8 @@ def test_bad_checkpoint_fails_before_any_work(tmp_path: Path, checkpoint: str) -
     folder.mkdir()
     Image.fromarray(skimage.data.chelsea()).save(folder / "chelsea.png")
     with pytest.raises(FileNotFoundError, match=r"missing\.pth"):
-        run_score_job(
-            ScoreJobConfig(
+        score_job.score_corpus(
+            ScoreConfig(
                 source=str(folder), mae=str(tmp_path / "missing.pth"), output=str(tmp_path / "out")
             )
         )
@@ -277,8 +278,8 @@ def test_bad_checkpoint_fails_before_any_work(tmp_path: Path, checkpoint: str) -
     encoder_only = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token"))}
     torch.save({"model": encoder_only}, tmp_path / "mae_pretrain_vit_tiny.pth")
     with pytest.raises(CheckpointError, match="encoder only"):
-        run_score_job(
-            ScoreJobConfig(
+        score_job.score_corpus(
+            ScoreConfig(
                 source=str(folder),
                 mae=str(tmp_path / "mae_pretrain_vit_tiny.pth"),
                 output=str(tmp_path / "out"),

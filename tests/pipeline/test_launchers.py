@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(*args: str, cwd: Path = ROOT) -> str:
@@ -34,7 +34,7 @@ def test_score_job_demo_defaults_run_from_nothing(tmp_path: Path) -> None:
 
 def test_benchmark_prints_both_paths_side_by_side() -> None:
     stdout = _run(
-        "jobs.bench_scoring", "--geometries", "mae_vit_tiny_patch8", "--batch-size", "2", "--repeats", "1"
+        "jobs.bench.scoring", "--geometries", "mae_vit_tiny_patch8", "--batch-size", "2", "--repeats", "1"
     )
     lines = stdout.strip().splitlines()
     assert len(lines) == 2
@@ -75,7 +75,7 @@ def test_score_help_explains_every_option() -> None:
 
 def test_training_benchmark_prints_where_the_time_goes() -> None:
     stdout = _run(
-        "jobs.bench_train", "--ranker", "ltrp_vit_micro_patch8", "--batch-size", "4", "--steps", "1"
+        "jobs.bench.train", "--ranker", "ltrp_vit_micro_patch8", "--batch-size", "4", "--steps", "1"
     )
     lines = stdout.strip().splitlines()
     assert len(lines) == 3

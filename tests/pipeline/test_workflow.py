@@ -19,14 +19,14 @@ from ltrp.data.datasets import FASHION_MNIST_CLASSES
 from ltrp.evaluation.measures import from_tags
 from ltrp.evaluation.promotion import Policy
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _tiny_config(root: Path) -> dict:
     """jobs/pipeline.yaml, shrunk: the shipped file's own keys, so the test breaks if they drift."""
     spec = yaml.safe_load((REPO / "jobs" / "pipeline.yaml").read_text())
     spec["root"] = str(root)
-    spec["registered_model"] = "ltrp-pipeline-test"
+    spec["train"]["model"] = "models:/ltrp-pipeline-test"
     spec["data"].update(train_images=300, test_images=40)
     spec["pretrain"].update(epochs=1, batch_size=64)
     spec["score"].update(shard_size=150, batch_size=64)

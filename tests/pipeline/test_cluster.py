@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 import ltrp
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 RUNTIME_ENV = CLUSTER / "runtime_env.yaml"
 SETTINGS = (

@@ -1,0 +1,371 @@
+"""Every job's config: one dataclass per job, whose fields are its options and whose comments are their
+help (`python -m jobs.<job> --help` shows them, with defaults), and which checks its own values.
+
+A config is valid or cannot be built: `__post_init__` checks every value against its type (choices of a
+`Literal`, numbers that must be numbers) and the job's ranges and combinations, so a bad option fails
+here, before a job starts Ray, opens an MLflow run or writes anything. A field that only changes how
+fast a job runs, not what it computes, is marked `execution_only()`: every other field of the scoring
+job is part of its output's fingerprint, so a new setting cannot be left out of it.
+
+Torch-, Ray- and MLflow-free, so that launchers parse and refuse quickly.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import tyro
+import yaml
+
+from ltrp.core.options import Crop, Device, Head, Loss, MAEGeometry, Metric, Mode, Precision, RankerGeometry
+from ltrp.evaluation.measures import KEEP_RATIOS
+
+#: models:/NAME, the registered model a job writes to or promotes in.
+REGISTERED_MODEL = re.compile(r"^models:/(?P<name>[^/@]+)$")
+#: models:/NAME/VERSION or models:/NAME@ALIAS, one registered version.
+MODEL_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+_EXECUTION_ONLY = "execution_only"
+
+
+def execution_only(default: Any) -> Any:
+    """A field that changes how fast a job runs, not its results (left out of fingerprints)."""
+    return field(default=default, metadata={_EXECUTION_ONLY: True})
+
+
+def result_fields(cfg: object) -> dict[str, Any]:
+    """The fields of `cfg` that change what the job computes: all but the `execution_only()` ones."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if not f.metadata.get(_EXECUTION_ONLY)}
+
+
+def option(name: str) -> str:
+    """A field's command-line spelling: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+def _is_missing(value: Any) -> bool:
+    # A launcher's defaults leave the required options it has yet to parse as tyro.MISSING.
+    return value is tyro.MISSING or value is MISSING
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, tuple | list) and all(_matches(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_describe(args[0])}"
+    if hint is type(None):
+        return "None"
+    return ("an " if hint.__name__[0] in "aeiou" else "a ") + hint.__name__
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the option."""
+
+
+class InputError(ValueError):
+    """An input a job cannot use (a missing source, checkpoint or score table, an output of another
+    job), found by its up-front checks: before Ray starts, an MLflow run opens or anything is written."""
+
+
+@contextmanager
+def checking_inputs() -> Iterator[None]:
+    """A job's up-front checks: what fails in them (a missing file, a refused checkpoint, ...) is an
+    `InputError`, which launchers report as a usage error, without a traceback."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (OSError, ValueError) as err:
+        raise InputError(str(err)) from err
+
+
+def _require(ok: bool, name: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{option(name)}: {problem}")
+
+
+class _Checked:
+    """Base of the job configs: types first (so the job's own checks see clean values), then `check`."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if _is_missing(value):
+                continue
+            if isinstance(value, list):  # YAML gives lists where the config keeps tuples
+                value = tuple(value)
+                setattr(self, f.name, value)
+            if not _matches(value, hints[f.name]):
+                raise ConfigError(f"{option(f.name)}: expected {_describe(hints[f.name])}, got {value!r}")
+        if not any(_is_missing(getattr(self, f.name)) for f in fields(self)):  # type: ignore[arg-type]
+            self.check()
+
+    def check(self) -> None:
+        """Ranges and combinations of one job's options."""
+
+
+def _positive(cfg: object, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        _require(value is None or value > 0, name, f"must be positive, got {value}")
+
+
+def _at_least(cfg: object, minimum: int, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        _require(value is None or value >= minimum, name, f"must be at least {minimum}, got {value}")
+
+
+def _registered_model(uri: str) -> None:
+    _require(bool(REGISTERED_MODEL.match(uri)), "model", f"expected models:/NAME, got {uri!r}")
+
+
+def _mask_ratio(value: float) -> None:
+    _require(0.0 <= value < 1.0, "mask_ratio", f"must be in [0, 1), got {value}")
+
+
+@dataclass
+class ScoreConfig(_Checked):
+    """Score an image corpus: leave-one-out MAE pseudo-scores of each view's visible patches."""
+
+    source: str  # images: folder, s3:// prefix, .tar shard or .parquet/.csv manifest
+    mae: str = execution_only(MISSING)  # MAE checkpoint with a decoder, local or s3:// (its sha256 counts)
+    output: str = execution_only(MISSING)  # output folder or s3:// prefix; re-using one resumes that job
+    views: int = 1  # views per image; each has its own crop, flip and visible set
+    crop: Crop = "center"  # center: the central square; random: RandomResizedCrop geometry (scale 0.2-1)
+    flip: bool = False  # mirror each view with probability 1/2
+    mask_ratio: float = 0.9  # fraction of patches hidden from the MAE (0.9 keeps 19 of 196)
+    seed: int = 0  # seed of crops, flips and visible sets
+    mode: Mode = "decoder"  # decoder: cut the patch out of the decoder (the paper); encoder: out of both
+    metric: Metric = "l1"  # distance between reconstructions: l1 (the paper) or l2
+    precision: Precision = "fp32"  # scoring arithmetic; fp16/bf16 autocast need a GPU
+    batch_size: int = execution_only(32)  # views per scoring call
+    shard_size: int = 256  # images per shard: the unit of commit and of resume
+    scorers: int | None = execution_only(None)  # scoring actors; None: one per GPU, else 1
+    scorer_cpus: float = execution_only(1.0)  # CPUs reserved by each scoring actor
+    scorer_threads: int | None = execution_only(None)  # torch threads of a CPU scorer; None: the submitter's
+    device: Device = execution_only("auto")  # auto: GPU scorers when the cluster has GPUs
+    min_side: int = 16  # images with a shorter side below this (px) are recorded as errors
+    max_pixels: int = 89_478_485  # images with more pixels are recorded as errors (decompression bombs)
+
+    def check(self) -> None:
+        _at_least(self, 1, "views", "batch_size", "shard_size", "scorers", "scorer_threads", "min_side")
+        _positive(self, "scorer_cpus", "max_pixels")
+        _mask_ratio(self.mask_ratio)
+        _require(
+            self.precision == "fp32" or self.device != "cpu",
+            "precision",
+            f"{self.precision} autocast needs a GPU; use fp32 with --device cpu",
+        )
+
+
+@dataclass
+class PretrainConfig(_Checked):
+    """Pre-train an MAE with Ray Train (DDP) on any corpus the scoring job reads."""
+
+    source: str  # images: folder, s3:// prefix, .tar shard or .parquet/.csv manifest
+    output: str  # where the final MAE goes (local or s3://), e.g. runs/mae.pth
+    name: str = "ltrp-mae"  # Ray Train run name: running again with the same name and storage resumes
+    storage: str = "runs/pretrain"  # checkpoints go to STORAGE/NAME (local or s3://)
+    geometry: MAEGeometry = "mae_vit_base_patch16"  # MAE size and patch grid
+    norm_pix: bool = False  # learn per-patch standardised pixels; default raw pixels, what LTRP scores in
+    mask_ratio: float = 0.75  # fraction of patches hidden from the encoder
+    epochs: int = 10  # epochs
+    warmup_epochs: int = 1  # linear warm-up epochs before the cosine decay
+    batch_size: int = 64  # images per worker and step
+    lr: float | None = None  # peak learning rate; None: base_lr * global batch / 256, MAE's rule
+    base_lr: float = 1.5e-4  # learning rate per 256 images of global batch
+    weight_decay: float = 0.05  # AdamW weight decay (not on norms, biases and tokens)
+    crop: Crop = "center"  # center: the largest central square; random: RandomResizedCrop, scale 0.2-1
+    flip: bool = False  # mirror each view with probability 1/2
+    max_images: int | None = None  # only the first N images of the source (in its sorted order)
+    shard_size: int = 64  # images per read task
+    shuffle_buffer: int = 1024  # images in each worker's local shuffle buffer (0: none)
+    workers: int = 1  # DDP workers
+    device: Device = "auto"  # auto: one GPU per worker when the cluster has GPUs (NCCL), else CPU (gloo)
+    worker_cpus: float = 1.0  # CPUs reserved per worker
+    threads: int | None = None  # torch threads of a CPU worker; None: Ray's (one per reserved CPU)
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    seed: int = 0  # seed of the initialisation, views, masks and order
+    sample_images: int = 8  # fixed images in the reconstruction grid logged each epoch
+
+    def check(self) -> None:
+        _at_least(self, 1, "epochs", "batch_size", "max_images", "shard_size", "workers", "threads")
+        _at_least(self, 0, "warmup_epochs", "shuffle_buffer", "max_failures", "sample_images")
+        _positive(self, "lr", "base_lr", "worker_cpus")
+        _at_least(self, 0, "weight_decay")
+        _mask_ratio(self.mask_ratio)
+
+
+@dataclass
+class TrainConfig(_Checked):
+    """Train the LTRP ranker on a score table with Ray Train (DDP) and register it in MLflow."""
+
+    scores: str  # output of the scoring job (local or s3://)
+    name: str = "ltrp-ranker"  # Ray Train run name: running again with the same name and storage resumes
+    storage: str = "runs/train"  # checkpoints go to STORAGE/NAME (local or s3://)
+    ranker: RankerGeometry = "ltrp_vit_small_patch16"  # ranker size and patch grid (small: the paper's)
+    head: Head = "cls"  # cls: a Linear on the CLS token scores every position (the paper); token: per token
+    loss: Loss = "listmle"  # ranking loss (listmle: the paper's)
+    epochs: int = 10  # epochs
+    warmup_epochs: int = 1  # linear warm-up epochs before the cosine decay
+    batch_size: int = 64  # views per worker and step
+    lr: float | None = None  # peak learning rate; None: 1.5e-4 * global batch / 256, the authors' rule
+    weight_decay: float = 0.06  # AdamW weight decay (not on norms, biases and tokens)
+    val_fraction: float = 0.1  # fraction of images (by id hash) held out for validation
+    topk: int = 5  # k of NDCG@k and top-k overlap
+    workers: int = 1  # DDP workers
+    device: Device = "auto"  # auto: one GPU per worker when the cluster has GPUs (NCCL), else CPU (gloo)
+    worker_cpus: float = 1.0  # CPUs reserved per worker
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    seed: int = 0  # seed of the initialisation
+    model: str = "models:/ltrp-ranker"  # registered model (models:/NAME) that receives the new version
+    alias: str | None = None  # alias to set on the new version (e.g. candidate)
+
+    def check(self) -> None:
+        _at_least(self, 1, "epochs", "batch_size", "topk", "workers")
+        _at_least(self, 0, "warmup_epochs", "max_failures", "weight_decay")
+        _positive(self, "lr", "worker_cpus")
+        _require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        _registered_model(self.model)
+
+
+@dataclass
+class EvaluateConfig(_Checked):
+    """Evaluate a ranker against the baselines on held-out labelled images, report it, tag its version."""
+
+    model: str  # the ranker: models:/NAME/VERSION, models:/NAME@ALIAS, or a training checkpoint (state.pt)
+    mae: str  # the MAE checkpoint that scored the table (reconstruction uses it too)
+    scores: tuple[str, ...]  # score table(s) holding the held-out images' central squares (local or s3://)
+    train_source: str  # labelled images that train the classifiers and the supervised selector
+    test_source: str  # labelled held-out images (the ones scored into --scores)
+    output: str = "runs/evaluate"  # folder or s3:// prefix for report.md, the PNGs and estimates.json
+    keep_ratios: tuple[float, ...] = KEEP_RATIOS  # fractions of patches kept
+    seen_classes: tuple[str, ...] | None = None  # the supervised selector's classes; None: the first half
+    max_train: int = 4000  # training images used (an even spread by id hash)
+    max_test: int = 1000  # held-out images measured (an even spread by id hash)
+    classifier_dim: int = 64  # width of the kept-token classifiers
+    classifier_depth: int = 2  # blocks of the kept-token classifiers
+    classifier_epochs: int = 6  # epochs of each classifier
+    resamples: int = 1000  # bootstrap resamples of each interval
+    seed: int = 0  # seed of the classifiers, the random scorer and the bootstrap
+
+    def check(self) -> None:
+        _at_least(self, 1, "max_train", "max_test", "classifier_depth", "classifier_epochs", "resamples")
+        _at_least(self, 4, "classifier_dim")
+        _require(len(self.scores) > 0, "scores", "give at least one score table")
+        _require(len(self.keep_ratios) > 0, "keep_ratios", "give at least one keep ratio")
+        for ratio in self.keep_ratios:
+            _require(0.0 < ratio <= 1.0, "keep_ratios", f"each must be in (0, 1], got {ratio}")
+        _require(
+            bool(MODEL_VERSION.match(self.model)) or not self.model.startswith("models:/"),
+            "model",
+            f"expected models:/NAME/VERSION or models:/NAME@ALIAS, got {self.model!r}",
+        )
+
+
+@dataclass
+class PromoteConfig(_Checked):
+    """Promote an evaluated model version to `champion` if it beats the champion, or roll back."""
+
+    model: str  # registered model: models:/NAME
+    candidate: str | None = None  # version number or alias (e.g. candidate) to compare with the champion
+    rollback: bool = False  # move champion back to the version it replaced
+    dry_run: bool = False  # decide and record, but move no alias
+    policy: str | None = None  # YAML file of ltrp.evaluation.promotion.Policy fields (default: its defaults)
+
+    def check(self) -> None:
+        _registered_model(self.model)
+        _require(self.rollback != (self.candidate is not None), "candidate", "give either it or --rollback")
+        _require(not (self.rollback and self.dry_run), "dry_run", "applies to --candidate, not to --rollback")
+        _require(not (self.rollback and self.policy), "policy", "applies to --candidate, not to --rollback")
+
+    @property
+    def name(self) -> str:
+        return REGISTERED_MODEL.match(self.model)["name"]  # type: ignore[index]
+
+
+@dataclass
+class DataConfig(_Checked):
+    """The pipeline's data step: Debian's Fashion-MNIST written as PNG folders."""
+
+    train_images: int = 10000  # first images of the train split: MAE, score table, classifiers
+    test_images: int = 1000  # first images of the test split: held out for the evaluation
+
+    def check(self) -> None:
+        _at_least(self, 1, "train_images", "test_images")
+
+
+#: The sections of a config file (jobs/pipeline.yaml) and the config each one fills.
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "pretrain": PretrainConfig,
+    "score": ScoreConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "promote": PromoteConfig,
+}
+#: Top-level keys of a config file besides the sections: the pipeline's output root, and any job option
+#: (it applies to every job that has it, e.g. seed).
+TOP_LEVEL = {"root"} | {f.name for cls in SECTIONS.values() for f in fields(cls)}
+
+
+def read_config_file(path: str | Path, section: str) -> dict[str, Any]:
+    """The values a config file gives one job: its top-level keys that are fields of that job's config,
+    then its `section`, which wins. An unknown key anywhere in the file is refused with its name.
+
+    Raises:
+        ConfigError: the file is missing or not a mapping, or holds a key no job knows.
+    """
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"--config {path}: cannot read it: {err}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of options, got {type(spec).__name__}")
+    for key, value in spec.items():
+        if key in SECTIONS:
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"--config {path}: section {key!r} must be a mapping")
+            known = {f.name for f in fields(SECTIONS[key])}
+            unknown = sorted(set(value or {}) - known)
+            if unknown:
+                raise ConfigError(
+                    f"--config {path}: unknown key {unknown[0]!r} in section {key!r} "
+                    f"(its keys: {', '.join(sorted(known))})"
+                )
+        elif key not in TOP_LEVEL:
+            raise ConfigError(
+                f"--config {path}: unknown top-level key {key!r} "
+                f"(sections: {', '.join(SECTIONS)}; or any job option, such as seed)"
+            )
+    own = {f.name for f in fields(SECTIONS[section])}
+    return {**{k: v for k, v in spec.items() if k in own}, **(spec.get(section) or {})}
