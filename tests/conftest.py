@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,12 +13,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 import ltrp
+from ltrp.core.ranker import RankerConfig
 from ltrp.data.datasets import read_fashion_mnist
-from ltrp.data.images import png_bytes
+from ltrp.data.images import center_crop, center_view, displayed_size, png_bytes, to_model_input
+from ltrp.data.sources import plan_shards, read_shard
+from ltrp.data.tables import SCORES_SCHEMA
+from ltrp.evaluation.measures import KEEP_RATIOS, Estimate, metric_key
 
 BIN = Path(sys.executable).parent  # console scripts of the test environment (moto_server, ...)
 
@@ -162,3 +169,70 @@ def fashion_mnist_pngs(count: int) -> dict[str, bytes]:
 def tiny_mae() -> ltrp.MAE:
     torch.manual_seed(0)
     return ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"]).eval()
+
+
+# Promotion: evaluations as a model version's eval.* tags hold them.
+PRIMARY = "reconstruction_error.keep25"
+
+
+def evaluation(recon: float = 0.040, acc: float = 0.80, width: float = 0.002, **overrides: float) -> dict:
+    """Every key the default policy needs: reconstruction_error (lower is better) and accuracy (higher)
+    at every keep ratio, mean +/- `width`; `overrides` set single keys' means, e.g. accuracy_keep50=0.7."""
+    means = {metric_key("reconstruction_error", r): recon for r in KEEP_RATIOS}
+    means |= {metric_key("accuracy", r): acc for r in KEEP_RATIOS}
+    means |= {k.replace("_keep", ".keep"): v for k, v in overrides.items()}
+    return {k: Estimate(m, m - width, m + width) for k, m in means.items()}
+
+
+# Evaluation inputs: labelled folders and score tables as the scoring job writes them.
+# A 32 px MAE and ranker on the 8x8 grid of "mae_vit_fmnist_patch4", small enough for tests.
+SMALL_MAE = ltrp.MAEConfig(
+    img_size=32,
+    patch_size=4,
+    embed_dim=32,
+    depth=1,
+    num_heads=2,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=2,
+)
+SMALL_RANKER = RankerConfig(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+
+
+def write_folder(root: Path, images: np.ndarray, labels: np.ndarray, first: int = 0) -> Path:
+    """Images as PNGs in ImageFolder layout: root/LABEL/NNNN.png, numbered from `first`."""
+    for i, (x, y) in enumerate(zip(images, labels, strict=True)):
+        path = root / str(y) / f"{first + i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png_bytes(x))
+    return root
+
+
+def score_rows(source: Path, mae: ltrp.MAE, mask_ratio: float = 0.75) -> list[dict]:
+    """Score-table rows for a folder's central squares, as the scoring job writes them."""
+    items = [img for shard in plan_shards(str(source), 1 << 20) for img in read_shard(shard)]
+    pixels = np.stack([center_crop(img.data, mae.cfg.img_size) for img in items])
+    visible = ltrp.visible_sets([img.image_id for img in items], grid=mae.cfg.grid, mask_ratio=mask_ratio)
+    with torch.inference_mode():
+        scores = ltrp.loo_scores(mae, to_model_input(pixels), visible)
+    return [
+        {
+            "image_id": img.image_id,
+            "uri": img.uri,
+            "label": img.label,
+            "view": 0,
+            "crop_box": list(center_view(*displayed_size(img.data)).box),
+            "flip": False,
+            "visible": vis.tolist(),
+            "scores": sc.tolist(),
+        }
+        for img, vis, sc in zip(items, visible, scores, strict=True)
+    ]
+
+
+def write_table(root: Path, rows: list[dict]) -> Path:
+    """A score table as the scoring job lays it out: root/_ltrp_job.json, root/scores/part-00000.parquet."""
+    (root / "scores").mkdir(parents=True, exist_ok=True)
+    (root / "_ltrp_job.json").write_text(json.dumps({"fingerprint": []}))
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCORES_SCHEMA), root / "scores" / "part-00000.parquet")
+    return root

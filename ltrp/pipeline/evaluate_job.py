@@ -80,7 +80,7 @@ def load_evaluated_ranker(uri: str) -> tuple[Ranker, ModelVersion | None]:
 def run(cfg: EvaluateConfig, progress=print) -> EvaluateSummary:
     """Evaluates, writes the report to cfg.output and logs it to an MLflow run (experiment
     ltrp-evaluate), opened only once the measures are in: a bad input fails before any run exists."""
-    runtime.track("ltrp-evaluate")
+    runtime.track()  # the registry to load from; the experiment is created only once there is a result
     torch.manual_seed(cfg.seed)
     with checking_inputs():  # everything the measures need, before they start
         ranker, version = load_evaluated_ranker(cfg.model)
@@ -97,6 +97,7 @@ def run(cfg: EvaluateConfig, progress=print) -> EvaluateSummary:
     progress(f"evaluating on {len(test.pixels)} held-out images, {len(train.pixels)} training images")
     result = evaluate(ranker, mae, train, test, visible, pseudo, classes, settings(cfg), progress)
 
+    mlflow.set_experiment("ltrp-evaluate")
     with mlflow.start_run(run_name=f"evaluate {cfg.model}") as run, tempfile.TemporaryDirectory() as tmp:
         mlflow.log_params({k: str(v)[:500] for k, v in asdict(cfg).items()})
         mlflow.set_tags({"eval.dataset": result.dataset, "output_uri": cfg.output, "model_uri": cfg.model})

@@ -3,32 +3,54 @@
 import os
 import subprocess
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from jobs._cli import parse
+from ltrp.pipeline.configs import (
+    EvaluateConfig,
+    PretrainConfig,
+    PromoteConfig,
+    ScoreConfig,
+    TrainConfig,
+    option,
+)
+
 ROOT = Path(__file__).resolve().parents[2]
+LAUNCHERS = {
+    "jobs.score": ScoreConfig,
+    "jobs.pretrain_mae": PretrainConfig,
+    "jobs.train": TrainConfig,
+    "jobs.evaluate": EvaluateConfig,
+    "jobs.promote": PromoteConfig,
+}
+
+
+def _launch(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Runs a launcher on its embedded defaults: no tracking URI from the test session's environment."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def _run(*args: str, cwd: Path = ROOT) -> str:
-    """Runs a launcher on its embedded defaults: no tracking URI from the test session's environment."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.run(
-        [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    proc = _launch(*args, cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
 
 @pytest.mark.slow
-def test_score_job_demo_defaults_run_from_nothing(tmp_path: Path) -> None:
-    stdout = _run("jobs.score", cwd=tmp_path)  # the README's main command, in an empty folder
-    assert "randomly initialised demo MAE" in stdout
+def test_score_job_demo_runs_from_nothing(tmp_path: Path) -> None:
+    stdout = _run("jobs.score", "--demo", cwd=tmp_path)  # in an empty folder
     assert "scored 7 images (7 rows)" in stdout
     assert pq.read_table(tmp_path / "runs/demo/scores/scores").num_rows == 7
     assert (tmp_path / "mlflow.db").exists()
-    again = _run("jobs.score", cwd=tmp_path)  # a second run finds everything done
+    again = _run("jobs.score", "--demo", cwd=tmp_path)  # a second run finds everything done
     assert "scored 0 images (0 rows) and skipped 1 finished shards of 1" in again
 
 
@@ -42,35 +64,100 @@ def test_benchmark_prints_both_paths_side_by_side() -> None:
     assert "batched" in lines[1] and "x reference" in lines[1]
 
 
-def test_score_options_come_from_yaml_and_flags_win(tmp_path: Path) -> None:
-    from jobs.score import parse_config
-
-    (tmp_path / "score.yaml").write_text("source: s3://b/images\nmae: m.pth\nviews: 3\nseed: 7\nflip: true\n")
-    cfg = parse_config(["--config", str(tmp_path / "score.yaml"), "--seed", "9", "--output", "out"])
+def test_options_come_from_yaml_top_level_then_section_and_flags_win(tmp_path: Path) -> None:
+    (tmp_path / "score.yaml").write_text(
+        "source: s3://b/images\nmae: m.pth\nviews: 3\nseed: 7\nflip: true\n"
+        "score:\n  views: 4\ntrain:\n  epochs: 9\n"  # another job's section is allowed, and ignored here
+    )
+    argv = ["--config", str(tmp_path / "score.yaml"), "--seed", "9", "--output", "out"]
+    cfg = parse(ScoreConfig, "score", argv, prog="score")
     assert (cfg.source, cfg.mae, cfg.views, cfg.seed, cfg.flip, cfg.output) == (
         "s3://b/images",
         "m.pth",
-        3,
+        4,
         9,
         True,
         "out",
     )
-    assert parse_config(["--mae", "m.pth", "--source", "x", "--no-flip", "--scorers", "2"]).scorers == 2
-
-
-def test_score_help_explains_every_option() -> None:
-    text = _run("jobs.score", "--help")
-    for flag in (
-        "--source",
+    flags = [
         "--mae",
+        "m.pth",
+        "--source",
+        "x",
         "--output",
-        "--views",
+        "o",
+        "--no-flip",
+        "--scorers",
+        "2",
         "--crop",
-        "--flip",
-        "--precision",
-        "--shard-size",
-    ):
-        assert flag in text
+        "random",
+    ]
+    assert parse(ScoreConfig, "score", flags, prog="score").scorers == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "yaml_text", "named"),
+    [
+        (["--crop", "centre"], None, "--crop"),
+        (["--metric", "L1"], None, "--metric"),
+        (["--mode", "Decoder"], None, "--mode"),
+        (["--precision", "fp64"], None, "--precision"),
+        (["--mask-ratio", "1.0"], None, "--mask-ratio"),
+        (["--precision", "fp16", "--device", "cpu"], None, "--precision"),
+        ([], "score:\n  batch_sise: 64\n", "batch_sise"),
+        ([], "batch_sise: 64\n", "batch_sise"),
+        ([], "batch_size: '128'\n", "--batch-size"),
+    ],
+    ids=[
+        "crop",
+        "metric",
+        "mode",
+        "precision",
+        "mask-ratio",
+        "fp16-on-cpu",
+        "section-key",
+        "top-key",
+        "yaml-type",
+    ],
+)
+def test_bad_options_are_refused_before_anything_starts(
+    tmp_path: Path, args: list[str], yaml_text: str | None, named: str
+) -> None:
+    """Exit 2 and a message naming the option, quickly, with nothing written (no MLflow store, no output)."""
+    if yaml_text is not None:
+        (tmp_path / "job.yaml").write_text(yaml_text)
+        args = [*args, "--config", str(tmp_path / "job.yaml")]
+    before = set(tmp_path.iterdir())
+    proc = _launch("jobs.score", "--source", "src", "--mae", "m.pth", "--output", "out", *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert named in proc.stderr
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_missing_inputs_are_refused_before_ray_and_mlflow(tmp_path: Path) -> None:
+    proc = _launch(
+        "jobs.score", "--source", "nowhere", "--mae", "missing.pth", "--output", "out", cwd=tmp_path
+    )
+    assert proc.returncode == 2 and "missing.pth" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no output
+
+
+def test_required_options_are_required(tmp_path: Path) -> None:
+    proc = _launch("jobs.score", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert all(flag in proc.stderr for flag in ("--source", "--mae", "--output"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("module", list(LAUNCHERS))
+def test_help_shows_every_option_its_default_and_what_is_required(module: str) -> None:
+    text = " ".join(_run(module, "--help").split())  # rich wraps lines: compare on words
+    for f in fields(LAUNCHERS[module]):
+        assert option(f.name) in text, f.name
+    assert "--config" in text
+    required = [f for f in fields(LAUNCHERS[module]) if f.default is MISSING]
+    assert text.count("(required)") == len(required)
+    assert "(default: " in text
 
 
 def test_training_benchmark_prints_where_the_time_goes() -> None:

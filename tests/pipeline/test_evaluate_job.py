@@ -1,0 +1,137 @@
+"""The evaluation job end to end: a registered ranker evaluated through a real MLflow server, its version
+tagged, then promoted; and the refusals that come before any measure or MLflow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from conftest import SMALL_MAE, SMALL_RANKER, fashion_mnist, score_rows, write_folder, write_table
+from mlflow.tracking import MlflowClient
+
+import ltrp
+from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig
+from ltrp.evaluation.measures import KEEP_RATIOS, RATIO_FREE, from_tags
+from ltrp.evaluation.promotion import Policy
+from ltrp.evaluation.report import CURVES, KEPT, REPORT
+from ltrp.pipeline import evaluate_job
+from ltrp.pipeline.configs import EvaluateConfig, InputError
+from ltrp.pipeline.registry import register_ranker
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def ranker_checkpoint(path: Path, cfg: RankerConfig) -> Path:
+    torch.save({"model": Ranker(cfg).state_dict(), "ranker_config": asdict(cfg)}, path)
+    return path
+
+
+def test_job_refuses_a_bad_model_file_and_an_uncovered_table(tmp_path: Path) -> None:
+    images, labels = fashion_mnist(16)
+    test_dir = write_folder(tmp_path / "test", images[:8], labels[:8])
+    other_dir = write_folder(tmp_path / "other", images[8:], labels[8:], first=8)
+    torch.manual_seed(0)
+    mae = ltrp.MAE(SMALL_MAE).eval()
+    ltrp.save_mae(mae, str(tmp_path / "mae.pth"))
+    table = write_table(tmp_path / "scores-other", score_rows(other_dir, mae))  # not the test images
+    bad = tmp_path / "not-a-ranker.pt"
+    bad.write_bytes(b"hello")
+    cfg = EvaluateConfig(
+        model=str(bad),
+        mae=str(tmp_path / "mae.pth"),
+        scores=(str(table),),
+        train_source=str(test_dir),
+        test_source=str(test_dir),
+        output=str(tmp_path / "out"),
+    )
+    with pytest.raises(InputError, match="not a ranker checkpoint") as err:
+        evaluate_job.run(cfg)
+    assert str(bad) in str(err.value)
+    good = ranker_checkpoint(tmp_path / "state.pt", SMALL_RANKER)
+    with pytest.raises(ValueError, match="no held-out image has an unflipped central-square row") as err:
+        evaluate_job.run(replace(cfg, model=str(good)))
+    assert str(table) in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def python_module(module: str, args: list[str], cwd: Path, uri: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env={
+            **os.environ,
+            "MLFLOW_TRACKING_URI": uri,
+            "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_evaluate_job_tags_the_version_and_promotion_follows(mlflow_uri: str, tmp_path: Path) -> None:
+    images, labels = fashion_mnist(260)
+    test_dir = write_folder(tmp_path / "data" / "test", images[:60], labels[:60])
+    train_dir = write_folder(tmp_path / "data" / "train", images[60:], labels[60:], first=60)
+    torch.manual_seed(0)
+    mae = ltrp.MAE(SMALL_MAE).eval()
+    ltrp.save_mae(mae, str(tmp_path / "mae.pth"))
+    table = write_table(tmp_path / "scores-test", score_rows(test_dir, mae))
+
+    name = "eval-ranker"
+    mlflow.set_tracking_uri(mlflow_uri)
+    mlflow.set_experiment("ltrp-train-for-eval-test")
+    with mlflow.start_run():
+        register_ranker(Ranker(RANKER_GEOMETRIES["ltrp_vit_fmnist_patch4"]), name, tags={"source": "test"})
+    client = MlflowClient(mlflow_uri)
+    stale = "eval.accuracy.keep05.mean"  # from an earlier evaluation at another keep ratio
+    client.set_model_version_tag(name, "1", stale, "0.99")
+    out = tmp_path / "eval-out"
+    # fmt: off
+    args = [
+        "--model", f"models:/{name}/1", "--mae", str(tmp_path / "mae.pth"), "--scores", str(table),
+        "--train-source", str(train_dir), "--test-source", str(test_dir), "--output", str(out),
+        "--max-train", "200", "--max-test", "60", "--classifier-epochs", "1", "--resamples", "200",
+        "--classifier-dim", "32", "--classifier-depth", "1",
+    ]
+    # fmt: on
+    job = python_module("jobs.evaluate", args, tmp_path, mlflow_uri)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert "evaluated models:/eval-ranker/1 on 60 held-out images" in job.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted([REPORT, CURVES, KEPT, "estimates.json"])
+    estimates = json.loads((out / "estimates.json").read_text())
+    assert set(estimates) >= {"ltrp", "oracle", "random", "supervised", "folk_rcom"}
+
+    tags = client.get_model_version(name, "1").tags
+    assert stale not in tags and tags["source"] == "test"  # the evaluation replaced only its own record
+    run = client.get_run(tags["eval.run_id"])
+    assert run.info.experiment_id == client.get_experiment_by_name("ltrp-evaluate").experiment_id
+    assert tags["eval.dataset"] == run.data.tags["eval.dataset"]
+    for key in ("ltrp.reconstruction_error.keep25", "ltrp.accuracy.keep10", "random.kendall_tau"):
+        assert np.isfinite(run.data.metrics[key]), key
+    assert run.data.metrics["oracle.kendall_tau"] == pytest.approx(1.0)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert artifacts >= {REPORT, CURVES, KEPT, "estimates.json"}
+    carried = from_tags(tags)
+    assert set(Policy().required_keys) <= set(carried)
+    assert set(RATIO_FREE) <= set(carried)
+    assert carried["reconstruction_error.keep25"].mean == pytest.approx(
+        estimates["ltrp"]["reconstruction_error.keep25"]["mean"], rel=1e-4
+    )
+    assert len(KEEP_RATIOS) == len([k for k in carried if k.startswith("accuracy.keep")])
+
+    promote = python_module(
+        "jobs.promote", ["--model", f"models:/{name}", "--candidate", "1"], tmp_path, mlflow_uri
+    )
+    assert promote.returncode == 0, promote.stderr
+    assert client.get_registered_model(name).aliases.get("champion") in ("1", 1)
+    assert not (tmp_path / "mlruns").exists()  # everything went to the server
