@@ -1,0 +1,90 @@
+"""The job configs check themselves: types, choices, ranges, combinations, and the config files."""
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from ltrp.pipeline.configs import (
+    SECTIONS,
+    ConfigError,
+    EvaluateConfig,
+    PretrainConfig,
+    PromoteConfig,
+    ScoreConfig,
+    TrainConfig,
+    read_config_file,
+    result_fields,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+SCORE = {"source": "s", "mae": "m.pth", "output": "o"}
+EVALUATE = {"model": "models:/r/1", "mae": "m", "scores": ("t",), "train_source": "a", "test_source": "b"}
+
+
+@pytest.mark.parametrize(
+    ("cls", "values", "named"),
+    [
+        (ScoreConfig, {**SCORE, "crop": "centre"}, "--crop"),
+        (ScoreConfig, {**SCORE, "batch_size": "128"}, "--batch-size"),
+        (ScoreConfig, {**SCORE, "views": 0}, "--views"),
+        (ScoreConfig, {**SCORE, "flip": "yes"}, "--flip"),
+        (ScoreConfig, {**SCORE, "mask_ratio": 1.0}, "--mask-ratio"),
+        (ScoreConfig, {**SCORE, "precision": "bf16", "device": "cpu"}, "--precision"),
+        (PretrainConfig, {"source": "s", "output": "o", "geometry": "mae_vit_gigantic"}, "--geometry"),
+        (PretrainConfig, {"source": "s", "output": "o", "lr": 0.0}, "--lr"),
+        (TrainConfig, {"scores": "s", "loss": "listMLE"}, "--loss"),
+        (TrainConfig, {"scores": "s", "val_fraction": 1.0}, "--val-fraction"),
+        (TrainConfig, {"scores": "s", "model": "ltrp-ranker"}, "--model"),
+        (EvaluateConfig, {**EVALUATE, "keep_ratios": (0.25, 1.5)}, "--keep-ratios"),
+        (EvaluateConfig, {**EVALUATE, "model": "models:/r"}, "--model"),
+        (PromoteConfig, {"model": "models:/r"}, "--candidate"),
+        (PromoteConfig, {"model": "models:/r", "candidate": "1", "rollback": True}, "--candidate"),
+        (PromoteConfig, {"model": "models:/r", "rollback": True, "dry_run": True}, "--dry-run"),
+    ],
+)
+def test_a_bad_value_is_refused_naming_its_option(cls: type, values: dict, named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        cls(**values)
+
+
+def test_good_values_pass_and_yaml_lists_become_tuples() -> None:
+    cfg = EvaluateConfig(**{**EVALUATE, "keep_ratios": [0.1, 0.5], "seen_classes": ["Bag"]})
+    assert cfg.keep_ratios == (0.1, 0.5) and cfg.seen_classes == ("Bag",)
+    assert TrainConfig(scores="s", lr=1).lr == 1  # an int where a float is expected is a number
+    assert PromoteConfig(model="models:/ltrp-ranker", candidate="candidate").name == "ltrp-ranker"
+
+
+def test_the_score_fingerprint_is_every_field_but_the_execution_only_ones() -> None:
+    cfg = ScoreConfig(**SCORE)
+    result = set(result_fields(cfg))
+    execution = {"mae", "output", "batch_size", "scorers", "scorer_cpus", "scorer_threads", "device"}
+    assert result == {f.name for f in fields(ScoreConfig)} - execution
+
+
+def test_config_files_name_the_unknown_key(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    for text, message in [
+        ("score:\n  batch_sise: 1\n", "unknown key 'batch_sise' in section 'score'"),
+        ("trian:\n  epochs: 1\n", "unknown top-level key 'trian'"),
+        ("score: 3\n", "section 'score' must be a mapping"),
+        ("- a\n- b\n", "expected a mapping"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            read_config_file(path, "score")
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_config_file(tmp_path / "missing.yaml", "score")
+
+
+def test_a_file_gives_top_level_keys_the_job_knows_then_its_section(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("seed: 3\nviews: 2\nepochs: 7\nroot: r\nscore:\n  views: 5\ntrain:\n  epochs: 9\n")
+    assert read_config_file(path, "score") == {"seed": 3, "views": 5}
+    assert read_config_file(path, "train") == {"seed": 3, "epochs": 9}
+
+
+@pytest.mark.parametrize("section", list(SECTIONS))
+def test_the_shipped_pipeline_file_is_valid_for_every_job(section: str) -> None:
+    values = read_config_file(ROOT / "jobs" / "pipeline.yaml", section)
+    assert set(values) <= {f.name for f in fields(SECTIONS[section])}

@@ -1,0 +1,49 @@
+"""The architecture as the README's layout table states it: what each subpackage may import."""
+
+import subprocess
+import sys
+import typing
+
+import pytest
+
+from ltrp.core import options
+from ltrp.core.losses import LOSSES
+from ltrp.core.mae import GEOMETRIES
+from ltrp.core.ranker import RANKER_GEOMETRIES
+
+HEAVY = ("ray", "mlflow")
+
+
+def _imported_after(statement: str) -> set[str]:
+    """Top-level packages in sys.modules after `statement`, in a fresh interpreter."""
+    code = f"import sys; {statement}; print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+@pytest.mark.parametrize("package", ["ltrp.core", "ltrp.data", "ltrp.evaluation"])
+def test_only_the_pipeline_imports_ray_or_mlflow(package: str) -> None:
+    """Every module of the package, imported in a fresh interpreter, leaves Ray and MLflow out."""
+    code = (
+        f"import importlib, pkgutil, {package} as p; "
+        "[importlib.import_module(m.name) for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.')]"
+    )
+    loaded = _imported_after(code)
+    assert "ltrp" in loaded and not loaded & set(HEAVY), loaded & set(HEAVY)
+
+
+def test_import_ltrp_and_the_configs_load_nothing_heavy() -> None:
+    """`import ltrp` exports lazily; the launchers' configs parse without torch, Ray or MLflow."""
+    assert not _imported_after("import ltrp") & {"torch", *HEAVY}
+    assert not _imported_after("import ltrp.pipeline.configs, jobs._cli") & {"torch", *HEAVY}
+    assert "torch" in _imported_after("import ltrp; ltrp.MAE")  # the export still resolves
+    assert {"ray", "mlflow"} <= _imported_after("import ltrp.pipeline.score_job")  # the probe sees them
+
+
+@pytest.mark.parametrize(
+    ("choices", "registry"),
+    [(options.MAEGeometry, GEOMETRIES), (options.RankerGeometry, RANKER_GEOMETRIES), (options.Loss, LOSSES)],
+    ids=["mae-geometries", "ranker-geometries", "losses"],
+)
+def test_choice_names_are_the_registries_names(choices: object, registry: dict) -> None:
+    assert set(typing.get_args(choices)) == set(registry)
