@@ -28,7 +28,7 @@ from ltrp.data.images import View, render_view, to_model_input
 from ltrp.data.sources import read_bytes
 from ltrp.data.tables import SCORES_SCHEMA, read_errors, read_scores
 from ltrp.pipeline import score_job
-from ltrp.pipeline.configs import ScoreConfig
+from ltrp.pipeline.configs import InputError, ScoreConfig
 from ltrp.pipeline.train_job import read_scores_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -214,7 +214,9 @@ def test_bad_and_odd_files_are_recorded_or_scored(tmp_path: Path, ray_address: s
         (folder / name).write_bytes(data)
     Image.new("1", (12000, 12000)).save(folder / "bomb.png")  # 144 Mpx in a few kB
     out = tmp_path / "out"
-    summary = score_job.score_corpus(ScoreConfig(source=str(folder), mae=checkpoint, output=str(out), shard_size=4))
+    summary = score_job.score_corpus(
+        ScoreConfig(source=str(folder), mae=checkpoint, output=str(out), shard_size=4)
+    )
     errors = {r["image_id"]: r["reason"] for r in read_errors(str(out)).to_pylist()}
     assert set(errors) == {"truncated.jpg", "empty.jpg", "text.jpg", "tiny.png", "bomb.png"}
     assert "empty" in errors["empty.jpg"] and "too small" in errors["tiny.png"]
@@ -258,7 +260,7 @@ def test_resuming_with_other_settings_is_refused(tmp_path: Path, ray_address: st
     folder.mkdir()
     Image.fromarray(skimage.data.chelsea()).save(folder / "chelsea.png")
     score_job.score_corpus(ScoreConfig(source=str(folder), mae=checkpoint, output=str(tmp_path / "out")))
-    with pytest.raises(ValueError, match="differs in: seed"):
+    with pytest.raises(InputError, match="differs in: seed"):
         score_job.score_corpus(
             ScoreConfig(source=str(folder), mae=checkpoint, output=str(tmp_path / "out"), seed=1)
         )
@@ -268,16 +270,15 @@ def test_bad_checkpoint_fails_before_any_work(tmp_path: Path, checkpoint: str) -
     folder = tmp_path / "photos"
     folder.mkdir()
     Image.fromarray(skimage.data.chelsea()).save(folder / "chelsea.png")
-    with pytest.raises(FileNotFoundError, match=r"missing\.pth"):
+    with pytest.raises(InputError, match=r"missing\.pth") as missing:
         score_job.score_corpus(
-            ScoreConfig(
-                source=str(folder), mae=str(tmp_path / "missing.pth"), output=str(tmp_path / "out")
-            )
+            ScoreConfig(source=str(folder), mae=str(tmp_path / "missing.pth"), output=str(tmp_path / "out"))
         )
+    assert isinstance(missing.value.__cause__, FileNotFoundError)
     state = torch.load(checkpoint, weights_only=True)["model"]
     encoder_only = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token"))}
     torch.save({"model": encoder_only}, tmp_path / "mae_pretrain_vit_tiny.pth")
-    with pytest.raises(CheckpointError, match="encoder only"):
+    with pytest.raises(InputError, match="encoder only") as refused:
         score_job.score_corpus(
             ScoreConfig(
                 source=str(folder),
@@ -285,4 +286,5 @@ def test_bad_checkpoint_fails_before_any_work(tmp_path: Path, checkpoint: str) -
                 output=str(tmp_path / "out"),
             )
         )
+    assert isinstance(refused.value.__cause__, CheckpointError)
     assert not (tmp_path / "out").exists()
