@@ -8,6 +8,7 @@ import contextlib
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import signal
 import string
@@ -27,6 +28,8 @@ from conftest import BIN, fashion_mnist_pngs, free_port, wait_for_port
 from mlflow.tracking import MlflowClient
 
 import ltrp
+from jobs._cli import parse
+from ltrp.pipeline.configs import EvaluateConfig, ScoreConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
@@ -39,6 +42,11 @@ SETTINGS = (
     "MLFLOW_TRACKING_URI",
 )
 JOB_MODULES = ("jobs.score", "jobs.train", "jobs.evaluate", "jobs.promote")
+LAUNCHER_CONFIGS = {
+    "jobs.score": (ScoreConfig, "score"),
+    "jobs.train": (TrainConfig, "train"),
+    "jobs.evaluate": (EvaluateConfig, "evaluate"),
+}
 
 
 def _node_env() -> dict:
@@ -232,7 +240,7 @@ def test_submitted_training_job_checkpoints_to_s3_and_registers(
     logs = _submit(
         cluster[0],
         f"jobs.train --scores {out} --storage s3://cluster/train --name run1 --ranker ltrp_vit_micro_patch8"
-        " --epochs 1 --warmup-epochs 0 --batch-size 16 --worker-cpus 0.5 --registered-model ltrp-cluster"
+        " --epochs 1 --warmup-epochs 0 --batch-size 16 --worker-cpus 0.5 --model models:/ltrp-cluster"
         " --alias candidate",
         settings,
     )
@@ -269,11 +277,19 @@ def test_cluster_files_parse_and_their_entrypoints_name_existing_modules() -> No
                 spec = doc["spec"]
                 assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
                 named |= set(re.findall(r"python -m ([\w.]+)", spec["entrypoint"]))
+                _parses(spec["entrypoint"])
                 # The job's runtime env is the one of ray job submit: the same settings, the same way.
                 assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"] == env_vars, path
     assert named == {"jobs.score", "jobs.train", "jobs.evaluate"}
     missing = [m for m in JOB_MODULES if importlib.util.find_spec(m) is None]
     assert not missing, f"entrypoint modules missing: {missing}"
+
+
+def _parses(entrypoint: str) -> None:
+    """The entrypoint's flags exist and its values pass the job's config checks (placeholders filled)."""
+    module, *args = shlex.split(re.sub(r"\$\{?\w+\}?", "x", entrypoint).split("python -m ", 1)[1])
+    cls, section = LAUNCHER_CONFIGS[module]
+    parse(cls, section, args, prog=module)  # exits with code 2 on a flag or value the job refuses
 
 
 def test_placeholders_are_only_the_documented_settings() -> None:
