@@ -107,7 +107,7 @@ def frequency_split(images: torch.Tensor, tau: float) -> tuple[torch.Tensor, tor
 
 
 class FolkRComScorer:
-    """Energy of FOLK's RCom residual inside each patch, averaged over the tau set (spec section 5)."""
+    """Energy of FOLK's RCom residual inside each patch, averaged over the tau set (docs/method.md, 5)."""
 
     name = "folk_rcom"
 

@@ -2,7 +2,7 @@
 
 Score of visible patch v: mean over the originally masked positions and all p*p*C values of
 |A - R_v| (or its square), where A is the MAE's reconstruction from all n visible patches and R_v the
-reconstruction with v cut out (see docs: LTRP spec, section 2).
+reconstruction with v cut out (docs/method.md, section 2).
 
 All n leave-one-out variants of a batch run as one batch of decoder sequences: v's token is *dropped*
 with a fixed-shape gather, which gives exactly what the authors' -inf row/column mask gives for every
