@@ -10,7 +10,6 @@ scikit-image's photos. Random MAE weights: speed does not depend on them. Prints
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,9 +20,11 @@ import pyarrow.parquet as pq
 import ray
 import skimage.data
 import torch
+import tyro
 from PIL import Image
 
 import ltrp
+from ltrp.core.options import MAEGeometry, Precision
 from ltrp.data.datasets import SAMPLE_PHOTOS
 from ltrp.data.images import center_crop, to_model_input
 from ltrp.pipeline import score_job
@@ -33,10 +34,12 @@ from ltrp.pipeline.score_job import PRECISIONS
 
 @dataclass
 class PipelineBenchConfig:
-    geometry: str = "mae_vit_base_patch16"
-    images: int = 32
-    batch_size: int = 8
-    precision: str = "fp32"
+    """The scoring job end to end against the scoring kernel alone, side by side."""
+
+    geometry: MAEGeometry = "mae_vit_base_patch16"  # the MAE (random weights: speed does not depend on them)
+    images: int = 32  # JPEGs in the corpus
+    batch_size: int = 8  # views per scoring call
+    precision: Precision = "fp32"  # scoring arithmetic (fp16/bf16 need a GPU)
 
 
 def write_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
@@ -91,16 +94,7 @@ def kernel_images_per_second(mae: ltrp.MAE, paths: list[Path], cfg: PipelineBenc
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    defaults = PipelineBenchConfig()
-    parser.add_argument("--geometry", default=defaults.geometry, choices=ltrp.GEOMETRIES)
-    parser.add_argument("--images", type=int, default=defaults.images, help="JPEGs in the corpus")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="views per scoring call")
-    parser.add_argument("--precision", default=defaults.precision, choices=list(PRECISIONS))
-    args = parser.parse_args()
-    cfg = PipelineBenchConfig(args.geometry, args.images, args.batch_size, args.precision)
+    cfg = tyro.cli(PipelineBenchConfig, prog="python -m jobs.bench.pipeline", description=__doc__)
 
     torch.manual_seed(0)
     mae = ltrp.MAE(ltrp.GEOMETRIES[cfg.geometry]).eval()

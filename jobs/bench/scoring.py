@@ -10,26 +10,30 @@ it also prints the Kendall tau of reduced-precision scores against fp32 scores w
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+import tyro
 
 import ltrp
+from ltrp.core.options import MAEGeometry
 from ltrp.core.ranking_metrics import kendall_tau
 from ltrp.core.reference_loop import reference_loo_scores
 
 
 @dataclass
 class BenchConfig:
-    geometries: tuple[str, ...] = ("mae_vit_base_patch16",)
-    batch_size: int = 8
-    device: str = "cpu"
-    repeats: int = 2
-    compile: bool = False
-    max_tokens: int | None = None  # the library's per-device default
+    """Leave-one-out scoring: the authors' loop against the batched path, side by side."""
+
+    geometries: tuple[MAEGeometry, ...] = ("mae_vit_base_patch16",)  # MAEs to time
+    batch_size: int = 8  # images per batch
+    device: Literal["cpu", "cuda"] = "cpu"  # where to time
+    repeats: int = 2  # timed batches per figure
+    compile: bool = False  # also time the batched path under torch.compile
+    max_tokens: int | None = None  # decoder tokens per chunk; None: the library's per-device default
 
 
 def _images_per_second(fn: Callable[[], torch.Tensor], images: int, repeats: int, device: str) -> float:
@@ -81,32 +85,7 @@ def bench_geometry(name: str, cfg: BenchConfig) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    defaults = BenchConfig()
-    parser.add_argument("--geometries", nargs="+", default=list(defaults.geometries), choices=ltrp.GEOMETRIES)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per batch")
-    parser.add_argument("--device", default=defaults.device, help="cpu or cuda")
-    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed batches per figure")
-    parser.add_argument(
-        "--compile", action="store_true", help="also time the batched path under torch.compile"
-    )
-    parser.add_argument(
-        "--max-tokens",
-        type=int,
-        default=defaults.max_tokens,
-        help="decoder tokens per chunk (default: per device)",
-    )
-    args = parser.parse_args()
-    cfg = BenchConfig(
-        geometries=tuple(args.geometries),
-        batch_size=args.batch_size,
-        device=args.device,
-        repeats=args.repeats,
-        compile=args.compile,
-        max_tokens=args.max_tokens,
-    )
+    cfg = tyro.cli(BenchConfig, prog="python -m jobs.bench.scoring", description=__doc__)
     for name in cfg.geometries:
         bench_geometry(name, cfg)
 
