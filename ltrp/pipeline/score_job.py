@@ -319,12 +319,12 @@ def assemble_shards(batches: Iterable[pa.Table]) -> Iterator[tuple[int, pa.Table
     counts: Counter[int] = Counter()
     for batch in batches:
         shard_col = batch.column("shard").to_numpy()
-        for index in np.unique(shard_col):
+        for index in map(int, np.unique(shard_col)):
             part = batch.filter(pa.array(shard_col == index))
             parts[index].append(part)
             counts[index] += part.num_rows
             if counts[index] == part.column("shard_rows")[0].as_py():
-                yield int(index), pa.concat_tables(parts.pop(index))
+                yield index, pa.concat_tables(parts.pop(index))
     if parts:
         raise RuntimeError(f"the pipeline ended with shards {sorted(parts)} incomplete")
 

@@ -19,10 +19,17 @@ def test_scores_have_one_value_per_position_seen(head: str) -> None:
     visible = ltrp.visible_sets(["a", "b"], grid=8, mask_ratio=0.75)
     assert model(imgs).shape == (2, 64)
     assert model(imgs, visible).shape == (2, 16)
-    if (
-        head == "cls"
-    ):  # the CLS head scores positions: seeing fewer patches changes the scores, not the layout
-        assert model(imgs, visible).shape == model(imgs).gather(1, visible).shape
+    if head == "cls":
+        # The CLS head scores positions: seeing fewer patches changes the scores, not the layout. The
+        # scores of the seen patches are the head's full row of L scores at exactly those positions.
+        with torch.no_grad():
+            every_position = model.head(model.encode(imgs, visible)[:, 0])  # (2, 64) from the 16 seen
+            seen, full = model(imgs, visible), model(imgs)
+        assert torch.equal(seen, every_position.gather(1, visible))
+        assert not torch.allclose(seen, full.gather(1, visible), atol=1e-3)
+        # Scores follow the positions named, not their order: permuting `visible` permutes the scores.
+        perm = torch.randperm(visible.shape[1])
+        torch.testing.assert_close(model(imgs, visible[:, perm]), seen[:, perm], rtol=1e-5, atol=1e-5)
 
 
 def test_vit_small_has_about_21m_parameters() -> None:

@@ -1,0 +1,520 @@
+"""The scoring job's stages as plain functions, without Ray: decoding, scoring, regrouping rows into
+shards, the output folder and the job's fingerprint. The end-to-end runs on a Ray cluster are in
+test_score_job.py."""
+
+import dataclasses
+import io
+import json
+import random
+import shutil
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import ltrp
+from ltrp.data.images import View, png_bytes, render_view, to_model_input, view_geometry
+from ltrp.data.sources import Shard, plan_digest, plan_shards
+from ltrp.data.tables import ERRORS_SCHEMA, SCORES_SCHEMA
+from ltrp.pipeline.configs import ScoreConfig, result_fields
+from ltrp.pipeline.score_job import ScoreOutput, ShardScorer, assemble_shards, decode_shards, job_metadata
+
+SIZE, GRID = 64, 8  # the tiny MAE's image size and patch grid
+#: The fields of ScoreConfig that change only how fast the job runs: all others must be fingerprinted.
+EXECUTION_ONLY = {"mae", "output", "batch_size", "scorers", "scorer_cpus", "scorer_threads", "device"}
+#: A different value for every result field, each of which must make a resume refuse.
+RESULT_CHANGES = {
+    "source": "elsewhere",
+    "views": 2,
+    "crop": "random",
+    "flip": True,
+    "mask_ratio": 0.5,
+    "seed": 1,
+    "mode": "encoder",
+    "metric": "l2",
+    "precision": "bf16",
+    "shard_size": 1,
+    "min_side": 8,
+    "max_pixels": 10**6,
+}
+
+
+def _image(seed: int, height: int, width: int, gray: bool = False) -> bytes:
+    rng = np.random.default_rng(seed)
+    shape = (height, width) if gray else (height, width, 3)
+    return png_bytes(rng.integers(0, 256, shape, dtype=np.uint8))
+
+
+def _shard(folder: Path, index: int, files: dict[str, bytes | None]) -> Shard:
+    """A shard of the named files, written under `folder` (None: a file that does not exist)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        if data is not None:
+            (folder / name).write_bytes(data)
+    names = list(files)
+    return Shard(index, tuple(names), tuple(str(folder / n) for n in names), tuple(f"L{n[0]}" for n in names))
+
+
+def _cfg(tmp_path: Path, mae: str = "unused.pth", **changes: object) -> ScoreConfig:
+    return ScoreConfig(source=str(tmp_path), mae=mae, output=str(tmp_path / "out"), **changes)
+
+
+def _decode(cfg: ScoreConfig, *shards: Shard) -> pa.Table:
+    # As Ray's numpy batches hold it: one shard descriptor per row, as an object array of str.
+    return decode_shards({"shard": np.array([s.to_json() for s in shards], dtype=object)}, cfg, SIZE, GRID)
+
+
+def _pixels(row: dict) -> np.ndarray:
+    return np.frombuffer(row["pixels"], np.uint8).reshape(SIZE, SIZE, 3)
+
+
+@pytest.fixture(scope="module")
+def mae_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("mae") / "tiny.pth"
+    ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"]), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def mae(mae_path: str) -> ltrp.MAE:
+    return ltrp.load_mae(mae_path)
+
+
+# -- decode -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("views", "crop", "flip"), [(1, "center", False), (3, "random", True)])
+def test_decode_gives_one_row_per_image_and_view(tmp_path: Path, views: int, crop: str, flip: bool) -> None:
+    files = {"b.png": _image(0, 40, 90), "a.png": _image(1, 70, 30, gray=True)}
+    shard = _shard(tmp_path, 0, files)
+    cfg = _cfg(tmp_path, views=views, crop=crop, flip=flip, mask_ratio=0.75, seed=3)
+    rows = _decode(cfg, shard).to_pylist()
+
+    # In the shard's order, each image's views in order.
+    assert [(r["image_id"], r["view"]) for r in rows] == [
+        (i, v) for i in ("b.png", "a.png") for v in range(views)
+    ]
+    sizes = {"b.png": (90, 40), "a.png": (30, 70)}
+    for row in rows:
+        image_id, view, data = row["image_id"], row["view"], files[row["image_id"]]
+        assert row["error"] is None
+        assert row["uri"] == str(tmp_path / image_id) and row["label"] == f"L{image_id[0]}"
+        assert len(row["pixels"]) == SIZE * SIZE * 3
+        geometry = view_geometry(image_id, view, *sizes[image_id], seed=3, crop=crop, flip=flip)
+        assert (tuple(row["crop_box"]), row["flip"]) == (geometry.box, geometry.flip)
+        # The pixels are exactly the stored view replayed from the source bytes (what training does).
+        np.testing.assert_array_equal(
+            _pixels(row), render_view(data, View(tuple(row["crop_box"]), row["flip"]), SIZE)
+        )
+        expected = ltrp.visible_sets([image_id], grid=GRID, mask_ratio=0.75, seed=3, view=view)[0]
+        assert row["visible"] == expected.tolist() and len(row["visible"]) == 16
+    if views > 1:  # each view of an image has its own crop and visible set
+        for image_id in files:
+            mine = [r for r in rows if r["image_id"] == image_id]
+            assert len({tuple(r["crop_box"]) for r in mine}) == views
+            assert len({tuple(r["visible"]) for r in mine}) == views
+
+
+def test_decoding_is_deterministic_and_follows_the_seed(tmp_path: Path) -> None:
+    shard = _shard(tmp_path, 0, {"x.png": _image(0, 50, 80), "y.png": _image(1, 64, 64)})
+    cfg = _cfg(tmp_path, views=2, crop="random", flip=True, mask_ratio=0.75)
+    first, again = _decode(cfg, shard), _decode(cfg, shard)
+    assert first.equals(again)
+    other = _decode(dataclasses.replace(cfg, seed=1), shard)
+    for column in ("crop_box", "visible", "pixels"):
+        assert first.column(column).to_pylist() != other.column(column).to_pylist()
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"certainly not a PNG", "cannot decode image"),
+        (b"", "empty file"),
+        (_image(2, 8, 40), "too small: 40x8"),
+        (None, "cannot read file"),  # listed in the shard, gone from the disk
+    ],
+)
+def test_an_unusable_image_becomes_one_error_row(tmp_path: Path, data: bytes | None, reason: str) -> None:
+    shard = _shard(tmp_path, 5, {"good.png": _image(0, 32, 32), "bad.png": data})
+    table = _decode(_cfg(tmp_path, views=2), shard)
+    rows = {(r["image_id"], r["view"]): r for r in table.to_pylist()}
+    assert set(rows) == {("good.png", 0), ("good.png", 1), ("bad.png", None)}
+    bad = rows["bad.png", None]
+    assert reason in bad["error"]
+    assert (bad["uri"], bad["label"]) == (str(tmp_path / "bad.png"), "Lb")
+    assert bad["pixels"] is None and bad["visible"] is None and bad["crop_box"] is None
+    assert all(r["error"] is None for k, r in rows.items() if k[0] == "good.png")
+    assert set(table.column("shard").to_pylist()) == {5}
+    assert set(table.column("shard_rows").to_pylist()) == {3}
+
+
+def _empty_tar(tmp_path: Path) -> Shard:
+    """A tar shard whose only sample holds metadata, no image."""
+    path = tmp_path / "meta-only.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("s0.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    return Shard(9, tar=str(path))
+
+
+@pytest.mark.parametrize("kind", ["file list", "tar"])
+def test_a_shard_without_images_still_yields_one_row(tmp_path: Path, kind: str) -> None:
+    shard = Shard(9) if kind == "file list" else _empty_tar(tmp_path)
+    (row,) = _decode(_cfg(tmp_path), shard).to_pylist()
+    assert (row["shard"], row["shard_rows"]) == (9, 1)
+    assert row["error"] == "shard holds no images"
+    assert row["image_id"] == (shard.tar or "9") and row["pixels"] is None
+
+
+def test_every_row_carries_its_shard_and_the_shards_row_count(tmp_path: Path) -> None:
+    shards = [
+        _shard(
+            tmp_path / "s7", 7, {"a.png": _image(0, 30, 30), "b.png": b"junk", "c.png": _image(1, 40, 20)}
+        ),
+        Shard(2),  # no images: one row
+        _shard(tmp_path / "s0", 0, {"d.png": _image(2, 20, 60)}),
+    ]
+    table = _decode(_cfg(tmp_path, views=2), *shards)
+    counts = Counter(table.column("shard").to_pylist())
+    assert counts == {7: 5, 2: 1, 0: 2}  # 2 views of 2 images + 1 error; 1; 2 views
+    for row in table.to_pylist():
+        assert row["shard_rows"] == counts[row["shard"]]
+    assert table.column("shard").to_pylist() == [7] * 5 + [2] + [0] * 2  # shard by shard
+
+
+# -- scoring ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "metric"), [("decoder", "l1"), ("encoder", "l2")])
+def test_the_scorer_scores_usable_rows_as_loo_scores_does(
+    tmp_path: Path, mae_path: str, mae: ltrp.MAE, mode: str, metric: str
+) -> None:
+    files = {"a.png": _image(0, 60, 90), "b.png": b"junk", "c.png": _image(1, 64, 64, gray=True)}
+    cfg = _cfg(tmp_path, mae_path, views=2, crop="random", mask_ratio=0.9, mode=mode, metric=metric)
+    batch = _decode(cfg, _shard(tmp_path, 0, files))
+    scored = ShardScorer(cfg, mae.checkpoint.sha256, gpu=False)(batch)
+
+    assert scored.column_names == [c for c in batch.column_names if c != "pixels"] + ["scores"]
+    assert scored.drop_columns(["scores"]).equals(batch.drop_columns(["pixels"]))
+    rows = batch.to_pylist()
+    ok = [i for i, r in enumerate(rows) if r["error"] is None]
+    assert len(ok) == 4 and len(rows) == 5
+    scores = scored.column("scores").to_pylist()
+    assert [scores[i] for i in range(len(rows)) if i not in ok] == [None]
+    assert all(len(scores[i]) == len(rows[i]["visible"]) == 6 for i in ok)  # int(64 * 0.1)
+    expected = ltrp.loo_scores(
+        mae,
+        to_model_input(np.stack([_pixels(rows[i]) for i in ok])),
+        torch.tensor([rows[i]["visible"] for i in ok]),
+        mode=mode,
+        metric=metric,
+    )
+    got = np.array([scores[i] for i in ok], np.float32)
+    assert np.all(got > 0)  # not an empty or zero result that would match anything
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-8)
+
+
+def test_the_scorer_passes_a_batch_of_errors_through(tmp_path: Path, mae_path: str, mae: ltrp.MAE) -> None:
+    cfg = _cfg(tmp_path, mae_path)
+    scored = ShardScorer(cfg, mae.checkpoint.sha256, gpu=False)(_decode(cfg, Shard(3)))
+    assert scored.column("scores").to_pylist() == [None]
+
+
+def test_the_scorer_refuses_a_checkpoint_changed_since_the_job_started(tmp_path: Path) -> None:
+    path = str(tmp_path / "mae.pth")
+    torch.manual_seed(0)
+    ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"]), path)
+    sha256 = ltrp.load_mae(path).checkpoint.sha256
+    cfg = _cfg(tmp_path, path)
+    assert ShardScorer(cfg, sha256, gpu=False).mae.checkpoint.sha256 == sha256
+    torch.manual_seed(1)
+    ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"]), path)  # replaced under the job
+    with pytest.raises(RuntimeError, match="changed since the job started"):
+        ShardScorer(cfg, sha256, gpu=False)
+
+
+# -- regrouping rows into shards --------------------------------------------------------------------
+
+
+def _rows(shard: int, total: int, rows: range) -> pa.Table:
+    """Rows `rows` of a shard of `total` rows (only the columns the assembly reads, and a row number)."""
+    n = len(rows)
+    return pa.table(
+        {
+            "shard": pa.array([shard] * n, pa.int32()),
+            "shard_rows": pa.array([total] * n, pa.int32()),
+            "row": pa.array(list(rows), pa.int64()),
+        }
+    )
+
+
+def _assemble(batches: list[pa.Table]) -> tuple[list[tuple[int, pa.Table]], list[int]]:
+    """(what assemble_shards yielded, how many batches it had read when it yielded each)."""
+    read = 0
+
+    def feed() -> Iterator[pa.Table]:
+        nonlocal read
+        for batch in batches:
+            read += 1
+            yield batch
+
+    out, when = [], []
+    for item in assemble_shards(feed()):
+        out.append(item)
+        when.append(read)
+    return out, when
+
+
+def test_shards_out_of_order_and_interleaved_are_yielded_once_as_soon_as_complete() -> None:
+    batches = [
+        pa.concat_tables([_rows(2, 3, range(0, 2)), _rows(0, 2, range(0, 1))]),
+        pa.concat_tables([_rows(1, 1, range(0, 1)), _rows(0, 2, range(1, 2))]),  # completes 1 and 0
+        _rows(2, 3, range(0, 0)),  # an empty batch
+        pa.concat_tables([_rows(3, 2, range(0, 2)), _rows(2, 3, range(2, 3))]),  # completes 3 and 2
+    ]
+    out, when = _assemble(batches)
+    assert sorted(index for index, _ in out) == [0, 1, 2, 3]
+    done_after = {index: n for (index, _), n in zip(out, when, strict=True)}
+    assert done_after == {0: 2, 1: 2, 2: 4, 3: 4}
+    for index, table in out:
+        assert isinstance(index, int)
+        assert set(table.column("shard").to_pylist()) == {index}
+        assert sorted(table.column("row").to_pylist()) == list(range({0: 2, 1: 1, 2: 3, 3: 2}[index]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_any_split_and_order_of_the_rows_assembles_every_shard_exactly_once(seed: int) -> None:
+    rng = random.Random(seed)
+    sizes = {index: rng.randint(1, 6) for index in rng.sample(range(100), 8)}
+    rows = [(index, r) for index, size in sizes.items() for r in range(size)]
+    rng.shuffle(rows)
+    cuts = sorted(rng.sample(range(1, len(rows)), 5))
+    batches = [
+        pa.concat_tables([_rows(i, sizes[i], range(r, r + 1)) for i, r in rows[a:b]])
+        for a, b in zip([0, *cuts], [*cuts, len(rows)], strict=True)
+    ]
+    last_batch = {}  # shard -> the batch holding its last row
+    for k, (a, b) in enumerate(zip([0, *cuts], [*cuts, len(rows)], strict=True)):
+        for i, _ in rows[a:b]:
+            last_batch[i] = k + 1
+    out, when = _assemble(batches)
+    assert Counter(index for index, _ in out) == dict.fromkeys(sizes, 1)
+    for (index, table), n in zip(out, when, strict=True):
+        assert n == last_batch[index]
+        assert sorted(table.column("row").to_pylist()) == list(range(sizes[index]))
+
+
+def test_a_shard_still_incomplete_at_the_end_is_an_error_naming_it() -> None:
+    batches = [
+        pa.concat_tables([_rows(4, 2, range(0, 2)), _rows(5, 3, range(0, 2))]),
+        _rows(6, 1, range(0, 1)),
+    ]
+    done = []
+    with pytest.raises(RuntimeError, match=r"shards \[5\] incomplete"):
+        for index, _ in assemble_shards(iter(batches)):
+            done.append(index)
+    assert done == [4, 6]  # the complete ones were committed before the failure
+
+
+# -- the output folder ------------------------------------------------------------------------------
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def scored(
+    tmp_path_factory: pytest.TempPathFactory, mae_path: str, mae: ltrp.MAE
+) -> tuple[dict, pa.Table, Path]:
+    """(job metadata, a scored shard whose rows come unsorted with an unusable image among them, the
+    folder of its images)."""
+    images = tmp_path_factory.mktemp("images")
+    files = {"b.png": _image(0, 40, 40), "z.png": b"junk", "a.png": _image(1, 50, 30)}
+    cfg = _cfg(images, mae_path, views=2)
+    shard = _shard(images, 3, files)
+    table = ShardScorer(cfg, mae.checkpoint.sha256, gpu=False)(_decode(cfg, shard))
+    table = table.take([3, 0, 4, 2, 1])  # a0, b0, a1, z, b1
+    return job_metadata(cfg, mae, [shard]), table, images
+
+
+@pytest.fixture
+def output(tmp_path: Path) -> str:
+    return str(tmp_path / "out")
+
+
+def test_claim_records_the_job_and_accepts_the_same_job_again(
+    scored: tuple[dict, pa.Table, Path],
+    output: str,
+) -> None:
+    metadata, _, _ = scored
+    out = ScoreOutput(output + "/")
+    assert out.check(metadata) is False
+    assert not Path(output).exists()  # checking writes nothing
+    out.claim(metadata)
+    assert _files(Path(output)) == {"_ltrp_job.json"}
+    assert json.loads((Path(output) / "_ltrp_job.json").read_text()) == metadata
+    before = (Path(output) / "_ltrp_job.json").read_bytes()
+    ScoreOutput(output).claim(json.loads(json.dumps(metadata)))  # another run of the same job
+    assert ScoreOutput(output).check(metadata) is True
+    assert (Path(output) / "_ltrp_job.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("key", ["seed", "mask_ratio", "plan_digest", "mae_sha256", "mae_config"])
+def test_claiming_for_another_job_is_refused_naming_what_differs(
+    scored: tuple[dict, pa.Table, Path], output: str, key: str
+) -> None:
+    metadata, _, _ = scored
+    ScoreOutput(output).claim(metadata)
+    before = (Path(output) / "_ltrp_job.json").read_bytes()
+    other = {**metadata, key: "something else"}
+    for attempt in (ScoreOutput(output).check, ScoreOutput(output).claim):
+        with pytest.raises(ValueError, match=rf"differs in: {key}\)"):
+            attempt(other)
+    assert (Path(output) / "_ltrp_job.json").read_bytes() == before
+
+
+def test_a_key_only_one_side_fingerprints_still_counts(
+    scored: tuple[dict, pa.Table, Path], output: str
+) -> None:
+    metadata, _, _ = scored
+    ScoreOutput(output).claim({**metadata, "extra": 1, "fingerprint": [*metadata["fingerprint"], "extra"]})
+    with pytest.raises(ValueError, match="differs in: extra"):
+        ScoreOutput(output).check(metadata)
+
+
+def test_metadata_outside_the_fingerprint_may_differ(
+    scored: tuple[dict, pa.Table, Path], output: str
+) -> None:
+    metadata, _, _ = scored
+    ScoreOutput(output).claim(metadata)
+    assert ScoreOutput(output).check({**metadata, "mae_uri": "moved.pth", "torch_version": "9.9"})
+
+
+def test_commit_writes_errors_then_scores_sorted(
+    scored: tuple[dict, pa.Table, Path], output: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metadata, table, images = scored
+    out = ScoreOutput(output)
+    out.claim(metadata)
+    written = []
+    write = ScoreOutput._write
+
+    def crash_on_second_write(self: ScoreOutput, path: str, data: pa.Table) -> None:
+        written.append(str(Path(path).relative_to(Path(output))))
+        if len(written) == 2:
+            raise OSError("disk full")
+        write(self, path, data)
+
+    monkeypatch.setattr(ScoreOutput, "_write", crash_on_second_write)
+    with pytest.raises(OSError, match="disk full"):
+        out.commit(3, table, metadata)
+    assert written == ["errors/part-00003.parquet", "scores/part-00003.parquet"]
+    assert out.committed_shards() == set()  # a crash between the two files leaves the shard to redo
+    monkeypatch.undo()
+
+    scores, errors = out.commit(3, table, metadata)
+    assert out.committed_shards() == {3}
+    stored = pq.read_table(Path(output) / "scores" / "part-00003.parquet")
+    assert stored.schema.remove_metadata() == SCORES_SCHEMA
+    assert json.loads(stored.schema.metadata[b"ltrp"]) == metadata
+    assert [(r["image_id"], r["view"]) for r in stored.to_pylist()] == [
+        ("a.png", 0),
+        ("a.png", 1),
+        ("b.png", 0),
+        ("b.png", 1),
+    ]
+    assert stored.equals(scores.cast(stored.schema))
+    assert all(len(r["scores"]) == len(r["visible"]) for r in stored.to_pylist())
+    failed = pq.read_table(Path(output) / "errors" / "part-00003.parquet")
+    assert failed.schema.remove_metadata() == ERRORS_SCHEMA
+    assert failed.equals(errors.cast(failed.schema))
+    ((image_id, uri, reason),) = [tuple(r.values()) for r in failed.to_pylist()]
+    assert (image_id, uri) == ("z.png", str(images / "z.png"))
+    assert "cannot decode image" in reason
+
+
+def test_finish_needs_every_shard_and_leaves_no_temporary_files(
+    scored: tuple[dict, pa.Table, Path], output: str
+) -> None:
+    metadata, table, _ = scored
+    out = ScoreOutput(output)
+    out.claim(metadata)
+    for index in (0, 2):
+        out.commit(index, table, metadata)
+    with pytest.raises(RuntimeError, match="1 of 3 shards are not committed"):
+        out.finish(3)
+    assert not (Path(output) / "_SUCCESS").exists()
+    out.commit(1, table.filter(pc.is_valid(table.column("error"))), metadata)  # errors only
+    assert out.committed_shards() == {0, 1, 2}
+    assert pq.read_table(Path(output) / "scores" / "part-00001.parquet").num_rows == 0
+    out.finish(3)
+    files = _files(Path(output))
+    assert files == {"_ltrp_job.json", "_SUCCESS"} | {
+        f"{kind}/part-0000{i}.parquet" for kind in ("scores", "errors") for i in range(3)
+    }
+    assert not any(Path(f).name.startswith(".") for f in files)
+
+
+# -- the job's fingerprint --------------------------------------------------------------------------
+
+
+def test_the_fingerprint_holds_every_result_field_and_what_is_derived(
+    tmp_path: Path, mae_path: str, mae: ltrp.MAE
+) -> None:
+    _shard(tmp_path / "corpus", 0, {"a.png": _image(0, 20, 20), "b.png": _image(1, 20, 20)})
+    cfg = ScoreConfig(
+        source=str(tmp_path / "corpus"), mae=mae_path, output=str(tmp_path / "out"), shard_size=1
+    )
+    shards = plan_shards(cfg.source, cfg.shard_size)
+    metadata = job_metadata(cfg, mae, shards)
+
+    names = {f.name for f in dataclasses.fields(ScoreConfig)}
+    assert names >= EXECUTION_ONLY and set(result_fields(cfg)) == names - EXECUTION_ONLY
+    derived = {"plan_digest", "mae_sha256", "mae_config"}
+    assert metadata["fingerprint"] == sorted((names - EXECUTION_ONLY) | derived)
+    assert not EXECUTION_ONLY & set(metadata["fingerprint"])
+    assert all(metadata[name] == getattr(cfg, name) for name in names - EXECUTION_ONLY)
+    assert metadata["plan_digest"] == plan_digest(shards) != plan_digest(shards[:1])
+    assert metadata["mae_sha256"] == mae.checkpoint.sha256 and metadata["mae_uri"] == mae_path
+    assert metadata["mae_config"] == dataclasses.asdict(mae.cfg)
+    assert json.loads(json.dumps(metadata)) == metadata  # what a resume compares, after the JSON file
+
+
+def test_every_result_field_is_covered_here(tmp_path: Path) -> None:
+    assert set(RESULT_CHANGES) == set(result_fields(_cfg(tmp_path)))
+
+
+@pytest.mark.parametrize("field", sorted(RESULT_CHANGES))
+def test_a_resume_with_another_result_setting_is_refused(
+    tmp_path: Path, mae_path: str, mae: ltrp.MAE, field: str
+) -> None:
+    cfg = _cfg(tmp_path, mae_path)
+    shards = [_shard(tmp_path, 0, {"a.png": _image(0, 20, 20)})]
+    ScoreOutput(cfg.output).claim(job_metadata(cfg, mae, shards))
+    other = job_metadata(dataclasses.replace(cfg, **{field: RESULT_CHANGES[field]}), mae, shards)
+    with pytest.raises(ValueError, match=rf"differs in: {field}\)"):
+        ScoreOutput(cfg.output).check(other)
+
+
+def test_a_resume_with_other_execution_settings_is_the_same_job(
+    tmp_path: Path, mae_path: str, mae: ltrp.MAE
+) -> None:
+    cfg = _cfg(tmp_path, mae_path)
+    shards = [_shard(tmp_path, 0, {"a.png": _image(0, 20, 20)})]
+    ScoreOutput(cfg.output).claim(job_metadata(cfg, mae, shards))
+    moved = str(tmp_path / "moved.pth")
+    shutil.copy(mae_path, moved)  # the same bytes elsewhere
+    faster = dataclasses.replace(
+        cfg, mae=moved, batch_size=7, scorers=3, scorer_cpus=2.0, scorer_threads=1, device="cpu"
+    )
+    assert ScoreOutput(cfg.output).check(job_metadata(faster, ltrp.load_mae(moved), shards)) is True
