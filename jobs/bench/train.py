@@ -11,17 +11,19 @@ bottleneck. Random weights and data: speed does not depend on them.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from jobs.bench.pipeline import write_jpegs
+import tyro
 
 import ltrp
+from jobs.bench.pipeline import write_jpegs
 from ltrp.core.losses import listmle
 from ltrp.core.optim import param_groups
+from ltrp.core.options import RankerGeometry
 from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker
 from ltrp.data.images import center_crop
 
@@ -62,28 +64,31 @@ def load_images_per_second(count: int, size: int) -> float:
         return count / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--ranker", default="ltrp_vit_small_patch16", choices=RANKER_GEOMETRIES)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per figure")
-    args = parser.parse_args()
+@dataclass
+class BenchConfig:
+    """A ranker training step's time: the asymmetric step, the full step, and loading the views."""
+
+    ranker: RankerGeometry = "ltrp_vit_small_patch16"  # ranker size and patch grid
+    batch_size: int = 32  # views per step
+    steps: int = 3  # timed steps per figure
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = tyro.cli(BenchConfig, args=argv, prog="python -m jobs.bench.train", description=__doc__)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = Ranker(RANKER_GEOMETRIES[args.ranker]).to(device).train()
+    model = Ranker(RANKER_GEOMETRIES[cfg.ranker]).to(device).train()
     grid = model.cfg.grid
-    visible = ltrp.visible_sets(range(args.batch_size), grid=grid).to(device)
-    tag = f"train {args.ranker} {device.type} batch={args.batch_size}"
+    visible = ltrp.visible_sets(range(cfg.batch_size), grid=grid).to(device)
+    tag = f"train {cfg.ranker} {device.type} batch={cfg.batch_size}"
     print(
         f"{tag}: asymmetric step (CLS + {visible.shape[1]} tokens) "
-        f"{step_images_per_second(model, args.batch_size, visible, args.steps):.1f} img/s",
+        f"{step_images_per_second(model, cfg.batch_size, visible, cfg.steps):.1f} img/s",
         flush=True,
     )
     print(
         f"{tag}: full step (all {grid * grid} tokens) "
-        f"{step_images_per_second(model, args.batch_size, None, args.steps):.1f} img/s",
+        f"{step_images_per_second(model, cfg.batch_size, None, cfg.steps):.1f} img/s",
         flush=True,
     )
     print(f"{tag}: view loading, one core {load_images_per_second(64, model.cfg.img_size):.1f} img/s")

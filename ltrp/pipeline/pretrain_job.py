@@ -8,9 +8,12 @@ Images that cannot be decoded are skipped, counted and listed; they never stop t
 
 Training follows MAE: random masking (75% by default), MSE on the masked patches, raw-pixel targets
 (what LTRP scores in) or norm-pix ones, AdamW (0.9, 0.95), warm-up then cosine, lr = base * batch / 256.
+The loop is `ltrp.pipeline.trainer`'s, shared with ranker training; `MAETask` is what differs: the MAE,
+the masking and loss of a batch, the skipped images, and the reconstruction grid logged each epoch.
 
-Fault tolerance: a checkpoint every epoch under RunConfig(storage_path, name); a failed worker group is
-restarted from the last one (`max_failures`), and running again with the same name resumes it.
+Fault tolerance: a checkpoint every epoch under STORAGE/NAME; a failed worker group is restarted from
+the last one (`max_failures`), and launching again with the same name and storage resumes it, in the
+same MLflow run.
 """
 
 from __future__ import annotations
@@ -20,21 +23,20 @@ import json
 import math
 import random
 import tempfile
-import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pyarrow as pa
 import ray
 import ray.train
-import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from ltrp.core.mae import GEOMETRIES, MAE, MAEConfig, random_visible
 from ltrp.core.masking import visible_sets
-from ltrp.core.optim import lr_at, param_groups
+from ltrp.data.checkpoints import save_mae
 from ltrp.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -48,40 +50,65 @@ from ltrp.data.images import (
     view_geometry,
 )
 from ltrp.data.sources import Shard, plan_shards, read_shard
-from ltrp.pipeline.trainer import all_reduce_sum, log_epoch_metrics, run_trainer
+from ltrp.pipeline import runtime, trainer
+from ltrp.pipeline.configs import InputError, PretrainConfig
+from ltrp.pipeline.trainer import RunLog, Task, Worker, all_gather_lists, unwrap
 
+EXPERIMENT = "ltrp-pretrain"
 _IMAGES_SCHEMA = pa.schema(
     [("image_id", pa.string()), ("uri", pa.string()), ("data", pa.binary()), ("error", pa.string())]
 )
 
 
-@dataclass
-class PretrainConfig:
-    source: str  # folder, s3:// prefix, .tar shard or manifest: see `ltrp.data.sources.plan_shards`
-    output: str  # the final MAE (local or s3://), written with `ltrp.save_mae`
-    name: str = "ltrp-mae"  # Ray Train run name: running again with the same name resumes
-    storage: str = "runs/pretrain"  # checkpoints go to STORAGE/NAME (local or s3://)
-    geometry: str = "mae_vit_base_patch16"  # see `ltrp.core.mae.GEOMETRIES`
-    norm_pix: bool = False  # per-patch standardised targets; False: raw pixels, what LTRP scores in
-    mask_ratio: float = 0.75
-    epochs: int = 10
-    warmup_epochs: int = 1
-    batch_size: int = 64  # images per worker and step
-    lr: float | None = None  # None: base_lr * global batch / 256, MAE's rule
-    base_lr: float = 1.5e-4
-    weight_decay: float = 0.05  # not on norms, biases and tokens
-    crop: Crop = "center"  # "random": RandomResizedCrop geometry, scale 0.2-1
-    flip: bool = False  # mirror half of the views
-    max_images: int | None = None  # only the first N images of the source (in its sorted order)
-    shard_size: int = 64  # images per read task
-    shuffle_buffer: int = 1024  # images in each worker's local shuffle buffer
-    workers: int = 1
-    use_gpu: bool = False
-    worker_cpus: float = 1.0
-    threads: int | None = None  # torch threads of a CPU worker; None: Ray's (one per reserved CPU)
-    max_failures: int = 2
-    seed: int = 0
-    sample_images: int = 8  # fixed images shown in the reconstruction grid each epoch
+@dataclass(frozen=True)
+class PretrainSummary:
+    """What a pre-training launch did."""
+
+    output: str  # where the final MAE was written
+    geometry: str  # the MAE's geometry
+    epochs: int  # epochs the training has done in all
+    start_epoch: int  # the epoch this launch started at (0: a new training, else resumed)
+    history: tuple[float, ...]  # mean training loss of every epoch, the first launch's included
+    skipped_images: int  # images of the last epoch that could not be decoded
+    mlflow_run_id: str  # the training's MLflow run (the same across re-launches)
+
+    @property
+    def train_loss(self) -> float:
+        return self.history[-1]
+
+
+def run(cfg: PretrainConfig) -> PretrainSummary:
+    """The pre-training job: plans the source, joins (or starts) Ray, trains inside the training's
+    MLflow run (experiment ltrp-pretrain; reopened when resuming), then writes the final MAE to
+    `cfg.output` with `save_mae` (official layout and names) and logs the loss curve.
+
+    Raises:
+        InputError: --source holds no images (before Ray starts or MLflow is touched).
+    """
+    try:
+        shards = plan_shards(cfg.source, cfg.shard_size)
+    except (OSError, ValueError) as err:  # a missing source, a manifest without uris, ...
+        raise InputError(f"--source: {err}") from err
+    runtime.start(EXPERIMENT, workers=cfg.workers, worker_cpus=cfg.worker_cpus)
+    resume = trainer.resumed_run_id(cfg.storage, cfg.name)
+    tags = {"output": cfg.output, "ray_train_run": cfg.name}
+    with trainer.mlflow_run(EXPERIMENT, f"pretrain {cfg.name}", resume, asdict(cfg), tags) as active:
+        result = fit(cfg, mlflow.get_tracking_uri(), active.info.run_id, shards=shards)
+        mae, history = load_pretrained(result.checkpoint)
+        save_mae(mae, cfg.output)
+        with tempfile.TemporaryDirectory() as folder:
+            curve = Path(folder) / "loss_curve.png"
+            loss_curve_png(history, curve)
+            mlflow.log_artifact(str(curve))
+    return PretrainSummary(
+        output=cfg.output,
+        geometry=cfg.geometry,
+        epochs=len(history),
+        start_epoch=int(result.metrics["start_epoch"]),
+        history=tuple(history),
+        skipped_images=int(result.metrics.get("skipped_images", 0)),
+        mlflow_run_id=active.info.run_id,
+    )
 
 
 def mae_config(cfg: PretrainConfig) -> MAEConfig:
@@ -94,17 +121,20 @@ def _count_images(shard_json: str) -> int:
     return sum(1 for _ in read_shard(Shard.from_json(shard_json)))
 
 
-def plan_reads(cfg: PretrainConfig) -> tuple[list[dict], int]:
-    """The read tasks of the source and how many images they hold.
+def plan_reads(cfg: PretrainConfig, shards: list[Shard] | None = None) -> tuple[list[dict], int]:
+    """The read tasks of the source and how many images they hold (counting a tar's takes Ray).
 
     `--max-images` keeps the first N images of the sorted plan (files, then tar shards in order). The
     kept files are then dealt into read tasks in a seeded random order, so that no task holds a single
     class of an ImageFolder; tar shards stay whole (WebDataset shards are shuffled when written).
 
+    Args:
+        shards: `plan_shards(cfg.source, cfg.shard_size)`, if already listed.
+
     Returns:
         ([{"shard": Shard JSON, "limit": images to read from it}, ...], total images).
     """
-    shards = plan_shards(cfg.source, cfg.shard_size)
+    shards = plan_shards(cfg.source, cfg.shard_size) if shards is None else shards
     files = [row for s in shards if s.tar is None for row in zip(s.image_ids, s.uris, s.labels, strict=True)]
     tars = [s for s in shards if s.tar is not None]
     tar_counts = ray.get([_count_images.remote(s.to_json()) for s in tars]) if tars else []
@@ -242,169 +272,112 @@ def loss_curve_png(losses: list[float], path: str | Path) -> None:
 
 
 # -- training -----------------------------------------------------------------------------------------
-def _all_gather(items: list) -> list:
-    if not (dist.is_available() and dist.is_initialized()):
-        return items
-    gathered: list[list] = [[] for _ in range(dist.get_world_size())]
-    dist.all_gather_object(gathered, items)
-    return [x for part in gathered for x in part]
-
-
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """Masks differ per epoch and worker, and a resumed epoch draws the same ones again."""
     return (seed * 1_000_003 + epoch) * 1_009 + rank
 
 
-def train_loop(config: dict) -> None:
-    """Runs on every Ray Train worker."""
-    cfg = PretrainConfig(**config["cfg"])
-    rank = ray.train.get_context().get_world_rank()
-    device = ray.train.torch.get_device()
-    if cfg.threads and device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    mae = MAE(mae_config(cfg))
-    optimizer = torch.optim.AdamW(param_groups(mae, cfg.weight_decay), lr=config["lr"], betas=(0.9, 0.95))
-    start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
-        mae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
-    if start_epoch >= cfg.epochs:  # a finished run, started again: no epoch to do
-        # Reported with its checkpoint again: Ray's result carries the metrics of the latest checkpoint.
-        with tempfile.TemporaryDirectory() as folder:
-            saved = None
-            if rank == 0:
-                torch.save(state, Path(folder) / "state.pt")
-                saved = ray.train.Checkpoint.from_directory(folder)
-            metrics = {"epoch": start_epoch - 1, "start_epoch": start_epoch, "train_loss": history[-1]}
-            ray.train.report(metrics, checkpoint=saved)
-        return
-    model = ray.train.torch.prepare_model(mae)  # moves `mae` itself to the device, then wraps it in DDP
-    shard = ray.train.get_dataset_shard("train")
-    steps, grid = config["steps_per_epoch"], mae.cfg.grid
-    samples = config["samples"]
-    sample_visible = visible_sets(config["sample_ids"], grid=grid, mask_ratio=cfg.mask_ratio, seed=cfg.seed)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        generator = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, rank))
-        collate = ViewBatches(mae.cfg.img_size, epoch, seed=cfg.seed, crop=cfg.crop, flip=cfg.flip)
-        sums = torch.zeros(2, device=device)  # sum of loss * images, images
-        skipped, lr, started = [], config["lr"], time.perf_counter()
-        batches = shard.iter_torch_batches(
-            batch_size=cfg.batch_size,
-            collate_fn=collate,
-            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=cfg.seed + epoch,
+class MAETask(Task):
+    """The MAE learns to reconstruct the patches hidden from its encoder.
+
+    Args:
+        cfg: the job's options.
+        sample_ids: ids of the images shown in the reconstruction grid.
+        samples: (K, S, S, 3) uint8, their center views.
+    """
+
+    unit = "images"
+
+    def __init__(self, cfg: PretrainConfig, sample_ids: list[str], samples: np.ndarray) -> None:
+        self.cfg, self.sample_ids, self.samples = cfg, sample_ids, samples
+        self.skipped: list[tuple[str, str]] = []  # (uri, reason) of the epoch, every worker's once gathered
+
+    def build(self, worker: Worker) -> MAE:
+        if self.cfg.threads and worker.device.type == "cpu":
+            torch.set_num_threads(self.cfg.threads)
+        self.shard = ray.train.get_dataset_shard("train")
+        return MAE(mae_config(self.cfg))
+
+    def batches(self, epoch: int, worker: Worker) -> Iterator[dict]:
+        """{"image": (B, S, S, 3) uint8, "skipped": [(uri, reason), ...]}: the epoch's views, in a
+        seeded local shuffle; the masks of the epoch are drawn from a generator seeded here too."""
+        self.generator = torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch, worker.rank))
+        self.skipped = []
+        collate = ViewBatches(
+            mae_config(self.cfg).img_size, epoch, seed=self.cfg.seed, crop=self.cfg.crop, flip=self.cfg.flip
         )
-        for i, batch in enumerate(batches):
-            lr = lr_at(epoch * steps + i, cfg.epochs * steps, cfg.warmup_epochs * steps, config["lr"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            skipped += batch["skipped"]
-            imgs = to_model_input(batch["image"].to(device, non_blocking=True))
-            visible = random_visible(
-                len(imgs), mae.cfg.num_patches, cfg.mask_ratio, generator=generator, device=device
+        for batch in self.shard.iter_torch_batches(
+            batch_size=self.cfg.batch_size,
+            collate_fn=collate,
+            local_shuffle_buffer_size=self.cfg.shuffle_buffer or None,
+            local_shuffle_seed=self.cfg.seed + epoch,
+        ):
+            self.skipped += batch["skipped"]
+            yield batch
+
+    def loss(self, model: torch.nn.Module, batch: dict, worker: Worker) -> tuple[torch.Tensor, int]:
+        mae = unwrap(model)
+        imgs = to_model_input(batch["image"].to(worker.device, non_blocking=True))  # (B, 3, S, S)
+        # (B, n_visible) sorted indices of the patches shown to the encoder
+        n, ratio = mae.cfg.num_patches, self.cfg.mask_ratio
+        visible = random_visible(len(imgs), n, ratio, generator=self.generator, device=worker.device)
+        with worker.autocast():
+            pred = model(imgs, visible)  # (B, N, patch pixels)
+        return mae.forward_loss(imgs, pred, visible), len(imgs)
+
+    def end_epoch(self, model: torch.nn.Module, epoch: int, worker: Worker) -> dict[str, float]:
+        self.skipped = all_gather_lists(self.skipped)
+        return {"skipped_images": len(self.skipped)}
+
+    def checkpoint_state(self, model: torch.nn.Module) -> dict:
+        return {"mae_config": asdict(model.cfg)}  # what `load_pretrained` rebuilds it from
+
+    def log_epoch(self, model: torch.nn.Module, epoch: int, first: bool, run: RunLog) -> None:
+        """The epoch's reconstruction grid of the sample images (always the same masks); the skipped
+        images once per launch (every epoch skips the same ones)."""
+        mae = unwrap(model)
+        if len(self.samples):
+            visible = visible_sets(
+                self.sample_ids, grid=mae.cfg.grid, mask_ratio=self.cfg.mask_ratio, seed=self.cfg.seed
             )
-            with autocast:
-                pred = model(imgs, visible)
-            loss = mae.forward_loss(imgs, pred, visible)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums += torch.stack([loss.detach() * len(imgs), torch.tensor(float(len(imgs)), device=device)])
-        sums = all_reduce_sum(sums)
-        skipped = _all_gather(skipped)
-        seconds = time.perf_counter() - started
-        train_loss = (sums[0] / sums[1].clamp_min(1)).item()
-        history.append(train_loss)
-        metrics = {
-            "epoch": epoch,
-            "start_epoch": start_epoch,
-            "train_loss": train_loss,
-            "lr": lr,
-            "images_per_second": sums[1].item() / seconds,
-            "skipped_images": len(skipped),
-        }
-        with tempfile.TemporaryDirectory() as folder:
-            saved = None
-            if rank == 0:
-                torch.save(
-                    {
-                        "model": mae.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "epoch": epoch,
-                        "history": history,
-                        "mae_config": asdict(mae.cfg),
-                    },
-                    Path(folder) / "state.pt",
-                )
-                saved = ray.train.Checkpoint.from_directory(folder)
-                print(
-                    f"epoch {epoch + 1}/{cfg.epochs}: train_loss {train_loss:.4f}, lr {lr:.3g}, "
-                    f"{metrics['images_per_second']:.0f} images/s, {len(skipped)} skipped",
-                    flush=True,
-                )
-                if config.get("mlflow_run_id"):
-                    mae.eval()
-                    pixels = reconstruction_grid(mae, samples, sample_visible) if len(samples) else None
-                    _log_epoch(config, metrics, epoch, pixels, skipped if epoch == start_epoch else None)
-            ray.train.report(metrics, checkpoint=saved)
-
-
-def _log_epoch(
-    config: dict, metrics: dict, epoch: int, grid: np.ndarray | None, skipped: list | None
-) -> None:
-    """Rank 0: the epoch's metrics, its reconstruction grid and (once a run) the skipped images."""
-    from mlflow.tracking import MlflowClient
-
-    client, run_id = MlflowClient(config["mlflow_uri"]), config["mlflow_run_id"]
-    log_epoch_metrics(config["mlflow_uri"], run_id, metrics, epoch)
-    with tempfile.TemporaryDirectory() as folder:
-        if grid is not None:
-            path = Path(folder) / f"epoch_{epoch:03d}.png"
-            path.write_bytes(png_bytes(grid))
-            client.log_artifact(run_id, str(path), "reconstructions")
-        if skipped:
-            path = Path(folder) / "skipped_images.json"
-            path.write_text(json.dumps([{"uri": u, "reason": r} for u, r in skipped], indent=1))
-            client.log_artifact(run_id, str(path))
+            mae.eval()
+            grid = reconstruction_grid(mae, self.samples, visible)
+            run.artifact(f"epoch_{epoch:03d}.png", png_bytes(grid), "reconstructions")
+        if first and self.skipped:
+            listing = [{"uri": uri, "reason": reason} for uri, reason in self.skipped]
+            run.artifact("skipped_images.json", json.dumps(listing, indent=1).encode())
 
 
 def load_pretrained(checkpoint: ray.train.Checkpoint) -> tuple[MAE, list[float]]:
     """A training checkpoint -> (the MAE in eval mode, train loss of every epoch so far)."""
-    with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
+    state = trainer.read_state(checkpoint)
     mae = MAE(MAEConfig(**state["mae_config"]))
     mae.load_state_dict(state["model"])
     return mae.eval(), state["history"]
 
 
 def fit(
-    cfg: PretrainConfig, mlflow_uri: str | None = None, mlflow_run_id: str | None = None
+    cfg: PretrainConfig,
+    tracking_uri: str | None = None,
+    mlflow_run_id: str | None = None,
+    shards: list[Shard] | None = None,
 ) -> ray.train.Result:
-    """Pre-trains on the current Ray cluster; returns Ray Train's result (metrics, last checkpoint)."""
-    if cfg.epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {cfg.epochs}")
-    if cfg.geometry not in GEOMETRIES:
-        raise ValueError(f"unknown geometry {cfg.geometry!r}; one of {sorted(GEOMETRIES)}")
-    reads, count = plan_reads(cfg)
+    """Pre-trains on the current Ray cluster; returns Ray Train's result (the last checkpoint and its
+    metrics). Rank 0 logs each epoch to `mlflow_run_id` if given.
+
+    Args:
+        shards: `plan_shards(cfg.source, cfg.shard_size)`, if already listed.
+    """
+    reads, count = plan_reads(cfg, shards)
     if count == 0:
-        raise ValueError(f"{cfg.source}: no images to train on")
-    size = mae_config(cfg).img_size
-    sample_ids, samples = sample_images(reads, cfg.sample_images, size)
+        raise InputError(f"--source {cfg.source}: no images to train on")
+    sample_ids, samples = sample_images(reads, cfg.sample_images, mae_config(cfg).img_size)
     global_batch = cfg.batch_size * cfg.workers
-    loop_config = {
-        "cfg": asdict(cfg),
-        "lr": cfg.lr or cfg.base_lr * global_batch / 256,
-        "steps_per_epoch": max(1, math.ceil(count / global_batch)),
-        "sample_ids": sample_ids,
-        "samples": samples,
-        "mlflow_uri": mlflow_uri,
-        "mlflow_run_id": mlflow_run_id,
-    }
-    return run_trainer(train_loop, loop_config, cfg, {"train": images_dataset(reads)})
+    settings = trainer.TrainerConfig.of(
+        cfg,
+        steps_per_epoch=max(1, math.ceil(count / global_batch)),
+        lr=cfg.lr or cfg.base_lr * global_batch / 256,  # MAE's rule
+        tracking_uri=tracking_uri,
+        mlflow_run_id=mlflow_run_id,
+    )
+    return trainer.fit(settings, MAETask(cfg, sample_ids, samples), {"train": images_dataset(reads)})

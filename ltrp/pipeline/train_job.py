@@ -4,8 +4,10 @@ Data: the score table's rows (one per image view) -> each image decoded and its 
 scoring job's own `render_view` -> (image, visible, scores) batches. Validation is the views of the
 images whose id hashes into `val_fraction`, so the views of an image never straddle the split.
 
-Fault tolerance: a checkpoint every epoch under RunConfig(storage_path, name); a failed worker group is
-restarted from the last one (`max_failures`), and running again with the same name resumes it.
+The loop is `ltrp.pipeline.trainer`'s, shared with MAE pre-training; `RankerTask` is what differs: the
+ranker, the ranking loss of a batch, and validation at the end of each epoch. Fault tolerance: a
+checkpoint every epoch under STORAGE/NAME; a failed worker group is restarted from the last one
+(`max_failures`), and launching again with the same name and storage resumes it, in the same MLflow run.
 """
 
 from __future__ import annotations
@@ -14,57 +16,119 @@ import hashlib
 import json
 import math
 import posixpath
-import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import fsspec
+import mlflow
 import numpy as np
 import pyarrow as pa
 import ray
 import ray.train
-import ray.train.torch
 import torch
 
 from ltrp.core.losses import LOSSES, listmle_per_row
-from ltrp.core.optim import lr_at, param_groups
 from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig
 from ltrp.core.ranking_metrics import kendall_tau, ndcg_at_k, spearman, topk_overlap
 from ltrp.data.checkpoints import load_ranker
 from ltrp.data.images import View, render_view, to_model_input
 from ltrp.data.sources import read_many
 from ltrp.data.tables import SCORES_SCHEMA, read_scores
-from ltrp.pipeline.trainer import all_reduce_sum, log_epoch_metrics, run_trainer
+from ltrp.pipeline import runtime, trainer
+from ltrp.pipeline.configs import REGISTERED_MODEL, InputError, TrainConfig, checking_inputs
+from ltrp.pipeline.registry import register_ranker
+from ltrp.pipeline.trainer import Task, Worker, all_reduce_sum
+
+EXPERIMENT = "ltrp-train"
 
 
-@dataclass
-class TrainConfig:
-    scores: str  # a scoring job's output (local or s3://)
-    name: str = "ltrp-ranker"  # Ray Train run name: running again with the same name resumes
-    storage: str = "runs/train"  # checkpoints go to STORAGE/NAME (local or s3://)
-    ranker: str = "ltrp_vit_small_patch16"  # see RANKER_GEOMETRIES
-    head: str = "cls"  # "cls" (the paper: Linear on CLS -> L) or "token" (per-token head)
-    loss: str = "listmle"  # see ltrp.core.losses.LOSSES
-    epochs: int = 10
-    warmup_epochs: int = 1
-    batch_size: int = 64  # views per worker and step
-    lr: float | None = None  # None: 1.5e-4 * global batch / 256, the authors' rule
-    weight_decay: float = 0.06  # not on norms, biases and tokens
-    val_fraction: float = 0.1
-    topk: int = 5  # k of NDCG@k and top-k overlap
-    workers: int = 1
-    use_gpu: bool = False
-    worker_cpus: float = 1.0
-    max_failures: int = 2
-    seed: int = 0
-    registered_model: str = "ltrp-ranker"  # MLflow registered model that receives the new version
-    alias: str | None = None  # set this alias on the new version (promotion sets "champion")
+@dataclass(frozen=True)
+class TrainSummary:
+    """What a training launch did."""
+
+    model: str  # the registered model (NAME of models:/NAME)
+    version: str  # the registered version
+    alias: str | None  # the alias set on it
+    epochs: int  # epochs the training has done in all
+    start_epoch: int  # the epoch this launch started at (0: a new training, else resumed)
+    metrics: dict[str, float]  # the last epoch's validation metrics (val_*)
+    mlflow_run_id: str  # the training's MLflow run (the same across re-launches)
+
+
+def run(cfg: TrainConfig) -> TrainSummary:
+    """The training job: checks the score table, joins (or starts) Ray, trains inside the training's
+    MLflow run (experiment ltrp-train; reopened when resuming) with the options as params, then
+    registers the ranker as a new version of `cfg.model`, tagged with the table and MAE it learned from.
+
+    Raises:
+        InputError: the score table is missing, or scores another patch grid than the ranker's, or
+            holds no training views (before Ray starts or MLflow is touched).
+    """
+    meta, train_views = check_inputs(cfg)
+    name = REGISTERED_MODEL.match(cfg.model)["name"]  # type: ignore[index]
+    runtime.start(EXPERIMENT, workers=cfg.workers, worker_cpus=cfg.worker_cpus)
+    resume = trainer.resumed_run_id(cfg.storage, cfg.name)
+    tags = {"score_table": cfg.scores, "ray_train_run": cfg.name}
+    with trainer.mlflow_run(EXPERIMENT, f"train {cfg.name}", resume, asdict(cfg), tags) as active:
+        result = fit(cfg, train_views, mlflow.get_tracking_uri(), active.info.run_id)
+        final = {k: float(v) for k, v in result.metrics.items() if k.startswith("val_")}
+        version = register_ranker(
+            load_ranker_checkpoint(result.checkpoint),
+            name,
+            tags={
+                "score_table": cfg.scores,
+                "mae_sha256": meta["mae_sha256"],
+                "ray_train_run": cfg.name,
+                **{k: f"{v:.6g}" for k, v in final.items()},
+            },
+            alias=cfg.alias,
+        )
+    return TrainSummary(
+        model=name,
+        version=str(version.version),  # an int from a SQLite registry, a str over REST
+        alias=cfg.alias,
+        epochs=int(result.metrics["epoch"]) + 1,
+        start_epoch=int(result.metrics["start_epoch"]),
+        metrics=final,
+        mlflow_run_id=active.info.run_id,
+    )
+
+
+def check_inputs(cfg: TrainConfig) -> tuple[dict, int]:
+    """The score table's metadata and training views, refusing a table the ranker cannot learn from.
+
+    Raises:
+        InputError: naming --scores or --ranker.
+    """
+    with checking_inputs():
+        try:
+            meta = table_metadata(cfg.scores)
+        except FileNotFoundError:
+            raise InputError(
+                f"--scores {cfg.scores}: no _ltrp_job.json there: not the output of a scoring job"
+            ) from None
+        mae = meta["mae_config"]
+        grid, ranker = mae["img_size"] // mae["patch_size"], ranker_config(cfg)
+        if grid != ranker.grid:
+            raise InputError(
+                f"--ranker {cfg.ranker} has a {ranker.grid}x{ranker.grid} patch grid, but --scores "
+                f"{cfg.scores} scores {grid}x{grid} patches"
+            )
+        train_views, val_views = split_counts(cfg)
+        if train_views == 0:
+            raise InputError(
+                f"--scores {cfg.scores}: no views to train on ({val_views} views, all held out by "
+                f"--val-fraction {cfg.val_fraction})"
+            )
+    return meta, train_views
 
 
 def ranker_config(cfg: TrainConfig) -> RankerConfig:
     return replace(RANKER_GEOMETRIES[cfg.ranker], head=cfg.head)
 
 
+# -- data ---------------------------------------------------------------------------------------------
 def is_validation(image_id: str, fraction: float) -> bool:
     """A pure function of the image id, so every view of an image lands on the same side."""
     digest = hashlib.shake_256(f"ltrp-split\0{image_id}".encode()).digest(8)
@@ -118,15 +182,18 @@ def split_counts(cfg: TrainConfig) -> tuple[int, int]:
     return len(ids) - val, val
 
 
-def validate(model: torch.nn.Module, shard, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
-    """Mean ListMLE, Kendall tau, Spearman, NDCG@k and top-k overlap against the pseudo-scores,
-    over every worker's validation views."""
+# -- training -----------------------------------------------------------------------------------------
+def validate(
+    model: torch.nn.Module, shard: ray.data.DataIterator, cfg: TrainConfig, device: torch.device
+) -> dict[str, float]:
+    """Mean ListMLE, Kendall tau, Spearman, NDCG@k and top-k overlap against the pseudo-scores, over
+    every worker's validation views (all-reduced: every worker must call it)."""
     model.eval()
     sums = torch.zeros(6, device=device)  # listmle, tau, spearman, ndcg, overlap, count
     with torch.no_grad():
         for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, device=device):
-            s = model(to_model_input(batch["image"]), batch["visible"]).float()
-            y = batch["scores"]
+            s = model(to_model_input(batch["image"]), batch["visible"]).float()  # (B, n)
+            y = batch["scores"]  # (B, n)
             k = min(cfg.topk, y.shape[1])
             per_row = torch.stack(
                 [
@@ -136,7 +203,7 @@ def validate(model: torch.nn.Module, shard, cfg: TrainConfig, device: torch.devi
                     ndcg_at_k(s, y.clamp_min(0), k),
                     topk_overlap(s, y, k),
                 ]
-            )
+            )  # (5, B)
             sums[:5] += per_row.sum(dim=1)
             sums[5] += len(y)
     sums = all_reduce_sum(sums)
@@ -151,94 +218,57 @@ def validate(model: torch.nn.Module, shard, cfg: TrainConfig, device: torch.devi
     return {name: (sums[i] / count).item() for i, name in enumerate(names)}
 
 
-def train_loop(config: dict) -> None:
-    """Runs on every Ray Train worker."""
-    cfg = TrainConfig(**config["cfg"])
-    rank = ray.train.get_context().get_world_rank()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed)
-    model = Ranker(ranker_config(cfg))
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=config["lr"], betas=(0.9, 0.95))
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"] + 1
-    model = ray.train.torch.prepare_model(model)
-    loss_fn = LOSSES[cfg.loss]
-    steps = config["steps_per_epoch"]
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        total, count = torch.zeros((), device=device), 0
-        for i, batch in enumerate(train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device)):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(
-                    epoch * steps + i, cfg.epochs * steps, cfg.warmup_epochs * steps, config["lr"]
-                )
-            with autocast:
-                s = model(to_model_input(batch["image"]), batch["visible"])
-            loss = loss_fn(s.float(), batch["scores"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            count += 1
-        train_loss = all_reduce_sum(torch.stack([total, torch.tensor(float(count), device=device)]))
-        metrics = {
-            "epoch": epoch,
-            "start_epoch": start_epoch,
-            "train_loss": (train_loss[0] / train_loss[1].clamp_min(1)).item(),
-            **validate(model, val_shard, cfg, device),
-        }
-        with tempfile.TemporaryDirectory() as folder:
-            saved = None
-            if rank == 0:
-                inner = model.module if hasattr(model, "module") else model
-                torch.save(
-                    {
-                        "model": inner.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "epoch": epoch,
-                        "ranker_config": asdict(inner.cfg),
-                    },
-                    Path(folder) / "state.pt",
-                )
-                saved = ray.train.Checkpoint.from_directory(folder)
-                if config.get("mlflow_run_id"):
-                    log_epoch_metrics(config["mlflow_uri"], config["mlflow_run_id"], metrics, epoch)
-            ray.train.report(metrics, checkpoint=saved)
+class RankerTask(Task):
+    """The ranker learns to order each view's visible patches as the MAE's pseudo-scores do."""
+
+    unit = "views"
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    def build(self, worker: Worker) -> Ranker:
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.val_shard = ray.train.get_dataset_shard("val")
+        return Ranker(ranker_config(self.cfg))
+
+    def batches(self, epoch: int, worker: Worker) -> Iterable[dict[str, torch.Tensor]]:
+        """{"image": (B, S, S, 3) uint8, "visible": (B, n) int64, "scores": (B, n) float32} on the device."""
+        return self.train_shard.iter_torch_batches(batch_size=self.cfg.batch_size, device=worker.device)
+
+    def loss(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], worker: Worker
+    ) -> tuple[torch.Tensor, int]:
+        with worker.autocast():
+            s = model(to_model_input(batch["image"]), batch["visible"])  # (B, n) patch scores
+        return LOSSES[self.cfg.loss](s.float(), batch["scores"]), len(batch["scores"])
+
+    def end_epoch(self, model: torch.nn.Module, epoch: int, worker: Worker) -> dict[str, float]:
+        return validate(model, self.val_shard, self.cfg, worker.device)
+
+    def checkpoint_state(self, model: torch.nn.Module) -> dict:
+        return {"ranker_config": asdict(model.cfg)}  # what `load_ranker` rebuilds it from
 
 
 def load_ranker_checkpoint(checkpoint: ray.train.Checkpoint) -> Ranker:
     with checkpoint.as_directory() as folder:
-        return load_ranker(str(Path(folder) / "state.pt"))
+        return load_ranker(str(Path(folder) / trainer.STATE_FILE))
 
 
 def fit(
-    cfg: TrainConfig, mlflow_uri: str | None = None, mlflow_run_id: str | None = None
+    cfg: TrainConfig,
+    train_views: int,
+    tracking_uri: str | None = None,
+    mlflow_run_id: str | None = None,
 ) -> ray.train.Result:
-    """Trains on the current Ray cluster; returns Ray Train's result (metrics, last checkpoint)."""
-    meta = table_metadata(cfg.scores)
-    ranker = ranker_config(cfg)
-    grid = meta["mae_config"]["img_size"] // meta["mae_config"]["patch_size"]
-    if grid != ranker.grid:
-        raise ValueError(
-            f"{cfg.scores} scores a {grid}x{grid} patch grid; ranker {cfg.ranker} has "
-            f"{ranker.grid}x{ranker.grid}"
-        )
-    train_views, _ = split_counts(cfg)
+    """Trains on the current Ray cluster (checked inputs: `check_inputs`); returns Ray Train's result
+    (the last checkpoint and its metrics). Rank 0 logs each epoch to `mlflow_run_id` if given."""
     global_batch = cfg.batch_size * cfg.workers
-    loop_config = {
-        "cfg": asdict(cfg),
-        "lr": cfg.lr or 1.5e-4 * global_batch / 256,
-        "steps_per_epoch": max(1, math.ceil(train_views / global_batch)),
-        "mlflow_uri": mlflow_uri,
-        "mlflow_run_id": mlflow_run_id,
-    }
+    settings = trainer.TrainerConfig.of(
+        cfg,
+        steps_per_epoch=max(1, math.ceil(train_views / global_batch)),
+        lr=cfg.lr or 1.5e-4 * global_batch / 256,  # the authors' rule
+        tracking_uri=tracking_uri,
+        mlflow_run_id=mlflow_run_id,
+    )
     datasets = {"train": views_dataset(cfg, validation=False), "val": views_dataset(cfg, validation=True)}
-    return run_trainer(train_loop, loop_config, cfg, datasets)
+    return trainer.fit(settings, RankerTask(cfg), datasets)

@@ -1,16 +1,201 @@
-"""Ray Train (DDP) plumbing shared by MAE pre-training and ranker training."""
+"""One Ray Train (DDP) loop for every training job: MAE pre-training and ranker training.
+
+A job describes what it trains as a `Task`: the model, the batches of an epoch, the loss of one batch,
+its end-of-epoch metrics (validation), what its checkpoints hold besides the weights, and what rank 0
+logs besides the metrics. The loop owns what the jobs share:
+
+- resuming from the last checkpoint, so that a restarted worker group (`max_failures`) and a second
+  launch with the same name and storage both carry on where the training stopped;
+- AdamW (0.9, 0.95), weight decay on weight matrices only, the learning rate set every step (linear
+  warm-up, then cosine);
+- bf16 autocast on CUDA (`Worker.autocast`, which the task wraps around its forward pass);
+- each epoch: the loss averaged over every worker's samples, a checkpoint written by rank 0 and
+  reported to Ray Train, and the metrics logged by rank 0 into the driver's MLflow run.
+
+A checkpoint is a folder holding `state.pt` (weights, optimiser, progress) and `run.json`, the MLflow
+run the training logs to. Before a launch, the driver reads that run from the checkpoint Ray Train
+will resume from (`resumed_run_id`) and reopens it (`mlflow_run`): one training, one MLflow run,
+across restarts and re-launches.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import posixpath
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import mlflow
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from ltrp.core.optim import lr_at, param_groups
+from ltrp.pipeline import runtime
+from ltrp.pipeline.configs import PretrainConfig, TrainConfig
+
+#: The checkpoint's training state: {"model", "optimizer", "epoch", "history", "metrics", ...the task's}.
+STATE_FILE = "state.pt"
+#: The checkpoint's MLflow run, {"mlflow_run_id", "epoch"}: small, so that a driver reads it without
+#: downloading the weights.
+RUN_FILE = "run.json"
+#: Ray Train's record of the checkpoints a run reported (STORAGE/NAME/...): what it resumes from.
+_RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+# -- configuration ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainerConfig:
+    """What the loop needs from a job: where Ray Train runs and keeps checkpoints, and the schedule."""
+
+    name: str  # Ray Train run name: checkpoints go to STORAGE/NAME, and a second launch resumes
+    storage: str  # local folder or URL (s3://)
+    workers: int  # DDP workers
+    worker_cpus: float  # CPUs reserved per worker
+    use_gpu: bool  # one GPU per worker (NCCL), else CPU workers (gloo)
+    max_failures: int  # worker-group restarts from the last checkpoint before the run fails
+    epochs: int
+    warmup_epochs: int
+    steps_per_epoch: int  # optimiser steps of one epoch on each worker (for the schedule)
+    lr: float  # peak learning rate
+    weight_decay: float
+    seed: int  # seed of the initialisation
+    tracking_uri: str | None = None  # MLflow server rank 0 logs to; None: no logging
+    mlflow_run_id: str | None = None  # the driver's run; recorded in every checkpoint
+
+    @classmethod
+    def of(
+        cls,
+        cfg: PretrainConfig | TrainConfig,
+        *,
+        steps_per_epoch: int,
+        lr: float,
+        tracking_uri: str | None = None,
+        mlflow_run_id: str | None = None,
+    ) -> TrainerConfig:
+        """A job's trainer settings: the fields both job configs share, `--device` resolved against
+        the Ray cluster this process is connected to (so call it after `runtime.start`)."""
+        return cls(
+            name=cfg.name,
+            storage=cfg.storage,
+            workers=cfg.workers,
+            worker_cpus=cfg.worker_cpus,
+            use_gpu=runtime.use_gpu(cfg.device),
+            max_failures=cfg.max_failures,
+            epochs=cfg.epochs,
+            warmup_epochs=cfg.warmup_epochs,
+            steps_per_epoch=steps_per_epoch,
+            lr=lr,
+            weight_decay=cfg.weight_decay,
+            seed=cfg.seed,
+            tracking_uri=tracking_uri,
+            mlflow_run_id=mlflow_run_id,
+        )
+
+
+@dataclass(frozen=True)
+class Worker:
+    """The Ray Train worker a task runs on."""
+
+    rank: int  # 0 writes checkpoints and logs to MLflow
+    world_size: int
+    device: torch.device
+
+    @classmethod
+    def current(cls) -> Worker:
+        context = ray.train.get_context()
+        return cls(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
+
+    def autocast(self) -> AbstractContextManager:
+        """bf16 autocast on CUDA (ViT training's usual precision), a no-op on the CPU."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+
+@dataclass(frozen=True)
+class RunLog:
+    """Rank 0's handle on the driver's MLflow run."""
+
+    tracking_uri: str
+    run_id: str
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        """`metrics` at `step` (the epoch), in one request."""
+        now = int(1000 * time.time())
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=batch)
+
+    def artifact(self, name: str, data: bytes, folder: str | None = None) -> None:
+        """`data` as the artifact FOLDER/NAME (replacing one of that name)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_bytes(data)
+            MlflowClient(self.tracking_uri).log_artifact(self.run_id, str(path), folder)
+
+
+class Task:
+    """What a training job trains, and how. One copy per worker (Ray pickles it to each), so a task may
+    keep that worker's state between its calls, e.g. the data shard or what an epoch skipped.
+
+    Attributes:
+        unit: what one sample is, for the throughput metric (`images` -> images_per_second).
+    """
+
+    unit = "samples"
+
+    def build(self, worker: Worker) -> torch.nn.Module:
+        """Once per worker, before training: the model, freshly initialised (torch is seeded) on the
+        CPU; the loop restores the checkpoint into it and moves it to `worker.device`. Also the place
+        to take the worker's dataset shards (`ray.train.get_dataset_shard`)."""
+        raise NotImplementedError
+
+    def batches(self, epoch: int, worker: Worker) -> Iterable[Any]:
+        """This worker's batches of `epoch` (a resumed epoch must draw the same ones)."""
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: Any, worker: Worker) -> tuple[torch.Tensor, int]:
+        """One batch's mean loss (a scalar to backpropagate) and the number of samples it averages.
+
+        Args:
+            model: the model in training mode, wrapped in DDP when there are several workers
+                (`unwrap` gives the model itself).
+        """
+        raise NotImplementedError
+
+    def end_epoch(self, model: torch.nn.Module, epoch: int, worker: Worker) -> dict[str, float]:
+        """Metrics of the epoch besides the training loss (e.g. validation). Runs on every worker, so
+        it may all-reduce; rank 0's values are reported."""
+        return {}
+
+    def checkpoint_state(self, model: torch.nn.Module) -> dict[str, Any]:
+        """What a checkpoint holds besides the weights, optimiser and progress (e.g. the geometry
+        that rebuilds the model). Plain types and tensors: checkpoints load with `weights_only`."""
+        return {}
+
+    def log_epoch(self, model: torch.nn.Module, epoch: int, first: bool, run: RunLog) -> None:
+        """Rank 0, after the metrics are logged: artifacts of the epoch (e.g. pictures).
+
+        Args:
+            first: the first epoch of this launch (what is logged once per launch goes here).
+        """
+
+
+# -- helpers shared by the tasks -----------------------------------------------------------------------
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP's wrapper (the model itself outside DDP)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -20,33 +205,242 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def log_epoch_metrics(tracking_uri: str, run_id: str, metrics: dict, epoch: int) -> None:
-    """Rank 0: an epoch's metrics (all but "epoch", the step) into the driver's MLflow run."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
+def all_gather_lists(items: list) -> list:
+    """Every worker's `items` (picklable), concatenated in rank order; `items` itself outside DDP."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return items
+    gathered: list[list] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]
 
-    now = int(1000 * time.time())
-    batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k not in ("epoch",)]
-    MlflowClient(tracking_uri).log_batch(run_id, metrics=batch)
+
+# -- the loop, on every worker ---------------------------------------------------------------------------
+def train_loop(config: dict) -> None:
+    """Ray Train's entry point on each worker (Ray hands over a dict): the typed loop."""
+    run_loop(config["trainer"], config["task"])
 
 
-def run_trainer(
-    train_loop: Callable[[dict], None], loop_config: dict, cfg, datasets: dict
-) -> ray.train.Result:
-    """Runs `train_loop` on Ray Train (DDP) with the job's scaling, checkpoint storage (STORAGE/NAME:
-    a second run with the same name resumes) and restarts. `cfg` is a TrainConfig or a PretrainConfig."""
-    storage = cfg.storage if "://" in cfg.storage else os.path.abspath(cfg.storage)  # Ray wants absolute
+def run_loop(cfg: TrainerConfig, task: Task) -> None:
+    """Trains `task` from its last checkpoint (or from scratch) to `cfg.epochs`, on this worker."""
+    worker = Worker.current()
+    torch.manual_seed(cfg.seed)  # every worker starts from the same weights
+    model = task.build(worker)
+    state = _restored_state()
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model = ray.train.torch.prepare_model(model)  # to the device, in DDP when there are several workers
+    # After the move: loading the optimiser's state puts it on its parameters' device.
+    optimizer = torch.optim.AdamW(param_groups(unwrap(model), cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    start_epoch, history = 0, []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"] + 1, list(state.get("history", []))
+    if start_epoch >= cfg.epochs:
+        _report_finished(cfg, worker, state, start_epoch)
+        return
+    for epoch in range(start_epoch, cfg.epochs):
+        metrics = {"epoch": epoch, "start_epoch": start_epoch}
+        metrics |= _train_epoch(cfg, task, worker, model, optimizer, epoch)
+        metrics |= task.end_epoch(model, epoch, worker)
+        history.append(metrics["train_loss"])
+        _finish_epoch(cfg, task, worker, model, optimizer, metrics, history, first=epoch == start_epoch)
+
+
+def _restored_state() -> dict | None:
+    """The state of the checkpoint Ray Train resumes from (restart or re-launch), None for a new run."""
+    checkpoint = ray.train.get_checkpoint()
+    return None if checkpoint is None else read_state(checkpoint)
+
+
+def _train_epoch(
+    cfg: TrainerConfig,
+    task: Task,
+    worker: Worker,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+) -> dict[str, float]:
+    """One pass over this worker's batches. Returns the training loss averaged over every worker's
+    samples, the last learning rate, and the samples per second (all workers', over this one's time)."""
+    model.train()
+    sums = torch.zeros(2, device=worker.device)  # sum of loss * samples, samples
+    steps, lr, started = cfg.steps_per_epoch, cfg.lr, time.perf_counter()
+    for i, batch in enumerate(task.batches(epoch, worker)):
+        # Per step, not per epoch: the warm-up is usually a few epochs, the first of them steep.
+        lr = lr_at(epoch * steps + i, cfg.epochs * steps, cfg.warmup_epochs * steps, cfg.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, count = task.loss(model, batch, worker)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sums += torch.stack([loss.detach().float() * count, torch.tensor(float(count), device=worker.device)])
+    sums = all_reduce_sum(sums)
+    seconds = time.perf_counter() - started
+    return {
+        "train_loss": (sums[0] / sums[1].clamp_min(1)).item(),
+        "lr": lr,
+        f"{task.unit}_per_second": sums[1].item() / seconds,
+    }
+
+
+def _finish_epoch(
+    cfg: TrainerConfig,
+    task: Task,
+    worker: Worker,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    metrics: dict[str, float],
+    history: list[float],
+    first: bool,
+) -> None:
+    """Rank 0 writes the checkpoint and logs the epoch; every worker reports (Ray Train's report is a
+    barrier, and only rank 0's checkpoint is kept)."""
+    with tempfile.TemporaryDirectory() as folder:
+        saved = None
+        if worker.rank == 0:
+            inner = unwrap(model)
+            state = {
+                "model": inner.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": metrics["epoch"],
+                "history": history,  # train loss of every epoch so far
+                "metrics": metrics,  # reported again should a finished run be launched again
+                **task.checkpoint_state(inner),
+            }
+            saved = _write_checkpoint(Path(folder), state, cfg.mlflow_run_id)
+            print(f"epoch {metrics['epoch'] + 1}/{cfg.epochs}: " + _describe(metrics, task.unit), flush=True)
+            if cfg.tracking_uri and cfg.mlflow_run_id:
+                run = RunLog(cfg.tracking_uri, cfg.mlflow_run_id)
+                run.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"])
+                task.log_epoch(model, metrics["epoch"], first, run)
+        ray.train.report(metrics, checkpoint=saved)
+
+
+def _report_finished(cfg: TrainerConfig, worker: Worker, state: dict, start_epoch: int) -> None:
+    """A finished training launched again: no epoch to do. Its last checkpoint is reported again, since
+    Ray's result carries the metrics reported with the latest checkpoint (here: this launch's)."""
+    metrics = {**state.get("metrics", {"epoch": state["epoch"]}), "start_epoch": start_epoch}
+    with tempfile.TemporaryDirectory() as folder:
+        saved = _write_checkpoint(Path(folder), state, cfg.mlflow_run_id) if worker.rank == 0 else None
+        ray.train.report(metrics, checkpoint=saved)
+
+
+def _write_checkpoint(folder: Path, state: dict, mlflow_run_id: str | None) -> ray.train.Checkpoint:
+    torch.save(state, folder / STATE_FILE)
+    (folder / RUN_FILE).write_text(json.dumps({"mlflow_run_id": mlflow_run_id, "epoch": state["epoch"]}))
+    return ray.train.Checkpoint.from_directory(folder)
+
+
+def _describe(metrics: dict[str, float], unit: str) -> str:
+    """'train_loss 0.1234, lr 0.001, 812 images/s, val_listmle 3.21': an epoch for the log."""
+    rate = f"{unit}_per_second"
+    shown = [
+        f"train_loss {metrics['train_loss']:.4f}",
+        f"lr {metrics['lr']:.3g}",
+        f"{metrics[rate]:.0f} {unit}/s",
+    ]
+    skip = {"epoch", "start_epoch", "train_loss", "lr", rate}
+    shown += [f"{k} {v:.4g}" for k, v in metrics.items() if k not in skip]
+    return ", ".join(shown)
+
+
+# -- the driver ---------------------------------------------------------------------------------------------
+def storage_uri(storage: str) -> str:
+    """Checkpoint storage as Ray Train wants it: a URL, or an absolute local path."""
+    return storage if "://" in storage else os.path.abspath(storage)
+
+
+def fit(cfg: TrainerConfig, task: Task, datasets: dict[str, ray.data.Dataset]) -> ray.train.Result:
+    """Runs the loop on Ray Train (DDP) with `cfg`'s workers, checkpoints in STORAGE/NAME (resuming the
+    run found there) and restarts; returns the result (last checkpoint and its metrics).
+
+    Args:
+        datasets: split across the workers; a task takes its shard with `ray.train.get_dataset_shard`.
+    """
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config={"trainer": cfg, "task": task},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.worker_cpus}
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
-            storage_path=storage,
+            storage_path=storage_uri(cfg.storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets=datasets,
     )
     return trainer.fit()
+
+
+def read_state(checkpoint: ray.train.Checkpoint) -> dict:
+    """A checkpoint's training state (`state.pt`), on the CPU."""
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def latest_checkpoint(storage: str, name: str) -> ray.train.Checkpoint | None:
+    """The checkpoint that a launch named `name` in `storage` resumes from, None for a new run. Read
+    from Ray Train's own record of the run, not guessed from the folders: the newest folder may be one
+    still uploading when the last launch stopped, which Ray Train does not resume from."""
+    path = posixpath.join(storage_uri(storage), name)
+    fs, root = pyarrow.fs.FileSystem.from_uri(path)
+    if fs.get_file_info(posixpath.join(root, _RAY_SNAPSHOT)).type == pyarrow.fs.FileType.NotFound:
+        return None
+    return ray.train.Result.from_path(path).checkpoint
+
+
+def resumed_run_id(storage: str, name: str) -> str | None:
+    """The MLflow run of the training in STORAGE/NAME, as its resume checkpoint records it; None for a
+    new training (or checkpoints written before runs were recorded)."""
+    checkpoint = latest_checkpoint(storage, name)
+    if checkpoint is None:
+        return None
+    path = posixpath.join(checkpoint.path, RUN_FILE)
+    if checkpoint.filesystem.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with checkpoint.filesystem.open_input_stream(path) as f:
+        return json.loads(f.read()).get("mlflow_run_id")
+
+
+@contextmanager
+def mlflow_run(
+    experiment: str, run_name: str, resume: str | None, params: dict[str, Any], tags: dict[str, str]
+) -> Iterator[mlflow.ActiveRun]:
+    """The training's MLflow run, active inside the block: the run `resume` names (from
+    `resumed_run_id`) if it can be reopened here, else a new one in `experiment`.
+
+    MLflow params cannot change, so a reopened run keeps its first launch's values; a re-launch's new
+    options are logged as params, and its changed ones as tags `relaunched_with.NAME`.
+    """
+    run_id = resume if resume and _reopenable(resume, experiment) else None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
+        logged = run.data.params
+        mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+        changed = {k: v for k, v in params.items() if k in logged and logged[k] != str(v)}
+        mlflow.set_tags({**tags, **{f"relaunched_with.{k}": str(v) for k, v in changed.items()}})
+        yield run
+
+
+def _reopenable(run_id: str, experiment: str) -> bool:
+    """Whether the run is on this tracking server, in `experiment`, and not deleted. A checkpoint may
+    outlive its run, or be resumed against another server: then the training logs to a new run."""
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException as err:
+        problem = f"not found ({err.error_code})"
+    else:
+        current = mlflow.get_experiment_by_name(experiment)
+        if run.info.lifecycle_stage != "active":
+            problem = "deleted"
+        elif current is None or run.info.experiment_id != current.experiment_id:
+            problem = f"in another experiment than {experiment}"
+        else:
+            return True
+    print(
+        f"note: the checkpoints' MLflow run {run_id} is {problem} on {mlflow.get_tracking_uri()}; "
+        "logging to a new run",
+        file=sys.stderr,
+    )
+    return False

@@ -17,10 +17,12 @@ from conftest import fashion_mnist_pngs
 from mlflow.tracking import MlflowClient
 
 import ltrp
+from jobs.train import main as train_main
 from ltrp.core.ranker import Ranker, rank
-from ltrp.pipeline.score_job import ScoreJobConfig, run_score_job
+from ltrp.pipeline import score_job
+from ltrp.pipeline.configs import ScoreConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
@@ -34,8 +36,8 @@ def score_table(s3_endpoint: str, ray_address: str, tmp_path_factory: pytest.Tem
     mae = tmp_path_factory.mktemp("mae") / "tiny.pth"
     ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"]), str(mae))
     out = "s3://train-data/scores"
-    run_score_job(
-        ScoreJobConfig(
+    score_job.score_corpus(
+        ScoreConfig(
             source="s3://train-data/images", mae=str(mae), output=out, views=2, mask_ratio=0.75, shard_size=32
         )
     )
@@ -84,8 +86,8 @@ def test_two_worker_ddp_checkpoints_to_s3_logs_and_registers(
             "2",
             "--alias",
             "candidate",
-            "--registered-model",
-            "ltrp-test",
+            "--model",
+            "models:/ltrp-test",
         ),
         env,
     )
@@ -150,3 +152,26 @@ def test_a_killed_worker_is_replaced_and_a_rerun_resumes(
 
     again = _run(_train_args(score_table, str(tmp_path / "ckpt"), "fault", 4), env, cwd=tmp_path)
     assert "this run started at epoch 3" in again  # same name: resumed after the 3 finished epochs
+
+    # One training, one MLflow run: the restart and the re-launch logged into the run it started in.
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("ltrp-train").experiment_id])
+    first, second = (client.get_model_version("ltrp-ranker", v) for v in ("1", "2"))
+    assert first.run_id == second.run_id == run.info.run_id
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert set(steps) == {0, 1, 2, 3}  # (an epoch the restarted workers did again is logged twice)
+    assert run.data.params["epochs"] == "3" and run.data.tags["relaunched_with.epochs"] == "4"
+
+
+def test_a_missing_table_or_another_patch_grid_is_refused_up_front(
+    score_table: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    missing = str(tmp_path / "no-scores")
+    for args, problem in (
+        (["--scores", missing], f"--scores {missing}: no _ltrp_job.json there"),
+        (["--scores", score_table], "--ranker ltrp_vit_small_patch16 has a 14x14 patch grid"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            train_main([*args, "--storage", str(tmp_path / "ckpt")])
+        assert exit_.value.code == 2 and problem in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()  # nothing started, nothing written
