@@ -20,6 +20,7 @@ across restarts and re-launches.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import posixpath
@@ -47,7 +48,7 @@ from ltrp.core.optim import lr_at, param_groups
 from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import PretrainConfig, TrainConfig
 
-#: The checkpoint's training state: {"model", "optimizer", "epoch", "history", "metrics", ...the task's}.
+#: The checkpoint's training state: {"model", "optimizer", "epoch", "history", ...the task's}.
 STATE_FILE = "state.pt"
 #: The checkpoint's MLflow run, {"mlflow_run_id", "epoch"}: small, so that a driver reads it without
 #: downloading the weights.
@@ -235,9 +236,6 @@ def run_loop(cfg: TrainerConfig, task: Task) -> None:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, list(state.get("history", []))
-    if start_epoch >= cfg.epochs:
-        _report_finished(cfg, worker, state, start_epoch)
-        return
     for epoch in range(start_epoch, cfg.epochs):
         metrics = {"epoch": epoch, "start_epoch": start_epoch}
         metrics |= _train_epoch(cfg, task, worker, model, optimizer, epoch)
@@ -305,7 +303,6 @@ def _finish_epoch(
                 "optimizer": optimizer.state_dict(),
                 "epoch": metrics["epoch"],
                 "history": history,  # train loss of every epoch so far
-                "metrics": metrics,  # reported again should a finished run be launched again
                 **task.checkpoint_state(inner),
             }
             saved = _write_checkpoint(Path(folder), state, cfg.mlflow_run_id)
@@ -314,15 +311,6 @@ def _finish_epoch(
                 run = RunLog(cfg.tracking_uri, cfg.mlflow_run_id)
                 run.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"])
                 task.log_epoch(model, metrics["epoch"], first, run)
-        ray.train.report(metrics, checkpoint=saved)
-
-
-def _report_finished(cfg: TrainerConfig, worker: Worker, state: dict, start_epoch: int) -> None:
-    """A finished training launched again: no epoch to do. Its last checkpoint is reported again, since
-    Ray's result carries the metrics reported with the latest checkpoint (here: this launch's)."""
-    metrics = {**state.get("metrics", {"epoch": state["epoch"]}), "start_epoch": start_epoch}
-    with tempfile.TemporaryDirectory() as folder:
-        saved = _write_checkpoint(Path(folder), state, cfg.mlflow_run_id) if worker.rank == 0 else None
         ray.train.report(metrics, checkpoint=saved)
 
 
@@ -355,9 +343,15 @@ def fit(cfg: TrainerConfig, task: Task, datasets: dict[str, ray.data.Dataset]) -
     """Runs the loop on Ray Train (DDP) with `cfg`'s workers, checkpoints in STORAGE/NAME (resuming the
     run found there) and restarts; returns the result (last checkpoint and its metrics).
 
+    A training that already reached `cfg.epochs` (a finished run launched again) starts no workers:
+    its last result comes back as is, with `start_epoch` = `cfg.epochs` to say that nothing was run.
+
     Args:
         datasets: split across the workers; a task takes its shard with `ray.train.get_dataset_shard`.
     """
+    finished = finished_result(cfg)
+    if finished is not None:
+        return finished
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config={"trainer": cfg, "task": task},
@@ -380,15 +374,30 @@ def read_state(checkpoint: ray.train.Checkpoint) -> dict:
         return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def latest_checkpoint(storage: str, name: str) -> ray.train.Checkpoint | None:
-    """The checkpoint that a launch named `name` in `storage` resumes from, None for a new run. Read
-    from Ray Train's own record of the run, not guessed from the folders: the newest folder may be one
-    still uploading when the last launch stopped, which Ray Train does not resume from."""
+def latest_result(storage: str, name: str) -> ray.train.Result | None:
+    """The last result of the training named `name` in `storage`, whose checkpoint a launch resumes
+    from; None for a new training. Read from Ray Train's own record of the run, not guessed from the
+    folders: the newest folder may be one still uploading when the last launch stopped, which Ray Train
+    does not resume from."""
     path = posixpath.join(storage_uri(storage), name)
     fs, root = pyarrow.fs.FileSystem.from_uri(path)
     if fs.get_file_info(posixpath.join(root, _RAY_SNAPSHOT)).type == pyarrow.fs.FileType.NotFound:
         return None
-    return ray.train.Result.from_path(path).checkpoint
+    return ray.train.Result.from_path(path)
+
+
+def latest_checkpoint(storage: str, name: str) -> ray.train.Checkpoint | None:
+    """The checkpoint that a launch named `name` in `storage` resumes from, None for a new run."""
+    result = latest_result(storage, name)
+    return None if result is None else result.checkpoint
+
+
+def finished_result(cfg: TrainerConfig) -> ray.train.Result | None:
+    """The result of a training in STORAGE/NAME that already reached `cfg.epochs`, None otherwise."""
+    result = latest_result(cfg.storage, cfg.name)
+    if result is None or result.checkpoint is None or result.metrics["epoch"] + 1 < cfg.epochs:
+        return None
+    return dataclasses.replace(result, metrics={**result.metrics, "start_epoch": cfg.epochs})
 
 
 def resumed_run_id(storage: str, name: str) -> str | None:

@@ -78,7 +78,9 @@ def python_module(module: str, args: list[str], cwd: Path, uri: str) -> subproce
 
 
 @pytest.mark.slow
-def test_evaluate_job_tags_the_version_and_promotion_follows(mlflow_uri: str, tmp_path: Path) -> None:
+def test_evaluate_job_tags_the_version_and_promotion_follows(
+    mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     images, labels = fashion_mnist(260)
     test_dir = write_folder(tmp_path / "data" / "test", images[:60], labels[:60])
     train_dir = write_folder(tmp_path / "data" / "train", images[60:], labels[60:], first=60)
@@ -104,9 +106,12 @@ def test_evaluate_job_tags_the_version_and_promotion_follows(mlflow_uri: str, tm
         "--classifier-dim", "32", "--classifier-depth", "1",
     ]
     # fmt: on
-    job = python_module("jobs.evaluate", args, tmp_path, mlflow_uri)
-    assert job.returncode == 0, job.stderr[-3000:]
-    assert "evaluated models:/eval-ranker/1 on 60 held-out images" in job.stdout
+    from jobs.evaluate import main  # in this process: a new interpreter would only add its imports
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    monkeypatch.chdir(tmp_path)
+    main(args)
+    assert "evaluated models:/eval-ranker/1 on 60 held-out images" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == sorted([REPORT, CURVES, KEPT, "estimates.json"])
     estimates = json.loads((out / "estimates.json").read_text())
     assert set(estimates) >= {"ltrp", "oracle", "random", "supervised", "folk_rcom"}

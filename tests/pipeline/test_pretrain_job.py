@@ -3,9 +3,6 @@ real local Ray cluster with a real MLflow server."""
 
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -133,53 +130,40 @@ def test_norm_pix_is_recorded_in_the_saved_mae(tmp_path: Path) -> None:
     assert ltrp.load_mae(str(tmp_path / "mae.pth")).cfg == cfg and cfg.norm_pix
 
 
-def _pretrain(tmp_path: Path, env: dict, epochs: int) -> str:
-    args = [
-        sys.executable,
-        "-m",
-        "jobs.pretrain_mae",
-        "--source",
-        str(tmp_path / "images"),
-        "--output",
-        str(tmp_path / "mae.pth"),
-        "--storage",
-        str(tmp_path / "ckpt"),
-        "--name",
-        "fmnist",
-        "--geometry",
-        "mae_vit_tiny_patch8",
-        "--epochs",
-        str(epochs),
-        "--batch-size",
-        "32",
-        "--lr",
-        "1e-3",
-        "--crop",
-        "random",
-        "--flip",
-        "--sample-images",
-        "4",
-    ]
-    # cwd: MLflow's local stores and Ray Train's defaults land in the test's folder, not the repository.
-    proc = subprocess.run(
-        args, cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return proc.stdout
+def _pretrain(tmp_path: Path, capsys: pytest.CaptureFixture, epochs: int) -> str:
+    """`python -m jobs.pretrain_mae ...`'s main, in this process: on the session's Ray cluster, without
+    paying a new interpreter's imports for each of the three launches (the CLI's exit codes are tested
+    in subprocesses elsewhere). Returns what it printed."""
+    from jobs.pretrain_mae import main
+
+    # fmt: off
+    main([
+        "--source", str(tmp_path / "images"), "--output", str(tmp_path / "mae.pth"),
+        "--storage", str(tmp_path / "ckpt"), "--name", "fmnist", "--geometry", "mae_vit_tiny_patch8",
+        "--epochs", str(epochs), "--batch-size", "32", "--lr", "1e-3", "--crop", "random", "--flip",
+        "--sample-images", "4",
+    ])
+    # fmt: on
+    return capsys.readouterr().out
 
 
-@pytest.mark.slow  # three job runs: about a minute on an idle 2-core machine, three under load
+@pytest.mark.slow  # two trainings and a finished one launched again: about a minute on 2 cores
 def test_the_job_pretrains_checkpoints_logs_and_resumes(
-    tmp_path: Path, ray_address: str, mlflow_uri: str
+    tmp_path: Path,
+    ray_address: str,
+    mlflow_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     images = tmp_path / "images"
     for name, data in fashion_mnist_pngs(96).items():
         (images / name).parent.mkdir(parents=True, exist_ok=True)
         (images / name).write_bytes(data)
     (images / "0" / "9999.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
-    env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_uri}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    monkeypatch.chdir(tmp_path)  # whatever a job writes by default lands here, not in the repository
 
-    stdout = _pretrain(tmp_path, env, epochs=2)
+    stdout = _pretrain(tmp_path, capsys, epochs=2)
     assert "this run started at epoch 0" in stdout and "skipped 1 unreadable images" in stdout
     mae = ltrp.load_mae(str(tmp_path / "mae.pth"))  # strict: every official name, nothing else
     assert mae.cfg == ltrp.GEOMETRIES["mae_vit_tiny_patch8"] and mae.checkpoint.format == "ltrp"
@@ -204,7 +188,7 @@ def test_the_job_pretrains_checkpoints_logs_and_resumes(
     skipped = json.loads(Path(client.download_artifacts(run.info.run_id, "skipped_images.json")).read_text())
     assert [Path(s["uri"]).name for s in skipped] == ["9999.png"] and "cannot decode" in skipped[0]["reason"]
 
-    again = _pretrain(tmp_path, env, epochs=3)  # same name: resumes after the 2 finished epochs
+    again = _pretrain(tmp_path, capsys, epochs=3)  # same name: resumes after the 2 finished epochs
     assert "this run started at epoch 2" in again
     # ... in the same MLflow run: one training, one run, its history continued.
     (rerun,) = client.search_runs([experiment.experiment_id], f"tags.output = '{tmp_path / 'mae.pth'}'")
@@ -217,7 +201,7 @@ def test_the_job_pretrains_checkpoints_logs_and_resumes(
     resumed = ltrp.load_mae(str(tmp_path / "mae.pth"))
     assert resumed.cfg == mae.cfg and resumed.checkpoint.sha256 != mae.checkpoint.sha256
 
-    finished = _pretrain(tmp_path, env, epochs=3)  # nothing left to do: the same MAE is written again
+    finished = _pretrain(tmp_path, capsys, epochs=3)  # nothing left to do, no worker started: same MAE
     assert "this run started at epoch 3" in finished
     rewritten = ltrp.load_mae(str(tmp_path / "mae.pth"))
     assert torch.equal(rewritten.decoder_pred.weight, resumed.decoder_pred.weight)

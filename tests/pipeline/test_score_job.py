@@ -65,17 +65,13 @@ def _save_tiny(path: Path, geometry: str = "mae_vit_tiny_patch8") -> str:
     return str(path)
 
 
-def _job(*args: str, env: dict) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.score", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout
+def _job(*args: str, capsys: pytest.CaptureFixture) -> str:
+    """`python -m jobs.score ARGS`'s main, in this process, on the session's Ray cluster (a new
+    interpreter would only add its imports; the kill test runs the job as a process). Its output."""
+    from jobs.score import main
+
+    main(list(args))
+    return capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +91,18 @@ def s3_corpus(s3_endpoint: str) -> str:
 
 @pytest.mark.slow
 def test_scores_a_real_corpus_from_s3_to_s3(
-    s3_corpus: str, checkpoint: str, ray_address: str, mlflow_uri: str
+    s3_corpus: str,
+    checkpoint: str,
+    ray_address: str,
+    mlflow_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir("scores")
-    env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_uri}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     out = "s3://scores/run1"
-    stdout = _job("--source", s3_corpus, "--mae", checkpoint, "--output", out, "--shard-size", "64", env=env)
+    args = ("--source", s3_corpus, "--mae", checkpoint, "--output", out, "--shard-size", "64")
+    stdout = _job(*args, capsys=capsys)
     assert "scored 205 images (205 rows)" in stdout and "0 errors" in stdout
 
     table = pq.read_table("s3://scores/run1/scores")  # plain pyarrow, through AWS_ENDPOINT_URL_S3
@@ -144,7 +146,9 @@ def test_scores_a_real_corpus_from_s3_to_s3(
 
 
 @pytest.mark.slow
-def test_killed_job_resumes_without_duplicates_or_gaps(tmp_path: Path, ray_address: str) -> None:
+def test_killed_job_resumes_without_duplicates_or_gaps(
+    tmp_path: Path, ray_address: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     for name, png in fashion_mnist_pngs(120).items():
         (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "images" / name).write_bytes(png)
@@ -186,7 +190,9 @@ def test_killed_job_resumes_without_duplicates_or_gaps(tmp_path: Path, ray_addre
     first = {p: p.read_bytes() for p in (out / "scores").glob("part-*.parquet")}
     assert 3 <= len(first) < 20
 
-    stdout = _job(*args, env=env)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    monkeypatch.chdir(tmp_path)
+    stdout = _job(*args, capsys=capsys)  # the re-run, in this process
     assert f"skipped {len(first)} finished shards of 20" in stdout
     assert all(p.read_bytes() == data for p, data in first.items())  # finished shards were not redone
     table = read_scores(str(out))

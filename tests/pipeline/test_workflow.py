@@ -4,9 +4,6 @@ reuses every step."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -35,30 +32,31 @@ def _tiny_config(root: Path) -> dict:
     return spec
 
 
-def _run(config: Path, cwd: Path, ray_address: str, mlflow_uri: str) -> str:
-    env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_uri}
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.pipeline", "--config", str(config)],
-        cwd=cwd,
-        env={**env, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout
+def _run(config: Path, capsys: pytest.CaptureFixture) -> str:
+    """`python -m jobs.pipeline --config CONFIG`'s main, in this process, on the session's Ray cluster
+    (a new interpreter per run would only add its imports). Returns what it printed."""
+    from jobs.pipeline import main
+
+    main(["--config", str(config)])
+    return capsys.readouterr().out
 
 
 @pytest.mark.slow
 def test_pipeline_end_to_end_then_reused(
-    tmp_path: Path, ray_address: str, mlflow_uri: str, s3_endpoint: str
+    tmp_path: Path,
+    ray_address: str,
+    mlflow_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    monkeypatch.chdir(tmp_path)  # whatever a job writes by default lands here, not in the repository
     root = tmp_path / "runs"
     config = tmp_path / "pipeline.yaml"
     spec = _tiny_config(root)
     config.write_text(yaml.safe_dump(spec))
 
-    out = _run(config, tmp_path, ray_address, mlflow_uri)
+    out = _run(config, capsys)
     assert "[pipeline] done in" in out and "champion is version 1" in out, out[-2000:]
     state = json.loads((root / "_pipeline.json").read_text())
     assert list(state) == ["data", "pretrain", "score-train", "score-test", "train", "evaluate"]
@@ -92,7 +90,7 @@ def test_pipeline_end_to_end_then_reused(
             assert img.format == "PNG" and img.width > 400
 
     # A second run reuses every step: nothing retrained, no new model version.
-    again = _run(config, tmp_path, ray_address, mlflow_uri)
+    again = _run(config, capsys)
     assert again.count("reusing the finished step") == 6, again[-2000:]
     assert "UNCHANGED" in again
     assert len(client.search_model_versions("name='ltrp-pipeline-test'")) == 1
