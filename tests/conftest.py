@@ -150,6 +150,18 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.wait(timeout=20)
 
 
+@pytest.fixture
+def job_in_process(
+    tmp_path: Path, ray_address: str, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """For calling a launcher's main in this process, on the session's Ray cluster (a new interpreter
+    per job run would only add its imports): MLflow at the session's server, and the working folder a
+    fresh one, so that whatever a job writes by default lands there. Returns that folder."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
 def fashion_mnist(count: int) -> tuple[np.ndarray, np.ndarray]:
     """The first `count` test images (count, 28, 28) uint8 and labels, from Debian's package."""
     try:

@@ -79,8 +79,9 @@ def python_module(module: str, args: list[str], cwd: Path, uri: str) -> subproce
 
 @pytest.mark.slow
 def test_evaluate_job_tags_the_version_and_promotion_follows(
-    mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    mlflow_uri: str, job_in_process: Path, capsys: pytest.CaptureFixture
 ) -> None:
+    tmp_path = job_in_process
     images, labels = fashion_mnist(260)
     test_dir = write_folder(tmp_path / "data" / "test", images[:60], labels[:60])
     train_dir = write_folder(tmp_path / "data" / "train", images[60:], labels[60:], first=60)
@@ -108,8 +109,6 @@ def test_evaluate_job_tags_the_version_and_promotion_follows(
     # fmt: on
     from jobs.evaluate import main  # in this process: a new interpreter would only add its imports
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
-    monkeypatch.chdir(tmp_path)
     main(args)
     assert "evaluated models:/eval-ranker/1 on 60 held-out images" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == sorted([REPORT, CURVES, KEPT, "estimates.json"])

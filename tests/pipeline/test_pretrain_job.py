@@ -149,19 +149,14 @@ def _pretrain(tmp_path: Path, capsys: pytest.CaptureFixture, epochs: int) -> str
 
 @pytest.mark.slow  # two trainings and a finished one launched again: about a minute on 2 cores
 def test_the_job_pretrains_checkpoints_logs_and_resumes(
-    tmp_path: Path,
-    ray_address: str,
-    mlflow_uri: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture,
+    job_in_process: Path, mlflow_uri: str, capsys: pytest.CaptureFixture
 ) -> None:
+    tmp_path = job_in_process
     images = tmp_path / "images"
     for name, data in fashion_mnist_pngs(96).items():
         (images / name).parent.mkdir(parents=True, exist_ok=True)
         (images / name).write_bytes(data)
     (images / "0" / "9999.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
-    monkeypatch.chdir(tmp_path)  # whatever a job writes by default lands here, not in the repository
 
     stdout = _pretrain(tmp_path, capsys, epochs=2)
     assert "this run started at epoch 0" in stdout and "skipped 1 unreadable images" in stdout

@@ -91,15 +91,9 @@ def s3_corpus(s3_endpoint: str) -> str:
 
 @pytest.mark.slow
 def test_scores_a_real_corpus_from_s3_to_s3(
-    s3_corpus: str,
-    checkpoint: str,
-    ray_address: str,
-    mlflow_uri: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture,
+    s3_corpus: str, checkpoint: str, job_in_process: Path, mlflow_uri: str, capsys: pytest.CaptureFixture
 ) -> None:
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir("scores")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     out = "s3://scores/run1"
     args = ("--source", s3_corpus, "--mae", checkpoint, "--output", out, "--shard-size", "64")
     stdout = _job(*args, capsys=capsys)

@@ -43,14 +43,9 @@ def _run(config: Path, capsys: pytest.CaptureFixture) -> str:
 
 @pytest.mark.slow
 def test_pipeline_end_to_end_then_reused(
-    tmp_path: Path,
-    ray_address: str,
-    mlflow_uri: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture,
+    job_in_process: Path, mlflow_uri: str, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
-    monkeypatch.chdir(tmp_path)  # whatever a job writes by default lands here, not in the repository
+    tmp_path = job_in_process
     root = tmp_path / "runs"
     config = tmp_path / "pipeline.yaml"
     spec = _tiny_config(root)
