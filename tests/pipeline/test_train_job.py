@@ -2,14 +2,19 @@
 server, Ray Train DDP on a local Ray cluster, checkpoints on S3, a real MLflow server and registry."""
 
 import os
+import posixpath
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import psutil
 import pytest
 import s3fs
 import torch
@@ -19,10 +24,11 @@ from mlflow.tracking import MlflowClient
 import ltrp
 from jobs.train import main as train_main
 from ltrp.core.ranker import Ranker, rank
-from ltrp.pipeline import score_job
+from ltrp.pipeline import score_job, trainer
 from ltrp.pipeline.configs import ScoreConfig
 
 ROOT = Path(__file__).resolve().parents[2]
+CKPT_BUCKET = "train-ckpt"  # the training's checkpoints, on the moto S3 server
 pytestmark = pytest.mark.slow
 
 
@@ -65,43 +71,97 @@ def _train_args(scores: str, storage: str, name: str, epochs: int, *extra: str) 
     ]
 
 
-def _run(args: list[str], env: dict, cwd: Path = ROOT) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+def _run(args: list[str], env: dict) -> str:
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return proc.stdout
 
 
-def test_two_worker_ddp_checkpoints_to_s3_logs_and_registers(
-    score_table: str, ray_address: str, mlflow_uri: str, tmp_path: Path
+@contextmanager
+def _launched(args: list[str], env: dict, logs: Path) -> Iterator[subprocess.Popen]:
+    """A training job running in the background, its stdout and stderr in files under `logs` (a pipe
+    that nobody reads while the test waits would fill with Ray's forwarded logs and stall the job's
+    printing); killed, with its process group, if it still runs when the block ends (a failed test)."""
+    with (logs / "stdout").open("w") as out, (logs / "stderr").open("w") as err:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _finish(proc: subprocess.Popen, logs: Path) -> str:
+    """The stdout of a launched job, which must succeed."""
+    proc.wait(timeout=600)
+    assert proc.returncode == 0, (logs / "stderr").read_text()[-5000:]
+    return (logs / "stdout").read_text()
+
+
+def _checkpoints(fs: s3fs.S3FileSystem, path: str) -> list[str]:
+    """The checkpoint folders under `path` on S3 (not Ray Train's checkpoint_manager_snapshot.json)."""
+    try:
+        entries = fs.ls(path, detail=True, refresh=True)
+    except FileNotFoundError:  # nothing written yet
+        return []
+    return [
+        e["name"]
+        for e in entries
+        if e["type"] == "directory" and posixpath.basename(e["name"]).startswith("checkpoint")
+    ]
+
+
+def _wait_until_resumable(
+    fs: s3fs.S3FileSystem, storage: str, name: str, epochs: int, proc: subprocess.Popen, logs: Path
 ) -> None:
-    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("train-ckpt")
-    env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_uri}
-    stdout = _run(
-        _train_args(
-            score_table,
-            "s3://train-ckpt",
-            "ddp",
-            2,
-            "--workers",
-            "2",
-            "--alias",
-            "candidate",
-            "--model",
-            "models:/ltrp-test",
-        ),
-        env,
-    )
-    assert "registered ltrp-test version 1 as @candidate" in stdout
+    """Until a restart of the running job would resume after `epochs` epochs: its `epochs`-th checkpoint
+    is on S3 and in Ray Train's own record of the run (`trainer.latest_checkpoint`; a folder on S3 may
+    still be uploading, and is not resumed from until Ray Train has registered it). 5 minutes at most."""
+    deadline = time.monotonic() + 300
+    while True:
+        folders = sorted(_checkpoints(fs, storage.removeprefix("s3://") + "/" + name))
+        if len(folders) >= epochs:
+            resume = trainer.latest_checkpoint(storage, name)
+            if resume and posixpath.basename(resume.path) == posixpath.basename(folders[epochs - 1]):
+                return
+        assert proc.poll() is None, (logs / "stderr").read_text()[-5000:]
+        assert time.monotonic() < deadline, f"checkpoint {epochs} not registered after 300 s"
+        time.sleep(0.2)
 
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    assert any("checkpoint" in p for p in fs.ls("train-ckpt/ddp"))
 
-    client = MlflowClient(mlflow_uri)
+def _kill_one_train_worker() -> None:
+    """SIGKILLs one of the job's two Ray Train workers: Ray titles their processes "ray::RayTrainWorker"."""
+    # The session's Ray cluster was started by this process: its workers are among its descendants
+    # (and another Ray on the machine, e.g. a concurrent test session, is left alone).
+    workers = [p for p in psutil.Process().children(recursive=True) if "ray::RayTrainWorker" in _title(p)]
+    assert len(workers) == 2, [_title(w) for w in workers]
+    os.kill(workers[0].pid, signal.SIGKILL)  # a DDP worker dies mid-training
+
+
+def _title(process: psutil.Process) -> str:
+    """A process's command line, as Ray's titles show there ("" for one that is gone)."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def _started_at(stdout: str) -> int:
+    """The epoch a launch started at, as the job prints it."""
+    return int(stdout.split("this run started at epoch ")[1].split(")")[0])
+
+
+def _check_version_1(client: MlflowClient, mlflow_uri: str, score_table: str) -> None:
+    """Version 1 of ltrp-test (@candidate): tagged with its inputs, its run's losses logged each epoch,
+    loadable by alias and by version as the same ranker, and as a pyfunc."""
     version = client.get_model_version_by_alias("ltrp-test", "candidate")
-    assert version.tags["score_table"] == score_table and len(version.tags["mae_sha256"]) == 64
+    assert version.version == "1"
+    assert version.tags["score_table"] == score_table
+    assert re.fullmatch(r"[0-9a-f]{64}", version.tags["mae_sha256"])
     assert -1 <= float(version.tags["val_kendall_tau"]) <= 1
-    history = client.get_metric_history(version.run_id, "train_loss")
-    assert [m.step for m in history] == [0, 1]
+    steps = {m.step for m in client.get_metric_history(version.run_id, "train_loss")}
+    assert steps == {0, 1, 2}  # (a set: an epoch that a restart does again is logged twice)
 
     mlflow.set_tracking_uri(mlflow_uri)
     signature = mlflow.models.get_model_info("models:/ltrp-test@candidate").signature
@@ -116,50 +176,41 @@ def test_two_worker_ddp_checkpoints_to_s3_logs_and_registers(
     assert np.asarray(pyfunc.predict(images.numpy())).shape == (2, 64)
 
 
-def test_a_killed_worker_is_replaced_and_a_rerun_resumes(
-    score_table: str, ray_address: str, tmp_path: Path
+def test_ddp_training_survives_a_killed_worker_registers_and_a_relaunch_resumes(
+    score_table: str, ray_address: str, mlflow_uri: str, tmp_path: Path
 ) -> None:
-    import psutil
+    """Two DDP workers train 3 epochs with checkpoints on S3; one of them is killed in the third, Ray
+    Train restarts the group from the last checkpoint, and the job still registers version 1 as
+    @candidate, tagged and loadable. A re-launch with 4 epochs resumes after epoch 3 and registers
+    version 2 in the same MLflow run. One test, not one per property: each Ray Train launch costs ~25 s."""
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir(CKPT_BUCKET)
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_uri}
+    extra = ("--workers", "2", "--model", "models:/ltrp-test", "--alias", "candidate")
+    storage, name = f"s3://{CKPT_BUCKET}", "ddp"
 
-    env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
-    args = _train_args(score_table, str(tmp_path / "ckpt"), "fault", 3)
-    proc = subprocess.Popen(
-        args,
-        cwd=tmp_path,  # MLflow's SQLite store keeps artifacts in ./mlruns: not in the repository
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    # Two checkpoints on disk: the first is surely registered by Ray Train (the newest may be uploading).
-    while len(list((tmp_path / "ckpt" / "fault").glob("checkpoint*"))) < 2:
-        assert proc.poll() is None, proc.stderr.read()[-5000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    # Ray titles a train worker's process "ray::RayTrainWorker..."; this job has exactly one.
-    (worker,) = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])
-    ]
-    os.kill(worker.pid, signal.SIGKILL)  # the worker process dies mid-training
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-5000:]
-    started = int(stdout.split("this run started at epoch ")[1].split(")")[0])
-    assert started in (1, 2)  # the replacement resumed from a checkpoint (the newest may still be uploading)
+    with _launched(_train_args(score_table, storage, name, 3, *extra), env, tmp_path) as proc:
+        _wait_until_resumable(fs, storage, name, 2, proc, tmp_path)
+        _kill_one_train_worker()  # during the third epoch
+        stdout = _finish(proc, tmp_path)
+    assert _started_at(stdout) == 2  # the new worker group resumed from the last checkpoint
+    assert "registered ltrp-test version 1 as @candidate" in stdout
+    assert len(_checkpoints(fs, f"{CKPT_BUCKET}/{name}")) >= 3
 
-    again = _run(_train_args(score_table, str(tmp_path / "ckpt"), "fault", 4), env, cwd=tmp_path)
+    client = MlflowClient(mlflow_uri)
+    _check_version_1(client, mlflow_uri, score_table)
+
+    again = _run(_train_args(score_table, storage, name, 4, *extra), env)
     assert "this run started at epoch 3" in again  # same name: resumed after the 3 finished epochs
+    assert "registered ltrp-test version 2 as @candidate" in again
 
     # One training, one MLflow run: the restart and the re-launch logged into the run it started in.
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    (run,) = client.search_runs([client.get_experiment_by_name("ltrp-train").experiment_id])
-    first, second = (client.get_model_version("ltrp-ranker", v) for v in ("1", "2"))
+    # (Other tests train in ltrp-train on this server too: this training's runs carry its name.)
+    experiment = client.get_experiment_by_name("ltrp-train").experiment_id
+    (run,) = client.search_runs([experiment], filter_string=f"tags.ray_train_run = '{name}'")
+    first, second = (client.get_model_version("ltrp-test", v) for v in ("1", "2"))
     assert first.run_id == second.run_id == run.info.run_id
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
-    assert set(steps) == {0, 1, 2, 3}  # (an epoch the restarted workers did again is logged twice)
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")} == {0, 1, 2, 3}
     assert run.data.params["epochs"] == "3" and run.data.tags["relaunched_with.epochs"] == "4"
 
 
