@@ -33,10 +33,13 @@ def parse(cls: type[T], section: str, argv: list[str] | None, prog: str, default
     pre.add_argument("--config")
     given, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
-        values = {**(defaults or {}), **(read_config_file(given.config, section) if given.config else {})}
+        from_file = read_config_file(given.config, section) if given.config else {}
+    except ConfigError as err:  # it names the file and the key
+        refuse(prog, str(err))
+    try:
         required = {f.name: tyro.MISSING for f in fields(cls) if f.default is MISSING}
-        default = cls(**{**required, **values})
-    except (ConfigError, TypeError) as err:
+        default = cls(**{**required, **(defaults or {}), **from_file})
+    except ConfigError as err:
         refuse(prog, f"{err} (from --config {given.config})" if given.config else str(err))
     description = (
         f"{cls.__doc__}\n\nEvery option can also come from --config FILE.yaml: its top-level keys that are "
