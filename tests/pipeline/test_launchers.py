@@ -45,13 +45,20 @@ def _run(*args: str, cwd: Path = ROOT) -> str:
 
 
 @pytest.mark.slow
-def test_score_job_demo_runs_from_nothing(tmp_path: Path) -> None:
-    stdout = _run("jobs.score", "--demo", cwd=tmp_path)  # in an empty folder
+def test_score_job_demo_runs_from_nothing(
+    tmp_path: Path, ray_address: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    stdout = _run("jobs.score", "--demo", cwd=tmp_path)  # in an empty folder: a local Ray, SQLite MLflow
     assert "scored 7 images (7 rows)" in stdout
     assert pq.read_table(tmp_path / "runs/demo/scores/scores").num_rows == 7
     assert (tmp_path / "mlflow.db").exists()
-    again = _run("jobs.score", "--demo", cwd=tmp_path)  # a second run finds everything done
-    assert "scored 0 images (0 rows) and skipped 1 finished shards of 1" in again
+
+    from jobs.score import main  # a second run, in this process (on the session's Ray): all done
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    main(["--demo"])
+    assert "scored 0 images (0 rows) and skipped 1 finished shards of 1" in capsys.readouterr().out
 
 
 def test_benchmark_prints_both_paths_side_by_side() -> None:
