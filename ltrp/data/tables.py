@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import posixpath
 
 import fsspec
@@ -20,6 +21,8 @@ SCORES_SCHEMA = pa.schema(
         ("scores", pa.list_(pa.float32())),
     ]
 )
+#: A scoring job's metadata file at the root of its output.
+JOB_FILE = "_ltrp_job.json"
 ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("reason", pa.string())])
 
 
@@ -49,9 +52,20 @@ def read_errors(uri: str) -> pa.Table:
     return pq.read_table(path, filesystem=fs, schema=ERRORS_SCHEMA)
 
 
+def read_job_metadata(uri: str) -> dict:
+    """What a scoring job's output was computed with (MAE sha256 and geometry, settings, ...): its
+    `_ltrp_job.json`.
+
+    Raises:
+        FileNotFoundError: `uri` is not a scoring job's output.
+    """
+    fs, root = _job_root(uri)
+    return json.loads(fs.cat_file(posixpath.join(root, JOB_FILE)))
+
+
 def _job_root(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
-    if not fs.exists(posixpath.join(root, "_ltrp_job.json")):
+    if not fs.exists(posixpath.join(root, JOB_FILE)):
         raise FileNotFoundError(
             f"{uri} is not the output of a scoring job (no _ltrp_job.json there): give the folder "
             "that python -m jobs.score --output named"

@@ -143,6 +143,11 @@ def _at_least(cfg: object, minimum: int, *names: str) -> None:
         _require(value is None or value >= minimum, name, f"must be at least {minimum}, got {value}")
 
 
+def registered_name(uri: str) -> str:
+    """NAME of a checked `models:/NAME` option (train's and promote's --model)."""
+    return REGISTERED_MODEL.match(uri)["name"]  # type: ignore[index]
+
+
 def _registered_model(uri: str) -> None:
     _require(bool(REGISTERED_MODEL.match(uri)), "model", f"expected models:/NAME, got {uri!r}")
 
@@ -306,10 +311,6 @@ class PromoteConfig(_Checked):
         _require(self.rollback != (self.candidate is not None), "candidate", "give either it or --rollback")
         _require(not (self.rollback and self.dry_run), "dry_run", "applies to --candidate, not to --rollback")
         _require(not (self.rollback and self.policy), "policy", "applies to --candidate, not to --rollback")
-
-    @property
-    def name(self) -> str:
-        return REGISTERED_MODEL.match(self.model)["name"]  # type: ignore[index]
 
 
 @dataclass

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from ltrp.evaluation.promotion import Decision, Policy
 from ltrp.pipeline import runtime
-from ltrp.pipeline.configs import PromoteConfig
+from ltrp.pipeline.configs import PromoteConfig, registered_name
 from ltrp.pipeline.registry import Promotion, promote, rollback
 
 #: The launcher's exit code for a refused candidate (0: promoted, unchanged or rolled back).
@@ -41,16 +41,16 @@ def run(cfg: PromoteConfig) -> PromoteSummary:
         mlflow.exceptions.MlflowException: an unknown model, version or alias.
         OSError, ValueError: an unreadable policy file.
     """
-    client = MlflowClient(runtime.tracking_uri())
+    client, name = MlflowClient(runtime.tracking_uri()), registered_name(cfg.model)
     if cfg.rollback:
-        before, after = rollback(cfg.name, client)
-        return PromoteSummary(cfg.name, from_version=before, to_version=after)
+        before, after = rollback(name, client)
+        return PromoteSummary(name, from_version=before, to_version=after)
     policy = Policy.from_yaml(cfg.policy) if cfg.policy else Policy()
     candidate = cfg.candidate
     if not candidate.isdigit():
-        candidate = str(client.get_model_version_by_alias(cfg.name, candidate).version)
+        candidate = str(client.get_model_version_by_alias(name, candidate).version)
     return PromoteSummary(
-        cfg.name, candidate, promote(cfg.name, candidate, policy, dry_run=cfg.dry_run, client=client)
+        name, candidate, promote(name, candidate, policy, dry_run=cfg.dry_run, client=client)
     )
 
 

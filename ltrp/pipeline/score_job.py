@@ -50,7 +50,7 @@ from ltrp.data.images import (
     view_geometry,
 )
 from ltrp.data.sources import Shard, SourceImage, plan_digest, plan_shards, read_shard
-from ltrp.data.tables import ERRORS_SCHEMA, SCORES_SCHEMA
+from ltrp.data.tables import ERRORS_SCHEMA, JOB_FILE, SCORES_SCHEMA
 from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import ScoreConfig, checking_inputs, result_fields
 
@@ -342,7 +342,7 @@ class ScoreOutput:
     def check(self, metadata: dict) -> bool:
         """Whether an earlier run of this job holds the output; refuses one of a different job (a resume
         needs the same corpus, checkpoint and result-changing settings)."""
-        path = self._path("_ltrp_job.json")
+        path = self._path(JOB_FILE)
         if not self.fs.exists(path):
             return False
         earlier = json.loads(self.fs.cat_file(path))
@@ -359,7 +359,7 @@ class ScoreOutput:
         """Records the job's metadata, unless an earlier run of the same job already did."""
         if not self.check(metadata):
             self.fs.makedirs(self.root, exist_ok=True)
-            self.fs.pipe_file(self._path("_ltrp_job.json"), json.dumps(metadata, indent=2).encode())
+            self.fs.pipe_file(self._path(JOB_FILE), json.dumps(metadata, indent=2).encode())
 
     def committed_shards(self) -> set[int]:
         names = self.fs.glob(self._path("scores", "part-*.parquet"))

@@ -13,14 +13,11 @@ checkpoint every epoch under STORAGE/NAME; a failed worker group is restarted fr
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import posixpath
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import fsspec
 import mlflow
 import numpy as np
 import pyarrow as pa
@@ -34,9 +31,9 @@ from ltrp.core.ranking_metrics import kendall_tau, ndcg_at_k, spearman, topk_ove
 from ltrp.data.checkpoints import load_ranker
 from ltrp.data.images import View, render_view, to_model_input
 from ltrp.data.sources import read_many
-from ltrp.data.tables import SCORES_SCHEMA, read_scores
+from ltrp.data.tables import SCORES_SCHEMA, read_job_metadata, read_scores
 from ltrp.pipeline import runtime, trainer
-from ltrp.pipeline.configs import REGISTERED_MODEL, InputError, TrainConfig, checking_inputs
+from ltrp.pipeline.configs import InputError, TrainConfig, checking_inputs, registered_name
 from ltrp.pipeline.registry import register_ranker
 from ltrp.pipeline.trainer import Task, Worker, all_reduce_sum
 
@@ -66,7 +63,7 @@ def run(cfg: TrainConfig) -> TrainSummary:
             holds no training views (before Ray starts or MLflow is touched).
     """
     meta, train_views = check_inputs(cfg)
-    name = REGISTERED_MODEL.match(cfg.model)["name"]  # type: ignore[index]
+    name = registered_name(cfg.model)
     runtime.start(EXPERIMENT, workers=cfg.workers, worker_cpus=cfg.worker_cpus)
     resume = trainer.resumed_run_id(cfg.storage, cfg.name)
     tags = {"score_table": cfg.scores, "ray_train_run": cfg.name}
@@ -103,7 +100,7 @@ def check_inputs(cfg: TrainConfig) -> tuple[dict, int]:
     """
     with checking_inputs():
         try:
-            meta = table_metadata(cfg.scores)
+            meta = read_job_metadata(cfg.scores)
         except FileNotFoundError:
             raise InputError(
                 f"--scores {cfg.scores}: no _ltrp_job.json there: not the output of a scoring job"
@@ -133,12 +130,6 @@ def is_validation(image_id: str, fraction: float) -> bool:
     """A pure function of the image id, so every view of an image lands on the same side."""
     digest = hashlib.shake_256(f"ltrp-split\0{image_id}".encode()).digest(8)
     return int.from_bytes(digest, "little") / 2**64 < fraction
-
-
-def table_metadata(scores_uri: str) -> dict:
-    """The scoring job's run metadata (MAE sha256, geometry, ...), from its `_ltrp_job.json`."""
-    with fsspec.open(posixpath.join(scores_uri.rstrip("/"), "_ltrp_job.json"), "r") as f:
-        return json.load(f)
 
 
 def _select_split(batch: pa.Table, fraction: float, validation: bool) -> pa.Table:

@@ -25,7 +25,6 @@ from ltrp.data.datasets import write_fashion_mnist
 from ltrp.evaluation.measures import metric_key
 from ltrp.pipeline import evaluate_job, pretrain_job, promote_job, runtime, score_job, train_job
 from ltrp.pipeline.configs import (
-    REGISTERED_MODEL,
     ConfigError,
     DataConfig,
     EvaluateConfig,
@@ -34,6 +33,7 @@ from ltrp.pipeline.configs import (
     ScoreConfig,
     TrainConfig,
     read_config_file,
+    registered_name,
 )
 
 SUMMARY_SCORERS = ("ltrp", "random", "center", "folk_rcom", "supervised")
@@ -119,7 +119,7 @@ class Plan:
                 "storage": checkpoints,
             }
         )
-        self.model = REGISTERED_MODEL.match(self.train.model)["name"]  # type: ignore[index]
+        self.model = registered_name(self.train.model)
         # The version is known once trained: until then the registered model's version 1 stands in.
         self.evaluate = EvaluateConfig(
             **{

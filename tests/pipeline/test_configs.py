@@ -14,6 +14,7 @@ from ltrp.pipeline.configs import (
     ScoreConfig,
     TrainConfig,
     read_config_file,
+    registered_name,
     result_fields,
 )
 
@@ -52,7 +53,10 @@ def test_good_values_pass_and_yaml_lists_become_tuples() -> None:
     cfg = EvaluateConfig(**{**EVALUATE, "keep_ratios": [0.1, 0.5], "seen_classes": ["Bag"]})
     assert cfg.keep_ratios == (0.1, 0.5) and cfg.seen_classes == ("Bag",)
     assert TrainConfig(scores="s", lr=1).lr == 1  # an int where a float is expected is a number
-    assert PromoteConfig(model="models:/ltrp-ranker", candidate="candidate").name == "ltrp-ranker"
+    assert (
+        registered_name(PromoteConfig(model="models:/ltrp-ranker", candidate="candidate").model)
+        == "ltrp-ranker"
+    )
 
 
 def test_the_score_fingerprint_is_every_field_but_the_execution_only_ones() -> None:
