@@ -51,7 +51,7 @@ def option(name: str) -> str:
 
 def _is_missing(value: Any) -> bool:
     # A launcher's defaults leave the required options it has yet to parse as tyro.MISSING.
-    return value is tyro.MISSING or value is MISSING
+    return value is tyro.MISSING
 
 
 def _matches(value: Any, hint: Any) -> bool:
