@@ -76,6 +76,18 @@ GEOMETRIES: dict[str, MAEConfig] = {
         decoder_depth=2,
         decoder_num_heads=4,
     ),
+    # Scenes (56 px, 4 px patches): the paper's 14 x 14 grid at a size two CPU cores pre-train.
+    "mae_vit_scenes_patch4": replace(
+        _BASE,
+        img_size=56,
+        patch_size=4,
+        embed_dim=192,
+        depth=6,
+        num_heads=6,
+        decoder_embed_dim=96,
+        decoder_depth=2,
+        decoder_num_heads=4,
+    ),
 }
 
 

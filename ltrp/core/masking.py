@@ -46,3 +46,28 @@ def visible_sets(
     n = visible_count(num_patches, mask_ratio)
     rows = [_visible_set(str(i), num_patches, n, seed, view) for i in image_ids]
     return torch.from_numpy(np.stack(rows)).long() if rows else torch.empty(0, n, dtype=torch.long)
+
+
+def cover_sets(
+    image_id: str | int, *, grid: int, mask_ratio: float = 0.9, seed: int = 0, rounds: int = 1
+) -> torch.Tensor:
+    """Visible sets that score every patch of an image: the full-coverage oracle's draws.
+
+    Each round splits all L patches, in a permutation seeded by (seed, round, image id), into
+    ceil(L / n) disjoint sets of n; the last one is topped up from the start of the permutation. So
+    every patch is in at least `rounds` sets (those topped up in one more).
+
+    Returns:
+        visible: (rounds * ceil(L / n), n) int64, each row sorted ascending; round r's sets are the rows
+        r * ceil(L / n) onwards.
+    """
+    num_patches = grid * grid
+    n = visible_count(num_patches, mask_ratio)
+    rows = []
+    for round_ in range(rounds):
+        key = f"ltrp-cover\0{seed}\0{round_}\0{image_id}".encode()
+        keys = np.frombuffer(hashlib.shake_256(key).digest(8 * num_patches), dtype="<u8")
+        order = np.argsort(keys, kind="stable")
+        padded = np.concatenate([order, order[: -num_patches % n]])  # tops up the last set
+        rows += [np.sort(chunk) for chunk in padded.reshape(-1, n)]
+    return torch.from_numpy(np.stack(rows)).long()

@@ -28,8 +28,20 @@ MAEGeometry = Literal[
     "mae_vit_demo_patch16",
     "mae_vit_tiny_patch8",
     "mae_vit_fmnist_patch4",
+    "mae_vit_scenes_patch4",
 ]
 #: Names of `ltrp.core.ranker.RANKER_GEOMETRIES`.
 RankerGeometry = Literal[
-    "ltrp_vit_small_patch16", "ltrp_vit_tiny_patch16", "ltrp_vit_micro_patch8", "ltrp_vit_fmnist_patch4"
+    "ltrp_vit_small_patch16",
+    "ltrp_vit_tiny_patch16",
+    "ltrp_vit_micro_patch8",
+    "ltrp_vit_fmnist_patch4",
+    "ltrp_vit_scenes_patch4",
 ]
+#: What the ranker sees in training: CLS + the n scored patches (the authors'), or all L patches with
+#: the loss at the n scored positions (as at inference).
+Training = Literal["asymmetric", "symmetric"]
+#: A scene's background (`ltrp.data.scenes`): black, a low-contrast texture, non-object clutter, a photo.
+Background = Literal["black", "texture", "clutter", "photo"]
+#: A data split: which Fashion-MNIST images a scene's objects come from.
+Split = Literal["train", "test"]

@@ -1,8 +1,9 @@
 """The LTRP ranker: a ViT that scores every patch position of an image in one forward pass, no MAE.
 
 The authors' head is one Linear(D -> L) on the final CLS token: a score per patch *position*. The
-per-token variant scores each token from its own output. Training is asymmetric: the ranker sees only
-CLS + the n scored visible patches; at inference it sees all L patches.
+per-token variant scores each token from its own output. The authors' training is asymmetric: the
+ranker sees only CLS + the n scored visible patches, while at inference it sees all L patches; the
+symmetric variant trains as it infers, on all L patches with the loss at the n scored positions.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ltrp.core.options import Head
+from ltrp.core.options import Head, Training
 from ltrp.core.vit import PatchGrid, ViTEncoder
 
 
@@ -32,6 +33,8 @@ RANKER_GEOMETRIES: dict[str, RankerConfig] = {
     "ltrp_vit_micro_patch8": RankerConfig(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=4),
     # Fashion-MNIST (28 px upscaled to 32): the grid of the MAE "mae_vit_fmnist_patch4".
     "ltrp_vit_fmnist_patch4": RankerConfig(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=4),
+    # Scenes (56 px): the 14 x 14 grid of the MAE "mae_vit_scenes_patch4", the paper's.
+    "ltrp_vit_scenes_patch4": RankerConfig(img_size=56, patch_size=4, embed_dim=128, depth=4, num_heads=4),
 }
 
 
@@ -68,6 +71,25 @@ class Ranker(ViTEncoder):
             return self.head(out[:, 1:]).squeeze(-1)
         scores = self.head(out[:, 0])  # (B, L): one per position, from the CLS token alone
         return scores if visible is None else scores.gather(1, visible)
+
+
+def scores_at(
+    model: Ranker, imgs: torch.Tensor, visible: torch.Tensor, *, training: Training = "asymmetric"
+) -> torch.Tensor:
+    """The ranker's scores of the scored positions, as it trains.
+
+    Args:
+        imgs: (B, 3, S, S), normalised like the MAE's inputs.
+        visible: (B, n) the scored positions.
+        training: asymmetric (the authors'): the ranker sees CLS + the n scored patches; symmetric: it
+            sees all L patches, as at inference, and only the n scored positions' scores are returned.
+
+    Returns:
+        (B, n) scores aligned with `visible`.
+    """
+    if training == "asymmetric":
+        return model(imgs, visible)
+    return model(imgs).gather(1, visible)
 
 
 def rank(model: Ranker, images: torch.Tensor) -> torch.Tensor:

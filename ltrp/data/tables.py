@@ -6,8 +6,10 @@ import json
 import posixpath
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import scipy.stats
 
 SCORES_SCHEMA = pa.schema(
     [
@@ -71,3 +73,31 @@ def _job_root(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
             "that python -m jobs.score --output named"
         )
     return fs, root
+
+
+def position_scores(table: pa.Table, num_patches: int) -> dict[str, np.ndarray]:
+    """One score per patch position of each image, from its rows (the full-coverage oracle's reader).
+
+    Each row's scores are rank-normalised within the row (its lowest to 0, its highest to 1, ties
+    averaged), so rows of different scales weigh the same; a position's score is the mean over the
+    rows that scored it, NaN where none did.
+
+    Args:
+        table: score rows ("image_id", "visible", "scores"), e.g. `read_scores` of a `--cover` job.
+        num_patches: L, the patch positions of an image.
+
+    Returns:
+        image_id -> (L,) float64.
+    """
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+    ids = table.column("image_id").to_pylist()
+    visible = table.column("visible").to_pylist()
+    scores = table.column("scores").to_pylist()
+    for image_id, positions, values in zip(ids, visible, scores, strict=True):
+        ranks = scipy.stats.rankdata(values) - 1
+        normalised = ranks / max(len(values) - 1, 1)
+        np.add.at(sums.setdefault(image_id, np.zeros(num_patches)), positions, normalised)
+        np.add.at(counts.setdefault(image_id, np.zeros(num_patches)), positions, 1)
+    with np.errstate(invalid="ignore"):
+        return {i: sums[i] / counts[i] for i in sums}

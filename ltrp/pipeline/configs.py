@@ -15,17 +15,34 @@ from __future__ import annotations
 import re
 import types
 import typing
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import tyro
 import yaml
 
-from ltrp.core.options import Crop, Device, Head, Loss, MAEGeometry, Metric, Mode, Precision, RankerGeometry
+from ltrp.core.options import (
+    Background,
+    Crop,
+    Device,
+    Head,
+    Loss,
+    MAEGeometry,
+    Metric,
+    Mode,
+    Precision,
+    RankerGeometry,
+    Split,
+    Training,
+)
 from ltrp.evaluation.measures import KEEP_RATIOS
+
+if TYPE_CHECKING:
+    from ltrp.data.scenes import SceneConfig
 
 #: models:/NAME, the registered model a job writes to or promotes in.
 REGISTERED_MODEL = re.compile(r"^models:/(?P<name>[^/@]+)$")
@@ -164,6 +181,9 @@ class ScoreConfig(_Checked):
     mae: str = execution_only(MISSING)  # MAE checkpoint with a decoder, local or s3:// (its sha256 counts)
     output: str = execution_only(MISSING)  # output folder or s3:// prefix; re-using one resumes that job
     views: int = 1  # views per image; each has its own crop, flip and visible set
+    cover: int = (
+        0  # R > 0: the full-coverage oracle, R rounds of disjoint visible sets covering every patch of view 0
+    )
     crop: Crop = "center"  # center: the central square; random: RandomResizedCrop geometry (scale 0.2-1)
     flip: bool = False  # mirror each view with probability 1/2
     mask_ratio: float = 0.9  # fraction of patches hidden from the MAE (0.9 keeps 19 of 196)
@@ -184,6 +204,12 @@ class ScoreConfig(_Checked):
         _at_least(self, 1, "views", "batch_size", "shard_size", "scorers", "scorer_threads", "min_side")
         _positive(self, "scorer_cpus", "max_pixels")
         _mask_ratio(self.mask_ratio)
+        _at_least(self, 0, "cover")
+        _require(
+            self.cover == 0 or self.views == 1,
+            "cover",
+            f"covers the patches of one view; it cannot be combined with --views {self.views}",
+        )
         _require(
             self.precision == "fp32" or self.device != "cpu",
             "precision",
@@ -239,9 +265,15 @@ class TrainConfig(_Checked):
     ranker: RankerGeometry = "ltrp_vit_small_patch16"  # ranker size and patch grid (small: the paper's)
     head: Head = "cls"  # cls: a Linear on the CLS token scores every position (the paper); token: per token
     loss: Loss = "listmle"  # ranking loss (listmle: the paper's)
+    training: Training = (
+        "asymmetric"  # asymmetric: sees CLS + the n scored patches (the paper); symmetric: all L
+    )
     epochs: int = 10  # epochs
     warmup_epochs: int = 1  # linear warm-up epochs before the cosine decay
     batch_size: int = 64  # views per worker and step
+    shuffle_buffer: int = (
+        1024  # views in each worker's local shuffle buffer (0: table order, an image's views together)
+    )
     lr: float | None = None  # peak learning rate; None: 1.5e-4 * global batch / 256, the authors' rule
     weight_decay: float = 0.06  # AdamW weight decay (not on norms, biases and tokens)
     val_fraction: float = 0.1  # fraction of images (by id hash) held out for validation
@@ -256,7 +288,7 @@ class TrainConfig(_Checked):
 
     def check(self) -> None:
         _at_least(self, 1, "epochs", "batch_size", "topk", "workers")
-        _at_least(self, 0, "warmup_epochs", "max_failures", "weight_decay")
+        _at_least(self, 0, "warmup_epochs", "max_failures", "weight_decay", "shuffle_buffer")
         _positive(self, "lr", "worker_cpus")
         _require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         _registered_model(self.model)
@@ -324,8 +356,43 @@ class DataConfig(_Checked):
         _at_least(self, 1, "train_images", "test_images")
 
 
+@dataclass
+class ScenesConfig(_Checked):
+    """Write a corpus of multi-object scenes with known object masks (PNGs + a Parquet manifest)."""
+
+    output: str  # local folder: receives images/ and manifest.parquet (a --source for the jobs)
+    split: Split = "train"  # which Fashion-MNIST split the objects come from
+    count: int = 1000  # scenes 0 .. count-1 of the split
+    #: background kinds, drawn evenly: name one twice to draw it twice as often
+    backgrounds: tuple[Background, ...] = ("black", "texture", "clutter", "photo")
+    min_objects: int = 1  # objects per scene, drawn evenly in [min_objects, max_objects]
+    max_objects: int = 4  # (fewer when no room is left within the overlap bound)
+    seed: int = 0  # scene seed: a scene is a pure function of (settings, split, index)
+
+    def check(self) -> None:
+        _at_least(self, 1, "count", "min_objects")
+        _require(
+            self.min_objects <= self.max_objects,
+            "max_objects",
+            f"must be at least --min-objects {self.min_objects}",
+        )
+        _require(len(self.backgrounds) > 0, "backgrounds", "name at least one kind")
+
+    def scene(self) -> SceneConfig:
+        """The generator's settings (each background kind weighted by how often it is named)."""
+        from ltrp.data.scenes import SceneConfig  # numpy, PIL, scikit-image: only when scenes are made
+
+        return SceneConfig(
+            min_objects=self.min_objects,
+            max_objects=self.max_objects,
+            backgrounds=dict(Counter(self.backgrounds)),
+            seed=self.seed,
+        )
+
+
 #: The sections of a config file (jobs/pipeline.yaml) and the config each one fills.
 SECTIONS: dict[str, type] = {
+    "scenes": ScenesConfig,
     "data": DataConfig,
     "pretrain": PretrainConfig,
     "score": ScoreConfig,

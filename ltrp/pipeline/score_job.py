@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 import posixpath
 import time
@@ -39,7 +40,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ltrp.core.leave_one_out import loo_scores
 from ltrp.core.mae import MAE
-from ltrp.core.masking import visible_sets
+from ltrp.core.masking import cover_sets, visible_count, visible_sets
 from ltrp.data.checkpoints import load_mae
 from ltrp.data.images import (
     ImageDecodeError,
@@ -194,7 +195,7 @@ def _pipeline(
     # (twice, while it builds the table): telling Ray keeps it from running more decodes than memory
     # allows and, as the options then differ from the scorers', from fusing decoding into the scoring
     # actors (decoding must scale on its own CPUs).
-    shard_bytes = 3 * 2**28 + 2 * cfg.shard_size * cfg.views * size * size * 3
+    shard_bytes = 3 * 2**28 + 2 * cfg.shard_size * rows_per_image(cfg, grid) * size * size * 3
     ds = ds.map_batches(
         decode_shards,
         fn_kwargs={"cfg": cfg, "size": size, "grid": grid},
@@ -219,6 +220,13 @@ def _pipeline(
         num_cpus=cfg.scorer_cpus,
         **env,
     )
+
+
+def rows_per_image(cfg: ScoreConfig, grid: int) -> int:
+    """Rows the table holds per image: its views, or the cover sets of its one view."""
+    if cfg.cover:
+        return cfg.cover * math.ceil(grid * grid / visible_count(grid * grid, cfg.mask_ratio))
+    return cfg.views
 
 
 def decode_shards(batch: dict[str, np.ndarray], cfg: ScoreConfig, size: int, grid: int) -> pa.Table:
@@ -246,12 +254,16 @@ def _image_rows(image: SourceImage, cfg: ScoreConfig, size: int, grid: int) -> l
             raise ImageDecodeError(image.error)
         width, height = displayed_size(image.data, limits)
         rows = []
-        for view in range(cfg.views):
+        for view, visible in enumerate(_visible_sets(image.image_id, cfg, grid)):
+            # Cover mode scores many visible sets of one view: the row's "view" numbers its set.
             geometry = view_geometry(
-                image.image_id, view, width, height, seed=cfg.seed, crop=cfg.crop, flip=cfg.flip
-            )
-            visible = visible_sets(
-                [image.image_id], grid=grid, mask_ratio=cfg.mask_ratio, seed=cfg.seed, view=view
+                image.image_id,
+                0 if cfg.cover else view,
+                width,
+                height,
+                seed=cfg.seed,
+                crop=cfg.crop,
+                flip=cfg.flip,
             )
             rows.append(
                 {
@@ -261,7 +273,7 @@ def _image_rows(image: SourceImage, cfg: ScoreConfig, size: int, grid: int) -> l
                     "view": view,
                     "crop_box": list(geometry.box),
                     "flip": geometry.flip,
-                    "visible": visible[0].tolist(),
+                    "visible": visible.tolist(),
                     "pixels": render_view(image.data, geometry, size, limits).tobytes(),
                     "error": None,
                 }
@@ -269,6 +281,18 @@ def _image_rows(image: SourceImage, cfg: ScoreConfig, size: int, grid: int) -> l
         return rows
     except ImageDecodeError as err:
         return [_error_row(image, str(err))]
+
+
+def _visible_sets(image_id: str, cfg: ScoreConfig, grid: int) -> torch.Tensor:
+    """(rows, n): one visible set per view, or the full-coverage oracle's sets (`cfg.cover` rounds)."""
+    if cfg.cover:
+        return cover_sets(image_id, grid=grid, mask_ratio=cfg.mask_ratio, seed=cfg.seed, rounds=cfg.cover)
+    return torch.cat(
+        [
+            visible_sets([image_id], grid=grid, mask_ratio=cfg.mask_ratio, seed=cfg.seed, view=v)
+            for v in range(cfg.views)
+        ]
+    )
 
 
 def _error_row(image: SourceImage, reason: str) -> dict:

@@ -26,7 +26,7 @@ import ray.train
 import torch
 
 from ltrp.core.losses import LOSSES, listmle_per_row
-from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig
+from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig, scores_at
 from ltrp.core.ranking_metrics import kendall_tau, ndcg_at_k, spearman, topk_overlap
 from ltrp.data.checkpoints import load_ranker
 from ltrp.data.images import View, render_view, to_model_input
@@ -178,39 +178,44 @@ def validate(
     model: torch.nn.Module, shard: ray.data.DataIterator, cfg: TrainConfig, device: torch.device
 ) -> dict[str, float]:
     """Mean ListMLE, Kendall tau, Spearman, NDCG@k and top-k overlap against the pseudo-scores, over
-    every worker's validation views (all-reduced: every worker must call it)."""
+    every worker's validation views (all-reduced: every worker must call it). Twice: `val_*` with the
+    ranker seeing CLS + the scored patches (the authors' training view), `val_full_*` seeing all L
+    patches, as at inference."""
     model.eval()
-    sums = torch.zeros(6, device=device)  # listmle, tau, spearman, ndcg, overlap, count
+    sums = torch.zeros(2, 6, device=device)  # (sees, measure): listmle, tau, spearman, ndcg, overlap, count
     with torch.no_grad():
         for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, device=device):
-            s = model(to_model_input(batch["image"]), batch["visible"]).float()  # (B, n)
-            y = batch["scores"]  # (B, n)
+            images, visible, y = (
+                to_model_input(batch["image"]),
+                batch["visible"],
+                batch["scores"],
+            )  # y: (B, n)
             k = min(cfg.topk, y.shape[1])
-            per_row = torch.stack(
-                [
-                    listmle_per_row(s, y),
-                    kendall_tau(s, y),
-                    spearman(s, y),
-                    ndcg_at_k(s, y.clamp_min(0), k),
-                    topk_overlap(s, y, k),
-                ]
-            )  # (5, B)
-            sums[:5] += per_row.sum(dim=1)
-            sums[5] += len(y)
+            for row, training in enumerate(("asymmetric", "symmetric")):
+                s = scores_at(model, images, visible, training=training).float()  # (B, n)
+                per_row = torch.stack(
+                    [
+                        listmle_per_row(s, y),
+                        kendall_tau(s, y),
+                        spearman(s, y),
+                        ndcg_at_k(s, y.clamp_min(0), k),
+                        topk_overlap(s, y, k),
+                    ]
+                )  # (5, B)
+                sums[row, :5] += per_row.sum(dim=1)
+                sums[row, 5] += len(y)
     sums = all_reduce_sum(sums)
-    count = sums[5].clamp_min(1)
-    names = [
-        "val_listmle",
-        "val_kendall_tau",
-        "val_spearman",
-        f"val_ndcg_at_{cfg.topk}",
-        f"val_top{cfg.topk}_overlap",
-    ]
-    return {name: (sums[i] / count).item() for i, name in enumerate(names)}
+    names = ["listmle", "kendall_tau", "spearman", f"ndcg_at_{cfg.topk}", f"top{cfg.topk}_overlap"]
+    return {
+        f"{prefix}_{name}": (sums[row, i] / sums[row, 5].clamp_min(1)).item()
+        for row, prefix in enumerate(("val", "val_full"))
+        for i, name in enumerate(names)
+    }
 
 
 class RankerTask(Task):
-    """The ranker learns to order each view's visible patches as the MAE's pseudo-scores do."""
+    """The ranker learns to order each view's visible patches as the MAE's pseudo-scores do, seeing
+    those patches only (asymmetric) or all L (symmetric)."""
 
     unit = "views"
 
@@ -223,14 +228,22 @@ class RankerTask(Task):
         return Ranker(ranker_config(self.cfg))
 
     def batches(self, epoch: int, worker: Worker) -> Iterable[dict[str, torch.Tensor]]:
-        """{"image": (B, S, S, 3) uint8, "visible": (B, n) int64, "scores": (B, n) float32} on the device."""
-        return self.train_shard.iter_torch_batches(batch_size=self.cfg.batch_size, device=worker.device)
+        """{"image": (B, S, S, 3) uint8, "visible": (B, n) int64, "scores": (B, n) float32} on the device,
+        through a seeded local shuffle (the table holds an image's views next to each other)."""
+        return self.train_shard.iter_torch_batches(
+            batch_size=self.cfg.batch_size,
+            device=worker.device,
+            local_shuffle_buffer_size=self.cfg.shuffle_buffer or None,
+            local_shuffle_seed=self.cfg.seed + epoch,
+        )
 
     def loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], worker: Worker
     ) -> tuple[torch.Tensor, int]:
         with worker.autocast():
-            s = model(to_model_input(batch["image"]), batch["visible"])  # (B, n) patch scores
+            s = scores_at(
+                model, to_model_input(batch["image"]), batch["visible"], training=self.cfg.training
+            )  # (B, n)
         return LOSSES[self.cfg.loss](s.float(), batch["scores"]), len(batch["scores"])
 
     def end_epoch(self, model: torch.nn.Module, epoch: int, worker: Worker) -> dict[str, float]:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ltrp import visible_count, visible_sets
+from ltrp.core.masking import cover_sets
 
 
 def test_mae_formula_gives_19_of_196_at_ratio_point_9() -> None:
@@ -57,3 +58,21 @@ def test_roughly_uniform_over_positions() -> None:
 def test_refuses_ratios_that_leave_nothing(ratio: float) -> None:
     with pytest.raises(ValueError, match="mask_ratio"):
         visible_sets(["x"], grid=14, mask_ratio=ratio)
+
+
+@pytest.mark.parametrize(("grid", "ratio", "rounds"), [(14, 0.9, 1), (14, 0.9, 3), (8, 0.75, 2), (4, 0.5, 1)])
+def test_cover_sets_score_every_patch_at_least_once_per_round(grid: int, ratio: float, rounds: int) -> None:
+    L, n = grid * grid, visible_count(grid * grid, ratio)
+    per_round = -(-L // n)
+    sets = cover_sets("img", grid=grid, mask_ratio=ratio, seed=2, rounds=rounds)
+    assert sets.shape == (rounds * per_round, n)
+    assert torch.equal(sets, sets.sort(dim=1).values)
+    assert all(len(set(row.tolist())) == n for row in sets)  # no patch twice in one set
+    for r in range(rounds):
+        counts = torch.bincount(sets[r * per_round : (r + 1) * per_round].flatten(), minlength=L)
+        assert counts.min() == 1 and counts.sum() == per_round * n  # all covered; only the top-up twice
+        assert (counts == 2).sum() == per_round * n - L
+    if rounds > 1:  # each round draws its own permutation
+        assert not torch.equal(sets[:per_round], sets[per_round : 2 * per_round])
+    assert torch.equal(sets, cover_sets("img", grid=grid, mask_ratio=ratio, seed=2, rounds=rounds))
+    assert not torch.equal(sets, cover_sets("img", grid=grid, mask_ratio=ratio, seed=3, rounds=rounds))

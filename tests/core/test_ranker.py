@@ -5,7 +5,7 @@ from conftest import fashion_mnist, png_bytes
 
 import ltrp
 from ltrp.core.losses import listmle
-from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig, keep_top, rank
+from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig, keep_top, rank, scores_at
 from ltrp.data.images import center_crop, to_model_input
 
 MICRO = RANKER_GEOMETRIES["ltrp_vit_micro_patch8"]
@@ -38,18 +38,29 @@ def test_vit_small_has_about_21m_parameters() -> None:
     assert 21e6 < sum(p.numel() for p in model.parameters() if p.requires_grad) < 22.5e6
 
 
-def test_gradients_reach_only_the_scored_positions() -> None:
+@pytest.mark.parametrize("training", ["asymmetric", "symmetric"])
+def test_gradients_reach_only_the_scored_positions(training: str) -> None:
     torch.manual_seed(0)
     model = Ranker(MICRO)
     visible = ltrp.visible_sets(["a", "b"], grid=8, mask_ratio=0.9)
-    listmle(model(torch.randn(2, 3, 64, 64), visible), torch.rand(2, visible.shape[1])).backward()
+    imgs = torch.randn(2, 3, 64, 64, requires_grad=True)
+    s = scores_at(model, imgs, visible, training=training)
+    assert s.shape == visible.shape
+    listmle(s, torch.rand(2, visible.shape[1])).backward()
     rows = model.head.weight.grad.abs().sum(dim=1)
     scored = torch.zeros(64, dtype=torch.bool)
     scored[visible.flatten()] = True
     assert (rows[~scored] == 0).all() and (rows[scored] > 0).all()
+    # The symmetric ranker sees every patch: the loss depends on unscored pixels too; the asymmetric
+    # one sees the scored patches only.
+    pixel_grad = imgs.grad.abs().sum(dim=(0, 1))  # (64, 64)
+    per_patch = pixel_grad.reshape(8, 8, 8, 8).sum(dim=(1, 3)).flatten()  # (64,) raster patch order
+    seen = scored if training == "asymmetric" else torch.ones(64, dtype=torch.bool)
+    assert (per_patch[seen] > 0).all() and (per_patch[~seen] == 0).all()
 
 
-def test_a_tiny_ranker_overfits_a_tiny_real_score_table() -> None:
+@pytest.mark.parametrize("training", ["asymmetric", "symmetric"])
+def test_a_tiny_ranker_overfits_a_tiny_real_score_table(training: str) -> None:
     images, _ = fashion_mnist(8)
     pixels = np.stack([center_crop(png_bytes(img), 64) for img in images])
     x = to_model_input(pixels)
@@ -61,7 +72,7 @@ def test_a_tiny_ranker_overfits_a_tiny_real_score_table() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(150):
-        loss = listmle(model(x, visible), y)
+        loss = listmle(scores_at(model, x, visible, training=training), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -23,7 +23,7 @@ import ltrp
 from ltrp.data.images import View, png_bytes, render_view, to_model_input, view_geometry
 from ltrp.data.sources import Shard, plan_digest, plan_shards
 from ltrp.data.tables import ERRORS_SCHEMA, SCORES_SCHEMA
-from ltrp.pipeline.configs import ScoreConfig, result_fields
+from ltrp.pipeline.configs import ConfigError, ScoreConfig, result_fields
 from ltrp.pipeline.score_job import ScoreOutput, ShardScorer, assemble_shards, decode_shards, job_metadata
 
 SIZE, GRID = 64, 8  # the tiny MAE's image size and patch grid
@@ -33,6 +33,7 @@ EXECUTION_ONLY = {"mae", "output", "batch_size", "scorers", "scorer_cpus", "scor
 RESULT_CHANGES = {
     "source": "elsewhere",
     "views": 2,
+    "cover": 1,
     "crop": "random",
     "flip": True,
     "mask_ratio": 0.5,
@@ -89,6 +90,27 @@ def mae(mae_path: str) -> ltrp.MAE:
 
 
 # -- decode -----------------------------------------------------------------------------------------
+
+
+def test_cover_mode_scores_every_patch_of_one_view_r_times(tmp_path: Path) -> None:
+    files = {"a.png": _image(0, 40, 90), "b.png": _image(1, 64, 64)}
+    cfg = _cfg(tmp_path, cover=2, crop="random", flip=True, mask_ratio=0.75, seed=5)
+    rows = _decode(cfg, _shard(tmp_path, 0, files)).to_pylist()
+    per_round = GRID * GRID // 16  # 64 patches in sets of 16
+    assert len(rows) == len(files) * 2 * per_round
+    for image_id in files:
+        mine = [r for r in rows if r["image_id"] == image_id]
+        assert [r["view"] for r in mine] == list(range(2 * per_round))  # a row per visible set
+        assert len({(tuple(r["crop_box"]), r["flip"], r["pixels"]) for r in mine}) == 1  # all of view 0
+        counts = Counter(p for r in mine for p in r["visible"])
+        assert set(counts) == set(range(GRID * GRID)) and min(counts.values()) == 2
+        expected = ltrp.core.masking.cover_sets(image_id, grid=GRID, mask_ratio=0.75, seed=5, rounds=2)
+        assert [r["visible"] for r in mine] == expected.tolist()
+
+
+def test_cover_with_several_views_is_refused() -> None:
+    with pytest.raises(ConfigError, match="cover"):
+        ScoreConfig(source="s", mae="m", output="o", cover=2, views=3)
 
 
 @pytest.mark.parametrize(("views", "crop", "flip"), [(1, "center", False), (3, "random", True)])

@@ -1,0 +1,331 @@
+"""Multi-object scenes with known ground truth: Fashion-MNIST objects on mixed backgrounds.
+
+A scene is a 56 x 56 RGB canvas, so 4-px patches give the paper's geometry (a 14 x 14 grid, 196
+patches; mask ratio 0.9 leaves 19 visible). It holds 1-4 tinted Fashion-MNIST objects at random scale
+and position, on a background of one kind: black, a low-contrast texture, non-object clutter (strokes
+and blobs), or a dimmed crop of a natural photograph. Each scene is a pure function of
+(config, split, index): the train split takes its objects from Fashion-MNIST's train images, the test
+split from its test images. Per object we know its class, box and visible pixel mask, so a patch
+selector can be judged by how much of each object it keeps.
+
+`write_scenes` writes a corpus the scoring job reads: PNG files plus a Parquet manifest, documented
+in docs/scenes.md (any labelled scene corpus with masks in that format works with the evaluation).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import get_args
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import skimage.data
+from PIL import Image, ImageDraw
+
+from ltrp.core.options import Background, Split
+from ltrp.data.datasets import FASHION_MNIST_CLASSES, read_fashion_mnist
+
+BACKGROUNDS: tuple[str, ...] = get_args(Background)
+#: scikit-image's bundled grey textures and photos (installed with it, nothing to download).
+TEXTURES = ("brick", "grass", "gravel")
+PHOTOS = (
+    "astronaut",
+    "camera",
+    "chelsea",
+    "coffee",
+    "coins",
+    "hubble_deep_field",
+    "rocket",
+    "immunohistochemistry",
+)
+_SPLIT_CODES = {"train": 0, "test": 1}
+
+
+@dataclass(frozen=True)
+class SceneConfig:
+    """How scenes are drawn. Every field changes the scenes, so a corpus records all of them."""
+
+    size: int = 56  # canvas side in pixels (56 with 4-px patches: a 14 x 14 grid)
+    min_objects: int = 1
+    max_objects: int = 4
+    min_scale: int = 16  # object side in pixels, drawn uniformly in [min_scale, max_scale]
+    max_scale: int = 30
+    max_overlap: float = 0.25  # at most this fraction of a new object's box may cover earlier boxes
+    #: background kind -> weight of its draw (normalised); a kind of weight 0 never occurs
+    backgrounds: Mapping[str, float] = field(
+        default_factory=lambda: {"black": 1.0, "texture": 1.0, "clutter": 1.0, "photo": 1.0}
+    )
+    photo_dim: float = 0.55  # photo crops are multiplied by this, so objects stay visible on them
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.backgrounds) - set(BACKGROUNDS)
+        if unknown:
+            raise ValueError(f"backgrounds: unknown kind(s) {sorted(unknown)}; choose from {BACKGROUNDS}")
+        if not any(w > 0 for w in self.backgrounds.values()) or any(w < 0 for w in self.backgrounds.values()):
+            raise ValueError(f"backgrounds: weights must be >= 0 with one > 0, got {dict(self.backgrounds)}")
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ValueError(
+                f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}"
+            )
+        if not 4 <= self.min_scale <= self.max_scale <= self.size:
+            raise ValueError(
+                f"need 4 <= min_scale <= max_scale <= size, got {self.min_scale}, {self.max_scale}"
+            )
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One object of a scene: its Fashion-MNIST class and source image, box and visible pixels."""
+
+    label: int  # Fashion-MNIST class index
+    source_index: int  # index of the object's image in its Fashion-MNIST split
+    box: tuple[int, int, int, int]  # (left, top, right, bottom), pixels, right/bottom exclusive
+    mask: np.ndarray  # (size, size) bool: the object's pixels that no later object covers
+
+    @property
+    def name(self) -> str:
+        return FASHION_MNIST_CLASSES[self.label]
+
+
+@dataclass(frozen=True)
+class Scene:
+    image: np.ndarray  # (size, size, 3) uint8
+    background: str
+    objects: tuple[SceneObject, ...]
+
+    @property
+    def labels(self) -> list[str]:
+        """The classes present, sorted, each once (the scene's multi-label)."""
+        return sorted({o.name for o in self.objects})
+
+
+def make_scene(cfg: SceneConfig, split: Split, index: int) -> Scene:
+    """The scene `index` of `split`: the same on every call, process and machine."""
+    rng = np.random.default_rng([cfg.seed, _SPLIT_CODES[split], index])
+    kinds = [k for k in BACKGROUNDS if cfg.backgrounds.get(k, 0) > 0]
+    weights = np.array([cfg.backgrounds[k] for k in kinds], dtype=float)
+    background = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
+    canvas = _BACKGROUND_MAKERS[background](rng, cfg)
+    images, labels = _fashion_mnist(split)
+    boxes: list[tuple[int, int, int, int]] = []
+    placed: list[tuple[int, np.ndarray]] = []  # (source index, alpha on the canvas)
+    for _ in range(rng.integers(cfg.min_objects, cfg.max_objects + 1)):
+        side = int(rng.integers(cfg.min_scale, cfg.max_scale + 1))
+        box = _place(rng, cfg, side, boxes)
+        if box is None:  # no room left within the overlap bound: the scene keeps fewer objects
+            continue
+        source = int(rng.integers(len(images)))
+        tint = _bright_colour(rng)
+        alpha, colour = _object_layer(images[source], side, tint)
+        left, top, right, bottom = box
+        region = canvas[top:bottom, left:right]
+        region[:] = (alpha[..., None] * colour + (1 - alpha[..., None]) * region).round()
+        full = np.zeros((cfg.size, cfg.size), dtype=np.float32)
+        full[top:bottom, left:right] = alpha
+        boxes.append(box)
+        placed.append((source, full))
+    objects = []
+    covered = np.zeros((cfg.size, cfg.size), dtype=bool)
+    for (source, alpha), box in reversed(list(zip(placed, boxes, strict=True))):  # the top object first
+        mask = (alpha > 0.5) & ~covered
+        covered |= alpha > 0.5
+        objects.append(SceneObject(int(labels[source]), source, box, mask))
+    return Scene(canvas.astype(np.uint8), background, tuple(reversed(objects)))
+
+
+def _place(
+    rng: np.random.Generator, cfg: SceneConfig, side: int, boxes: list[tuple[int, int, int, int]]
+) -> tuple[int, int, int, int] | None:
+    for _ in range(20):
+        left, top = (int(v) for v in rng.integers(0, cfg.size - side + 1, size=2))
+        box = (left, top, left + side, top + side)
+        together = [*boxes, box]
+        # Bounded both ways: no box, earlier or new, is covered beyond max_overlap by the others.
+        if all(
+            _covered_fraction(b, together[:i] + together[i + 1 :]) <= cfg.max_overlap
+            for i, b in enumerate(together)
+        ):
+            return box
+    return None
+
+
+def _covered_fraction(box: tuple[int, int, int, int], others: list[tuple[int, int, int, int]]) -> float:
+    """The fraction of `box`'s area that lies inside any of `others`."""
+    left, top, right, bottom = box
+    inside = np.zeros((bottom - top, right - left), dtype=bool)
+    for ol, ot, orr, ob in others:
+        inside[
+            max(ot, top) - top : max(min(ob, bottom) - top, 0),
+            max(ol, left) - left : max(min(orr, right) - left, 0),
+        ] = True
+    return float(inside.mean())
+
+
+def _object_layer(source: np.ndarray, side: int, tint: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A 28 x 28 Fashion-MNIST image at `side` px -> (alpha (side, side), colour (side, side, 3)).
+    Opaque where the garment is (its grey level is its shape, not its colour); shaded by its texture."""
+    grey = np.asarray(Image.fromarray(source).resize((side, side), Image.BILINEAR), dtype=np.float32) / 255
+    alpha = np.clip(grey / 0.15, 0, 1)  # Fashion-MNIST's background is 0; faint edges fade in
+    shade = 0.45 + 0.55 * grey  # keeps the garment's own texture, never black
+    return alpha, shade[..., None] * tint
+
+
+def _bright_colour(rng: np.random.Generator) -> np.ndarray:
+    """A saturated, bright RGB tint in [0, 255]: one channel high, the others anywhere."""
+    colour = rng.uniform(40, 255, size=3)
+    colour[rng.integers(3)] = 255
+    return colour.astype(np.float32)
+
+
+def _black(rng: np.random.Generator, cfg: SceneConfig) -> np.ndarray:
+    return np.zeros((cfg.size, cfg.size, 3), dtype=np.float32)
+
+
+def _texture(rng: np.random.Generator, cfg: SceneConfig) -> np.ndarray:
+    """A crop of a grey texture at a random scale, contrast-scaled low and tinted."""
+    grey = _random_crop(rng, _texture_image(TEXTURES[rng.integers(len(TEXTURES))]), cfg.size)[..., 0]
+    contrast = rng.uniform(0.15, 0.35)
+    level = rng.uniform(40, 110)
+    values = level + contrast * (grey - grey.mean())
+    tint = rng.uniform(0.5, 1.0, size=3)
+    return np.clip(values[..., None] * tint, 0, 255).astype(np.float32)
+
+
+def _clutter(rng: np.random.Generator, cfg: SceneConfig) -> np.ndarray:
+    """Random strokes and blobs in muted colours on a dark ground: edges that belong to no object."""
+    ground = tuple(int(v) for v in rng.uniform(0, 60, size=3))
+    image = Image.new("RGB", (cfg.size, cfg.size), ground)
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.integers(3, 9)):
+        colour = tuple(int(v) for v in rng.uniform(30, 150, size=3))
+        x0, y0, x1, y1 = (int(v) for v in rng.integers(0, cfg.size, size=4))
+        if rng.random() < 0.5:
+            draw.line((x0, y0, x1, y1), fill=colour, width=int(rng.integers(1, 4)))
+        else:
+            r = int(rng.integers(2, 7))
+            draw.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=colour)
+    return np.asarray(image, dtype=np.float32)
+
+
+def _photo(rng: np.random.Generator, cfg: SceneConfig) -> np.ndarray:
+    """A crop of a natural photograph at a random scale, dimmed by `photo_dim`."""
+    photo = _random_crop(rng, _photo_image(PHOTOS[rng.integers(len(PHOTOS))]), cfg.size)
+    return photo * cfg.photo_dim
+
+
+_BACKGROUND_MAKERS = {"black": _black, "texture": _texture, "clutter": _clutter, "photo": _photo}
+
+
+def _random_crop(rng: np.random.Generator, image: np.ndarray, size: int) -> np.ndarray:
+    """A square crop of side between `size` and the image's short side, resized to `size` px: float32
+    (size, size, C)."""
+    height, width = image.shape[:2]
+    side = int(rng.integers(size, min(height, width) + 1))
+    top, left = int(rng.integers(height - side + 1)), int(rng.integers(width - side + 1))
+    crop = Image.fromarray(image[top : top + side, left : left + side]).resize((size, size), Image.BILINEAR)
+    out = np.asarray(crop, dtype=np.float32)
+    return out if out.ndim == 3 else out[..., None]
+
+
+@functools.cache
+def _texture_image(name: str) -> np.ndarray:
+    return getattr(skimage.data, name)()
+
+
+@functools.cache
+def _photo_image(name: str) -> np.ndarray:
+    image = getattr(skimage.data, name)()
+    return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
+
+
+@functools.cache
+def _fashion_mnist(split: Split) -> tuple[np.ndarray, np.ndarray]:
+    return read_fashion_mnist(split)
+
+
+#: The manifest's columns (docs/scenes.md). The scoring job reads uri, image_id and label; the
+#: evaluation reads the objects.
+OBJECT_TYPE = pa.struct(
+    [
+        ("label", pa.string()),  # class name
+        ("box", pa.list_(pa.int32(), 4)),  # left, top, right, bottom (pixels, right/bottom exclusive)
+        ("mask", pa.binary()),  # np.packbits of the (height, width) bool mask, row-major
+    ]
+)
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),  # relative to the manifest's folder
+        ("label", pa.string()),  # the classes present, sorted, joined by "+"
+        ("labels", pa.list_(pa.string())),  # the same, as a list
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("background", pa.string()),
+        ("objects", pa.list_(OBJECT_TYPE)),
+    ]
+)
+MANIFEST = "manifest.parquet"
+
+
+def write_scenes(folder: Path, split: Split, count: int, cfg: SceneConfig = SceneConfig()) -> Path:
+    """Writes scenes 0..count-1 of `split` as FOLDER/images/NNNNNN.png and FOLDER/manifest.parquet
+    (images already there are kept: they are the same scenes). Returns the manifest's path."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(count):
+        scene = make_scene(cfg, split, index)
+        uri = f"images/{index:06d}.png"
+        if not (folder / uri).exists():
+            Image.fromarray(scene.image).save(folder / uri)
+        rows.append(_manifest_row(f"{split}-{index:06d}", uri, scene))
+    metadata = {"ltrp_scenes": _describe(cfg, split, count)}
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA.with_metadata(metadata)), folder / MANIFEST
+    )
+    return folder / MANIFEST
+
+
+def _manifest_row(image_id: str, uri: str, scene: Scene) -> dict:
+    height, width = scene.image.shape[:2]
+    return {
+        "image_id": image_id,
+        "uri": uri,
+        "label": "+".join(scene.labels),
+        "labels": scene.labels,
+        "height": height,
+        "width": width,
+        "background": scene.background,
+        "objects": [
+            {"label": o.name, "box": list(o.box), "mask": np.packbits(o.mask).tobytes()}
+            for o in scene.objects
+        ],
+    }
+
+
+def _describe(cfg: SceneConfig, split: str, count: int) -> str:
+    return json.dumps({**asdict(cfg), "backgrounds": dict(cfg.backgrounds), "split": split, "count": count})
+
+
+def read_object_masks(manifest: str | Path) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """image_id -> [(class name, (height, width) bool mask), ...] from a scene manifest."""
+    table = pq.read_table(manifest, columns=["image_id", "height", "width", "objects"])
+    out = {}
+    for image_id, height, width, objects in zip(
+        *(table.column(c).to_pylist() for c in table.column_names), strict=True
+    ):
+        out[image_id] = [
+            (
+                o["label"],
+                np.unpackbits(np.frombuffer(o["mask"], np.uint8), count=height * width)
+                .reshape(height, width)
+                .astype(bool),
+            )
+            for o in objects
+        ]
+    return out
