@@ -34,7 +34,7 @@ RANKER_GEOMETRIES: dict[str, RankerConfig] = {
     # Fashion-MNIST (28 px upscaled to 32): the grid of the MAE "mae_vit_fmnist_patch4".
     "ltrp_vit_fmnist_patch4": RankerConfig(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=4),
     # Scenes (56 px): the 14 x 14 grid of the MAE "mae_vit_scenes_patch4", the paper's.
-    "ltrp_vit_scenes_patch4": RankerConfig(img_size=56, patch_size=4, embed_dim=128, depth=4, num_heads=4),
+    "ltrp_vit_scenes_patch4": RankerConfig(img_size=56, patch_size=4, embed_dim=96, depth=4, num_heads=4),
 }
 
 

@@ -100,11 +100,13 @@ def load_mae(
     return model.eval()
 
 
-def save_mae(mae: MAE, uri: str) -> None:
+def save_mae(mae: MAE, uri: str, *, dtype: torch.dtype = torch.float32) -> None:
     """Writes `{"model": state_dict, "ltrp_config": {...}}`: the official layout (official tools read
-    it), plus the geometry and target type so that `load_mae` needs no hints."""
+    it), plus the geometry and target type so that `load_mae` needs no hints. `dtype=torch.float16`
+    halves the file (`load_mae` loads it back into float32 weights)."""
     buffer = io.BytesIO()
-    torch.save({"model": mae.state_dict(), "ltrp_config": asdict(mae.cfg)}, buffer)
+    state = {k: v.to(dtype) for k, v in mae.state_dict().items()}
+    torch.save({"model": state, "ltrp_config": asdict(mae.cfg)}, buffer)
     with fsspec.open(uri, "wb") as f:
         f.write(buffer.getvalue())
 

@@ -44,6 +44,8 @@ PHOTOS = (
     "immunohistochemistry",
 )
 _SPLIT_CODES = {"train": 0, "test": 1}
+#: The MAE pre-trained on scenes that ships with the package (fp16; how it was made: weights/README.md).
+SHIPPED_MAE = Path(__file__).parent / "weights" / "mae_vit_scenes_patch4.pth"
 
 
 @dataclass(frozen=True)

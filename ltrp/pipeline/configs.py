@@ -277,17 +277,19 @@ class TrainConfig(_Checked):
     lr: float | None = None  # peak learning rate; None: 1.5e-4 * global batch / 256, the authors' rule
     weight_decay: float = 0.06  # AdamW weight decay (not on norms, biases and tokens)
     val_fraction: float = 0.1  # fraction of images (by id hash) held out for validation
+    views: int | None = None  # train on views 0 .. N-1 of each image only (None: every view in the table)
     topk: int = 5  # k of NDCG@k and top-k overlap
     workers: int = 1  # DDP workers
     device: Device = "auto"  # auto: one GPU per worker when the cluster has GPUs (NCCL), else CPU (gloo)
     worker_cpus: float = 1.0  # CPUs reserved per worker
+    threads: int | None = None  # torch threads of a CPU worker; None: Ray's (one per reserved CPU)
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     seed: int = 0  # seed of the initialisation
     model: str = "models:/ltrp-ranker"  # registered model (models:/NAME) that receives the new version
     alias: str | None = None  # alias to set on the new version (e.g. candidate)
 
     def check(self) -> None:
-        _at_least(self, 1, "epochs", "batch_size", "topk", "workers")
+        _at_least(self, 1, "epochs", "batch_size", "topk", "workers", "views", "threads")
         _at_least(self, 0, "warmup_epochs", "max_failures", "weight_decay", "shuffle_buffer")
         _positive(self, "lr", "worker_cpus")
         _require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")

@@ -132,8 +132,10 @@ def is_validation(image_id: str, fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < fraction
 
 
-def _select_split(batch: pa.Table, fraction: float, validation: bool) -> pa.Table:
+def _select_split(batch: pa.Table, fraction: float, validation: bool, views: int | None) -> pa.Table:
     keep = [is_validation(i, fraction) == validation for i in batch.column("image_id").to_pylist()]
+    if views is not None:
+        keep = [k and v < views for k, v in zip(keep, batch.column("view").to_pylist(), strict=True)]
     return batch.filter(pa.array(keep, pa.bool_()))
 
 
@@ -159,7 +161,7 @@ def views_dataset(cfg: TrainConfig, validation: bool) -> ray.data.Dataset:
     ds = read_scores_dataset(cfg.scores)
     ds = ds.map_batches(
         _select_split,
-        fn_kwargs={"fraction": cfg.val_fraction, "validation": validation},
+        fn_kwargs={"fraction": cfg.val_fraction, "validation": validation, "views": cfg.views},
         batch_format="pyarrow",
     )
     size = ranker_config(cfg).img_size
@@ -167,8 +169,9 @@ def views_dataset(cfg: TrainConfig, validation: bool) -> ray.data.Dataset:
 
 
 def split_counts(cfg: TrainConfig) -> tuple[int, int]:
-    """(train views, validation views) of the score table."""
-    ids = read_scores(cfg.scores, columns=["image_id"]).column("image_id").to_pylist()
+    """(train views, validation views) of the score table, counting views 0 .. cfg.views - 1 only."""
+    filters = None if cfg.views is None else [("view", "<", cfg.views)]
+    ids = read_scores(cfg.scores, columns=["image_id"], filters=filters).column("image_id").to_pylist()
     val = sum(is_validation(i, cfg.val_fraction) for i in ids)
     return len(ids) - val, val
 
@@ -225,6 +228,8 @@ class RankerTask(Task):
     def build(self, worker: Worker) -> Ranker:
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val")
+        if self.cfg.threads and worker.device.type == "cpu":
+            torch.set_num_threads(self.cfg.threads)
         return Ranker(ranker_config(self.cfg))
 
     def batches(self, epoch: int, worker: Worker) -> Iterable[dict[str, torch.Tensor]]:
