@@ -2,7 +2,7 @@
 
 images are (B, C, S, S) float tensors (normalised as the models expect); patches are the p x p squares
 of the S/p x S/p grid, raster order. Training-free baselines (random, center prior, patch variance,
-gradient energy, FOLK's RCom residual energy) and the LTRP ranker share the interface.
+gradient energy, FOLK's RCom residual energy, stratified random) and the LTRP ranker share the interface.
 """
 
 from __future__ import annotations
@@ -40,6 +40,24 @@ class RandomScorer:
         return torch.stack(rows).to(images.device)
 
 
+class StratifiedRandomScorer(RandomScorer):
+    """Random, but spread over the grid: the grid is cut into 2 x 2 blocks and every block gives up
+    one random patch before any gives a second, so keeping a quarter keeps one patch per block. A pure
+    function of (seed, image), like `RandomScorer`."""
+
+    name = "stratified_random"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        grid = images.shape[-1] // self.patch_size
+        u = super().__call__(images)  # (B, L) in [0, 1)
+        rows, cols = torch.arange(grid).repeat_interleave(grid), torch.arange(grid).repeat(grid)
+        block = ((rows // 2) * grid + cols // 2).to(images.device)  # (L,) the block of each patch
+        # Order within each block by u: a patch's turn is its rank in its block; turns come first.
+        same_block = block[:, None] == block[None, :]  # (L, L)
+        turn = ((u[:, None, :] > u[:, :, None]) & same_block).sum(dim=2)  # (B, L) patches before it
+        return -turn.float() + u
+
+
 class CenterScorer:
     """A center prior: minus the distance of each patch's centre from the image's centre."""
 
@@ -56,8 +74,10 @@ class CenterScorer:
 
 
 class VarianceScorer:
-    """Pixel variance inside each patch (all channels). By Parseval, this is also the patch's total
-    spectral energy without DC: the baseline any frequency scorer must beat."""
+    """Pixel variance inside each patch, per channel, averaged over channels: a flat patch of any colour
+    scores 0 (pooling the channels would score a flat coloured patch by its colour's spread across
+    channels). By Parseval, this is also the patch's spectral energy without DC: the baseline any
+    frequency scorer must beat."""
 
     name = "variance"
 
@@ -65,9 +85,9 @@ class VarianceScorer:
         self.patch_size = patch_size
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        p = self.patch_size
-        patches = F.unfold(images.float(), p, stride=p)  # (B, C*p*p, L)
-        return patches.var(dim=1, unbiased=False)
+        p, (b, c) = self.patch_size, images.shape[:2]
+        patches = F.unfold(images.float(), p, stride=p).view(b, c, p * p, -1)  # (B, C, p*p, L)
+        return patches.var(dim=2, unbiased=False).mean(dim=1)
 
 
 class GradientEnergyScorer:
@@ -107,7 +127,9 @@ def frequency_split(images: torch.Tensor, tau: float) -> tuple[torch.Tensor, tor
 
 
 class FolkRComScorer:
-    """Energy of FOLK's RCom residual inside each patch, averaged over the tau set (docs/method.md, 5)."""
+    """Energy of FOLK's RCom residual inside each patch, averaged over the tau set (docs/method.md, 5).
+    Each tau's energies are first divided by their mean over the image's patches: raw energies shrink
+    as tau grows, so a plain average would be the smallest tau's ranking alone."""
 
     name = "folk_rcom"
 
@@ -116,7 +138,8 @@ class FolkRComScorer:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         energies = [_patch_means(frequency_split(images, tau)[1] ** 2, self.patch_size) for tau in self.taus]
-        return torch.stack(energies).mean(dim=0)
+        normalised = [e / e.mean(dim=1, keepdim=True).clamp_min(1e-12) for e in energies]
+        return torch.stack(normalised).mean(dim=0)
 
 
 class RankerScorer:

@@ -44,22 +44,6 @@ class PatchClassifier(ViTEncoder):
         """imgs: (B, 3, S, S), visible: (B, k) or None for all L -> logits (B, C), from the CLS token."""
         return self.head(self.encode(imgs, visible)[:, 0])
 
-    @torch.inference_mode()
-    def cls_attention(self, imgs: torch.Tensor) -> torch.Tensor:
-        """imgs: (B, 3, S, S) -> (B, L): the last block's attention from CLS to each patch, averaged over
-        heads, every patch seen. The usual attention-based token selector (EViT, DINO maps)."""
-        x = self.embed_patches(imgs)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        for blk in self.blocks[:-1]:
-            x = blk(x)
-        attn = self.blocks[-1].attn
-        b, t, d = x.shape
-        qkv = attn.qkv(self.blocks[-1].norm1(x)).reshape(b, t, 3, attn.num_heads, d // attn.num_heads)
-        q, k = attn.q_norm(qkv[:, :1, 0].transpose(1, 2)), attn.k_norm(qkv[:, :, 1].transpose(1, 2))
-        weights = (q * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, 1, 1 + L)
-        return weights.mean(dim=1)[:, 0, 1:]
-
 
 def fit_classifier(
     images: torch.Tensor,

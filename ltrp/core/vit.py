@@ -113,6 +113,23 @@ class ViTEncoder(nn.Module):
         x = self.embed_patches(imgs)
         return self.encode_tokens(x if visible is None else gather_tokens(x, visible))
 
+    @torch.inference_mode()
+    def cls_attention(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs: (B, C, S, S) -> (B, L): the last block's attention from CLS to each patch, averaged over
+        heads, every patch seen. The usual attention-based token selector (EViT; DINO's maps): of a
+        supervised classifier, or of a self-supervised encoder such as the MAE's."""
+        x = self.embed_patches(imgs)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        attn = self.blocks[-1].attn
+        b, t, d = x.shape
+        qkv = attn.qkv(self.blocks[-1].norm1(x)).reshape(b, t, 3, attn.num_heads, d // attn.num_heads)
+        q, k = attn.q_norm(qkv[:, :1, 0].transpose(1, 2)), attn.k_norm(qkv[:, :, 1].transpose(1, 2))
+        weights = (q * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, 1, 1 + L)
+        return weights.mean(dim=1)[:, 0, 1:]
+
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x: (N, T, C), index: (N, k) -> x[i, index[i]]: (N, k, C). A fixed-shape gather (no host sync)."""

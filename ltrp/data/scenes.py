@@ -63,6 +63,8 @@ class SceneConfig:
         default_factory=lambda: {"black": 1.0, "texture": 1.0, "clutter": 1.0, "photo": 1.0}
     )
     photo_dim: float = 0.55  # photo crops are multiplied by this, so objects stay visible on them
+    #: class-name groups each scene must hold an object of (the bias test set: one seen, one unseen)
+    require: tuple[tuple[str, ...], ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -74,6 +76,15 @@ class SceneConfig:
         if not 1 <= self.min_objects <= self.max_objects:
             raise ValueError(
                 f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}"
+            )
+        unknown = {c for group in self.require for c in group} - set(FASHION_MNIST_CLASSES)
+        if unknown:
+            raise ValueError(
+                f"require: unknown class(es) {sorted(unknown)}; classes: {FASHION_MNIST_CLASSES}"
+            )
+        if len(self.require) > self.max_objects:
+            raise ValueError(
+                f"require names {len(self.require)} groups but max_objects is {self.max_objects}"
             )
         if not 4 <= self.min_scale <= self.max_scale <= self.size:
             raise ValueError(
@@ -117,12 +128,22 @@ def make_scene(cfg: SceneConfig, split: Split, index: int) -> Scene:
     images, labels = _fashion_mnist(split)
     boxes: list[tuple[int, int, int, int]] = []
     placed: list[tuple[int, np.ndarray]] = []  # (source index, alpha on the canvas)
-    for _ in range(rng.integers(cfg.min_objects, cfg.max_objects + 1)):
+    count = max(int(rng.integers(cfg.min_objects, cfg.max_objects + 1)), len(cfg.require))
+    for k in range(count):
         side = int(rng.integers(cfg.min_scale, cfg.max_scale + 1))
         box = _place(rng, cfg, side, boxes)
+        while box is None and k < len(cfg.require) and side > cfg.min_scale:  # a required one: smaller
+            side -= 2
+            box = _place(rng, cfg, max(side, cfg.min_scale), boxes)
         if box is None:  # no room left within the overlap bound: the scene keeps fewer objects
+            if k < len(cfg.require):
+                raise RuntimeError(f"scene {split} {index}: no room for an object of {cfg.require[k]}")
             continue
-        source = int(rng.integers(len(images)))
+        if k < len(cfg.require):  # the required groups' objects come first, on the emptiest canvas
+            candidates = _class_members(split, cfg.require[k])
+            source = int(candidates[rng.integers(len(candidates))])
+        else:
+            source = int(rng.integers(len(images)))
         tint = _bright_colour(rng)
         alpha, colour = _object_layer(images[source], side, tint)
         left, top, right, bottom = box
@@ -251,6 +272,13 @@ def _fashion_mnist(split: Split) -> tuple[np.ndarray, np.ndarray]:
     return read_fashion_mnist(split)
 
 
+@functools.cache
+def _class_members(split: Split, classes: tuple[str, ...]) -> np.ndarray:
+    """Indices of the split's images whose class is one of `classes`."""
+    wanted = [FASHION_MNIST_CLASSES.index(c) for c in classes]
+    return np.flatnonzero(np.isin(_fashion_mnist(split)[1], wanted))
+
+
 #: The manifest's columns (docs/scenes.md). The scoring job reads uri, image_id and label; the
 #: evaluation reads the objects.
 OBJECT_TYPE = pa.struct(
@@ -311,7 +339,9 @@ def _manifest_row(image_id: str, uri: str, scene: Scene) -> dict:
 
 
 def _describe(cfg: SceneConfig, split: str, count: int) -> str:
-    return json.dumps({**asdict(cfg), "backgrounds": dict(cfg.backgrounds), "split": split, "count": count})
+    return json.dumps(
+        {**asdict(cfg), "backgrounds": dict(cfg.backgrounds), "split": split, "count": count}, default=list
+    )
 
 
 def read_object_masks(manifest: str | Path) -> dict[str, list[tuple[str, np.ndarray]]]:

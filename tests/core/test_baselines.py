@@ -1,12 +1,14 @@
 import pytest
 import torch
 
+import ltrp
 from ltrp.core.baselines import (
     CenterScorer,
     FolkRComScorer,
     GradientEnergyScorer,
     RandomScorer,
     RankerScorer,
+    StratifiedRandomScorer,
     VarianceScorer,
     frequency_split,
 )
@@ -18,6 +20,7 @@ def _scorers(patch: int) -> list:
     torch.manual_seed(0)
     return [
         RandomScorer(patch),
+        StratifiedRandomScorer(patch),
         CenterScorer(patch),
         VarianceScorer(patch),
         GradientEnergyScorer(patch),
@@ -79,6 +82,37 @@ def test_variance_is_the_patch_spectral_energy_without_dc() -> None:
     assert VarianceScorer(8)(patch).item() * 64 == pytest.approx(energy_without_dc.item(), rel=1e-5)
 
 
+def test_variance_scores_a_flat_coloured_patch_zero() -> None:
+    images = torch.zeros(1, 3, 16, 16)
+    images[0, :, :8, :8] = torch.tensor([2.0, -1.0, 0.5])[:, None, None]  # flat, but a colour
+    images[0, :, 8:, 8:] = 0.1 * torch.randn(3, 8, 8)  # faint texture
+    scores = VarianceScorer(8)(images)[0]
+    assert scores[0] == 0 and scores[3] > 0 and scores.argmax() == 3
+
+
+def test_folk_averages_taus_on_equal_footing() -> None:
+    """Each tau's energies are normalised per image: the score ignores the image's contrast, and
+    equals the mean of the single-tau scorers' normalised rankings."""
+    images = torch.randn(2, 3, 32, 32)
+    folk = FolkRComScorer(8)
+    torch.testing.assert_close(folk(images * 10), folk(images))
+    singles = [FolkRComScorer(8, taus=(t,))(images) for t in folk.taus]
+    torch.testing.assert_close(folk(images), torch.stack(singles).mean(dim=0))
+    assert all(torch.allclose(s.mean(dim=1), torch.ones(2)) for s in singles)
+
+
+@pytest.mark.parametrize("grid", [8, 7])
+def test_stratified_random_keeps_one_patch_per_block_first(grid: int) -> None:
+    images = torch.randn(5, 3, grid * 4, grid * 4)
+    scores = StratifiedRandomScorer(4)(images)
+    rows, cols = torch.arange(grid).repeat_interleave(grid), torch.arange(grid).repeat(grid)
+    block = (rows // 2) * grid + cols // 2
+    blocks = block.unique().numel()
+    for row in keep_top(scores, blocks / grid**2):  # as many patches as blocks
+        assert block[row].unique().numel() == blocks  # one in each
+    assert not torch.equal(keep_top(scores[:1], 0.25), keep_top(scores[1:2], 0.25))
+
+
 def _selector(size: int, patch: int) -> PatchClassifier:
     torch.manual_seed(0)
     cfg = ClassifierConfig(img_size=size, patch_size=patch, embed_dim=32, depth=2, num_heads=4)
@@ -101,16 +135,20 @@ def test_supervised_selector_scores(size: int, patch: int, kind: str) -> None:
     assert torch.equal(out, model.cls_attention(images.clone()))
 
 
-def test_supervised_selector_is_the_last_blocks_cls_attention() -> None:
-    """The attention weights timm's own block computes (explicit softmax path), CLS row, mean over heads."""
-    model = _selector(32, 8)
-    images = torch.randn(2, 3, 32, 32)
+@pytest.mark.parametrize("kind", ["supervised", "mae"])
+def test_attention_selectors_are_the_last_blocks_cls_attention(kind: str) -> None:
+    """The attention weights timm's own block computes (explicit softmax path), CLS row, mean over heads:
+    of the supervised classifier, and of the MAE's encoder (the self-supervised attention baseline)."""
+    torch.manual_seed(0)
+    model = _selector(32, 8) if kind == "supervised" else ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"])
+    size = model.patch_embed.img_size[0]
+    images = torch.randn(2, 3, size, size)
     seen = []
     last = model.blocks[-1].attn
     last.fused_attn = False
     handle = last.attn_drop.register_forward_hook(lambda _m, _i, out: seen.append(out))
     with torch.no_grad():
-        model(images)
+        model.encode(images)
     handle.remove()
     torch.testing.assert_close(model.cls_attention(images), seen[0].mean(dim=1)[:, 0, 1:])
 
