@@ -44,6 +44,10 @@ PHOTOS = (
     "immunohistochemistry",
 )
 _SPLIT_CODES = {"train": 0, "test": 1}
+#: The bias test's groups: classes a supervised selector is trained on, and classes it never sees.
+#: Look-alikes stay together (Shirt with T-shirt; Sandal, Sneaker, Ankle boot together).
+SEEN_CLASSES = ("T-shirt_top", "Pullover", "Coat", "Shirt", "Dress", "Trouser")
+UNSEEN_CLASSES = ("Sandal", "Sneaker", "Ankle_boot", "Bag")
 #: The MAE pre-trained on scenes that ships with the package (fp16; how it was made: weights/README.md).
 SHIPPED_MAE = Path(__file__).parent / "weights" / "mae_vit_scenes_patch4.pth"
 

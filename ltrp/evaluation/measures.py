@@ -27,9 +27,17 @@ MEASURES: dict[str, bool] = {
     "accuracy": True,  # classifier trained and tested on the kept tokens only
     "accuracy_seen": True,  # the same, on the classes the supervised selector was trained on
     "accuracy_unseen": True,  # ... and on the classes it never saw
+    # On scenes with object masks (ltrp.evaluation.scene_eval):
+    "object_recall": True,  # fraction of each object's pixels inside kept patches
+    "recall_seen": True,  # the same, over objects of the seen classes
+    "recall_unseen": True,  # ... and of the unseen classes
+    "background_share": False,  # fraction of kept patches without an object pixel
+    "oracle_tau": True,  # Kendall tau with the full-coverage oracle over all positions (no keep ratio)
+    "oracle_ndcg": True,  # NDCG@k against the oracle's position scores, k = keep ratio x L
+    "probe_map": True,  # multi-label mAP of a probe trained and tested on the kept tokens
 }
 #: Measures that do not depend on the keep ratio.
-RATIO_FREE = ("kendall_tau", "spearman")
+RATIO_FREE = ("kendall_tau", "spearman", "oracle_tau")
 KEEP_RATIOS: tuple[float, ...] = (0.10, 0.25, 0.50, 0.75)
 TAG_PREFIX = "eval."
 

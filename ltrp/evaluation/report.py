@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only: no display on cluster nodes and CI
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ltrp.evaluation.measures import MEASURES, RATIO_FREE, Estimate, metric_key
+from ltrp.evaluation.measures import MEASURES, RATIO_FREE, Estimate, measure_of, metric_key
 from ltrp.evaluation.protocol import EvaluationResult
 
 REPORT, CURVES, KEPT = "report.md", "measures_vs_keep_ratio.png", "kept_patches.png"
@@ -38,6 +38,7 @@ def markdown(result: EvaluationResult, title: str) -> str:
     """The report: one table per measure (scorers x keep ratios), then ltrp's paired differences."""
     est = result.estimates
     unseen = [c for c in result.classes if c not in result.seen_classes]
+    free = [m for m in RATIO_FREE if any(m in per for per in est.values())]
     lines = [
         f"# {title}",
         "",
@@ -49,16 +50,14 @@ def markdown(result: EvaluationResult, title: str) -> str:
         "The oracle ranks the table's scored patches by their pseudo-scores and the rest at random below "
         "them; it has no pseudo-scores for the training images, so no classifier figures.",
         "",
-        "## " + ", ".join(_TITLES[m] for m in RATIO_FREE),
+        "## " + ", ".join(_TITLES[m] for m in free),
         "",
-        "| scorer | " + " | ".join(RATIO_FREE) + " |",
-        "| --- |" + " --- |" * len(RATIO_FREE),
+        "| scorer | " + " | ".join(free) + " |",
+        "| --- |" + " --- |" * len(free),
     ]
-    lines += [
-        f"| {s} | " + " | ".join(_cell(est[s].get(m)) for m in RATIO_FREE) + " |" for s in result.scorers
-    ]
+    lines += [f"| {s} | " + " | ".join(_cell(est[s].get(m)) for m in free) + " |" for s in result.scorers]
     ratios = result.keep_ratios
-    for measure in (m for m in MEASURES if m not in RATIO_FREE):
+    for measure in _measures(result):
         lines += [
             "",
             f"## {_TITLES[measure]}",
@@ -85,9 +84,15 @@ def markdown(result: EvaluationResult, title: str) -> str:
     return "\n".join(lines)
 
 
+def _measures(result: EvaluationResult) -> list[str]:
+    """The keep-ratio measures this evaluation has figures for, in MEASURES order."""
+    keys = {measure_of(k) for per in result.estimates.values() for k in per}
+    return [m for m in MEASURES if m not in RATIO_FREE and m in keys]
+
+
 def plot_curves(result: EvaluationResult, path: Path) -> None:
     """Each ratio-dependent measure against the keep ratio, one line per scorer, 95% intervals as bars."""
-    measures = [m for m in MEASURES if m not in RATIO_FREE]
+    measures = _measures(result)
     fig, axes = plt.subplots(2, (len(measures) + 1) // 2, figsize=(4.2 * ((len(measures) + 1) // 2), 7.5))
     x = [100 * r for r in result.keep_ratios]
     colors = dict(zip(result.scorers, plt.get_cmap("tab10").colors, strict=False))  # same in every panel

@@ -369,6 +369,7 @@ class ScenesConfig(_Checked):
     backgrounds: tuple[Background, ...] = ("black", "texture", "clutter", "photo")
     min_objects: int = 1  # objects per scene, drawn evenly in [min_objects, max_objects]
     max_objects: int = 4  # (fewer when no room is left within the overlap bound)
+    bias_test: bool = False  # every scene holds an object of a seen class and one of an unseen class
     seed: int = 0  # scene seed: a scene is a pure function of (settings, split, index)
 
     def check(self) -> None:
@@ -382,12 +383,13 @@ class ScenesConfig(_Checked):
 
     def scene(self) -> SceneConfig:
         """The generator's settings (each background kind weighted by how often it is named)."""
-        from ltrp.data.scenes import SceneConfig  # numpy, PIL, scikit-image: only when scenes are made
+        from ltrp.data.scenes import SEEN_CLASSES, UNSEEN_CLASSES, SceneConfig  # numpy, PIL, scikit-image
 
         return SceneConfig(
             min_objects=self.min_objects,
             max_objects=self.max_objects,
             backgrounds=dict(Counter(self.backgrounds)),
+            require=(SEEN_CLASSES, UNSEEN_CLASSES) if self.bias_test else (),
             seed=self.seed,
         )
 
