@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-#: measure name -> True if higher is better
-MEASURES: dict[str, bool] = {
+#: measure name -> True if higher is better, False if lower is, None if closer to 0 is
+MEASURES: dict[str, bool | None] = {
     "kendall_tau": True,  # agreement with held-out pseudo-scores (no keep ratio)
     "spearman": True,  # (no keep ratio)
     "ndcg": True,  # NDCG@k, k = keep ratio x scored patches
@@ -31,6 +31,7 @@ MEASURES: dict[str, bool] = {
     "object_recall": True,  # fraction of each object's pixels inside kept patches
     "recall_seen": True,  # the same, over objects of the seen classes
     "recall_unseen": True,  # ... and of the unseen classes
+    "bias_gap": None,  # recall on seen classes minus recall on unseen classes (0: no category bias)
     "background_share": False,  # fraction of kept patches without an object pixel
     "oracle_tau": True,  # Kendall tau with the full-coverage oracle over all positions (no keep ratio)
     "oracle_ndcg": True,  # NDCG@k against the oracle's position scores, k = keep ratio x L
@@ -64,7 +65,18 @@ def measure_of(key: str) -> str:
 
 
 def higher_is_better(key: str) -> bool:
-    return MEASURES[measure_of(key)]
+    """Raises ValueError for a measure whose best value is 0 (a promotion policy cannot rank by it)."""
+    direction = MEASURES[measure_of(key)]
+    if direction is None:
+        raise ValueError(f"{key}: closer to 0 is better, neither higher nor lower")
+    return direction
+
+
+def direction(key: str) -> str:
+    """How to read a measure, for tables and plots."""
+    return {True: "higher is better", False: "lower is better", None: "closer to 0 is better"}[
+        MEASURES[measure_of(key)]
+    ]
 
 
 def to_tags(estimates: Mapping[str, Estimate]) -> dict[str, str]:

@@ -50,6 +50,10 @@ class Policy:
         for measure in (self.primary, *self.guarded):
             if measure not in MEASURES:
                 raise ValueError(f"unknown measure {measure!r}; known: {', '.join(MEASURES)}")
+            if MEASURES[measure] is None:
+                raise ValueError(
+                    f"{measure!r} is best at 0, neither higher nor lower: a policy cannot rank by it"
+                )
         if (self.primary in RATIO_FREE) != (self.primary_ratio is None):
             raise ValueError(
                 f"primary {self.primary!r}: primary_ratio must be "

@@ -214,6 +214,7 @@ def evaluate_scenes(
             per_image[name][metric_key("background_share", r)] = m.background_share
             per_image[name][metric_key("recall_seen", r)] = m.seen_recall
             per_image[name][metric_key("recall_unseen", r)] = m.unseen_recall
+            per_image[name][metric_key("bias_gap", r)] = m.bias_gap
             per_image[name][metric_key("reconstruction_error", r)] = reconstruction_error(
                 mae, x_test, keep
             ).numpy()
@@ -273,7 +274,10 @@ def evaluate_scenes(
     }
     kinds = np.asarray(test.backgrounds)
     background_recall = {
-        n: {str(b): interval(primary[n].recall[kinds == b], settings.resamples, seed) for b in sorted(set(kinds))}
+        n: {
+            str(b): interval(primary[n].recall[kinds == b], settings.resamples, seed)
+            for b in sorted(set(kinds))
+        }
         for n in names
     }
     shown = list(range(min(settings.examples, len(test.pixels))))

@@ -1,0 +1,331 @@
+"""The scene evaluation's report: a verdict, the primary results first, then the rest; three PNGs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.patches import Patch
+from skimage.segmentation import find_boundaries
+
+from ltrp.evaluation.measures import Estimate, direction, metric_key
+from ltrp.evaluation.scene_eval import PRIMARY_RATIO, SceneEvaluation
+
+REPORT, CURVES, CLASSES, KEPT = "report.md", "measures_vs_keep.png", "class_recall.png", "kept_patches.png"
+#: Baselines the ranker is expected to beat on object recall if the method works (issue 13).
+EXPECTED_BEATEN = ("random", "center", "variance", "gradient", "folk_rcom")
+
+
+def _cell(e: Estimate | None, digits: int = 3) -> str:
+    return "n/a" if e is None else f"{e.mean:.{digits}f} [{e.lo:.{digits}f}, {e.hi:.{digits}f}]"
+
+
+def _pct(ratio: float) -> str:
+    return f"{round(100 * ratio)}%"
+
+
+def _primary_ratio(result: SceneEvaluation) -> float:
+    return PRIMARY_RATIO if PRIMARY_RATIO in result.keep_ratios else result.keep_ratios[0]
+
+
+def verdict(result: SceneEvaluation) -> str:
+    """One paragraph: whom the ranker beats and loses to on the primary measures, from the intervals."""
+    r = _primary_ratio(result)
+    key = metric_key("object_recall", r)
+    beats, loses, ties = [], [], []
+    for name, diffs in result.paired.items():
+        d = diffs.get(key)
+        if d is None:
+            continue
+        (beats if d.lo > 0 else loses if d.hi < 0 else ties).append(name)
+    ours = result.estimates["ltrp"][key]
+    text = [
+        f"At {_pct(r)} keep, the ranker keeps {ours.mean:.1%} of each object's pixels on average "
+        f"[{ours.lo:.1%}, {ours.hi:.1%}]. On object recall (paired per scene, 95% intervals) it beats "
+        f"{_names(beats)}; loses to {_names(loses)}; and cannot be told apart from {_names(ties)}."
+    ]
+    missed = [b for b in EXPECTED_BEATEN if b in result.paired and b not in beats]
+    if missed:
+        text.append(f"Expected if the method works but not seen here: beating {_names(missed)}.")
+    ltrp_did, sup_did = result.bias_did["ltrp"][r], result.bias_did.get("supervised", {}).get(r)
+    gap = result.paired.get("supervised", {}).get(metric_key("bias_gap", r))
+    text.append(
+        f"Its bias gap against random (seen minus unseen recall, difference in differences; 0 is no "
+        f"category bias) is {_cell(ltrp_did)}"
+        + (f", the supervised selector's {_cell(sup_did)}" if sup_did else "")
+        + (
+            f"; the paired difference ranker minus supervised is {_cell(gap)}: "
+            + _gap_reading(ltrp_did, sup_did, gap)
+            if gap and sup_did
+            else ""
+        )
+        + "."
+    )
+    if "oracle" in result.paired:
+        o = result.paired["oracle"].get(key)
+        oracle_vs = {
+            b: result.estimates["oracle"][key].mean - result.estimates[b][key].mean
+            for b in EXPECTED_BEATEN
+            if b in result.estimates
+        }
+        closest = min(oracle_vs, key=oracle_vs.get) if oracle_vs else None
+        oracle_cell = _cell(result.estimates["oracle"][key])
+        text.append(
+            f"The full-coverage oracle (the method's ceiling) keeps {oracle_cell}; the ranker minus the "
+            f"oracle is {_cell(o)}"
+            + (
+                ". On the means, the oracle itself "
+                + ("does not beat" if oracle_vs[closest] <= 0 else "beats")
+                + f" every training-free baseline (its smallest margin, over {closest}: "
+                f"{oracle_vs[closest]:+.3f})"
+                if closest
+                else ""
+            )
+            + "."
+        )
+    return " ".join(text)
+
+
+def _gap_reading(ours: Estimate, theirs: Estimate, paired: Estimate) -> str:
+    if abs(ours.mean) < abs(theirs.mean) and (paired.lo > 0 or paired.hi < 0):
+        return "the ranker's gap is smaller"
+    if abs(ours.mean) > abs(theirs.mean) and (paired.lo > 0 or paired.hi < 0):
+        return "the ranker's gap is larger"
+    return "the two gaps cannot be told apart"
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names) if names else "none"
+
+
+def markdown(result: SceneEvaluation, title: str, provenance: Mapping[str, str]) -> str:
+    r = _primary_ratio(result)
+    est, ratios = result.estimates, result.keep_ratios
+    lines = [
+        f"# {title}",
+        "",
+        "## Verdict",
+        "",
+        verdict(result),
+        "",
+        f"{result.test_images} held-out bias-test scenes (each holds an object of a seen class and one of an "
+        f"unseen class), {result.train_images} training scenes for the probes and the supervised selector. "
+        f"Seen classes: {', '.join(result.seen)}; unseen: {', '.join(result.unseen)}. Each cell: mean over "
+        "scenes [95% bootstrap interval]. The primary measures were fixed before any result was seen "
+        "(docs/evaluation.md).",
+        "",
+        f"## Primary results at {_pct(r)} keep",
+        "",
+        "| selector | object recall (higher is better) | bias gap minus random's (closer to 0 is better) "
+        "| background share (lower is better) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for s in result.selectors:
+        lines.append(
+            f"| {s} | {_cell(est[s].get(metric_key('object_recall', r)))} | {_cell(result.bias_did[s][r])} "
+            f"| {_cell(est[s].get(metric_key('background_share', r)))} |"
+        )
+    lines += [
+        "",
+        f"## The ranker minus each selector, paired on the same scenes ({_pct(r)} keep)",
+        "",
+        "A positive object-recall difference means the ranker keeps more of the objects; a negative "
+        "background-share difference means fewer empty patches; a bias-gap difference is the ranker's gap "
+        "minus the other's. Intervals that exclude 0 are differences the evaluation can tell apart.",
+        "",
+        "| selector | object recall | background share | bias gap |",
+        "| --- | --- | --- | --- |",
+    ]
+    for s, diffs in result.paired.items():
+        cells = [
+            _cell(diffs.get(metric_key(m, r))) for m in ("object_recall", "background_share", "bias_gap")
+        ]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    for m in ("object_recall", "background_share"):
+        lines += ["", f"## {m.replace('_', ' ')} at every keep ratio ({direction(m)})", ""]
+        lines += ["| selector | " + " | ".join(f"keep {_pct(x)}" for x in ratios) + " |"]
+        lines += ["| --- |" + " --- |" * len(ratios)]
+        lines += [
+            f"| {s} | " + " | ".join(_cell(est[s].get(metric_key(m, x))) for x in ratios) + " |"
+            for s in result.selectors
+        ]
+    lines += ["", "## bias gap minus random's at every keep ratio (closer to 0 is better)", ""]
+    lines += [
+        "| selector | " + " | ".join(f"keep {_pct(x)}" for x in ratios) + " |",
+        "| --- |" + " --- |" * len(ratios),
+    ]
+    lines += [
+        f"| {s} | " + " | ".join(_cell(result.bias_did[s][x]) for x in ratios) + " |"
+        for s in result.selectors
+    ]
+    lines += _secondary(result, r)
+    lines += _breakdowns(result, r)
+    lines += ["", "## Provenance", ""] + [f"- {k}: {v}" for k, v in provenance.items()]
+    lines += [f"- evaluation set digest: `{result.dataset}`", ""]
+    lines += [f"![measures against keep ratio]({CURVES})", "", f"![per-class recall]({CLASSES})", ""]
+    lines += [f"![kept patches]({KEPT})", ""]
+    return "\n".join(lines)
+
+
+def _secondary(result: SceneEvaluation, r: float) -> list[str]:
+    est = result.estimates
+    lines = [
+        "",
+        "## Secondary",
+        "",
+        f"Probe: multi-label mAP (higher is better) of a classifier fine-tuned from the MAE's encoder and "
+        f"tested on the selector's kept tokens only ({_pct(r)} keep), mean over seeds [95% interval over "
+        "seeds and scenes], and each seed's figure. Oracle agreement over all positions: Kendall tau and "
+        f"NDCG@{_pct(r)} (higher is better). Reconstruction error of the MAE from the kept patches (lower "
+        "is better) is a diagnostic only: the MAE was trained on uniform random visible sets.",
+        "",
+        "| selector | probe mAP | per seed | oracle tau | oracle NDCG | reconstruction error |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in result.selectors:
+        seeds = ", ".join(f"{v:.3f}" for v in result.probe_map.get(s, []))
+        lines.append(
+            f"| {s} | {_cell(est[s].get(metric_key('probe_map', r)))} | {seeds or 'n/a'} "
+            f"| {_cell(est[s].get('oracle_tau'))} | {_cell(est[s].get(metric_key('oracle_ndcg', r)))} "
+            f"| {_cell(est[s].get(metric_key('reconstruction_error', r)), 4)} |"
+        )
+    history = ", ".join(f"{v:.3f}" for v in result.supervised_val_map)
+    lines += ["", f"The supervised selector's validation mAP on the seen classes, per epoch: {history}.", ""]
+    return lines
+
+
+def _breakdowns(result: SceneEvaluation, r: float) -> list[str]:
+    classes = sorted({c for per in result.class_recall.values() for c in per})
+    lines = ["", f"## Object recall per class at {_pct(r)} keep (higher is better; * = seen class)", ""]
+    lines += ["| selector | " + " | ".join(c + ("*" if c in result.seen else "") for c in classes) + " |"]
+    lines += ["| --- |" + " --- |" * len(classes)]
+    for s in result.selectors:
+        lines.append(f"| {s} | " + " | ".join(_short(result.class_recall[s].get(c)) for c in classes) + " |")
+    kinds = sorted({k for per in result.background_recall.values() for k in per})
+    lines += ["", f"## Object recall per background kind at {_pct(r)} keep (higher is better)", ""]
+    lines += ["| selector | " + " | ".join(kinds) + " |", "| --- |" + " --- |" * len(kinds)]
+    for s in result.selectors:
+        lines.append(
+            f"| {s} | " + " | ".join(_cell(result.background_recall[s].get(k)) for k in kinds) + " |"
+        )
+    return lines
+
+
+def _short(e: Estimate | None) -> str:
+    return "n/a" if e is None else f"{e.mean:.2f}"
+
+
+def plot_curves(result: SceneEvaluation, path: Path) -> None:
+    """Object recall, background share and the bias gap's difference in differences against keep ratio."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    x = [100 * r for r in result.keep_ratios]
+    colors = dict(zip(result.selectors, plt.get_cmap("tab20").colors, strict=False))
+    panels = [
+        (
+            "object recall (higher is better)",
+            lambda s, r: result.estimates[s].get(metric_key("object_recall", r)),
+        ),
+        (
+            "background share (lower is better)",
+            lambda s, r: result.estimates[s].get(metric_key("background_share", r)),
+        ),
+        ("bias gap minus random's (closer to 0 is better)", lambda s, r: result.bias_did[s][r]),
+    ]
+    for ax, (title, get) in zip(axes, panels, strict=True):
+        for s in result.selectors:
+            points = [get(s, r) for r in result.keep_ratios]
+            if None in points:
+                continue
+            mean = np.array([e.mean for e in points])
+            err = np.array([[e.mean - e.lo for e in points], [e.hi - e.mean for e in points]])
+            ax.errorbar(x, mean, yerr=err, marker="o", ms=3, capsize=2, label=s, color=colors[s],
+                        lw=2.4 if s == "ltrp" else 1)  # fmt: skip
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("patches kept (%)")
+        ax.grid(alpha=0.3)
+    axes[2].axhline(0, color="k", lw=0.6)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_classes(result: SceneEvaluation, path: Path) -> None:
+    """Per-class object recall at the primary ratio: seen classes left, unseen right, a bar per selector."""
+    shown = [
+        s
+        for s in ("ltrp", "oracle", "random", "variance", "mae_attention", "supervised")
+        if s in result.selectors
+    ]
+    classes = [c for c in (*result.seen, *result.unseen) if any(c in result.class_recall[s] for s in shown)]
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(classes) * len(shown) / 3), 4.2))
+    width = 0.8 / len(shown)
+    for i, s in enumerate(shown):
+        values = [result.class_recall[s].get(c, None) for c in classes]
+        means = [v.mean if v else 0 for v in values]
+        err = np.array(
+            [[v.mean - v.lo if v else 0 for v in values], [v.hi - v.mean if v else 0 for v in values]]
+        )
+        ax.bar(np.arange(len(classes)) + i * width, means, width, yerr=err, capsize=1.5, label=s)
+    seen_count = sum(c in result.seen for c in classes)
+    ax.axvline(seen_count - 0.1, color="k", lw=0.8, ls="--")
+    ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=30, fontsize=8)
+    ax.set_ylabel(f"object recall at {_pct(_primary_ratio(result))} keep (higher is better)")
+    ax.set_title("seen classes (left of the dashed line) and unseen classes (right)", fontsize=10)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_kept(result: SceneEvaluation, path: Path) -> None:
+    """Scenes (rows) x selectors (columns): kept patches as they are, dropped ones dimmed and tinted,
+    each object's outline drawn."""
+    p, examples = result.patch_size, result.examples
+    grid = examples.shape[1] // p
+    cols = ["scene", *result.selectors]
+    fig, axes = plt.subplots(len(examples), len(cols), figsize=(1.25 * len(cols), 1.35 * len(examples) + 0.6))
+    axes = np.atleast_2d(axes)
+    for row, image in enumerate(examples):
+        outline = np.zeros(image.shape[:2], dtype=bool)
+        for mask in result.example_masks[row]:
+            outline |= find_boundaries(mask, mode="inner")
+        for col, name in enumerate(cols):
+            shown = image.astype(np.float32) / 255
+            if name != "scene":
+                kept = np.zeros(grid * grid, dtype=bool)
+                kept[result.example_keep[name][row]] = True
+                kept = np.kron(kept.reshape(grid, grid), np.ones((p, p), dtype=bool))
+                shown = np.where(kept[..., None], shown, 0.25 * shown + np.array([0.05, 0.1, 0.35]))
+            shown = np.where(outline[..., None], np.array([1.0, 1.0, 0.0]), shown)
+            axes[row, col].imshow(shown, interpolation="nearest")
+            axes[row, col].set_xticks([])
+            axes[row, col].set_yticks([])
+            if row == 0:
+                axes[row, col].set_title(name.replace("_", "\n"), fontsize=7)
+    legend = [
+        Patch(color=(1, 1, 0), label="object outline"),
+        Patch(color=(0.05, 0.1, 0.35), label="dropped patch"),
+    ]
+    fig.legend(handles=legend, loc="lower center", ncol=2, fontsize=7)
+    fig.suptitle(f"top {_pct(_primary_ratio(result))} of patches kept by each selector", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    result: SceneEvaluation, folder: Path, title: str, provenance: Mapping[str, str]
+) -> list[Path]:
+    """Writes report.md and the three PNGs into `folder`; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / REPORT).write_text(markdown(result, title, provenance))
+    plot_curves(result, folder / CURVES)
+    plot_classes(result, folder / CLASSES)
+    plot_kept(result, folder / KEPT)
+    return [folder / name for name in (REPORT, CURVES, CLASSES, KEPT)]
