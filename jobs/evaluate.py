@@ -19,20 +19,13 @@ from ltrp.pipeline.configs import EvaluateConfig
 
 def main(argv: list[str] | None = None):
     cfg = parse(EvaluateConfig, "evaluate", argv, prog="python -m jobs.evaluate")
-    # Imported after parsing, so that --help and usage errors answer without loading torch or MLflow.
-    from ltrp.evaluation.measures import metric_key
-    from ltrp.pipeline import evaluate_job
+    from ltrp.pipeline import evaluate_job  # after parsing: --help and usage errors load no torch or MLflow
 
     summary = run_job(evaluate_job.run, cfg, "python -m jobs.evaluate")
-    result, r = summary.result, summary.result.figure_ratio
-    figures = []
-    for measure in ("reconstruction_error", "accuracy"):
-        key = metric_key(measure, r)
-        ltrp, rand = result.estimates["ltrp"][key].mean, result.estimates["random"][key].mean
-        figures.append(f"{measure} {ltrp:.4f} (random {rand:.4f})")
     print(
-        f"evaluated {cfg.model} on {result.test_images} held-out images, {round(100 * r)}% of patches "
-        f"kept: {'; '.join(figures)}. Report: {cfg.output.rstrip('/')}/report.md; MLflow run {summary.run_id}"
+        f"evaluated {cfg.model} on {summary.result.test_images} held-out images: "
+        f"{evaluate_job.headline(summary.result)}. Report: {cfg.output.rstrip('/')}/report.md; MLflow run "
+        f"{summary.run_id}"
     )
     return summary
 

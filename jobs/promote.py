@@ -7,17 +7,22 @@
     python -m jobs.promote --model models:/ltrp-ranker --rollback  # champion back to its predecessor
 
 The candidate and the champion are compared on the `eval.*` tags that python -m jobs.evaluate puts on
-a version (ltrp.evaluation.measures), under the policy of ltrp.evaluation.promotion (defaults: better
-than the champion's 95% interval on reconstruction_error at keep 0.25, no worse on reconstruction_error
-and accuracy at any keep ratio, same evaluation dataset). A --policy YAML overrides some of its fields:
+a version (ltrp.evaluation.measures), under the policy of ltrp.evaluation.promotion. Its defaults: the
+floor first (the candidate's paired difference from random on the primary measure must exclude 0 on
+the good side, or it never becomes champion, the first one included); then better than the champion's
+95% interval on the primary measure at keep 0.25 and no worse on the guarded ones at any keep ratio,
+on the same evaluation dataset. The measures follow the evaluation data: object recall (primary) and
+background share where it has object masks (scenes); else reconstruction error (primary) and accuracy.
+A --policy YAML overrides some of its fields:
 
     primary: accuracy
     primary_ratio: 0.5
     guarded: [accuracy, kendall_tau]
+    beat_random: false
 
-Without a champion, the first evaluated candidate becomes champion. The decision, its reason, the
-compared numbers, the policy and the champion it was compared with are tagged on the candidate
-(promotion.*), in a dry run too. MLFLOW_TRACKING_URI names the registry (default sqlite:///mlflow.db).
+The decision, its reason, the compared numbers, the policy and the champion it was compared with are
+tagged on the candidate (promotion.*), in a dry run too. MLFLOW_TRACKING_URI names the registry
+(default sqlite:///mlflow.db).
 
 Exit codes, for CI to branch on:
     0  promoted; or a dry run that would promote; or already champion; or rolled back

@@ -24,7 +24,7 @@ from ltrp.data.datasets import read_fashion_mnist
 from ltrp.data.images import center_crop, center_view, displayed_size, png_bytes, to_model_input
 from ltrp.data.sources import plan_shards, read_shard
 from ltrp.data.tables import SCORES_SCHEMA
-from ltrp.evaluation.measures import KEEP_RATIOS, Estimate, metric_key
+from ltrp.evaluation.measures import KEEP_RATIOS, Estimate, metric_key, vs_random
 
 BIN = Path(sys.executable).parent  # console scripts of the test environment (moto_server, ...)
 
@@ -188,11 +188,14 @@ PRIMARY = "reconstruction_error.keep25"
 
 
 def evaluation(recon: float = 0.040, acc: float = 0.80, width: float = 0.002, **overrides: float) -> dict:
-    """Every key the default policy needs: reconstruction_error (lower is better) and accuracy (higher)
-    at every keep ratio, mean +/- `width`; `overrides` set single keys' means, e.g. accuracy_keep50=0.7."""
+    """Every key the default policy needs without masks: reconstruction_error (lower is better) and
+    accuracy (higher) at every keep ratio, and the floor's ranker-minus-random difference on the primary,
+    mean +/- `width`; `overrides` set single keys' means, e.g. accuracy_keep50=0.7."""
     means = {metric_key("reconstruction_error", r): recon for r in KEEP_RATIOS}
     means |= {metric_key("accuracy", r): acc for r in KEEP_RATIOS}
     means |= {k.replace("_keep", ".keep"): v for k, v in overrides.items()}
+    # The floor: the ranker minus random on the primary, clearly below 0 (lower error is better).
+    means[vs_random(PRIMARY)] = -0.01
     return {k: Estimate(m, m - width, m + width) for k, m in means.items()}
 
 

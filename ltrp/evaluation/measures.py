@@ -41,6 +41,8 @@ MEASURES: dict[str, bool | None] = {
 RATIO_FREE = ("kendall_tau", "spearman", "oracle_tau")
 KEEP_RATIOS: tuple[float, ...] = (0.10, 0.25, 0.50, 0.75)
 TAG_PREFIX = "eval."
+#: Prefix of a metric key for the paired difference ranker minus random (the promotion floor).
+VS_RANDOM = "vs_random."
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,11 @@ def metric_key(measure: str, ratio: float | None = None) -> str:
     if measure not in MEASURES:
         raise KeyError(f"unknown measure {measure!r}; known: {', '.join(MEASURES)}")
     return measure if ratio is None else f"{measure}.keep{round(ratio * 100):02d}"
+
+
+def vs_random(key: str) -> str:
+    """ "object_recall.keep25" -> "vs_random.object_recall.keep25": the ranker minus random, per image."""
+    return VS_RANDOM + key
 
 
 def measure_of(key: str) -> str:

@@ -9,7 +9,12 @@ interval per metric key) and promotes the candidate only if
 * on every guarded metric, the candidate's mean is not worse than the champion's whole interval
   (lower-is-better: candidate mean <= champion hi; higher-is-better: candidate mean >= champion lo).
 
-With no champion yet, a candidate that carries every metric the policy names is promoted. Missing
+Before any of that, the floor: the candidate's paired difference from random on the primary metric
+(`vs_random.<key>`, ranker minus random per image) must exclude 0 on the good side; so a version that
+does not beat random never becomes champion, the first one included. With no champion yet, a candidate
+above the floor that carries every metric the policy names is promoted. The default policy's measures
+depend on the evaluation data ("auto"): object recall at 25% keep where it has object masks (scenes),
+else reconstruction error at 25%. Missing
 metrics on either side refuse: a champion evaluated before a metric existed must be re-evaluated
 (`python -m jobs.evaluate`) on the candidate's dataset before anything can replace it. Nothing here
 talks to MLflow; ltrp.pipeline.registry reads the tags, calls `decide` and records the result.
@@ -18,51 +23,84 @@ talks to MLflow; ltrp.pipeline.registry reads the tags, calls `decide` and recor
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ltrp.evaluation.measures import KEEP_RATIOS, MEASURES, RATIO_FREE, Estimate, higher_is_better, metric_key
+from ltrp.evaluation.measures import (
+    KEEP_RATIOS,
+    MEASURES,
+    RATIO_FREE,
+    Estimate,
+    higher_is_better,
+    measure_of,
+    metric_key,
+    vs_random,
+)
+
+#: `Policy.primary` / `guarded` value that picks by the evaluation data: with object masks (scenes),
+#: object recall; without, the MAE's reconstruction error and the kept-token classifier's accuracy.
+AUTO = "auto"
+MASK_PRIMARY, MASK_GUARDED = "object_recall", ("object_recall", "background_share")
+FALLBACK_PRIMARY, FALLBACK_GUARDED = "reconstruction_error", ("reconstruction_error", "accuracy")
 
 
 @dataclass(frozen=True)
 class Policy:
-    """What a candidate must show to replace the champion.
+    """What a candidate must show to become champion.
 
     Attributes:
-        primary: measure the candidate must improve, beyond the champion's 95% interval.
+        primary: measure the candidate must improve, beyond the champion's 95% interval; "auto": object
+            recall where the evaluation data has object masks, else reconstruction error.
         primary_ratio: its keep ratio (None for the ratio-free measures, e.g. kendall_tau).
-        guarded: measures on which the candidate must be no worse than the champion's interval.
+        guarded: measures on which the candidate must be no worse than the champion's interval;
+            "auto": object recall and background share with masks, else reconstruction error and
+            accuracy.
         guard_ratios: the keep ratios checked for each guarded measure that has one.
+        beat_random: the floor: no version becomes champion, the first one included, unless its paired
+            difference from random on the primary measure excludes 0 on the good side.
     """
 
-    primary: str = "reconstruction_error"
+    primary: str = AUTO
     primary_ratio: float | None = 0.25
-    guarded: tuple[str, ...] = ("reconstruction_error", "accuracy")
+    guarded: tuple[str, ...] | str = AUTO
     guard_ratios: tuple[float, ...] = KEEP_RATIOS
+    beat_random: bool = True
 
     def __post_init__(self) -> None:
         # YAML gives lists; a frozen dataclass should hold tuples so that it stays hashable.
-        object.__setattr__(self, "guarded", tuple(self.guarded))
+        if self.guarded != AUTO:
+            object.__setattr__(self, "guarded", tuple(self.guarded))
         object.__setattr__(self, "guard_ratios", tuple(float(r) for r in self.guard_ratios))
-        for measure in (self.primary, *self.guarded):
+        named = [m for m in (self.primary, *(() if self.guarded == AUTO else self.guarded)) if m != AUTO]
+        for measure in named:
             if measure not in MEASURES:
                 raise ValueError(f"unknown measure {measure!r}; known: {', '.join(MEASURES)}")
             if MEASURES[measure] is None:
                 raise ValueError(
                     f"{measure!r} is best at 0, neither higher nor lower: a policy cannot rank by it"
                 )
-        if (self.primary in RATIO_FREE) != (self.primary_ratio is None):
+        free = self.primary in RATIO_FREE  # (both of auto's measures have a keep ratio)
+        if free != (self.primary_ratio is None):
             raise ValueError(
                 f"primary {self.primary!r}: primary_ratio must be "
-                + ("null (it has no keep ratio)" if self.primary in RATIO_FREE else "a keep ratio")
+                + ("null (it has no keep ratio)" if free else "a keep ratio")
             )
+
+    def resolved(self, candidate: Mapping[str, Estimate]) -> Policy:
+        """The policy with "auto" replaced by what the candidate's evaluation data allows."""
+        masks = any(measure_of(k) == MASK_PRIMARY for k in candidate)
+        primary = (MASK_PRIMARY if masks else FALLBACK_PRIMARY) if self.primary == AUTO else self.primary
+        guarded = (MASK_GUARDED if masks else FALLBACK_GUARDED) if self.guarded == AUTO else self.guarded
+        return replace(self, primary=primary, guarded=guarded)
 
     @property
     def primary_key(self) -> str:
-        """The primary metric key, e.g. "reconstruction_error.keep25"."""
+        """The primary metric key, e.g. "reconstruction_error.keep25" (of a resolved policy)."""
+        if self.primary == AUTO:
+            raise ValueError("an 'auto' policy names its measures once resolved against a candidate")
         return metric_key(self.primary, self.primary_ratio)
 
     @property
@@ -150,6 +188,7 @@ def decide(
     Returns:
         The decision; refusals name the metrics or datasets that caused them.
     """
+    policy = policy.resolved(candidate)
     required = policy.required_keys
     primary = policy.primary_key
     missing = [k for k in required if k not in candidate]
@@ -159,6 +198,10 @@ def decide(
             f"candidate lacks metrics {', '.join(missing)}: evaluate it (python -m jobs.evaluate) first",
             _evidence(candidate, champion, required, primary),
         )
+    if policy.beat_random:
+        refused = _below_the_floor(candidate, primary)
+        if refused:
+            return Decision(False, refused, _evidence(candidate, champion, required, primary))
     if champion is None:
         return Decision(
             True, "first model: there is no champion yet", _evidence(candidate, None, required, primary)
@@ -190,6 +233,24 @@ def decide(
     return Decision(True, f"better on {primary} and no worse on any guarded metric", evidence)
 
 
+def _below_the_floor(candidate: Mapping[str, Estimate], primary: str) -> str | None:
+    """Why the candidate does not beat random on the primary key, or None if it does."""
+    diff = candidate.get(vs_random(primary))
+    if diff is None:
+        return (
+            f"candidate lacks {vs_random(primary)} (ranker minus random): re-evaluate it with python -m "
+            "jobs.evaluate; the policy's floor needs it"
+        )
+    better = diff.lo > 0 if higher_is_better(primary) else diff.hi < 0
+    if not better:
+        return (
+            f"does not beat random on {primary}: ranker minus random is {diff.mean:.4g} [{diff.lo:.4g}, "
+            f"{diff.hi:.4g}] (95%), which does not exclude 0 on the good side: no version becomes champion "
+            "below that floor"
+        )
+    return None
+
+
 def _evidence(
     candidate: Mapping[str, Estimate],
     champion: Mapping[str, Estimate] | None,
@@ -213,5 +274,14 @@ def _evidence(
             "candidate": _triple(candidate[key]),
             "champion": _triple(theirs),
             "ok": ok,
+        }
+    floor = candidate.get(vs_random(primary))
+    if floor is not None:
+        rows[vs_random(primary)] = {
+            "role": "floor",
+            "higher_is_better": higher_is_better(primary),
+            "candidate": _triple(floor),
+            "champion": None,
+            "ok": _below_the_floor(candidate, primary) is None,
         }
     return rows

@@ -302,22 +302,27 @@ class EvaluateConfig(_Checked):
 
     model: str  # the ranker: models:/NAME/VERSION, models:/NAME@ALIAS, or a training checkpoint (state.pt)
     mae: str  # the MAE checkpoint that scored the table (reconstruction uses it too)
-    scores: tuple[str, ...]  # score table(s) holding the held-out images' central squares (local or s3://)
+    scores: tuple[str, ...]  # score tables of the held-out images' central squares (scenes: a --cover one)
     train_source: str  # labelled images that train the classifiers and the supervised selector
-    test_source: str  # labelled held-out images (the ones scored into --scores)
+    test_source: str  # labelled held-out images (scored into --scores); a scene manifest with masks: scenes
     output: str = "runs/evaluate"  # folder or s3:// prefix for report.md, the PNGs and estimates.json
     keep_ratios: tuple[float, ...] = KEEP_RATIOS  # fractions of patches kept
-    seen_classes: tuple[str, ...] | None = None  # the supervised selector's classes; None: the first half
+    seen_classes: tuple[str, ...] | None = None  # supervised selector's classes (None: scenes' or first half)
+    unseen_classes: tuple[str, ...] | None = None  # scenes: the bias test's other group (None: scenes' own)
     max_train: int = 4000  # training images used (an even spread by id hash)
     max_test: int = 1000  # held-out images measured (an even spread by id hash)
     classifier_dim: int = 64  # width of the kept-token classifiers
     classifier_depth: int = 2  # blocks of the kept-token classifiers
     classifier_epochs: int = 6  # epochs of each classifier
+    probe_seeds: int = 3  # scenes: seeds of the kept-token probe per selector
+    probe_epochs: int = 10  # scenes: most epochs of each probe (stops when validation mAP stops improving)
+    supervised_epochs: int = 20  # scenes: most epochs of the supervised selector (likewise)
     resamples: int = 1000  # bootstrap resamples of each interval
     seed: int = 0  # seed of the classifiers, the random scorer and the bootstrap
 
     def check(self) -> None:
         _at_least(self, 1, "max_train", "max_test", "classifier_depth", "classifier_epochs", "resamples")
+        _at_least(self, 1, "probe_seeds", "probe_epochs", "supervised_epochs")
         _at_least(self, 4, "classifier_dim")
         _require(len(self.scores) > 0, "scores", "give at least one score table")
         _require(len(self.keep_ratios) > 0, "keep_ratios", "give at least one keep ratio")

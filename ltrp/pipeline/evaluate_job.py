@@ -1,38 +1,56 @@
 """The evaluation job: a ranker (file or MLflow registry) against the baselines, reported and tracked.
 
-Output under OUTPUT (local or s3://): report.md, measures_vs_keep_ratio.png, kept_patches.png and
-estimates.json (every scorer's mean and interval per measure). The same files are logged to an MLflow
-run (experiment ltrp-evaluate), and when the ranker came from the registry, the ranker's figures are
-attached to its model version as tags (see `ltrp.evaluation.measures`), which is what promotion compares.
+Output under OUTPUT (local or s3://): report.md, its PNGs and estimates.json (every scorer's mean and
+interval per measure). Scenes with object masks get the scene evaluation (object recall, bias gap,
+probes: ltrp.evaluation.scene_eval); other labelled images the classification one. The same files
+are logged to an MLflow run (experiment ltrp-evaluate), and when the ranker came from the registry, the
+ranker's figures and its paired differences from random are attached to its model version as tags (see
+`ltrp.evaluation.measures`), which is what promotion compares.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import mlflow
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ltrp.core.classifier import ClassifierConfig
+from ltrp.core.mae import MAE
+from ltrp.core.probe import ProbeSettings
 from ltrp.core.ranker import Ranker
 from ltrp.data.checkpoints import load_mae, load_ranker
-from ltrp.evaluation.measures import TAG_PREFIX, to_tags
+from ltrp.data.scenes import SEEN_CLASSES, UNSEEN_CLASSES
+from ltrp.data.tables import read_scores
+from ltrp.evaluation import fidelity, scene_report
+from ltrp.evaluation.measures import TAG_PREFIX, metric_key, to_tags, vs_random
 from ltrp.evaluation.protocol import EvalSettings, EvaluationResult, evaluate, load_labelled, pseudo_scores
 from ltrp.evaluation.report import write_report
+from ltrp.evaluation.scene_eval import (
+    PRIMARY_RATIO,
+    SceneEvalSettings,
+    SceneEvaluation,
+    evaluate_scenes,
+    load_scene_set,
+)
 from ltrp.pipeline import runtime
-from ltrp.pipeline.configs import MODEL_VERSION, EvaluateConfig, checking_inputs
+from ltrp.pipeline.configs import MODEL_VERSION, EvaluateConfig, InputError, checking_inputs
 
 
 @dataclass(frozen=True)
 class EvaluateSummary:
-    result: EvaluationResult
+    result: EvaluationResult | SceneEvaluation
     run_id: str  # the MLflow run holding the report
 
 
@@ -79,12 +97,81 @@ def load_evaluated_ranker(uri: str) -> tuple[Ranker, ModelVersion | None]:
 
 def run(cfg: EvaluateConfig, progress=print) -> EvaluateSummary:
     """Evaluates, writes the report to cfg.output and logs it to an MLflow run (experiment
-    ltrp-evaluate), opened only once the measures are in: a bad input fails before any run exists."""
+    ltrp-evaluate), opened only once the measures are in: a bad input fails before any run exists.
+    A test source that is a scene manifest with object masks gets the scene evaluation
+    (`ltrp.evaluation.scene_eval`), any other labelled source the classification one."""
     runtime.track()  # the registry to load from; the experiment is created only once there is a result
     torch.manual_seed(cfg.seed)
     with checking_inputs():  # everything the measures need, before they start
         ranker, version = load_evaluated_ranker(cfg.model)
         mae = load_mae(cfg.mae)
+    evaluation = _evaluate_scenes if has_masks(cfg.test_source) else _evaluate_labelled
+    result, write = evaluation(cfg, ranker, mae, progress)
+
+    mlflow.set_experiment("ltrp-evaluate")
+    with mlflow.start_run(run_name=f"evaluate {cfg.model}") as run, tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_params({k: str(v)[:500] for k, v in asdict(cfg).items()})
+        mlflow.set_tags({"eval.dataset": result.dataset, "output_uri": cfg.output, "model_uri": cfg.model})
+        mlflow.log_metrics(
+            {f"{s}.{k}": e.mean for s, keys in result.estimates.items() for k, e in keys.items()}
+        )
+        folder = Path(tmp)
+        provenance = {
+            "model": cfg.model,
+            "MAE": f"{cfg.mae} (sha256 {mae.checkpoint.sha256})",
+            "score tables": ", ".join(cfg.scores),
+            "test source": cfg.test_source,
+            "training source": cfg.train_source,
+            "MLflow run": f"{mlflow.get_tracking_uri()} experiment ltrp-evaluate, run {run.info.run_id}",
+        }
+        paths = write(result, folder, f"Evaluation of {cfg.model}", provenance)
+        estimates = {s: {k: asdict(e) for k, e in keys.items()} for s, keys in result.estimates.items()}
+        (folder / "estimates.json").write_text(json.dumps(estimates, indent=1))
+        for path in [*paths, folder / "estimates.json"]:
+            mlflow.log_artifact(str(path))
+        fs, root = fsspec.core.url_to_fs(cfg.output)
+        fs.makedirs(root, exist_ok=True)
+        fs.put([str(p) for p in folder.iterdir()], root.rstrip("/") + "/")
+        if version is not None:
+            _tag_version(version, result, run.info.run_id, cfg.output)
+    return EvaluateSummary(result, run.info.run_id)
+
+
+Writer = Callable[[Any, Path, str, dict], list[Path]]
+
+
+def headline(result: EvaluationResult | SceneEvaluation) -> str:
+    """The primary figures at 25% keep (or the first ratio), the ranker's against random's."""
+    if isinstance(result, SceneEvaluation):
+        r = PRIMARY_RATIO if PRIMARY_RATIO in result.keep_ratios else result.keep_ratios[0]
+        recall = {s: result.estimates[s][metric_key("object_recall", r)] for s in ("ltrp", "random")}
+        did = result.bias_did["ltrp"][r]
+        return (
+            f"at {round(100 * r)}% keep, object recall {recall['ltrp'].mean:.3f} (random "
+            f"{recall['random'].mean:.3f}); bias gap minus random's {did.mean:+.3f} "
+            f"[{did.lo:+.3f}, {did.hi:+.3f}]"
+        )
+    r = result.figure_ratio
+    figures = []
+    for measure in ("reconstruction_error", "accuracy"):
+        key = metric_key(measure, r)
+        ltrp, rand = result.estimates["ltrp"][key].mean, result.estimates["random"][key].mean
+        figures.append(f"{measure} {ltrp:.4f} (random {rand:.4f})")
+    return f"{round(100 * r)}% of patches kept: {'; '.join(figures)}"
+
+
+def has_masks(source: str) -> bool:
+    """Whether a source is a scene manifest with object masks (docs/scenes.md)."""
+    if not source.lower().endswith(".parquet"):
+        return False
+    with fsspec.open(source, "rb") as f:
+        return "objects" in pq.read_schema(f).names
+
+
+def _evaluate_labelled(
+    cfg: EvaluateConfig, ranker: Ranker, mae: MAE, progress: Callable[[str], None]
+) -> tuple[EvaluationResult, Writer]:
+    with checking_inputs():
         size = mae.cfg.img_size
         train, classes, skipped = load_labelled(cfg.train_source, size, limit=cfg.max_train)
         test, _, test_skipped = load_labelled(cfg.test_source, size, classes, limit=cfg.max_test)
@@ -96,36 +183,62 @@ def run(cfg: EvaluateConfig, progress=print) -> EvaluateSummary:
         test = test.subset(covered)
     progress(f"evaluating on {len(test.pixels)} held-out images, {len(train.pixels)} training images")
     result = evaluate(ranker, mae, train, test, visible, pseudo, classes, settings(cfg), progress)
+    return result, lambda r, folder, title, _provenance: write_report(r, folder, title)
 
-    mlflow.set_experiment("ltrp-evaluate")
-    with mlflow.start_run(run_name=f"evaluate {cfg.model}") as run, tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_params({k: str(v)[:500] for k, v in asdict(cfg).items()})
-        mlflow.set_tags({"eval.dataset": result.dataset, "output_uri": cfg.output, "model_uri": cfg.model})
-        mlflow.log_metrics(
-            {f"{s}.{k}": e.mean for s, keys in result.estimates.items() for k, e in keys.items()}
+
+def _evaluate_scenes(
+    cfg: EvaluateConfig, ranker: Ranker, mae: MAE, progress: Callable[[str], None]
+) -> tuple[SceneEvaluation, Writer]:
+    with checking_inputs():
+        size, p = mae.cfg.img_size, mae.cfg.patch_size
+        train = load_scene_set(cfg.train_source, size, p, limit=cfg.max_train)
+        test = load_scene_set(cfg.test_source, size, p, limit=cfg.max_test)
+        table = pa.concat_tables(
+            [read_scores(uri, columns=["image_id", "visible", "scores"]) for uri in cfg.scores]
         )
-        folder = Path(tmp)
-        paths = write_report(result, folder, f"Evaluation of {cfg.model}")
-        estimates = {s: {k: asdict(e) for k, e in keys.items()} for s, keys in result.estimates.items()}
-        (folder / "estimates.json").write_text(json.dumps(estimates, indent=1))
-        for path in [*paths, folder / "estimates.json"]:
-            mlflow.log_artifact(str(path))
-        fs, root = fsspec.core.url_to_fs(cfg.output)
-        fs.makedirs(root, exist_ok=True)
-        fs.put([str(p) for p in folder.iterdir()], root.rstrip("/") + "/")
-        if version is not None:
-            tags = {
-                **to_tags(result.estimates["ltrp"]),
-                f"{TAG_PREFIX}run_id": run.info.run_id,
-                f"{TAG_PREFIX}dataset": result.dataset,
-                f"{TAG_PREFIX}report": cfg.output.rstrip("/") + "/report.md",
-            }
-            client = MlflowClient()
-            # A re-evaluation replaces the whole record: keys it no longer produces (another keep ratio)
-            # would otherwise stay and be read by promotion as measured on this eval.dataset.
-            for key in version.tags:
-                if key.startswith(TAG_PREFIX) and key not in tags:
-                    client.delete_model_version_tag(version.name, version.version, key)
-            for key, value in tags.items():
-                client.set_model_version_tag(version.name, version.version, key, value)
-    return EvaluateSummary(result, run.info.run_id)
+        try:
+            oracle = fidelity.oracle(table, mae.cfg.num_patches, test.image_ids)
+        except ValueError as err:
+            raise InputError(
+                f"--scores {' '.join(cfg.scores)}: not a full cover of the test scenes ({err}): score them "
+                "with python -m jobs.score --cover R"
+            ) from None
+    progress(f"evaluating on {len(test.pixels)} held-out scenes, {len(train.pixels)} training scenes")
+    result = evaluate_scenes(ranker, mae, train, test, oracle, scene_settings(cfg), progress)
+    return result, scene_report.write_report
+
+
+def scene_settings(cfg: EvaluateConfig) -> SceneEvalSettings:
+    """The scene evaluation's settings from the job's options."""
+    return SceneEvalSettings(
+        keep_ratios=tuple(cfg.keep_ratios),
+        seen=tuple(cfg.seen_classes or SEEN_CLASSES),
+        unseen=tuple(cfg.unseen_classes or UNSEEN_CLASSES),
+        probe=ProbeSettings(epochs=cfg.probe_epochs),
+        probe_seeds=cfg.probe_seeds,
+        supervised=ProbeSettings(epochs=cfg.supervised_epochs, patience=3),
+        resamples=cfg.resamples,
+        seed=cfg.seed,
+    )
+
+
+def _tag_version(
+    version: ModelVersion, result: EvaluationResult | SceneEvaluation, run_id: str, output: str
+) -> None:
+    """The ranker's figures, and its paired difference from random (the promotion floor), as tags of
+    its model version; a re-evaluation replaces the whole record."""
+    tags = {
+        **to_tags(result.estimates["ltrp"]),
+        **to_tags({vs_random(k): e for k, e in result.paired["random"].items()}),
+        f"{TAG_PREFIX}run_id": run_id,
+        f"{TAG_PREFIX}dataset": result.dataset,
+        f"{TAG_PREFIX}report": output.rstrip("/") + "/report.md",
+    }
+    client = MlflowClient()
+    # Keys it no longer produces (another keep ratio) would otherwise stay and be read by promotion as
+    # measured on this eval.dataset.
+    for key in version.tags:
+        if key.startswith(TAG_PREFIX) and key not in tags:
+            client.delete_model_version_tag(version.name, version.version, key)
+    for key, value in tags.items():
+        client.set_model_version_tag(version.name, version.version, key, value)

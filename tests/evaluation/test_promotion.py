@@ -54,9 +54,49 @@ def test_decide_against_a_champion(candidate: dict, promote: bool, names: list[s
 
 
 def test_decide_higher_is_better_primary() -> None:
-    policy = Policy(primary="accuracy", primary_ratio=0.5)
+    policy = Policy(primary="accuracy", primary_ratio=0.5, beat_random=False)
     assert run_decide(evaluation(accuracy_keep50=0.801), evaluation(), policy).promote is False
     assert run_decide(evaluation(accuracy_keep50=0.85), evaluation(), policy).promote is True
+
+
+@pytest.mark.parametrize("champion", [None, evaluation(recon=0.1)], ids=["first-model", "with-champion"])
+@pytest.mark.parametrize(
+    ("vs_random", "promote"), [(-0.01, True), (0.0, False), (0.01, False), (None, False)]
+)
+def test_the_floor_no_champion_unless_it_beats_random(
+    champion: dict | None, vs_random: float | None, promote: bool
+) -> None:
+    """Ranker minus random on the primary (reconstruction error: lower is better) must exclude 0 below."""
+    candidate = evaluation()
+    key = "vs_random." + PRIMARY
+    if vs_random is None:
+        del candidate[key]
+    else:
+        candidate[key] = Estimate(vs_random, vs_random - 0.002, vs_random + 0.002)
+    decision = run_decide(candidate, champion)
+    assert decision.promote is promote
+    if not promote:
+        expected = f"does not beat random on {PRIMARY}" if vs_random is not None else f"lacks {key}"
+        assert expected in decision.reason
+    assert run_decide(candidate, champion, Policy(beat_random=False)).promote  # the floor is a setting
+
+
+def test_auto_policy_ranks_by_object_recall_where_the_data_has_masks() -> None:
+    scene = {
+        f"{m}.keep{round(100 * r):02d}": Estimate(v, v - 0.01, v + 0.01)
+        for r in (0.1, 0.25, 0.5, 0.75)
+        for m, v in (("object_recall", 0.6), ("background_share", 0.2))
+    } | {"vs_random.object_recall.keep25": Estimate(0.3, 0.28, 0.32)}
+    resolved = Policy().resolved(scene)
+    assert (
+        resolved.primary_key == "object_recall.keep25" and "background_share.keep10" in resolved.required_keys
+    )
+    assert Policy().resolved(evaluation()).primary_key == PRIMARY  # the fallback without masks
+    assert run_decide(scene, None).promote
+    better = {**scene, "object_recall.keep25": Estimate(0.7, 0.69, 0.71)}
+    assert run_decide(better, scene).promote and not run_decide(scene, better).promote
+    with pytest.raises(ValueError, match="best at 0"):
+        Policy(primary="bias_gap")
 
 
 def test_first_model_is_promoted_when_it_carries_the_metrics() -> None:
@@ -99,7 +139,10 @@ def test_policy_from_yaml(tmp_path: Path) -> None:
     assert policy.required_keys == ["kendall_tau", "accuracy.keep50"]
     assert Policy.from_dict(policy.to_dict()) == policy
     # Only the keys it names are compared: reconstruction_error may regress under this policy.
-    candidate = evaluation(recon=0.5, acc=0.8) | {"kendall_tau": Estimate(0.6, 0.58, 0.62)}
+    candidate = evaluation(recon=0.5, acc=0.8) | {
+        "kendall_tau": Estimate(0.6, 0.58, 0.62),
+        "vs_random.kendall_tau": Estimate(0.5, 0.45, 0.55),
+    }
     champion = evaluation() | {"kendall_tau": Estimate(0.5, 0.48, 0.52)}
     assert run_decide(candidate, champion, policy).promote
     (tmp_path / "empty.yaml").write_text("")

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 import ltrp
 from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig
-from ltrp.evaluation.measures import KEEP_RATIOS, RATIO_FREE, from_tags
+from ltrp.evaluation.measures import KEEP_RATIOS, from_tags
 from ltrp.evaluation.promotion import Policy
 from ltrp.evaluation.report import CURVES, KEPT, REPORT
 from ltrp.pipeline import evaluate_job
@@ -126,16 +126,100 @@ def test_evaluate_job_tags_the_version_and_promotion_follows(
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert artifacts >= {REPORT, CURVES, KEPT, "estimates.json"}
     carried = from_tags(tags)
-    assert set(Policy().required_keys) <= set(carried)
-    assert set(RATIO_FREE) <= set(carried)
+    assert set(Policy().resolved(carried).required_keys) <= set(carried)
+    assert {"kendall_tau", "spearman", "vs_random.reconstruction_error.keep25"} <= set(carried)
     assert carried["reconstruction_error.keep25"].mean == pytest.approx(
         estimates["ltrp"]["reconstruction_error.keep25"]["mean"], rel=1e-4
     )
     assert len(KEEP_RATIOS) == len([k for k in carried if k.startswith("accuracy.keep")])
 
+    # The floor: an untrained ranker becomes champion only if it beats random on the primary measure.
+    floor = carried["vs_random.reconstruction_error.keep25"]
+    above = floor.hi < 0
     promote = python_module(
         "jobs.promote", ["--model", f"models:/{name}", "--candidate", "1"], tmp_path, mlflow_uri
     )
+    assert promote.returncode == (0 if above else 3), promote.stderr
+    assert ("does not beat random" in promote.stdout) is not above, promote.stdout
+    (tmp_path / "no-floor.yaml").write_text("beat_random: false\n")
+    args = ["--model", f"models:/{name}", "--candidate", "1", "--policy", str(tmp_path / "no-floor.yaml")]
+    promote = python_module("jobs.promote", args, tmp_path, mlflow_uri)
     assert promote.returncode == 0, promote.stderr
     assert client.get_registered_model(name).aliases.get("champion") in ("1", 1)
     assert not (tmp_path / "mlruns").exists()  # everything went to the server
+
+
+def _cover_table(root: Path, manifest: Path, mae: ltrp.MAE, rounds: int) -> Path:
+    """A full-coverage score table of a scene manifest, as `python -m jobs.score --cover` writes it."""
+    from ltrp.core.masking import cover_sets
+    from ltrp.evaluation.scene_eval import load_scene_set
+
+    scenes = load_scene_set(str(manifest), mae.cfg.img_size, mae.cfg.patch_size)
+    rows = []
+    for image_id, x in zip(scenes.image_ids, scenes.inputs(), strict=True):
+        sets = cover_sets(image_id, grid=mae.cfg.grid, mask_ratio=0.9, rounds=rounds)
+        with torch.inference_mode():
+            scores = ltrp.loo_scores(mae, x.expand(len(sets), -1, -1, -1), sets)
+        rows += [
+            {"image_id": image_id, "uri": "", "label": None, "view": v, "crop_box": [0, 0, 56, 56],
+             "flip": False, "visible": s.tolist(), "scores": sc.tolist()}
+            for v, (s, sc) in enumerate(zip(sets, scores, strict=True))
+        ]  # fmt: skip
+    return write_table(root, rows)
+
+
+@pytest.mark.slow
+def test_scene_evaluation_reports_object_recall_and_the_bias_gap(job_in_process: Path) -> None:
+    """A scene manifest with masks as --test-source: the scene evaluation, its report and figures; the
+    oracle from a --cover table; a table that does not cover every position is refused up front."""
+    tmp_path = job_in_process
+    from ltrp.data.scenes import SEEN_CLASSES, UNSEEN_CLASSES, SceneConfig, write_scenes
+    from ltrp.evaluation import scene_report
+
+    train = write_scenes(tmp_path / "train", "train", 40)
+    test = write_scenes(tmp_path / "test", "test", 12, SceneConfig(require=(SEEN_CLASSES, UNSEEN_CLASSES)))
+    assert evaluate_job.has_masks(str(test)) and not evaluate_job.has_masks(str(tmp_path / "test"))
+    torch.manual_seed(0)
+    mae = ltrp.MAE(replace(SMALL_MAE, img_size=56)).eval()
+    ltrp.save_mae(mae, str(tmp_path / "mae.pth"))
+    table = _cover_table(tmp_path / "cover", test, mae, rounds=1)
+    ranker = ranker_checkpoint(tmp_path / "state.pt", replace(SMALL_RANKER, img_size=56))
+    cfg = EvaluateConfig(
+        model=str(ranker), mae=str(tmp_path / "mae.pth"), scores=(str(table),), train_source=str(train),
+        test_source=str(test), output=str(tmp_path / "out"), keep_ratios=(0.1, 0.25), probe_seeds=2,
+        probe_epochs=1, supervised_epochs=1, resamples=50,
+    )  # fmt: skip
+    summary = evaluate_job.run(cfg, progress=lambda _: None)
+    result = summary.result
+    assert result.test_images == 12 and result.train_images == 40
+    assert {"ltrp", "oracle", "random", "stratified_random", "mae_attention", "supervised"} <= set(
+        result.selectors
+    )
+    for name in result.selectors:
+        recall = result.estimates[name]["object_recall.keep25"]
+        assert 0 <= recall.lo <= recall.mean <= recall.hi <= 1
+    assert result.bias_did["random"][0.25].mean == 0  # random against itself
+    assert len(result.probe_map["ltrp"]) == 2 and "oracle" not in result.probe_map
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [scene_report.REPORT, scene_report.CURVES, scene_report.CLASSES, scene_report.KEPT, "estimates.json"]
+    )
+    text = (out / scene_report.REPORT).read_text()
+    assert (
+        text.index("## Verdict") < text.index("## Primary results at 25% keep") < text.index("## Secondary")
+    )
+    assert (
+        "(higher is better)" in text and "(closer to 0 is better)" in text and str(mae_sha(tmp_path)) in text
+    )
+    partial = write_table(tmp_path / "partial", read_rows(table)[:-1])  # the last set of the last scene gone
+    with pytest.raises(InputError, match="not a full cover"):
+        evaluate_job.run(replace(cfg, scores=(str(partial),), output=str(tmp_path / "out2")))
+    assert not (tmp_path / "out2").exists()
+
+
+def mae_sha(folder: Path) -> str:
+    return ltrp.load_mae(str(folder / "mae.pth")).checkpoint.sha256
+
+
+def read_rows(table: Path) -> list[dict]:
+    return ltrp.read_scores(str(table)).to_pylist()
