@@ -85,7 +85,7 @@ def test_a_file_gives_top_level_keys_the_job_knows_then_its_section(tmp_path: Pa
     path = tmp_path / "job.yaml"
     path.write_text("seed: 3\nviews: 2\nepochs: 7\nroot: r\nscore:\n  views: 5\ntrain:\n  epochs: 9\n")
     assert read_config_file(path, "score") == {"seed": 3, "views": 5}
-    assert read_config_file(path, "train") == {"seed": 3, "epochs": 9}
+    assert read_config_file(path, "train") == {"seed": 3, "views": 2, "epochs": 9}
 
 
 @pytest.mark.parametrize("section", list(SECTIONS))
