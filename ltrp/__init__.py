@@ -33,6 +33,11 @@ _EXPORTS = {
     "save_mae": "ltrp.data.checkpoints",
     "read_errors": "ltrp.data.tables",
     "read_scores": "ltrp.data.tables",
+    "read_job_metadata": "ltrp.data.tables",
+    "position_scores": "ltrp.data.tables",
+    "SceneConfig": "ltrp.data.scenes",
+    "make_scene": "ltrp.data.scenes",
+    "write_scenes": "ltrp.data.scenes",
 }
 __all__ = sorted(_EXPORTS)
 

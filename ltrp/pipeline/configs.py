@@ -354,13 +354,20 @@ class PromoteConfig(_Checked):
 
 @dataclass
 class DataConfig(_Checked):
-    """The pipeline's data step: Debian's Fashion-MNIST written as PNG folders."""
+    """The pipeline's data step, and where its MAE comes from."""
 
-    train_images: int = 10000  # first images of the train split: MAE, score table, classifiers
-    test_images: int = 1000  # first images of the test split: held out for the evaluation
+    dataset: Literal["scenes", "fashion_mnist"] = "scenes"  # scenes: several objects, masks (docs/scenes.md)
+    train_images: int = 10000  # train split: the ranker's score table, the probes and classifiers
+    test_images: int = 1000  # test split, held out (scenes: the bias test set: seen and unseen objects)
+    mae: Literal["shipped", "pretrain"] = "shipped"  # shipped: the package's scenes MAE; or the pretrain step
 
     def check(self) -> None:
         _at_least(self, 1, "train_images", "test_images")
+        _require(
+            self.mae == "pretrain" or self.dataset == "scenes",
+            "mae",
+            "the shipped MAE is the scenes one (56 px); Fashion-MNIST needs mae: pretrain",
+        )
 
 
 @dataclass
@@ -405,6 +412,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "pretrain": PretrainConfig,
     "score": ScoreConfig,
+    "score_test": ScoreConfig,  # the pipeline: what differs when scoring the held-out split
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "promote": PromoteConfig,

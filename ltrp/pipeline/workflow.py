@@ -1,5 +1,6 @@
-"""The whole pipeline on real images: pre-train an MAE on Fashion-MNIST -> score -> train the ranker ->
-evaluate it against the baselines -> register and promote -> a summary.
+"""The whole pipeline on data with known ground truth: scenes (or Fashion-MNIST) -> the shipped MAE (or
+pre-train one) -> score the training split with K views and the held-out split with the full-coverage
+oracle -> train the ranker -> evaluate it against the baselines -> register and promote -> a summary.
 
 Each step is a job's `run(config)`, its config built from the config file's section for it (and the
 file's top-level keys that job knows) plus the paths derived here from `root`. Every config is built,
@@ -17,12 +18,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ltrp.data.datasets import write_fashion_mnist
+from ltrp.data.scenes import MANIFEST, SEEN_CLASSES, SHIPPED_MAE, UNSEEN_CLASSES, SceneConfig, write_scenes
 from ltrp.evaluation.measures import metric_key
+from ltrp.evaluation.protocol import EvaluationResult
+from ltrp.evaluation.scene_eval import PRIMARY_RATIO, SceneEvaluation
 from ltrp.pipeline import evaluate_job, pretrain_job, promote_job, runtime, score_job, train_job
 from ltrp.pipeline.configs import (
     ConfigError,
@@ -79,19 +84,24 @@ class Plan:
         self.root = Path(spec["root"])
         values = {
             name: read_config_file(config, name)
-            for name in ("data", "pretrain", "score", "train", "evaluate")
+            for name in ("data", "pretrain", "score", "score_test", "train", "evaluate")
         }
         self.data = DataConfig(**values["data"])
+        self.scenes = self.data.dataset == "scenes"
         data = self.root / "data"
-        self.images = {split: data / split for split in SPLITS}
+        # Scenes: a manifest per split (docs/scenes.md); Fashion-MNIST: an ImageFolder per split.
+        self.sources = {s: data / s / MANIFEST if self.scenes else data / s for s in SPLITS}
         self.digests = {"data": Steps.digest(values["data"])}
         self.digests["pretrain"] = Steps.digest(self.digests["data"], values["pretrain"])
-        self.mae = self.root / f"mae-{self.digests['pretrain']}.pth"
+        shipped = self.data.mae == "shipped"
+        self.mae = SHIPPED_MAE if shipped else self.root / f"mae-{self.digests['pretrain']}.pth"
+        if shipped:
+            self.digests["pretrain"] = Steps.digest(hashlib.sha256(SHIPPED_MAE.read_bytes()).hexdigest())
         checkpoints = str(self.root / "checkpoints")
         self.pretrain = PretrainConfig(
             **{
                 **values["pretrain"],
-                "source": str(self.images["train"]),
+                "source": str(self.sources["train"]),
                 "output": str(self.mae),
                 "name": f"mae-{self.digests['pretrain']}",
                 "storage": checkpoints,
@@ -99,13 +109,12 @@ class Plan:
         )
         self.score = {}
         for split in SPLITS:
-            digest = self.digests[f"score-{split}"] = Steps.digest(
-                self.digests["pretrain"], values["score"], split
-            )
+            settings = values["score"] | (values["score_test"] if split == "test" else {})
+            digest = self.digests[f"score-{split}"] = Steps.digest(self.digests["pretrain"], settings, split)
             self.score[split] = ScoreConfig(
                 **{
-                    **values["score"],
-                    "source": str(self.images[split]),
+                    **settings,
+                    "source": str(self.sources[split]),
                     "mae": str(self.mae),
                     "output": str(self.root / f"scores-{split}-{digest}"),
                 }
@@ -127,11 +136,22 @@ class Plan:
                 "model": f"{self.train.model}/1",
                 "mae": str(self.mae),
                 "scores": (self.score["test"].output,),
-                "train_source": str(self.images["train"]),
-                "test_source": str(self.images["test"]),
+                "train_source": str(self.sources["train"]),
+                "test_source": str(self.sources["test"]),
             }
         )
         self.evaluate_values = values["evaluate"]
+
+    def write_data(self) -> dict:
+        """The data step: both splits written where `sources` points."""
+        if not self.scenes:
+            counts = {"train": self.data.train_images, "test": self.data.test_images}
+            return {s: str(write_fashion_mnist(self.sources[s], s, counts[s])) for s in SPLITS}
+        bias_test = SceneConfig(require=(SEEN_CLASSES, UNSEEN_CLASSES))
+        return {
+            "train": str(write_scenes(self.sources["train"].parent, "train", self.data.train_images)),
+            "test": str(write_scenes(self.sources["test"].parent, "test", self.data.test_images, bias_test)),
+        }
 
 
 def run(plan: Plan) -> dict:
@@ -143,18 +163,18 @@ def run(plan: Plan) -> dict:
     steps.run(
         "data",
         plan.digests["data"],
-        lambda: {
-            split: str(write_fashion_mnist(plan.images[split], split, count))
-            for split, count in (("train", plan.data.train_images), ("test", plan.data.test_images))
-        },
-        lambda r: all(plan.images[s].exists() for s in SPLITS),
+        plan.write_data,
+        lambda r: all(p.exists() for p in plan.sources.values()),
     )
 
     def pretrain_step() -> dict:
         summary = pretrain_job.run(plan.pretrain)
         return {"mae": str(plan.mae), "final_loss": summary.history[-1]}
 
-    mae = steps.run("pretrain", plan.digests["pretrain"], pretrain_step, lambda r: plan.mae.exists())
+    if plan.data.mae == "shipped":
+        mae = {"mae": str(plan.mae), "final_loss": None}
+    else:
+        mae = steps.run("pretrain", plan.digests["pretrain"], pretrain_step, lambda r: plan.mae.exists())
 
     tables = {}
     for split in SPLITS:
@@ -167,6 +187,7 @@ def run(plan: Plan) -> dict:
                 "images": s.images_scored,
                 "rows": s.rows_written,
                 "errors": s.errors,
+                "seconds": round(s.seconds, 1),
             }
 
         tables[split] = steps.run(
@@ -193,12 +214,11 @@ def run(plan: Plan) -> dict:
 
     def evaluate_step() -> dict:
         result = evaluate_job.run(evaluate_cfg).result
-        r = result.figure_ratio
-        table = {
-            s: {m: result.estimates[s][metric_key(m, r)].mean for m in SUMMARY_MEASURES}
-            for s in SUMMARY_SCORERS
+        return {
+            "report": str(report_dir / "report.md"),
+            "headline": evaluate_job.headline(result),
+            **_table(result),
         }
-        return {"report": str(report_dir / "report.md"), "keep_ratio": r, "table": table}
 
     evaluation = steps.run(
         "evaluate", eval_digest, evaluate_step, lambda r: (report_dir / "report.md").exists()
@@ -211,8 +231,33 @@ def run(plan: Plan) -> dict:
         "tables": tables,
         "ranker": ranker,
         "evaluation": evaluation,
-        "promotion": {"exit_code": promotion.exit_code, "champion": champion},
+        "promotion": {
+            "exit_code": promotion.exit_code,
+            "champion": champion,
+            "reason": promotion.decision.reason,
+        },
     }
+
+
+def _table(result: EvaluationResult | SceneEvaluation) -> dict:
+    """The summary's table: a row per selector, the primary figures at 25% keep (or the first ratio)."""
+    if isinstance(result, SceneEvaluation):
+        r = PRIMARY_RATIO if PRIMARY_RATIO in result.keep_ratios else result.keep_ratios[0]
+        rows = {
+            s: {
+                "object_recall": result.estimates[s][metric_key("object_recall", r)].mean,
+                "bias_gap_minus_random": result.bias_did[s][r].mean,
+                "background_share": result.estimates[s][metric_key("background_share", r)].mean,
+                "probe_map": float(np.mean(result.probe_map[s])) if s in result.probe_map else float("nan"),
+            }
+            for s in result.selectors
+        }
+        return {"keep_ratio": r, "table": rows}
+    r = result.figure_ratio
+    rows = {
+        s: {m: result.estimates[s][metric_key(m, r)].mean for m in SUMMARY_MEASURES} for s in SUMMARY_SCORERS
+    }
+    return {"keep_ratio": r, "table": rows}
 
 
 def _version_exists(name: str, version: str) -> bool:
@@ -228,22 +273,25 @@ def summary(results: dict, seconds: float) -> str:
     ev, ranker = results["evaluation"], results["ranker"]
     report = Path(ev["report"])
     train_table, test_table = results["tables"]["train"], results["tables"]["test"]
-    figures = [report.parent / "measures_vs_keep_ratio.png", report.parent / "kept_patches.png"]
-    rows = [f"  {'scorer':<11}" + "".join(f"{m:>22}" for m in SUMMARY_MEASURES)]
-    rows += [f"  {s:<11}" + "".join(f"{v:>22.4f}" for v in ev["table"][s].values()) for s in ev["table"]]
+    measures = list(next(iter(ev["table"].values())))
+    rows = [f"  {'selector':<18}" + "".join(f"{m:>23}" for m in measures)]
+    rows += [f"  {s:<18}" + "".join(f"{v:>23.4f}" for v in ev["table"][s].values()) for s in ev["table"]]
     champion = results["promotion"]["champion"]
+    loss = results["mae"]["final_loss"]
     return "\n".join(
         [
             f"[pipeline] done in {seconds:.0f} s",
-            f"  MAE: {results['mae']['mae']} (final training loss {results['mae']['final_loss']:.4f})",
+            f"  MAE: {results['mae']['mae']}"
+            + (f" (final training loss {loss:.4f})" if loss is not None else ""),
             f"  score tables: {train_table['output']} ({train_table['rows']} rows), "
             f"{test_table['output']} ({test_table['rows']} rows)",
             f"  ranker: version {ranker['version']}, validation Kendall tau "
-            f"{ranker.get('val_kendall_tau', float('nan')):.3f}; champion is version {champion}",
-            f"  held-out test images, {round(100 * ev['keep_ratio'])}% of patches kept:",
+            f"{ranker.get('val_kendall_tau', float('nan')):.3f} (seeing all patches: "
+            f"{ranker.get('val_full_kendall_tau', float('nan')):.3f})",
+            f"  promotion: {results['promotion']['reason']}; champion is version {champion}",
+            f"  held-out test images, {round(100 * ev['keep_ratio'])}% of patches kept: {ev['headline']}",
             *rows,
-            f"  report: {report}",
-            f"  figures: {figures[0]}, {figures[1]}",
+            f"  report and figures: {report.parent}",
             f"  MLflow: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}",
         ]
     )

@@ -88,7 +88,22 @@ def test_a_file_gives_top_level_keys_the_job_knows_then_its_section(tmp_path: Pa
     assert read_config_file(path, "train") == {"seed": 3, "views": 2, "epochs": 9}
 
 
+PIPELINE_FILES = ("pipeline.yaml", "pipeline-fmnist.yaml", "benchmark.yaml")
+
+
+@pytest.mark.parametrize("name", PIPELINE_FILES)
 @pytest.mark.parametrize("section", list(SECTIONS))
-def test_the_shipped_pipeline_file_is_valid_for_every_job(section: str) -> None:
-    values = read_config_file(ROOT / "jobs" / "pipeline.yaml", section)
+def test_the_shipped_pipeline_files_are_valid_for_every_job(name: str, section: str) -> None:
+    values = read_config_file(ROOT / "jobs" / name, section)
     assert set(values) <= {f.name for f in fields(SECTIONS[section])}
+
+
+@pytest.mark.parametrize("name", PIPELINE_FILES)
+def test_the_shipped_pipeline_files_plan_every_step(name: str) -> None:
+    """Every step's config is built, and so checked, as `python -m jobs.pipeline --config` would."""
+    from ltrp.pipeline.workflow import Plan
+
+    plan = Plan(ROOT / "jobs" / name)
+    scenes = plan.data.dataset == "scenes"
+    assert plan.evaluate.test_source.endswith("manifest.parquet") is scenes
+    assert (plan.score["test"].cover > 0) is scenes and plan.score["train"].cover == 0

@@ -1,5 +1,6 @@
-"""The README's main command end to end at a tiny size: every artifact checked, then a second run that
-reuses every step."""
+"""The README's main command end to end at a tiny size, on scenes with the shipped MAE: every artifact
+checked, then a second run that reuses every step. (Plain Fashion-MNIST with pre-training is the
+launchers' smoke test of the same pipeline.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import ltrp
-from ltrp.data.datasets import FASHION_MNIST_CLASSES
+from ltrp.data.scenes import SEEN_CLASSES, SHIPPED_MAE, UNSEEN_CLASSES
+from ltrp.evaluation import scene_report
 from ltrp.evaluation.measures import from_tags
 from ltrp.evaluation.promotion import Policy
 
@@ -24,11 +26,10 @@ def _tiny_config(root: Path) -> dict:
     spec = yaml.safe_load((REPO / "jobs" / "pipeline.yaml").read_text())
     spec["root"] = str(root)
     spec["train"]["model"] = "models:/ltrp-pipeline-test"
-    spec["data"].update(train_images=300, test_images=40)
-    spec["pretrain"].update(epochs=1, batch_size=64)
-    spec["score"].update(shard_size=150, batch_size=64)
-    spec["train"].update(epochs=1, batch_size=64)
-    spec["evaluate"].update(max_train=200, max_test=40, classifier_epochs=1, resamples=100)
+    spec["data"].update(train_images=60, test_images=12)
+    spec["score"].update(views=2, shard_size=40)
+    spec["train"].update(epochs=1)
+    spec["evaluate"].update(max_train=40, probe_seeds=1, probe_epochs=1, supervised_epochs=1, resamples=50)
     return spec
 
 
@@ -48,44 +49,53 @@ def test_pipeline_end_to_end_then_reused(
     tmp_path = job_in_process
     root = tmp_path / "runs"
     config = tmp_path / "pipeline.yaml"
-    spec = _tiny_config(root)
-    config.write_text(yaml.safe_dump(spec))
+    config.write_text(yaml.safe_dump(_tiny_config(root)))
 
     out = _run(config, capsys)
-    assert "[pipeline] done in" in out and "champion is version 1" in out, out[-2000:]
+    assert "[pipeline] done in" in out and "object recall" in out, out[-2000:]
     state = json.loads((root / "_pipeline.json").read_text())
-    assert list(state) == ["data", "pretrain", "score-train", "score-test", "train", "evaluate"]
+    assert list(state) == ["data", "score-train", "score-test", "train", "evaluate"]  # the shipped MAE
 
-    # The MAE checkpoint: official layout, loads strictly, scores.
-    mae = ltrp.load_mae(state["pretrain"]["results"]["mae"])
-    assert mae.cfg.img_size == 32 and mae.cfg.patch_size == 4
-
-    # The score tables: one row per image, 16 of 64 patches scored (mask ratio 0.75).
+    # The score tables: K = 2 views of each training scene; the oracle covers every test position.
     train_table = ltrp.read_scores(state["score-train"]["results"]["output"])
     test_table = ltrp.read_scores(state["score-test"]["results"]["output"])
-    assert train_table.num_rows == 300 and test_table.num_rows == 40
-    assert {len(v) for v in test_table.column("visible").to_pylist()} == {16}
-    assert set(train_table.column("label").to_pylist()) == set(FASHION_MNIST_CLASSES)
+    assert train_table.num_rows == 120 and set(train_table.column("view").to_pylist()) == {0, 1}
+    assert {len(v) for v in test_table.column("visible").to_pylist()} == {19}  # 196 patches, 0.9 masked
+    assert test_table.num_rows == 12 * 11  # 11 disjoint sets of 19 cover 196 patches
+    meta = ltrp.read_job_metadata(state["score-test"]["results"]["output"])
+    assert meta["mae_sha256"] == ltrp.load_mae(str(SHIPPED_MAE)).checkpoint.sha256
 
-    # The registered ranker: version 1, candidate and champion, carrying the evaluation's figures.
+    # The registered ranker: version 1 @candidate, with the evaluation's figures and the floor's.
     client = MlflowClient(mlflow_uri)
     model = client.get_registered_model("ltrp-pipeline-test")
-    assert {k: str(v) for k, v in model.aliases.items()} == {"candidate": "1", "champion": "1"}
-    tags = client.get_model_version("ltrp-pipeline-test", "1").tags
-    assert set(Policy().required_keys) <= set(from_tags(tags))
-    assert tags["promotion.decision"] == "promoted"
+    assert model.aliases["candidate"] in ("1", 1)
+    carried = from_tags(client.get_model_version("ltrp-pipeline-test", "1").tags)
+    policy = Policy().resolved(carried)
+    assert policy.primary_key == "object_recall.keep25" and set(policy.required_keys) <= set(carried)
+    floor = carried["vs_random.object_recall.keep25"]
+    # Champion only above the floor: the ranker's recall beats random's, paired interval above 0.
+    assert (model.aliases.get("champion") in ("1", 1)) is (floor.lo > 0)
 
     # The report and its figures.
     report = Path(state["evaluate"]["results"]["report"])
     text = report.read_text()
-    for scorer in ("ltrp", "oracle", "random", "center", "variance", "gradient", "folk_rcom", "supervised"):
-        assert f"| {scorer} |" in text
-    for png in ("measures_vs_keep_ratio.png", "kept_patches.png"):
+    assert text.startswith("# Evaluation of models:/ltrp-pipeline-test/1") and "## Verdict" in text
+    for selector in (
+        "ltrp",
+        "oracle",
+        "random",
+        "stratified_random",
+        "variance",
+        "mae_attention",
+        "supervised",
+    ):
+        assert f"| {selector} |" in text
+    assert all(c in text for c in (*SEEN_CLASSES, *UNSEEN_CLASSES))
+    for png in (scene_report.CURVES, scene_report.CLASSES, scene_report.KEPT):
         with Image.open(report.parent / png) as img:
             assert img.format == "PNG" and img.width > 400
 
     # A second run reuses every step: nothing retrained, no new model version.
     again = _run(config, capsys)
-    assert again.count("reusing the finished step") == 6, again[-2000:]
-    assert "UNCHANGED" in again
+    assert again.count("reusing the finished step") == 5, again[-2000:]
     assert len(client.search_model_versions("name='ltrp-pipeline-test'")) == 1
