@@ -22,4 +22,4 @@ demo: $(VENV)/.installed $(FASHION_MNIST)
 test: $(VENV)/.installed $(FASHION_MNIST)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -m "not gpu" --durations=15
+	$(PY) -m pytest -m "not gpu" --durations=15 -n 2 --dist loadfile
