@@ -58,7 +58,8 @@ class Policy:
         guarded: measures on which the candidate must be no worse than the champion's interval;
             "auto": object recall and background share with masks, else reconstruction error and
             accuracy.
-        guard_ratios: the keep ratios checked for each guarded measure that has one.
+        guard_ratios: the keep ratios checked for each guarded measure that has one; "auto": those the
+            candidate was evaluated at.
         beat_random: the floor: no version becomes champion, the first one included, unless its paired
             difference from random on the primary measure excludes 0 on the good side.
     """
@@ -66,14 +67,15 @@ class Policy:
     primary: str = AUTO
     primary_ratio: float | None = 0.25
     guarded: tuple[str, ...] | str = AUTO
-    guard_ratios: tuple[float, ...] = KEEP_RATIOS
+    guard_ratios: tuple[float, ...] | str = AUTO
     beat_random: bool = True
 
     def __post_init__(self) -> None:
         # YAML gives lists; a frozen dataclass should hold tuples so that it stays hashable.
         if self.guarded != AUTO:
             object.__setattr__(self, "guarded", tuple(self.guarded))
-        object.__setattr__(self, "guard_ratios", tuple(float(r) for r in self.guard_ratios))
+        if self.guard_ratios != AUTO:
+            object.__setattr__(self, "guard_ratios", tuple(float(r) for r in self.guard_ratios))
         named = [m for m in (self.primary, *(() if self.guarded == AUTO else self.guarded)) if m != AUTO]
         for measure in named:
             if measure not in MEASURES:
@@ -94,7 +96,12 @@ class Policy:
         masks = any(measure_of(k) == MASK_PRIMARY for k in candidate)
         primary = (MASK_PRIMARY if masks else FALLBACK_PRIMARY) if self.primary == AUTO else self.primary
         guarded = (MASK_GUARDED if masks else FALLBACK_GUARDED) if self.guarded == AUTO else self.guarded
-        return replace(self, primary=primary, guarded=guarded)
+        ratios = self.guard_ratios
+        if ratios == AUTO:  # the keep ratios the candidate was evaluated at, for its primary measure
+            ratios = tuple(
+                sorted({float(k.split(".keep")[1]) / 100 for k in candidate if measure_of(k) == primary})
+            )
+        return replace(self, primary=primary, guarded=guarded, guard_ratios=ratios or KEEP_RATIOS)
 
     @property
     def primary_key(self) -> str:

@@ -234,7 +234,7 @@ def run(plan: Plan) -> dict:
         "promotion": {
             "exit_code": promotion.exit_code,
             "champion": champion,
-            "reason": promotion.decision.reason,
+            "reason": promotion.promotion.decision.reason,
         },
     }
 
