@@ -96,7 +96,9 @@ class Plan:
         shipped = self.data.mae == "shipped"
         self.mae = SHIPPED_MAE if shipped else self.root / f"mae-{self.digests['pretrain']}.pth"
         if shipped:
-            self.digests["pretrain"] = Steps.digest(hashlib.sha256(SHIPPED_MAE.read_bytes()).hexdigest())
+            # The steps after it depend on the data and on the MAE's bytes.
+            shipped_sha = hashlib.sha256(SHIPPED_MAE.read_bytes()).hexdigest()
+            self.digests["pretrain"] = Steps.digest(self.digests["data"], shipped_sha)
         checkpoints = str(self.root / "checkpoints")
         self.pretrain = PretrainConfig(
             **{
