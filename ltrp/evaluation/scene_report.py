@@ -47,7 +47,8 @@ def verdict(result: SceneEvaluation) -> str:
     text = [
         f"At {_pct(r)} keep, the ranker keeps {ours.mean:.1%} of each object's pixels on average "
         f"[{ours.lo:.1%}, {ours.hi:.1%}]. On object recall (paired per scene, 95% intervals) it beats "
-        f"{_names(beats)}; loses to {_names(loses)}; and cannot be told apart from {_names(ties)}."
+        f"{_names(beats)} and loses to {_names(loses)}"
+        + (f"; it cannot be told apart from {_names(ties)}." if ties else ".")
     ]
     missed = [b for b in EXPECTED_BEATEN if b in result.paired and b not in beats]
     if missed:
