@@ -355,13 +355,14 @@ def read_object_masks(manifest: str | Path) -> dict[str, list[tuple[str, np.ndar
     for image_id, height, width, objects in zip(
         *(table.column(c).to_pylist() for c in table.column_names), strict=True
     ):
-        out[image_id] = [
-            (
-                o["label"],
-                np.unpackbits(np.frombuffer(o["mask"], np.uint8), count=height * width)
-                .reshape(height, width)
-                .astype(bool),
-            )
-            for o in objects
-        ]
+        out[image_id] = [(o["label"], unpack_mask(o["mask"], height, width)) for o in objects]
     return out
+
+
+def unpack_mask(packed: bytes, height: int, width: int) -> np.ndarray:
+    """A manifest's `objects.mask` -> (height, width) bool."""
+    return (
+        np.unpackbits(np.frombuffer(packed, np.uint8), count=height * width)
+        .reshape(height, width)
+        .astype(bool)
+    )

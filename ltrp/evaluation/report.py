@@ -125,10 +125,23 @@ def plot_curves(result: EvaluationResult, path: Path) -> None:
     plt.close(fig)
 
 
+#: The tint of dropped patches in the kept-patches figures (also their legend's colour).
+DROPPED_TINT = np.array([0.05, 0.1, 0.35])
+
+
+def dim_dropped(image: np.ndarray, keep: np.ndarray, patch: int) -> np.ndarray:
+    """image (S, S, 3) floats in [0, 1], keep (k,) kept patch indices -> the image with the dropped
+    patches dimmed under a blue tint (so kept dark background stays visible)."""
+    grid = image.shape[0] // patch
+    kept = np.zeros(grid * grid, dtype=bool)
+    kept[keep] = True
+    kept = np.kron(kept.reshape(grid, grid), np.ones((patch, patch), dtype=bool))
+    return np.where(kept[..., None], image, 0.3 * image + DROPPED_TINT)
+
+
 def plot_kept(result: EvaluationResult, path: Path) -> None:
     """A grid: one row per example image, one column per scorer; kept patches as they are, dropped tinted."""
     p, examples = result.patch_size, result.examples
-    grid = examples.shape[1] // p
     cols = ["image", *result.scorers]
     fig, axes = plt.subplots(len(examples), len(cols), figsize=(1.3 * len(cols), 1.4 * len(examples)))
     axes = np.atleast_2d(axes)
@@ -136,11 +149,7 @@ def plot_kept(result: EvaluationResult, path: Path) -> None:
         for col, name in enumerate(cols):
             shown = image.astype(np.float32) / 255
             if name != "image":
-                mask = np.zeros(grid * grid, dtype=bool)
-                mask[result.example_keep[name][row]] = True
-                mask = np.kron(mask.reshape(grid, grid), np.ones((p, p), dtype=bool))
-                # Dropped patches: dimmed under a blue tint, so kept dark background stays visible.
-                shown = np.where(mask[..., None], shown, 0.3 * shown + np.array([0.05, 0.1, 0.35]))
+                shown = dim_dropped(shown, result.example_keep[name][row], p)
             axes[row, col].imshow(shown, interpolation="nearest")
             axes[row, col].set_xticks([])
             axes[row, col].set_yticks([])

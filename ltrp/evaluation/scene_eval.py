@@ -41,8 +41,8 @@ from ltrp.core.probe import KeepSets, ProbeSettings, fit_probe, mean_average_pre
 from ltrp.core.ranker import Ranker, keep_top
 from ltrp.core.ranking_metrics import kendall_tau, ndcg_at_k
 from ltrp.data.datasets import FASHION_MNIST_CLASSES
-from ltrp.data.images import center_crop
-from ltrp.data.scenes import SEEN_CLASSES, UNSEEN_CLASSES
+from ltrp.data.images import center_crop, to_model_input
+from ltrp.data.scenes import SEEN_CLASSES, UNSEEN_CLASSES, unpack_mask
 from ltrp.data.sources import read_many
 from ltrp.evaluation.measures import Estimate, metric_key
 from ltrp.evaluation.objects import ImageObjects, ObjectMeasures, difference_in_differences, measure
@@ -79,8 +79,6 @@ class SceneSet:
     masks: list[list[np.ndarray]] | None = None  # per scene, its objects' (H, W) masks (for figures)
 
     def inputs(self) -> torch.Tensor:
-        from ltrp.data.images import to_model_input
-
         return to_model_input(self.pixels)
 
     def subset(self, index: Sequence[int]) -> SceneSet:
@@ -116,7 +114,7 @@ def load_scene_set(manifest: str, size: int, patch_size: int, limit: int | None 
                 raise ValueError(
                     f"{manifest}: object masks are {height}x{width}, the models see {size}x{size}"
                 )
-            scene = [(o["label"], _unpack(o["mask"], height, width)) for o in row]
+            scene = [(o["label"], unpack_mask(o["mask"], height, width)) for o in row]
             masks.append([m for _, m in scene])
             objects.append(ImageObjects.from_masks(scene, patch_size))
     backgrounds = (
@@ -124,14 +122,6 @@ def load_scene_set(manifest: str, size: int, patch_size: int, limit: int | None 
     )
     return SceneSet(
         pixels, labels, table.column("image_id").to_pylist(), classes, objects, backgrounds, masks
-    )
-
-
-def _unpack(packed: bytes, height: int, width: int) -> np.ndarray:
-    return (
-        np.unpackbits(np.frombuffer(packed, np.uint8), count=height * width)
-        .reshape(height, width)
-        .astype(bool)
     )
 
 
@@ -199,7 +189,7 @@ def evaluate_scenes(
     if oracle is not None:
         test_scores["oracle"] = torch.as_tensor(oracle, dtype=torch.float32)
     names = list(test_scores)
-    figure_ratio = PRIMARY_RATIO if PRIMARY_RATIO in settings.keep_ratios else settings.keep_ratios[0]
+    figure_ratio = primary_ratio(settings.keep_ratios)
     estimates_probe: dict[str, dict[str, Estimate]] = {}
 
     per_image: dict[str, dict[str, np.ndarray]] = {n: {} for n in names}
@@ -261,10 +251,7 @@ def evaluate_scenes(
         }
         for n in names
     }
-    primary = {
-        n: objects[n][PRIMARY_RATIO if PRIMARY_RATIO in settings.keep_ratios else settings.keep_ratios[0]]
-        for n in names
-    }
+    primary = {n: objects[n][figure_ratio] for n in names}
     class_recall = {
         n: {
             c: interval(np.asarray(v), settings.resamples, seed)
@@ -303,6 +290,11 @@ def evaluate_scenes(
     )
 
 
+def primary_ratio(keep_ratios: Sequence[float]) -> float:
+    """The keep ratio of the primary results: 25% when evaluated, else the first one."""
+    return PRIMARY_RATIO if PRIMARY_RATIO in keep_ratios else keep_ratios[0]
+
+
 def _paired(ltrp_values: np.ndarray, other: np.ndarray) -> np.ndarray:
     diff = ltrp_values - other
     return diff[~np.isnan(diff)]
@@ -332,7 +324,7 @@ def _probe_predictions(
     """The probe's (N_test, C) test scores per seed, trained and tested on the selector's kept tokens
     at the primary ratio. Random draws a fresh keep set every training step (as the authors' random
     baseline does); the others keep their fixed set per training scene."""
-    ratio = PRIMARY_RATIO if PRIMARY_RATIO in settings.keep_ratios else settings.keep_ratios[0]
+    ratio = primary_ratio(settings.keep_ratios)
     test_keep = keep_top(test_scores, ratio)
     k, num_patches = test_keep.shape[1], test_scores.shape[1]
     fixed = None if name == "random" else keep_top(score_all(scorer, x_train), ratio)

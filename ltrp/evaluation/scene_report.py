@@ -14,7 +14,8 @@ from matplotlib.patches import Patch
 from skimage.segmentation import find_boundaries
 
 from ltrp.evaluation.measures import Estimate, direction, metric_key
-from ltrp.evaluation.scene_eval import PRIMARY_RATIO, SceneEvaluation
+from ltrp.evaluation.report import DROPPED_TINT, dim_dropped
+from ltrp.evaluation.scene_eval import SceneEvaluation, primary_ratio
 
 REPORT, CURVES, CLASSES, KEPT = "report.md", "measures_vs_keep.png", "class_recall.png", "kept_patches.png"
 #: Baselines the ranker is expected to beat on object recall if the method works (issue 13).
@@ -30,7 +31,7 @@ def _pct(ratio: float) -> str:
 
 
 def _primary_ratio(result: SceneEvaluation) -> float:
-    return PRIMARY_RATIO if PRIMARY_RATIO in result.keep_ratios else result.keep_ratios[0]
+    return primary_ratio(result.keep_ratios)
 
 
 def verdict(result: SceneEvaluation) -> str:
@@ -288,7 +289,6 @@ def plot_kept(result: SceneEvaluation, path: Path) -> None:
     """Scenes (rows) x selectors (columns): kept patches as they are, dropped ones dimmed and tinted,
     each object's outline drawn."""
     p, examples = result.patch_size, result.examples
-    grid = examples.shape[1] // p
     cols = ["scene", *result.selectors]
     fig, axes = plt.subplots(len(examples), len(cols), figsize=(1.25 * len(cols), 1.35 * len(examples) + 0.6))
     axes = np.atleast_2d(axes)
@@ -299,10 +299,7 @@ def plot_kept(result: SceneEvaluation, path: Path) -> None:
         for col, name in enumerate(cols):
             shown = image.astype(np.float32) / 255
             if name != "scene":
-                kept = np.zeros(grid * grid, dtype=bool)
-                kept[result.example_keep[name][row]] = True
-                kept = np.kron(kept.reshape(grid, grid), np.ones((p, p), dtype=bool))
-                shown = np.where(kept[..., None], shown, 0.25 * shown + np.array([0.05, 0.1, 0.35]))
+                shown = dim_dropped(shown, result.example_keep[name][row], p)
             shown = np.where(outline[..., None], np.array([1.0, 1.0, 0.0]), shown)
             axes[row, col].imshow(shown, interpolation="nearest")
             axes[row, col].set_xticks([])
@@ -311,7 +308,7 @@ def plot_kept(result: SceneEvaluation, path: Path) -> None:
                 axes[row, col].set_title(name.replace("_", "\n"), fontsize=7)
     legend = [
         Patch(color=(1, 1, 0), label="object outline"),
-        Patch(color=(0.05, 0.1, 0.35), label="dropped patch"),
+        Patch(color=DROPPED_TINT, label="dropped patch"),
     ]
     fig.legend(handles=legend, loc="lower center", ncol=2, fontsize=7)
     fig.suptitle(f"top {_pct(_primary_ratio(result))} of patches kept by each selector", fontsize=9)

@@ -38,11 +38,11 @@ from ltrp.evaluation.measures import TAG_PREFIX, metric_key, to_tags, vs_random
 from ltrp.evaluation.protocol import EvalSettings, EvaluationResult, evaluate, load_labelled, pseudo_scores
 from ltrp.evaluation.report import write_report
 from ltrp.evaluation.scene_eval import (
-    PRIMARY_RATIO,
     SceneEvalSettings,
     SceneEvaluation,
     evaluate_scenes,
     load_scene_set,
+    primary_ratio,
 )
 from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import MODEL_VERSION, EvaluateConfig, InputError, checking_inputs
@@ -143,7 +143,7 @@ Writer = Callable[[Any, Path, str, dict], list[Path]]
 def headline(result: EvaluationResult | SceneEvaluation) -> str:
     """The primary figures at 25% keep (or the first ratio), the ranker's against random's."""
     if isinstance(result, SceneEvaluation):
-        r = PRIMARY_RATIO if PRIMARY_RATIO in result.keep_ratios else result.keep_ratios[0]
+        r = primary_ratio(result.keep_ratios)
         recall = {s: result.estimates[s][metric_key("object_recall", r)] for s in ("ltrp", "random")}
         did = result.bias_did["ltrp"][r]
         return (

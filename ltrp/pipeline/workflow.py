@@ -27,7 +27,7 @@ from ltrp.data.datasets import write_fashion_mnist
 from ltrp.data.scenes import MANIFEST, SEEN_CLASSES, SHIPPED_MAE, UNSEEN_CLASSES, SceneConfig, write_scenes
 from ltrp.evaluation.measures import metric_key
 from ltrp.evaluation.protocol import EvaluationResult
-from ltrp.evaluation.scene_eval import PRIMARY_RATIO, SceneEvaluation
+from ltrp.evaluation.scene_eval import SceneEvaluation, primary_ratio
 from ltrp.pipeline import evaluate_job, pretrain_job, promote_job, runtime, score_job, train_job
 from ltrp.pipeline.configs import (
     ConfigError,
@@ -244,7 +244,7 @@ def run(plan: Plan) -> dict:
 def _table(result: EvaluationResult | SceneEvaluation) -> dict:
     """The summary's table: a row per selector, the primary figures at 25% keep (or the first ratio)."""
     if isinstance(result, SceneEvaluation):
-        r = PRIMARY_RATIO if PRIMARY_RATIO in result.keep_ratios else result.keep_ratios[0]
+        r = primary_ratio(result.keep_ratios)
         rows = {
             s: {
                 "object_recall": result.estimates[s][metric_key("object_recall", r)].mean,
