@@ -5,11 +5,15 @@ PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: demo test
+# The cluster image: one immutable tag per commit, so a node never runs older code under a reused tag.
+IMAGE := ghcr.io/ltrp/ltrp:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)-$(shell git rev-parse --short=12 HEAD)
 
-$(VENV)/.installed: pyproject.toml
+.PHONY: demo test pin image
+
+# Every package at the version of constraints.txt: what CI tests is what the cluster image installs.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 $(FASHION_MNIST):
@@ -23,3 +27,15 @@ test: $(VENV)/.installed $(FASHION_MNIST)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -m "not gpu" --durations=15 -n 2 --dist loadfile
+
+# After a dependency change in pyproject.toml: re-pin constraints.txt to what the fresh .venv resolved.
+pin: $(VENV)/.installed
+	{ grep '^#' constraints.txt; $(VENV)/bin/pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+# Build and push the cluster image of this commit; the tag names the commit, so commit first.
+image:
+	git diff --quiet HEAD || { echo "make image: uncommitted changes; the tag $(IMAGE) names HEAD" >&2; exit 1; }
+	docker build -f cluster/Dockerfile -t $(IMAGE) .
+	docker push $(IMAGE)
+	@echo "export LTRP_IMAGE=$(IMAGE)"

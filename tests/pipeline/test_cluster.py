@@ -1,14 +1,11 @@
-"""The deployment files: a real two-node Ray cluster on this machine runs the scoring and training jobs
-submitted through the Ray Jobs API with cluster/runtime_env.yaml, against a moto S3 server and an
-MLflow server; and the declarative files parse and name what exists."""
+"""The deployment files at work: a real two-node Ray cluster on this machine runs the scoring and training
+jobs submitted through the Ray Jobs API with cluster/runtime_env.yaml, against a moto S3 server and an
+MLflow server. What the files say without a cluster: test_cluster_files.py."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
-import re
-import shlex
 import shutil
 import signal
 import string
@@ -28,8 +25,6 @@ from conftest import BIN, fashion_mnist_pngs, free_port, wait_for_port
 from mlflow.tracking import MlflowClient
 
 import ltrp
-from jobs._cli import parse
-from ltrp.pipeline.configs import EvaluateConfig, ScoreConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
@@ -41,12 +36,6 @@ SETTINGS = (
     "AWS_DEFAULT_REGION",
     "MLFLOW_TRACKING_URI",
 )
-JOB_MODULES = ("jobs.score", "jobs.train", "jobs.evaluate", "jobs.promote")
-LAUNCHER_CONFIGS = {
-    "jobs.score": (ScoreConfig, "score"),
-    "jobs.train": (TrainConfig, "train"),
-    "jobs.evaluate": (EvaluateConfig, "evaluate"),
-}
 
 
 def _node_env() -> dict:
@@ -246,73 +235,3 @@ def test_submitted_training_job_checkpoints_to_s3_and_registers(
     )
     version = MlflowClient(mlflow_uri).get_model_version_by_alias("ltrp-cluster", "candidate")
     assert version.tags["score_table"] == out and len(version.tags["mae_sha256"]) == 64
-
-
-def _yaml_files() -> list[Path]:
-    return sorted(CLUSTER.rglob("*.yaml"))
-
-
-def test_cluster_files_parse_and_their_entrypoints_name_existing_modules() -> None:
-    files = _yaml_files()
-    assert {f.name for f in files} >= {
-        "runtime_env.yaml",
-        "aws.yaml",
-        "raycluster.yaml",
-        "rayjob-score.yaml",
-        "rayjob-train.yaml",
-        "rayjob-evaluate.yaml",
-    }
-    assert not [p for p in CLUSTER.rglob("*.py")]  # declarative files only
-    named = set()
-    env_vars = yaml.safe_load(RUNTIME_ENV.read_text())["env_vars"]
-    for path in files:
-        docs = list(yaml.safe_load_all(path.read_text()))
-        assert docs and all(isinstance(d, dict) for d in docs), path
-        for doc in docs:
-            if doc.get("kind") == "RayJob":
-                spec = doc["spec"]
-                assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
-                named |= set(re.findall(r"python -m ([\w.]+)", spec["entrypoint"]))
-                _parses(spec["entrypoint"])
-                # The job's runtime env is the one of ray job submit: the same settings, the same way.
-                assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"] == env_vars, path
-    assert named == {"jobs.score", "jobs.train", "jobs.evaluate"}
-    missing = [m for m in JOB_MODULES if importlib.util.find_spec(m) is None]
-    assert not missing, f"entrypoint modules missing: {missing}"
-
-
-def _parses(entrypoint: str) -> None:
-    """The entrypoint's flags exist and its values pass the job's config checks (placeholders filled)."""
-    module, *args = shlex.split(re.sub(r"\$\{?\w+\}?", "x", entrypoint).split("python -m ", 1)[1])
-    cls, section = LAUNCHER_CONFIGS[module]
-    parse(cls, section, args, prog=module)  # exits with code 2 on a flag or value the job refuses
-
-
-def test_placeholders_are_only_the_documented_settings() -> None:
-    """Every file rendered with envsubst names only the settings (and the storage root), so that
-    envsubst leaves nothing else blank; the launcher config is not rendered and names none."""
-    names = set()
-    for path in [RUNTIME_ENV, *sorted((CLUSTER / "kuberay").glob("*.yaml"))]:
-        names |= set(re.findall(r"\$\{?(\w+)", path.read_text()))
-    assert names <= {*SETTINGS, "LTRP_ROOT"}
-    env = yaml.safe_load(RUNTIME_ENV.read_text())
-    assert set(env["env_vars"]) >= set(SETTINGS)
-    assert {".venv/", ".git/", "runs/", "mlruns/", "mlflow.db"} <= set(env["excludes"])
-    assert not re.findall(r"\$\{\w+\}", (CLUSTER / "aws.yaml").read_text())
-
-
-def test_image_is_the_project_installed_as_the_readme_installs_it() -> None:
-    """The Dockerfile installs pyproject.toml's dependencies with `pip install -e .` and nothing
-    else by name, so the image has exactly the pinned torch/torchvision of pyproject.toml."""
-    dockerfile = (CLUSTER / "Dockerfile").read_text()
-    runs = [" ".join(line.split()) for line in re.sub(r"\\\n", " ", dockerfile).splitlines()]
-    installs = [r for r in runs if "pip install" in r]
-    assert installs and all(re.search(r"pip install (--no-cache-dir )?-e \.(\s|$|&)", r) for r in installs)
-    assert "COPY pyproject.toml" in dockerfile
-    makefile = (ROOT / "Makefile").read_text()
-    assert "pip install --quiet -e '.[dev]'" in makefile  # the same install, with the test extras
-    image = re.search(r"^FROM python:(\d+\.\d+)", dockerfile, re.M)
-    assert image and image.group(1) == "3.11"  # the Python of the README and of requires-python
-    for path in _yaml_files():
-        for ref in re.findall(r"image: *\"?([\w./:-]+)", path.read_text()):
-            assert ref.startswith("ghcr.io/ltrp/ltrp:"), (path, ref)

@@ -1,0 +1,222 @@
+"""What the deployment files say, checked without a cluster: the launcher config against the schema Ray
+ships, the KubeRay files against the Ray, image and node sizes they name, the image against the
+environment CI tests, and every entrypoint against its job's parser. The files at work on a real Ray
+cluster: test_cluster.py."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from packaging.requirements import Requirement
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from jobs._cli import parse
+from ltrp.pipeline.configs import EvaluateConfig, ScoreConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "cluster"
+RUNTIME_ENV = CLUSTER / "runtime_env.yaml"
+SETTINGS = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_TRACKING_URI",
+)
+JOB_MODULES = ("jobs.score", "jobs.train", "jobs.evaluate", "jobs.promote")
+LAUNCHER_CONFIGS = {
+    "jobs.score": (ScoreConfig, "score"),
+    "jobs.train": (TrainConfig, "train"),
+    "jobs.evaluate": (EvaluateConfig, "evaluate"),
+}
+# The EC2 node types the files name: (vCPUs, GiB, GPUs), as AWS lists them.
+NODE_TYPES = {"m6i.2xlarge": (8, 32, 0), "g6.4xlarge": (16, 64, 1), "c6i.4xlarge": (16, 32, 0)}
+AWS_VALUES = {"LTRP_IMAGE": "ghcr.io/ltrp/ltrp:0.1.0-0123456789ab", "LTRP_AMI": "ami-0123456789abcdef0"}
+
+
+def _yaml_files() -> list[Path]:
+    return sorted(CLUSTER.rglob("*.yaml"))
+
+
+def _kuberay_docs() -> list[tuple[Path, dict]]:
+    return [
+        (p, d)
+        for p in sorted((CLUSTER / "kuberay").glob("*.yaml"))
+        for d in yaml.safe_load_all(p.read_text())
+    ]
+
+
+def test_cluster_files_parse_and_their_entrypoints_name_existing_modules() -> None:
+    files = _yaml_files()
+    assert {f.name for f in files} >= {
+        "runtime_env.yaml",
+        "aws.yaml",
+        "raycluster.yaml",
+        "rayjob-score.yaml",
+        "rayjob-train.yaml",
+        "rayjob-evaluate.yaml",
+    }
+    assert not [p for p in CLUSTER.rglob("*.py")]  # declarative files only
+    named = set()
+    env_vars = yaml.safe_load(RUNTIME_ENV.read_text())["env_vars"]
+    for path in files:
+        docs = list(yaml.safe_load_all(path.read_text()))
+        assert docs and all(isinstance(d, dict) for d in docs), path
+        for doc in docs:
+            if doc.get("kind") == "RayJob":
+                spec = doc["spec"]
+                assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+                named |= set(re.findall(r"python -m ([\w.]+)", spec["entrypoint"]))
+                _parses(spec["entrypoint"])
+                # The job's runtime env is the one of ray job submit: the same settings, the same way.
+                assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"] == env_vars, path
+    assert named == {"jobs.score", "jobs.train", "jobs.evaluate"}
+    missing = [m for m in JOB_MODULES if importlib.util.find_spec(m) is None]
+    assert not missing, f"entrypoint modules missing: {missing}"
+
+
+def _parses(entrypoint: str) -> None:
+    """The entrypoint's flags exist and its values pass the job's config checks (placeholders filled)."""
+    module, *args = shlex.split(re.sub(r"\$\{?\w+\}?", "x", entrypoint).split("python -m ", 1)[1])
+    cls, section = LAUNCHER_CONFIGS[module]
+    parse(cls, section, args, prog=module)  # exits with code 2 on a flag or value the job refuses
+
+
+def test_placeholders_are_only_the_documented_settings() -> None:
+    """Every file rendered with envsubst names only the settings, the storage root and the image, so
+    that envsubst leaves nothing else blank; the launcher config names only the image and the AMI (its
+    $RAY_HEAD_IP is Ray's own, which the README's `envsubst '$LTRP_IMAGE $LTRP_AMI'` leaves alone)."""
+    names = set()
+    for path in [RUNTIME_ENV, *sorted((CLUSTER / "kuberay").glob("*.yaml"))]:
+        names |= set(re.findall(r"\$\{?(\w+)", path.read_text()))
+    assert names <= {*SETTINGS, "LTRP_ROOT", "LTRP_IMAGE"}
+    env = yaml.safe_load(RUNTIME_ENV.read_text())
+    assert set(env["env_vars"]) >= set(SETTINGS)
+    assert {".venv/", ".git/", "runs/", "mlruns/", "mlflow.db"} <= set(env["excludes"])
+    assert set(re.findall(r"\$\{(\w+)\}", (CLUSTER / "aws.yaml").read_text())) == set(AWS_VALUES)
+
+
+def _launcher_config() -> dict:
+    """cluster/aws.yaml rendered as the README renders it, then completed by Ray as `ray up` does."""
+    text = re.sub(
+        r"\$\{(LTRP_IMAGE|LTRP_AMI)\}", lambda m: AWS_VALUES[m[1]], (CLUSTER / "aws.yaml").read_text()
+    )
+    return prepare_config(yaml.safe_load(text))
+
+
+def test_launcher_config_passes_rays_schema_and_installs_nothing_at_start() -> None:
+    config = _launcher_config()
+    validate_config(config)  # ray/autoscaler/ray-schema.json; raises on a bad or unknown key
+    # Ray's AWS defaults would pip install boto3 on the head; the image has it.
+    for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands"):
+        assert config[key] == [], key
+    assert config["docker"]["image"] == AWS_VALUES["LTRP_IMAGE"] and config["docker"]["pull_before_run"]
+    for name, node_type in config["available_node_types"].items():
+        node = node_type["node_config"]
+        # A concrete AMI: the head launches workers with a role that may not read SSM ("resolve:ssm:").
+        assert node["ImageId"] == AWS_VALUES["LTRP_AMI"], name
+        assert node["InstanceType"] in NODE_TYPES, name
+    print(
+        "ray-schema.json: cluster/aws.yaml valid after prepare_config;",
+        len(config["available_node_types"]),
+        "node types",
+    )
+
+
+def _quantity_gib(value: str | int) -> float:
+    """A Kubernetes memory quantity in GiB ("24Gi", "512Mi")."""
+    number, unit = re.fullmatch(r"([\d.]+)(Gi|Mi)?", str(value)).groups()
+    return float(number) * {"Gi": 1.0, "Mi": 1 / 1024, None: 1 / 2**30}[unit]
+
+
+def _pod_templates() -> list[tuple[str, dict, dict]]:
+    """(where, ray cluster spec, pod spec) of every Ray pod in the KubeRay files."""
+    pods = []
+    for path, doc in _kuberay_docs():
+        cluster = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        groups = [("head", cluster["headGroupSpec"])]
+        groups += [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+        pods += [(f"{path.name}:{name}", cluster, group["template"]["spec"]) for name, group in groups]
+    return pods
+
+
+@pytest.mark.parametrize(
+    ("where", "cluster", "pod"), _pod_templates(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_kuberay_pods_fit_their_nodes_and_run_the_tested_ray(where: str, cluster: dict, pod: dict) -> None:
+    # KubeRay picks its probes by rayVersion (HTTP from 2.53, else an exec of wget): the image's Ray.
+    assert cluster["rayVersion"] == ray.__version__, where
+    assert pod["securityContext"]["runAsNonRoot"] is True, where
+    (container,) = pod["containers"]
+    assert container["image"] == "${LTRP_IMAGE}" and container["imagePullPolicy"] == "IfNotPresent", where
+    requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+    assert requests == limits, where  # Ray sizes itself by the limits: a request below them oversubscribes
+    vcpus, gib, gpus = NODE_TYPES[pod["nodeSelector"]["node.kubernetes.io/instance-type"]]
+    # The kubelet, the system and the daemon sets keep at least a core and a tenth of the memory.
+    assert float(requests["cpu"]) <= vcpus - 1, where
+    memory = _quantity_gib(requests["memory"])
+    assert memory <= 0.9 * gib - 1, where
+    assert int(requests.get("nvidia.com/gpu", 0)) <= gpus, where
+    # The object store (30% of the memory by default) in /dev/shm, not on disk.
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["emptyDir"]["medium"] == "Memory", where
+    assert 0.3 * memory <= _quantity_gib(volume["emptyDir"]["sizeLimit"]) < memory, where
+
+
+def test_rayjobs_have_a_deadline() -> None:
+    """A stuck job gives its GPUs back instead of holding them forever."""
+    jobs = [(p, d) for p, d in _kuberay_docs() if d["kind"] == "RayJob"]
+    assert len(jobs) == 3
+    for path, doc in jobs:
+        assert 0 < doc["spec"]["activeDeadlineSeconds"] <= 7 * 24 * 3600, path
+
+
+def _dockerfile() -> str:
+    return re.sub(r"\\\n", " ", (CLUSTER / "Dockerfile").read_text())
+
+
+def test_image_is_rays_own_for_our_ray_and_python_running_as_a_user() -> None:
+    dockerfile = _dockerfile()
+    (ray_version,) = re.findall(r"^ARG RAY_VERSION=(\S+)", dockerfile, re.M)
+    assert ray_version == ray.__version__
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py311-(gpu|cu\d+)$", dockerfile, re.M)
+    users = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert users and users[-1].split(":")[0].isdigit() and int(users[-1].split(":")[0]) != 0
+    env = " ".join(re.findall(r"^ENV (.+)$", dockerfile, re.M))
+    assert "NVIDIA_VISIBLE_DEVICES=all" in env and "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in env
+
+
+def test_image_and_venv_install_the_versions_ci_tests() -> None:
+    """The Dockerfile and the Makefile install with constraints.txt, whose pins are this environment's
+    versions and cover every dependency of the project, so the cluster runs what CI tested."""
+    runs = [" ".join(line.split()) for line in _dockerfile().splitlines()]
+    installs = [r for r in runs if "pip install" in r]
+    assert installs and all(
+        re.search(r"pip install --no-cache-dir -c constraints\.txt -e \. boto3$", r) for r in installs
+    )
+    assert "pip install --quiet -c constraints.txt -e '.[dev]'" in (ROOT / "Makefile").read_text()
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line and line[0] != "#"
+    )
+    wrong = {
+        n: (v, importlib.metadata.version(n)) for n, v in pins.items() if importlib.metadata.version(n) != v
+    }
+    assert not wrong, f"constraints.txt is not this environment (make pin): {wrong}"
+    pinned = {_canonical(n) for n in pins}
+    needed = [Requirement(r) for r in importlib.metadata.requires("ltrp")]
+    unpinned = [str(r.name) for r in needed if _canonical(r.name) not in pinned]
+    assert not unpinned and "boto3" in pins, f"not in constraints.txt (make pin): {unpinned}"
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
