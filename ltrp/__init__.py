@@ -26,6 +26,8 @@ _EXPORTS = {
     "keep_top": "ltrp.core.ranker",
     "rank": "ltrp.core.ranker",
     "loo_scores": "ltrp.core.leave_one_out",
+    "forward_kept": "ltrp.core.pruned",
+    "forward_tome": "ltrp.core.pruned",
     "CheckpointError": "ltrp.data.checkpoints",
     "CheckpointInfo": "ltrp.data.checkpoints",
     "load_mae": "ltrp.data.checkpoints",
