@@ -299,3 +299,14 @@ def load_ranker(uri: str) -> Ranker:
     except RuntimeError as err:
         raise ValueError(f"{uri}: weights do not fit the ranker they declare: {err}") from None
     return model.eval()
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 of a model's weights, whatever file or registry they came from: each state_dict entry's
+    name, dtype, shape and bytes, in key order. Two models with this digest compute the same function."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()

@@ -1,4 +1,4 @@
-"""The score table: its schema, and reading it back (plain pyarrow; no Ray needed)."""
+"""The score and rank tables: their schemas, and reading them back (plain pyarrow; no Ray needed)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,16 @@ SCORES_SCHEMA = pa.schema(
         ("scores", pa.list_(pa.float32())),
     ]
 )
-#: A scoring job's metadata file at the root of its output.
+#: The ranking job's rows: a ranker's score for every patch position of a view, and the positions in
+#: ranked order (best first), in compact types: fp16 scores, int16 positions.
+RANKS_SCHEMA = pa.schema(
+    [
+        *list(SCORES_SCHEMA)[:6],
+        ("scores", pa.list_(pa.float16())),  # (L,) in raster order; larger = keep
+        ("order", pa.list_(pa.int16())),  # (L,) positions by score, best first (from the fp32 scores)
+    ]
+)
+#: A job's metadata file at the root of its output.
 JOB_FILE = "_ltrp_job.json"
 ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("reason", pa.string())])
 
@@ -42,10 +51,10 @@ def read_scores(uri: str, *, columns: list[str] | None = None, filters: list | N
 
 
 def read_errors(uri: str) -> pa.Table:
-    """The images a scoring job could not use, with reasons (no rows when every image was used).
+    """The images a scoring or ranking job could not use, with reasons (no rows when every image was used).
 
     Raises:
-        FileNotFoundError: `uri` is not a scoring job's output (it holds no `_ltrp_job.json`).
+        FileNotFoundError: `uri` is not a job's output (it holds no `_ltrp_job.json`).
     """
     fs, root = _job_root(uri)
     path = posixpath.join(root, "errors")
@@ -54,23 +63,55 @@ def read_errors(uri: str) -> pa.Table:
     return pq.read_table(path, filesystem=fs, schema=ERRORS_SCHEMA)
 
 
+def read_ranks(uri: str, *, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
+    """The rank table of a ranking job's output root (local or s3://), optionally with columns and
+    row filters (pyarrow's DNF filters, e.g. `[("view", "=", 0)]`).
+
+    Raises:
+        FileNotFoundError: `uri` is not a ranking job's output (it holds no `_ltrp_job.json`).
+    """
+    fs, root = _job_root(uri, "rank")
+    return pq.read_table(
+        posixpath.join(root, "ranks"), filesystem=fs, columns=columns, filters=filters, schema=RANKS_SCHEMA
+    )
+
+
+def top_k(ranks: pa.Table, ratio: float) -> np.ndarray:
+    """The kept positions of each row of a rank table at a keep ratio, as `ltrp.keep_top` gives them
+    from the ranker's scores: the round(ratio * L) best positions (at least one), in raster order.
+
+    Args:
+        ranks: rows with the column "order" (e.g. `read_ranks(uri, columns=["image_id", "order"])`).
+        ratio: fraction of patches kept, in (0, 1].
+
+    Returns:
+        (rows, k) int64 positions, row i for row i of `ranks`.
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"keep ratio must be in (0, 1], got {ratio}")
+    order = ranks.column("order").combine_chunks()
+    length = len(order[0]) if len(order) else 0
+    best = order.flatten().to_numpy().reshape(len(order), length).astype(np.int64)
+    return np.sort(best[:, : max(1, round(ratio * length))], axis=1)
+
+
 def read_job_metadata(uri: str) -> dict:
-    """What a scoring job's output was computed with (MAE sha256 and geometry, settings, ...): its
+    """What a scoring or ranking job's output was computed with (model sha256 and geometry, settings): its
     `_ltrp_job.json`.
 
     Raises:
-        FileNotFoundError: `uri` is not a scoring job's output.
+        FileNotFoundError: `uri` is not a job's output.
     """
     fs, root = _job_root(uri)
     return json.loads(fs.cat_file(posixpath.join(root, JOB_FILE)))
 
 
-def _job_root(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+def _job_root(uri: str, job: str = "score") -> tuple[fsspec.AbstractFileSystem, str]:
     fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
     if not fs.exists(posixpath.join(root, JOB_FILE)):
         raise FileNotFoundError(
-            f"{uri} is not the output of a scoring job (no _ltrp_job.json there): give the folder "
-            "that python -m jobs.score --output named"
+            f"{uri} is not the output of a {job} job (no _ltrp_job.json there): give the folder "
+            f"that python -m jobs.{job} --output named"
         )
     return fs, root
 

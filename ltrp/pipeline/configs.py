@@ -169,6 +169,15 @@ def _registered_model(uri: str) -> None:
     _require(bool(REGISTERED_MODEL.match(uri)), "model", f"expected models:/NAME, got {uri!r}")
 
 
+def _model_version_or_file(uri: str) -> None:
+    """A ranker option: one registered version, or a checkpoint file."""
+    _require(
+        bool(MODEL_VERSION.match(uri)) or not uri.startswith("models:/"),
+        "model",
+        f"expected models:/NAME/VERSION, models:/NAME@ALIAS or a checkpoint file, got {uri!r}",
+    )
+
+
 def _mask_ratio(value: float) -> None:
     _require(0.0 <= value < 1.0, "mask_ratio", f"must be in [0, 1), got {value}")
 
@@ -215,6 +224,32 @@ class ScoreConfig(_Checked):
             "precision",
             f"{self.precision} autocast needs a GPU; use fp32 with --device cpu",
         )
+
+
+@dataclass
+class RankConfig(_Checked):
+    """Rank the patches of every image of a corpus with a trained ranker: a table of scores and order."""
+
+    source: str  # images: folder, s3:// prefix, .tar shard or .parquet/.csv manifest
+    model: str = execution_only(MISSING)  # ranker: models:/NAME@ALIAS, models:/NAME/VERSION or state.pt
+    output: str = execution_only(MISSING)  # output folder or s3:// prefix; re-using one resumes that job
+    views: int = 1  # views per image; each has its own crop and flip
+    crop: Crop = "center"  # center: the central square; random: RandomResizedCrop geometry (scale 0.2-1)
+    flip: bool = False  # mirror each view with probability 1/2
+    seed: int = 0  # seed of crops and flips
+    batch_size: int = execution_only(64)  # views per ranker call
+    shard_size: int = 256  # images per shard: the unit of commit and of resume
+    rankers: int | None = execution_only(None)  # ranking actors; None: one per GPU, else 1
+    ranker_cpus: float = execution_only(1.0)  # CPUs reserved by each ranking actor
+    ranker_threads: int | None = execution_only(None)  # torch threads of a CPU ranker; None: the submitter's
+    device: Device = execution_only("auto")  # auto: GPU rankers when the cluster has GPUs
+    min_side: int = 16  # images with a shorter side below this (px) are recorded as errors
+    max_pixels: int = 89_478_485  # images with more pixels are recorded as errors (decompression bombs)
+
+    def check(self) -> None:
+        _at_least(self, 1, "views", "batch_size", "shard_size", "rankers", "ranker_threads", "min_side")
+        _positive(self, "ranker_cpus", "max_pixels")
+        _model_version_or_file(self.model)
 
 
 @dataclass
@@ -328,11 +363,7 @@ class EvaluateConfig(_Checked):
         _require(len(self.keep_ratios) > 0, "keep_ratios", "give at least one keep ratio")
         for ratio in self.keep_ratios:
             _require(0.0 < ratio <= 1.0, "keep_ratios", f"each must be in (0, 1], got {ratio}")
-        _require(
-            bool(MODEL_VERSION.match(self.model)) or not self.model.startswith("models:/"),
-            "model",
-            f"expected models:/NAME/VERSION or models:/NAME@ALIAS, got {self.model!r}",
-        )
+        _model_version_or_file(self.model)
 
 
 @dataclass

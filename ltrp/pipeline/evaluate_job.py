@@ -23,14 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ltrp.core.classifier import ClassifierConfig
 from ltrp.core.mae import MAE
 from ltrp.core.probe import ProbeSettings
 from ltrp.core.ranker import Ranker
-from ltrp.data.checkpoints import load_mae, load_ranker
+from ltrp.data.checkpoints import load_mae
 from ltrp.data.scenes import SEEN_CLASSES, UNSEEN_CLASSES
 from ltrp.data.tables import read_scores
 from ltrp.evaluation import fidelity, scene_report
@@ -45,7 +44,8 @@ from ltrp.evaluation.scene_eval import (
     primary_ratio,
 )
 from ltrp.pipeline import runtime
-from ltrp.pipeline.configs import MODEL_VERSION, EvaluateConfig, InputError, checking_inputs
+from ltrp.pipeline.configs import EvaluateConfig, InputError, checking_inputs
+from ltrp.pipeline.registry import load_ranker_ref
 
 
 @dataclass(frozen=True)
@@ -69,32 +69,6 @@ def settings(cfg: EvaluateConfig) -> EvalSettings:
     )
 
 
-def load_evaluated_ranker(uri: str) -> tuple[Ranker, ModelVersion | None]:
-    """A ranker from the registry (models:/NAME/VERSION or models:/NAME@ALIAS; returns its version too)
-    or from a training checkpoint file (no version)."""
-    match = MODEL_VERSION.match(uri)
-    if not match:
-        if uri.startswith("models:/"):
-            raise ValueError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
-        return load_ranker(uri), None
-    client = MlflowClient()
-    name = match["name"]
-    try:
-        version = (
-            client.get_model_version(name, match["version"])
-            if match["version"]
-            else client.get_model_version_by_alias(name, match["alias"])
-        )
-    except MlflowException as err:
-        raise ValueError(
-            f"{uri}: not in the registry at {mlflow.get_tracking_uri()}: {err.message}"
-        ) from None
-    model = mlflow.pytorch.load_model(f"models:/{name}/{version.version}", map_location="cpu")
-    if not isinstance(model, Ranker):
-        raise ValueError(f"{uri} is a {type(model).__name__}, not an ltrp Ranker")
-    return model.eval(), version
-
-
 def run(cfg: EvaluateConfig, progress=print) -> EvaluateSummary:
     """Evaluates, writes the report to cfg.output and logs it to an MLflow run (experiment
     ltrp-evaluate), opened only once the measures are in: a bad input fails before any run exists.
@@ -103,7 +77,7 @@ def run(cfg: EvaluateConfig, progress=print) -> EvaluateSummary:
     runtime.track()  # the registry to load from; the experiment is created only once there is a result
     torch.manual_seed(cfg.seed)
     with checking_inputs():  # everything the measures need, before they start
-        ranker, version = load_evaluated_ranker(cfg.model)
+        ranker, version = load_ranker_ref(cfg.model)
         mae = load_mae(cfg.mae)
     evaluation = _evaluate_scenes if has_masks(cfg.test_source) else _evaluate_labelled
     result, write = evaluation(cfg, ranker, mae, progress)

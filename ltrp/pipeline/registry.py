@@ -1,5 +1,6 @@
-"""Logging a trained ranker to MLflow and registering it as a model version; promoting a version to
-the `champion` alias under ltrp.evaluation.promotion's policy, and rolling that back."""
+"""Logging a trained ranker to MLflow and registering it as a model version; loading one back by
+reference; promoting a version to the `champion` alias under ltrp.evaluation.promotion's policy, and
+rolling that back."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import ltrp
 from ltrp.core.ranker import Ranker
+from ltrp.data.checkpoints import load_ranker
 from ltrp.evaluation.measures import from_tags
 from ltrp.evaluation.promotion import Decision, Policy, decide
+from ltrp.pipeline.configs import MODEL_VERSION
 
 CHAMPION = "champion"
 
@@ -47,6 +51,37 @@ def register_ranker(
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return client.get_model_version(name, version.version)
+
+
+def load_ranker_ref(uri: str) -> tuple[Ranker, ModelVersion | None]:
+    """A ranker by reference: from the registry (models:/NAME/VERSION or models:/NAME@ALIAS, with its
+    version) or from a training checkpoint file (no version), in eval mode on the CPU.
+
+    Raises:
+        ValueError: not in the registry, not a Ranker, or not a ranker checkpoint (named in the message).
+        FileNotFoundError: the checkpoint file does not exist.
+    """
+    match = MODEL_VERSION.match(uri)
+    if not match:
+        if uri.startswith("models:/"):
+            raise ValueError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+        return load_ranker(uri), None
+    client = MlflowClient()
+    name = match["name"]
+    try:
+        version = (
+            client.get_model_version(name, match["version"])
+            if match["version"]
+            else client.get_model_version_by_alias(name, match["alias"])
+        )
+    except MlflowException as err:
+        raise ValueError(
+            f"{uri}: not in the registry at {mlflow.get_tracking_uri()}: {err.message}"
+        ) from None
+    model = mlflow.pytorch.load_model(f"models:/{name}/{version.version}", map_location="cpu")
+    if not isinstance(model, Ranker):
+        raise ValueError(f"{uri} is a {type(model).__name__}, not an ltrp Ranker")
+    return model.eval(), version
 
 
 class PromotionError(RuntimeError):

@@ -2,10 +2,8 @@
 
 Stages: the corpus's shards -> CPU decode tasks (bytes -> views as uint8 pixels) -> a pool of scoring
 actors (one per GPU, or CPU actors) -> the driver, which commits each shard as one Parquet file as soon
-as all of its rows are in. A shard's file appears whole or not at all, so a re-run skips finished shards,
-redoes unfinished ones, and the table never holds a duplicate or a gap. (Ray's own `write_parquet`
-names files by task and cannot resume like this; its checkpointing filters rows at read time and may
-write a block twice.)
+as all of its rows are in (`ltrp.pipeline.shards`, shared with the ranking job: exactly-once commits,
+resume, the errors table).
 
 Output under OUTPUT (local path or s3://...):
     scores/part-00000.parquet ...  one row per (image, view): see `ltrp.data.tables.SCORES_SCHEMA`
@@ -17,57 +15,45 @@ Output under OUTPUT (local path or s3://...):
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import math
 import os
-import posixpath
 import time
-import uuid
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
-import fsspec
 import mlflow
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 import torch
-from fsspec.implementations.local import LocalFileSystem
 
 from ltrp.core.leave_one_out import loo_scores
 from ltrp.core.mae import MAE
 from ltrp.core.masking import cover_sets, visible_count, visible_sets
 from ltrp.data.checkpoints import load_mae
-from ltrp.data.images import (
-    ImageDecodeError,
-    ImageLimits,
-    displayed_size,
-    render_view,
-    to_model_input,
-    view_geometry,
-)
-from ltrp.data.sources import Shard, SourceImage, plan_digest, plan_shards, read_shard
-from ltrp.data.tables import ERRORS_SCHEMA, JOB_FILE, SCORES_SCHEMA
+from ltrp.data.sources import Shard, SourceImage, plan_digest, plan_shards
+from ltrp.data.tables import SCORES_SCHEMA
 from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import ScoreConfig, checking_inputs, result_fields
+from ltrp.pipeline.shards import (
+    ShardedOutput,
+    decode_shards,
+    stage_schema,
+    usable_images,
+    view_rows,
+    write_shards,
+)
 
 #: --precision -> the autocast dtype of the scorers
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Rows between the stages: the output columns but scores, plus where they belong and the pixels.
-_STAGE_SCHEMA = pa.schema(
-    [
-        ("shard", pa.int32()),
-        ("shard_rows", pa.int32()),
-        *list(SCORES_SCHEMA)[:-1],
-        ("pixels", pa.binary()),
-        ("error", pa.string()),
-    ]
-)
+# Rows between the stages: the view, the visible set to score, the pixels.
+STAGE_SCHEMA = stage_schema(SCORES_SCHEMA.field("visible"))
+
+
+def score_output(uri: str) -> ShardedOutput:
+    """A scoring job's output folder."""
+    return ShardedOutput(uri, "scores", SCORES_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -103,7 +89,7 @@ def plan(cfg: ScoreConfig) -> ScorePlan:
         mae = load_mae(cfg.mae)
         shards = plan_shards(cfg.source, cfg.shard_size)
         metadata = job_metadata(cfg, mae, shards)
-        ScoreOutput(cfg.output).check(metadata)
+        score_output(cfg.output).check(metadata)
     return ScorePlan(cfg, mae, shards, metadata)
 
 
@@ -135,30 +121,27 @@ def score_corpus(cfg: ScoreConfig) -> ScoreSummary:
     return execute(plan(cfg))
 
 
-def execute(job: ScorePlan) -> ScoreSummary:
+def execute(job: ScorePlan, progress=print) -> ScoreSummary:
     """Claims the output, scores the shards it does not hold yet, commits each as it completes."""
     start = time.perf_counter()
     cfg = job.cfg
-    out = ScoreOutput(cfg.output)
+    out = score_output(cfg.output)
     out.claim(job.metadata)
     done = out.committed_shards()
     pending = [s for s in job.shards if s.index not in done]
-    images, rows, errors = 0, 0, 0
+    batches = []
     if pending:
-        batches = _pipeline(cfg, pending, job.mae.cfg.img_size, job.mae.cfg.grid, job.metadata)
-        for index, table in assemble_shards(batches.iter_batches(batch_format="pyarrow", batch_size=None)):
-            scored, failed = out.commit(index, table, job.metadata)
-            rows += scored.num_rows
-            errors += failed.num_rows
-            images += len(set(scored.column("image_id").to_pylist()))
+        dataset = _pipeline(cfg, pending, job.mae.cfg.img_size, job.mae.cfg.grid, job.metadata)
+        batches = dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+    written = write_shards(out, batches, job.metadata, len(pending), progress)
     out.finish(len(job.shards))
     return ScoreSummary(
         cfg.output,
         len(job.shards),
         len(job.shards) - len(pending),
-        images,
-        rows,
-        errors,
+        written.images,
+        written.rows,
+        written.errors,
         time.perf_counter() - start,
     )
 
@@ -198,7 +181,10 @@ def _pipeline(
     shard_bytes = 3 * 2**28 + 2 * cfg.shard_size * rows_per_image(cfg, grid) * size * size * 3
     ds = ds.map_batches(
         decode_shards,
-        fn_kwargs={"cfg": cfg, "size": size, "grid": grid},
+        fn_kwargs={
+            "image_rows": partial(image_rows, cfg=cfg, size=size, grid=grid),
+            "schema": STAGE_SCHEMA,
+        },
         batch_size=1,
         batch_format="numpy",
         num_cpus=1,
@@ -229,58 +215,12 @@ def rows_per_image(cfg: ScoreConfig, grid: int) -> int:
     return cfg.views
 
 
-def decode_shards(batch: dict[str, np.ndarray], cfg: ScoreConfig, size: int, grid: int) -> pa.Table:
-    """Decode stage: shard descriptors -> one row per (image, view) with uint8 pixels, and one row per
-    unusable image with the reason. Every row carries its shard's row count, so the driver knows
-    when a shard is complete."""
-    rows = []
-    for text in batch["shard"]:
-        shard = Shard.from_json(str(text))
-        shard_rows = [row for image in read_shard(shard) for row in _image_rows(image, cfg, size, grid)]
-        if not shard_rows:  # still commit the shard, so that it counts as done
-            shard_rows = [
-                _error_row(
-                    SourceImage(shard.tar or str(shard.index), shard.tar or "", None), "shard holds no images"
-                )
-            ]
-        rows += [{**row, "shard": shard.index, "shard_rows": len(shard_rows)} for row in shard_rows]
-    return pa.Table.from_pylist(rows, schema=_STAGE_SCHEMA)
-
-
-def _image_rows(image: SourceImage, cfg: ScoreConfig, size: int, grid: int) -> list[dict]:
-    limits = ImageLimits(cfg.min_side, cfg.max_pixels)
-    try:
-        if image.error is not None:
-            raise ImageDecodeError(image.error)
-        width, height = displayed_size(image.data, limits)
-        rows = []
-        for view, visible in enumerate(_visible_sets(image.image_id, cfg, grid)):
-            # Cover mode scores many visible sets of one view: the row's "view" numbers its set.
-            geometry = view_geometry(
-                image.image_id,
-                0 if cfg.cover else view,
-                width,
-                height,
-                seed=cfg.seed,
-                crop=cfg.crop,
-                flip=cfg.flip,
-            )
-            rows.append(
-                {
-                    "image_id": image.image_id,
-                    "uri": image.uri,
-                    "label": image.label,
-                    "view": view,
-                    "crop_box": list(geometry.box),
-                    "flip": geometry.flip,
-                    "visible": visible.tolist(),
-                    "pixels": render_view(image.data, geometry, size, limits).tobytes(),
-                    "error": None,
-                }
-            )
-        return rows
-    except ImageDecodeError as err:
-        return [_error_row(image, str(err))]
+def image_rows(image: SourceImage, cfg: ScoreConfig, size: int, grid: int) -> list[dict]:
+    """The decode stage's rows of one image: its views, each with its visible set. Cover mode scores
+    many visible sets of view 0: a row's "view" then numbers its set."""
+    sets = _visible_sets(image.image_id, cfg, grid)
+    rows = view_rows(image, [0] * len(sets) if cfg.cover else range(cfg.views), cfg, size)
+    return [{**row, "visible": visible.tolist()} for row, visible in zip(rows, sets, strict=True)]
 
 
 def _visible_sets(image_id: str, cfg: ScoreConfig, grid: int) -> torch.Tensor:
@@ -295,10 +235,6 @@ def _visible_sets(image_id: str, cfg: ScoreConfig, grid: int) -> torch.Tensor:
     )
 
 
-def _error_row(image: SourceImage, reason: str) -> dict:
-    return {"image_id": image.image_id, "uri": image.uri, "label": image.label, "error": reason}
-
-
 class ShardScorer:
     """Scoring stage: a Ray actor holding the MAE on its device; rows with pixels -> rows with scores."""
 
@@ -310,114 +246,20 @@ class ShardScorer:
         self.cfg = cfg
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ok = np.flatnonzero(pc.is_null(batch.column("error")).to_numpy(zero_copy_only=False))
+        ok, images = usable_images(batch, self.mae.cfg.img_size, self.device)
         scores: list[list[float] | None] = [None] * batch.num_rows
         if len(ok):
-            size = self.mae.cfg.img_size
-            pixels = np.frombuffer(bytearray(b"".join(batch.column("pixels").take(ok).to_pylist())), np.uint8)
-            images = to_model_input(torch.from_numpy(pixels.reshape(len(ok), size, size, 3)).to(self.device))
             visible = torch.tensor(batch.column("visible").take(ok).to_pylist(), device=self.device)
-            values = (
-                loo_scores(
-                    self.mae,
-                    images,
-                    visible,
-                    mode=self.cfg.mode,
-                    metric=self.cfg.metric,
-                    autocast_dtype=PRECISIONS[self.cfg.precision],
-                )
-                .cpu()
-                .tolist()
+            values = loo_scores(
+                self.mae,
+                images,
+                visible,
+                mode=self.cfg.mode,
+                metric=self.cfg.metric,
+                autocast_dtype=PRECISIONS[self.cfg.precision],
             )
-            for i, row in zip(ok, values, strict=True):
+            for i, row in zip(ok, values.cpu().tolist(), strict=True):
                 scores[i] = row
         return batch.drop_columns(["pixels"]).append_column(
             "scores", pa.array(scores, pa.list_(pa.float32()))
         )
-
-
-def assemble_shards(batches: Iterable[pa.Table]) -> Iterator[tuple[int, pa.Table]]:
-    """Regroups the scored rows, which arrive in batches of any shards in any order, and yields
-    (shard index, all its rows) as each shard completes (its rows carry the shard's row count)."""
-    parts: dict[int, list[pa.Table]] = defaultdict(list)
-    counts: Counter[int] = Counter()
-    for batch in batches:
-        shard_col = batch.column("shard").to_numpy()
-        for index in map(int, np.unique(shard_col)):
-            part = batch.filter(pa.array(shard_col == index))
-            parts[index].append(part)
-            counts[index] += part.num_rows
-            if counts[index] == part.column("shard_rows")[0].as_py():
-                yield index, pa.concat_tables(parts.pop(index))
-    if parts:
-        raise RuntimeError(f"the pipeline ended with shards {sorted(parts)} incomplete")
-
-
-class ScoreOutput:
-    """The output folder: claims it for one job, commits shards atomically, lists what is done."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
-
-    def _path(self, *parts: str) -> str:
-        return posixpath.join(self.root, *parts)
-
-    def check(self, metadata: dict) -> bool:
-        """Whether an earlier run of this job holds the output; refuses one of a different job (a resume
-        needs the same corpus, checkpoint and result-changing settings)."""
-        path = self._path(JOB_FILE)
-        if not self.fs.exists(path):
-            return False
-        earlier = json.loads(self.fs.cat_file(path))
-        keys = set(earlier.get("fingerprint", [])) | set(metadata["fingerprint"])
-        differs = sorted(k for k in keys if earlier.get(k) != metadata.get(k))
-        if differs:
-            raise ValueError(
-                f"{self.uri} already holds scores of a different job (differs in: {', '.join(differs)}); "
-                "resuming needs the same corpus, checkpoint and settings: use another output"
-            )
-        return True
-
-    def claim(self, metadata: dict) -> None:
-        """Records the job's metadata, unless an earlier run of the same job already did."""
-        if not self.check(metadata):
-            self.fs.makedirs(self.root, exist_ok=True)
-            self.fs.pipe_file(self._path(JOB_FILE), json.dumps(metadata, indent=2).encode())
-
-    def committed_shards(self) -> set[int]:
-        names = self.fs.glob(self._path("scores", "part-*.parquet"))
-        return {int(posixpath.basename(n)[len("part-") : -len(".parquet")]) for n in names}
-
-    def commit(self, index: int, table: pa.Table, metadata: dict) -> tuple[pa.Table, pa.Table]:
-        """Writes a complete shard: its errors first, then its scores, whose file marks it done."""
-        table = table.sort_by([("image_id", "ascending"), ("view", "ascending")])
-        failed = pc.is_valid(table.column("error"))
-        errors = table.filter(failed).select(["image_id", "uri", "error"]).rename_columns(ERRORS_SCHEMA.names)
-        scored = table.filter(pc.invert(failed)).select(SCORES_SCHEMA.names)
-        kv = {"ltrp": json.dumps(metadata)}
-        self._write(
-            self._path("errors", f"part-{index:05d}.parquet"), errors.cast(ERRORS_SCHEMA.with_metadata(kv))
-        )
-        self._write(
-            self._path("scores", f"part-{index:05d}.parquet"), scored.cast(SCORES_SCHEMA.with_metadata(kv))
-        )
-        return scored, errors
-
-    def finish(self, shards: int) -> None:
-        done = self.committed_shards()
-        if len(done) != shards:
-            raise RuntimeError(f"{self.uri}: {shards - len(done)} of {shards} shards are not committed")
-        self.fs.pipe_file(self._path("_SUCCESS"), b"")
-
-    def _write(self, path: str, table: pa.Table) -> None:
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        data = sink.getvalue().to_pybytes()
-        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        if isinstance(self.fs, LocalFileSystem):  # a rename is atomic; readers skip dot-files
-            tmp = posixpath.join(posixpath.dirname(path), f".{uuid.uuid4().hex}.tmp")
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, path)
-        else:  # an object store shows a PUT whole or not at all
-            self.fs.pipe_file(path, data)

@@ -10,6 +10,7 @@ import shutil
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ from ltrp.data.images import View, png_bytes, render_view, to_model_input, view_
 from ltrp.data.sources import Shard, plan_digest, plan_shards
 from ltrp.data.tables import ERRORS_SCHEMA, SCORES_SCHEMA
 from ltrp.pipeline.configs import ConfigError, ScoreConfig, result_fields
-from ltrp.pipeline.score_job import ScoreOutput, ShardScorer, assemble_shards, decode_shards, job_metadata
+from ltrp.pipeline.score_job import STAGE_SCHEMA, ShardScorer, image_rows, job_metadata, score_output
+from ltrp.pipeline.shards import ShardedOutput, assemble_shards, decode_shards
 
 SIZE, GRID = 64, 8  # the tiny MAE's image size and patch grid
 #: The fields of ScoreConfig that change only how fast the job runs: all others must be fingerprinted.
@@ -69,7 +71,8 @@ def _cfg(tmp_path: Path, mae: str = "unused.pth", **changes: object) -> ScoreCon
 
 def _decode(cfg: ScoreConfig, *shards: Shard) -> pa.Table:
     # As Ray's numpy batches hold it: one shard descriptor per row, as an object array of str.
-    return decode_shards({"shard": np.array([s.to_json() for s in shards], dtype=object)}, cfg, SIZE, GRID)
+    batch = {"shard": np.array([s.to_json() for s in shards], dtype=object)}
+    return decode_shards(batch, partial(image_rows, cfg=cfg, size=SIZE, grid=GRID), STAGE_SCHEMA)
 
 
 def _pixels(row: dict) -> np.ndarray:
@@ -379,15 +382,15 @@ def test_claim_records_the_job_and_accepts_the_same_job_again(
     output: str,
 ) -> None:
     metadata, _, _ = scored
-    out = ScoreOutput(output + "/")
+    out = score_output(output + "/")
     assert out.check(metadata) is False
     assert not Path(output).exists()  # checking writes nothing
     out.claim(metadata)
     assert _files(Path(output)) == {"_ltrp_job.json"}
     assert json.loads((Path(output) / "_ltrp_job.json").read_text()) == metadata
     before = (Path(output) / "_ltrp_job.json").read_bytes()
-    ScoreOutput(output).claim(json.loads(json.dumps(metadata)))  # another run of the same job
-    assert ScoreOutput(output).check(metadata) is True
+    score_output(output).claim(json.loads(json.dumps(metadata)))  # another run of the same job
+    assert score_output(output).check(metadata) is True
     assert (Path(output) / "_ltrp_job.json").read_bytes() == before
 
 
@@ -396,10 +399,10 @@ def test_claiming_for_another_job_is_refused_naming_what_differs(
     scored: tuple[dict, pa.Table, Path], output: str, key: str
 ) -> None:
     metadata, _, _ = scored
-    ScoreOutput(output).claim(metadata)
+    score_output(output).claim(metadata)
     before = (Path(output) / "_ltrp_job.json").read_bytes()
     other = {**metadata, key: "something else"}
-    for attempt in (ScoreOutput(output).check, ScoreOutput(output).claim):
+    for attempt in (score_output(output).check, score_output(output).claim):
         with pytest.raises(ValueError, match=rf"differs in: {key}\)"):
             attempt(other)
     assert (Path(output) / "_ltrp_job.json").read_bytes() == before
@@ -409,35 +412,35 @@ def test_a_key_only_one_side_fingerprints_still_counts(
     scored: tuple[dict, pa.Table, Path], output: str
 ) -> None:
     metadata, _, _ = scored
-    ScoreOutput(output).claim({**metadata, "extra": 1, "fingerprint": [*metadata["fingerprint"], "extra"]})
+    score_output(output).claim({**metadata, "extra": 1, "fingerprint": [*metadata["fingerprint"], "extra"]})
     with pytest.raises(ValueError, match="differs in: extra"):
-        ScoreOutput(output).check(metadata)
+        score_output(output).check(metadata)
 
 
 def test_metadata_outside_the_fingerprint_may_differ(
     scored: tuple[dict, pa.Table, Path], output: str
 ) -> None:
     metadata, _, _ = scored
-    ScoreOutput(output).claim(metadata)
-    assert ScoreOutput(output).check({**metadata, "mae_uri": "moved.pth", "torch_version": "9.9"})
+    score_output(output).claim(metadata)
+    assert score_output(output).check({**metadata, "mae_uri": "moved.pth", "torch_version": "9.9"})
 
 
 def test_commit_writes_errors_then_scores_sorted(
     scored: tuple[dict, pa.Table, Path], output: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     metadata, table, images = scored
-    out = ScoreOutput(output)
+    out = score_output(output)
     out.claim(metadata)
     written = []
-    write = ScoreOutput._write
+    write = ShardedOutput._write
 
-    def crash_on_second_write(self: ScoreOutput, path: str, data: pa.Table) -> None:
+    def crash_on_second_write(self: ShardedOutput, path: str, data: pa.Table) -> None:
         written.append(str(Path(path).relative_to(Path(output))))
         if len(written) == 2:
             raise OSError("disk full")
         write(self, path, data)
 
-    monkeypatch.setattr(ScoreOutput, "_write", crash_on_second_write)
+    monkeypatch.setattr(ShardedOutput, "_write", crash_on_second_write)
     with pytest.raises(OSError, match="disk full"):
         out.commit(3, table, metadata)
     assert written == ["errors/part-00003.parquet", "scores/part-00003.parquet"]
@@ -469,7 +472,7 @@ def test_finish_needs_every_shard_and_leaves_no_temporary_files(
     scored: tuple[dict, pa.Table, Path], output: str
 ) -> None:
     metadata, table, _ = scored
-    out = ScoreOutput(output)
+    out = score_output(output)
     out.claim(metadata)
     for index in (0, 2):
         out.commit(index, table, metadata)
@@ -522,10 +525,10 @@ def test_a_resume_with_another_result_setting_is_refused(
 ) -> None:
     cfg = _cfg(tmp_path, mae_path)
     shards = [_shard(tmp_path, 0, {"a.png": _image(0, 20, 20)})]
-    ScoreOutput(cfg.output).claim(job_metadata(cfg, mae, shards))
+    score_output(cfg.output).claim(job_metadata(cfg, mae, shards))
     other = job_metadata(dataclasses.replace(cfg, **{field: RESULT_CHANGES[field]}), mae, shards)
     with pytest.raises(ValueError, match=rf"differs in: {field}\)"):
-        ScoreOutput(cfg.output).check(other)
+        score_output(cfg.output).check(other)
 
 
 def test_a_resume_with_other_execution_settings_is_the_same_job(
@@ -533,10 +536,10 @@ def test_a_resume_with_other_execution_settings_is_the_same_job(
 ) -> None:
     cfg = _cfg(tmp_path, mae_path)
     shards = [_shard(tmp_path, 0, {"a.png": _image(0, 20, 20)})]
-    ScoreOutput(cfg.output).claim(job_metadata(cfg, mae, shards))
+    score_output(cfg.output).claim(job_metadata(cfg, mae, shards))
     moved = str(tmp_path / "moved.pth")
     shutil.copy(mae_path, moved)  # the same bytes elsewhere
     faster = dataclasses.replace(
         cfg, mae=moved, batch_size=7, scorers=3, scorer_cpus=2.0, scorer_threads=1, device="cpu"
     )
-    assert ScoreOutput(cfg.output).check(job_metadata(faster, ltrp.load_mae(moved), shards)) is True
+    assert score_output(cfg.output).check(job_metadata(faster, ltrp.load_mae(moved), shards)) is True
