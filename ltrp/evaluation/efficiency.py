@@ -1,0 +1,159 @@
+"""Cheaper vision transformers, measured: a timm ViT's accuracy against its throughput when it runs on the
+top-k patches of a selector (a ranker, random, centre, a pixel statistic) or merges tokens with ToMe.
+
+A method maps a batch of images to the model's outputs; its throughput is measured over the whole test
+set, selector included (a ranker's own forward is part of LTRP's cost), each method timed in turn and
+the rounds repeated, so all methods share one machine state. Accuracy: top-1 for single-label data,
+mAP for multi-label data.
+
+Shapes: N images, S pixels, L patches, C classes.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from ltrp.core.probe import mean_average_precision
+from ltrp.core.pruned import forward_kept, forward_tome
+from ltrp.core.ranker import keep_top
+
+#: images (B, 3, S, S) -> patch scores (B, L); larger = keep
+Selector = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way to run the model: every token ("full"), the top `keep` fraction of `selector`'s patches
+    ("top-k"), or ToMe merging `r` tokens per block ("tome")."""
+
+    name: str  # the selector's name for top-k ("ltrp-...", "random", ...), "full" or "tome"
+    kind: str  # "full", "top-k" or "tome"
+    selector: Selector | None = None
+    keep: float = 1.0
+    r: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.kind == "top-k":
+            return f"{self.name} keep {self.keep:.0%}"
+        return f"tome r={self.r}" if self.kind == "tome" else "full"
+
+    def __call__(self, model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+        if self.kind == "tome":
+            return forward_tome(model, images, self.r)
+        if self.kind == "top-k":
+            return forward_kept(model, images, keep_top(self.selector(images), self.keep))
+        return model(images)
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+
+
+def fit(
+    model: VisionTransformer,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    settings: FitSettings,
+    method: Method | None = None,
+) -> VisionTransformer:
+    """Trains `model` in place on all tokens, or fine-tunes it on the tokens `method` keeps (top-k:
+    the selector's patches, chosen afresh for each batch, so a random selector draws a new set every
+    step). AdamW, one-cycle schedule.
+
+    Args:
+        images: (N, 3, S, S) model inputs.
+        targets: (N,) class indices (cross-entropy) or (N, C) multi-hot floats (binary cross-entropy).
+        method: None or a "full"/"top-k" method.
+
+    Returns:
+        The model, in eval mode.
+    """
+    torch.manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    steps = settings.epochs * -(-len(images) // settings.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=steps, pct_start=0.1)
+    loss_fn = F.binary_cross_entropy_with_logits if targets.dim() == 2 else F.cross_entropy
+    model.train()
+    for _ in range(settings.epochs):
+        for idx in torch.randperm(len(images)).split(settings.batch_size):
+            x = images[idx]
+            with torch.no_grad():  # the selector is fixed: only the ViT learns
+                keep = (
+                    keep_top(method.selector(x), method.keep) if method and method.kind == "top-k" else None
+                )
+            logits = model(x) if keep is None else forward_kept(model, x, keep)
+            loss = loss_fn(logits, targets[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+def fine_tuned(
+    model: VisionTransformer,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    settings: FitSettings,
+    method: Method,
+) -> VisionTransformer:
+    """A copy of `model` fine-tuned on the tokens `method` keeps (the original is untouched)."""
+    return fit(copy.deepcopy(model), images, targets, settings, method)
+
+
+@torch.inference_mode()
+def outputs(
+    model: VisionTransformer, images: torch.Tensor, method: Method, batch_size: int = 256
+) -> torch.Tensor:
+    """(N, C) the model's outputs on `images`, run as `method` runs it."""
+    return torch.cat([method(model, x) for x in images.split(batch_size)])
+
+
+def score(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-1 accuracy for (N,) class targets, mAP for (N, C) multi-hot targets."""
+    if targets.dim() == 2:
+        return mean_average_precision(logits.sigmoid(), targets)
+    return float((logits.argmax(dim=1) == targets).float().mean())
+
+
+@torch.inference_mode()
+def throughputs(
+    runs: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    images: torch.Tensor,
+    batch_size: int = 256,
+    rounds: int = 3,
+) -> dict[str, float]:
+    """Images per second of each named run over `images` in batches: the median of `rounds` rounds,
+    each of which times every run once in turn (after one untimed warm-up batch each), so that all
+    runs share the machine's state."""
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    batches = list(images.split(batch_size))
+    for run in runs.values():
+        run(batches[0])  # warm-up: allocator, thread pool, first-call paths
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            for x in batches:
+                run(x)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: len(images) / statistics.median(s) for name, s in seconds.items()}
+
+
+def random_selector(num_patches: int, seed: int) -> Selector:
+    """Uniform random scores, drawn afresh on every call (a new set per step and per batch)."""
+    generator = torch.Generator().manual_seed(seed)
+    return lambda images: torch.rand(images.shape[0], num_patches, generator=generator).to(images.device)

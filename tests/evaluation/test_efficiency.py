@@ -1,0 +1,58 @@
+"""The cheaper-ViT benchmark's parts on a tiny timm ViT (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from ltrp.core.baselines import CenterScorer
+from ltrp.evaluation import efficiency
+from ltrp.evaluation.efficiency import FitSettings, Method
+
+
+def _vit(classes: int = 2) -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=classes
+    )
+
+
+@pytest.mark.parametrize(
+    "method",
+    [Method("center", "top-k", CenterScorer(4), keep=1.0), Method("tome", "tome", r=0)],
+    ids=["top-k keeping all", "tome r=0"],
+)
+def test_methods_that_drop_nothing_are_the_full_model(method: Method) -> None:
+    model, images = _vit().eval(), torch.randn(5, 3, 16, 16)
+    full = efficiency.outputs(model, images, Method("full", "full"))
+    torch.testing.assert_close(efficiency.outputs(model, images, method), full, atol=1e-5, rtol=1e-5)
+
+
+def test_fine_tuning_on_kept_tokens_learns_what_the_kept_tokens_show() -> None:
+    # The class is written in the centre 2 x 2 patches only: kept by the centre selector, while the
+    # inverted one keeps the four corners, which show noise alone.
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(256, 3, 16, 16, generator=generator) * 0.1
+    labels = torch.randint(0, 2, (256,), generator=generator)
+    images[:, :, 4:12, 4:12] += (labels.float() * 2 - 1).view(-1, 1, 1, 1)
+    centre = CenterScorer(4)
+    settings = FitSettings(epochs=3, batch_size=32, lr=3e-3)
+    accuracy = {}
+    for name, selector in {"centre": centre, "corners": lambda x: -centre(x)}.items():
+        method = Method(name, "top-k", selector, keep=0.25)
+        tuned = efficiency.fine_tuned(_vit(), images, labels, settings, method)
+        accuracy[name] = efficiency.score(efficiency.outputs(tuned, images, method), labels)
+    assert accuracy["centre"] > 0.95 and accuracy["corners"] < 0.75, accuracy
+
+
+def test_multi_label_targets_are_scored_by_map() -> None:
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert efficiency.score(torch.tensor([[5.0, -5.0], [-5.0, 5.0], [4.0, 4.0]]), targets) == 1.0
+
+
+def test_throughputs_times_every_run() -> None:
+    rates = efficiency.throughputs(
+        {"a": lambda x: x * 2, "b": lambda x: x.sum()}, torch.ones(10, 3), 4, rounds=2
+    )
+    assert set(rates) == {"a", "b"} and all(r > 0 for r in rates.values())
