@@ -215,8 +215,8 @@ def test_killed_job_resumes_without_duplicates_or_gaps(
         (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "images" / name).write_bytes(png)
     _, labels = fashion_mnist(96)
-    # The paper's ViT-S/16 ranker at 224 px, so that the job runs long enough to be killed part-way.
-    model = _save(_ranker("ltrp_vit_small_patch16"), tmp_path / "state.pt")
+    # A ViT-Ti/16-sized ranker at 224 px: long enough a job to be killed part-way, cheap enough for CI.
+    model = _save(_ranker("ltrp_vit_tiny_patch16"), tmp_path / "state.pt")
     out = tmp_path / "out"
     # fmt: off
     args = ["--source", str(tmp_path / "images"), "--model", model, "--output", str(out), "--views", "2",
