@@ -4,7 +4,7 @@ the cost), random, the centre prior, patch variance and FOLK, or merges tokens w
 (trained on all tokens) and fine-tuned on the kept tokens. Also the ranking job's images/s next to the
 ranker kernel's on the same machine.
 
-    python -m jobs.bench.pruned                                  # the table and figure of docs/pruned.md
+    python -m jobs.bench.pruned                                  # the full run (runs/bench-pruned/)
     python -m jobs.bench.pruned --train-scenes 300 --test-scenes 100 --epochs 1 --fine-tune-epochs 1
 
 Self-contained and reusing what exists under --root: the scenes, a score table of the training scenes
