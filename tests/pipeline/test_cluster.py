@@ -13,7 +13,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
@@ -23,19 +22,9 @@ import torch
 import yaml
 from conftest import BIN, fashion_mnist_pngs, free_port, wait_for_port
 from mlflow.tracking import MlflowClient
+from test_cluster_files import ROOT, RUNTIME_ENV, SETTINGS
 
 import ltrp
-
-ROOT = Path(__file__).resolve().parents[2]
-CLUSTER = ROOT / "cluster"
-RUNTIME_ENV = CLUSTER / "runtime_env.yaml"
-SETTINGS = (
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_DEFAULT_REGION",
-    "MLFLOW_TRACKING_URI",
-)
 
 
 def _node_env() -> dict:
