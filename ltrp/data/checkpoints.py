@@ -1,7 +1,8 @@
 """Reading and writing checkpoints. MAE: official facebookresearch/mae files, Hugging Face
 `ViTMAEForPreTraining` weights, and the project's own files. Always strict: a checkpoint either fits
 the model it describes exactly, or is refused with an error that names the file. Ranker: the training
-checkpoints of ranker training (`state.pt`), equally strict."""
+checkpoints of ranker training (`state.pt`) and the registry's files (safetensors weights and the
+geometry as JSON: nothing in them is code), equally strict."""
 
 from __future__ import annotations
 
@@ -298,6 +299,43 @@ def load_ranker(uri: str) -> Ranker:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise ValueError(f"{uri}: weights do not fit the ranker they declare: {err}") from None
+    return model.eval()
+
+
+#: The registry's ranker files: weights that load without unpickling, and the geometry they fit.
+RANKER_WEIGHTS, RANKER_GEOMETRY = "ranker.safetensors", "ranker.json"
+
+
+def save_ranker_files(model: Ranker, folder: str) -> None:
+    """Writes FOLDER/ranker.safetensors and FOLDER/ranker.json (the `RankerConfig`), local or s3://."""
+    fs, root = fsspec.core.url_to_fs(folder)
+    fs.makedirs(root, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    fs.pipe_file(posixpath.join(root, RANKER_WEIGHTS), safetensors.torch.save(state))
+    fs.pipe_file(posixpath.join(root, RANKER_GEOMETRY), json.dumps(asdict(model.cfg), indent=2).encode())
+
+
+def load_ranker_files(folder: str) -> Ranker:
+    """The ranker `save_ranker_files` wrote to `folder`, in eval mode. Strict: a missing file, a geometry
+    that is not a `RankerConfig`, or weights that do not fit it exactly are refused, the file named."""
+    fs, root = fsspec.core.url_to_fs(folder)
+    weights, geometry = (posixpath.join(root, name) for name in (RANKER_WEIGHTS, RANKER_GEOMETRY))
+    try:
+        model = Ranker(RankerConfig(**json.loads(fs.cat_file(geometry))))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder}: no {RANKER_GEOMETRY}") from None
+    except (ValueError, TypeError, AssertionError) as err:  # timm asserts on widths that heads don't divide
+        raise ValueError(f"{geometry} is not a ranker geometry: {err!r}") from None
+    try:
+        state = safetensors.torch.load(fs.cat_file(weights))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder}: no {RANKER_WEIGHTS}") from None
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise ValueError(f"{weights} is not a safetensors file: {err}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{weights}: weights do not fit the geometry of {RANKER_GEOMETRY}: {err}") from None
     return model.eval()
 
 

@@ -5,60 +5,70 @@ rolling that back."""
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
-import ltrp
-from ltrp.core.ranker import Ranker
-from ltrp.data.checkpoints import load_ranker
+from ltrp.core.ranker import Ranker, rank
+from ltrp.data.checkpoints import load_ranker, load_ranker_files, save_ranker_files, weights_sha256
 from ltrp.evaluation.measures import from_tags
 from ltrp.evaluation.promotion import Decision, Policy, decide
 from ltrp.pipeline.configs import MODEL_VERSION
 
 CHAMPION = "champion"
+WEIGHTS_TAG = "weights_sha256"  # the registered weights' digest, checked on every load
+#: Pinned, at the versions installed, in every logged ranker: what loading it needs (ltrp: the loader).
+_REQUIREMENTS = ("ltrp", "torch", "timm", "safetensors", "numpy", "mlflow")
 
 
 def register_ranker(
     model: Ranker, name: str, *, tags: dict[str, str], alias: str | None = None
 ) -> ModelVersion:
-    """Logs `model` to the active MLflow run (with an input example and the signature inferred from
-    it, and ltrp's source, so that loading needs no install) and registers it as a new version of
-    `name`, tagged with `tags`, under `alias` if given."""
+    """Logs `model` to the active MLflow run as weights and geometry (`save_ranker_files`: no pickle),
+    a pyfunc flavour whose loader is this module of the installed ltrp (so loading runs no code from
+    the artifact store), with an input example, the signature inferred from it and the requirements it
+    was trained with pinned; registers it as a new version of `name`, tagged with `tags` and the
+    weights' digest (`weights_sha256`, checked on every load), under `alias` if given."""
     size = model.cfg.img_size
     example = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-    info = mlflow.pytorch.log_model(
-        model.eval(),
-        name="ranker",
-        input_example=example,
-        registered_model_name=name,
-        code_paths=[str(Path(ltrp.__file__).parent)],
-        # MLflow 3's default (pt2, torch.export) loads back a graph that refuses .eval() and drops the
-        # `visible` argument; a pickled Ranker (its code shipped alongside) is the whole model.
-        serialization_format="pickle",
-        pip_requirements=["torch", "timm", "numpy"],
-    )
+    with tempfile.TemporaryDirectory() as folder:
+        save_ranker_files(model, folder)
+        info = mlflow.pyfunc.log_model(
+            name="ranker",
+            loader_module=__name__,
+            data_path=folder,
+            input_example=example,
+            registered_model_name=name,
+            pip_requirements=[f"{p}=={metadata.version(p)}" for p in _REQUIREMENTS],
+        )
     client = MlflowClient()
-    version = client.get_model_version(name, str(info.registered_model_version))
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version.version, key, value)
+    registered = str(info.registered_model_version)
+    for key, value in {**tags, WEIGHTS_TAG: weights_sha256(model)}.items():
+        client.set_model_version_tag(name, registered, key, value)
     if alias:
-        client.set_registered_model_alias(name, alias, version.version)
-    return client.get_model_version(name, version.version)
+        client.set_registered_model_alias(name, alias, registered)
+    return client.get_model_version(name, registered)
 
 
 def load_ranker_ref(uri: str) -> tuple[Ranker, ModelVersion | None]:
     """A ranker by reference: from the registry (models:/NAME/VERSION or models:/NAME@ALIAS, with its
-    version) or from a training checkpoint file (no version), in eval mode on the CPU.
+    version) or from a training checkpoint file (no version), in eval mode on the CPU. A registered
+    ranker is read from its weights and geometry files only, and must have the digest its version was
+    tagged with at registration.
 
     Raises:
-        ValueError: not in the registry, not a Ranker, or not a ranker checkpoint (named in the message).
+        ValueError: not in the registry, not an ltrp ranker, weights changed since registration, or not
+            a ranker checkpoint (named in the message).
         FileNotFoundError: the checkpoint file does not exist.
     """
     match = MODEL_VERSION.match(uri)
@@ -78,10 +88,36 @@ def load_ranker_ref(uri: str) -> tuple[Ranker, ModelVersion | None]:
         raise ValueError(
             f"{uri}: not in the registry at {mlflow.get_tracking_uri()}: {err.message}"
         ) from None
-    model = mlflow.pytorch.load_model(f"models:/{name}/{version.version}", map_location="cpu")
-    if not isinstance(model, Ranker):
-        raise ValueError(f"{uri} is a {type(model).__name__}, not an ltrp Ranker")
-    return model.eval(), version
+    if WEIGHTS_TAG not in version.tags:
+        raise ValueError(
+            f"{uri} (version {version.version}) has no {WEIGHTS_TAG} tag: not a ranker registered by ltrp "
+            "(or by an ltrp before 0.1.0's safetensors format, which pickled it: register it again)"
+        )
+    with tempfile.TemporaryDirectory() as folder:
+        local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=folder)
+        data = Model.load(local).flavors["python_function"].get("data", "")
+        model = load_ranker_files(str(Path(local) / data))
+    if (digest := weights_sha256(model)) != version.tags[WEIGHTS_TAG]:
+        raise ValueError(
+            f"{uri} (version {version.version}): its weights' sha256 is {digest}, not the {WEIGHTS_TAG} "
+            f"{version.tags[WEIGHTS_TAG]} recorded at registration: the artifact was changed; refusing it"
+        )
+    return model, version
+
+
+class _PyfuncRanker:
+    """The pyfunc flavour's model: (N, 3, S, S) float32 normalised images -> (N, L) patch scores."""
+
+    def __init__(self, model: Ranker) -> None:
+        self.model = model
+
+    def predict(self, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
+        return rank(self.model, torch.as_tensor(np.asarray(model_input, dtype=np.float32))).numpy()
+
+
+def _load_pyfunc(data_path: str) -> _PyfuncRanker:
+    """MLflow's entry point for `mlflow.pyfunc.load_model` (loader_module): the ranker files only."""
+    return _PyfuncRanker(load_ranker_files(data_path))
 
 
 class PromotionError(RuntimeError):

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 import ltrp
-from ltrp.data.checkpoints import CheckpointError
+from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker
+from ltrp.data.checkpoints import (
+    RANKER_GEOMETRY,
+    RANKER_WEIGHTS,
+    CheckpointError,
+    load_ranker_files,
+    save_ranker_files,
+    weights_sha256,
+)
 
 TINY = ltrp.GEOMETRIES["mae_vit_tiny_patch8"]
 HEADS = {"num_heads": TINY.num_heads, "decoder_num_heads": TINY.decoder_num_heads}
@@ -207,3 +215,40 @@ def test_hub_decoder_layer_names_load(tmp_path: Path) -> None:
     torch.testing.assert_close(
         ltrp.load_mae(str(tmp_path / "model.safetensors"))(images, visible), expected, rtol=1e-4, atol=1e-5
     )
+
+
+def test_ranker_files_round_trip_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ranker = Ranker(RANKER_GEOMETRIES["ltrp_vit_micro_patch8"])
+    save_ranker_files(ranker, str(tmp_path))
+    loaded = load_ranker_files(str(tmp_path))
+    assert loaded.cfg == ranker.cfg and weights_sha256(loaded) == weights_sha256(ranker)
+    assert not loaded.training
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        (RANKER_WEIGHTS, None, "no ranker.safetensors"),
+        (RANKER_GEOMETRY, None, "no ranker.json"),
+        (RANKER_WEIGHTS, b"\x80\x04pickled", "is not a safetensors file"),
+        (RANKER_GEOMETRY, b'{"depth": 2, "layers": 3}', "is not a ranker geometry"),
+        (RANKER_GEOMETRY, b'{"embed_dim": 50, "num_heads": 4}', "is not a ranker geometry"),
+        (
+            RANKER_GEOMETRY,
+            b'{"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 4}',
+            "do not fit",
+        ),
+    ],
+)
+def test_ranker_files_that_do_not_fit_are_refused_with_the_file_named(
+    tmp_path: Path, name: str, content: bytes | None, problem: str
+) -> None:
+    save_ranker_files(Ranker(RANKER_GEOMETRIES["ltrp_vit_micro_patch8"]), str(tmp_path))
+    if content is None:
+        (tmp_path / name).unlink()
+    else:
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=problem) as err:
+        load_ranker_files(str(tmp_path))
+    assert str(tmp_path) in str(err.value)

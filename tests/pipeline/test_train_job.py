@@ -23,9 +23,10 @@ from mlflow.tracking import MlflowClient
 
 import ltrp
 from jobs.train import main as train_main
-from ltrp.core.ranker import Ranker, rank
+from ltrp.core.ranker import rank
 from ltrp.pipeline import score_job, trainer
 from ltrp.pipeline.configs import ScoreConfig
+from ltrp.pipeline.registry import load_ranker_ref
 
 ROOT = Path(__file__).resolve().parents[2]
 CKPT_BUCKET = "train-ckpt"  # the training's checkpoints, on the moto S3 server
@@ -160,9 +161,8 @@ def _check_version_1(client: MlflowClient, mlflow_uri: str, score_table: str) ->
     mlflow.set_tracking_uri(mlflow_uri)
     signature = mlflow.models.get_model_info("models:/ltrp-test@candidate").signature
     assert tuple(signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 3, 64, 64)
-    by_alias = mlflow.pytorch.load_model("models:/ltrp-test@candidate")
-    by_version = mlflow.pytorch.load_model("models:/ltrp-test/1")
-    assert isinstance(by_alias, Ranker)
+    by_alias, _ = load_ranker_ref("models:/ltrp-test@candidate")
+    by_version, _ = load_ranker_ref("models:/ltrp-test/1")
     images = torch.randn(2, 3, 64, 64)
     scores = rank(by_alias, images)
     assert scores.shape == (2, 64) and torch.equal(scores, rank(by_version, images))
