@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import posixpath
 import random
 import tempfile
 from collections.abc import Iterator
@@ -52,6 +53,7 @@ from ltrp.data.images import (
 from ltrp.data.sources import Shard, plan_shards, read_shard
 from ltrp.pipeline import runtime, trainer
 from ltrp.pipeline.configs import InputError, PretrainConfig
+from ltrp.pipeline.lease import Lease
 from ltrp.pipeline.trainer import RunLog, Task, Worker, all_gather_lists, unwrap
 
 EXPERIMENT = "ltrp-pretrain"
@@ -89,17 +91,19 @@ def run(cfg: PretrainConfig) -> PretrainSummary:
         shards = plan_shards(cfg.source, cfg.shard_size)
     except (OSError, ValueError) as err:  # a missing source, a manifest without uris, ...
         raise InputError(f"--source: {err}") from err
-    runtime.start(EXPERIMENT, workers=cfg.workers, worker_cpus=cfg.worker_cpus)
-    resume = trainer.resumed_run_id(cfg.storage, cfg.name)
-    tags = {"output": cfg.output, "ray_train_run": cfg.name}
-    with trainer.mlflow_run(EXPERIMENT, f"pretrain {cfg.name}", resume, asdict(cfg), tags) as active:
-        result = fit(cfg, mlflow.get_tracking_uri(), active.info.run_id, shards=shards)
-        mae, history = load_pretrained(result.checkpoint)
-        save_mae(mae, cfg.output)
-        with tempfile.TemporaryDirectory() as folder:
-            curve = Path(folder) / "loss_curve.png"
-            loss_curve_png(history, curve)
-            mlflow.log_artifact(str(curve))
+    with Lease(posixpath.join(cfg.storage, cfg.name), "jobs.pretrain_mae") as lease:  # one per name
+        runtime.start(EXPERIMENT, workers=cfg.workers, worker_cpus=cfg.worker_cpus)
+        resume = trainer.resumed_run_id(cfg.storage, cfg.name)
+        tags = {"output": cfg.output, "ray_train_run": cfg.name}
+        with trainer.mlflow_run(EXPERIMENT, f"pretrain {cfg.name}", resume, asdict(cfg), tags) as active:
+            result = fit(cfg, mlflow.get_tracking_uri(), active.info.run_id, shards=shards)
+            mae, history = load_pretrained(result.checkpoint)
+            lease.check()
+            save_mae(mae, cfg.output)
+            with tempfile.TemporaryDirectory() as folder:
+                curve = Path(folder) / "loss_curve.png"
+                loss_curve_png(history, curve)
+                mlflow.log_artifact(str(curve))
     return PretrainSummary(
         output=cfg.output,
         geometry=cfg.geometry,

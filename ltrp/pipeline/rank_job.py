@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -39,11 +40,11 @@ from ltrp.pipeline.configs import RankConfig, checking_inputs, result_fields
 from ltrp.pipeline.registry import load_ranker_ref
 from ltrp.pipeline.shards import (
     ShardedOutput,
+    commit_all,
     decode_shards,
     stage_schema,
     usable_images,
     view_rows,
-    write_shards,
 )
 
 #: Rows between the stages: the view and its pixels.
@@ -121,20 +122,19 @@ def execute(job: RankPlan, progress=print) -> RankSummary:
     """Claims the output, ranks the shards it does not hold yet, commits each as it completes."""
     start = time.perf_counter()
     cfg = job.cfg
-    out = rank_output(cfg.output)
-    out.claim(job.metadata)
-    done = out.committed_shards()
-    pending = [s for s in job.shards if s.index not in done]
-    batches = []
-    if pending:
-        dataset = _pipeline(cfg, pending, job.ranker, job.metadata["model_sha256"])
-        batches = dataset.iter_batches(batch_format="pyarrow", batch_size=None)
-    written = write_shards(out, batches, job.metadata, len(pending), progress)
-    out.finish(len(job.shards))
+
+    def batches(pending: list[Shard]) -> Iterable[pa.Table]:
+        return _pipeline(cfg, pending, job.ranker, job.metadata["model_sha256"]).iter_batches(
+            batch_format="pyarrow", batch_size=None
+        )
+
+    skipped, written = commit_all(
+        rank_output(cfg.output), "jobs.rank", job.metadata, job.shards, batches, progress
+    )
     return RankSummary(
         cfg.output,
         len(job.shards),
-        len(job.shards) - len(pending),
+        skipped,
         written.images,
         written.rows,
         written.errors,

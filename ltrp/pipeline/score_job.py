@@ -18,6 +18,7 @@ import importlib.metadata
 import math
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -37,11 +38,11 @@ from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import ScoreConfig, checking_inputs, result_fields
 from ltrp.pipeline.shards import (
     ShardedOutput,
+    commit_all,
     decode_shards,
     stage_schema,
     usable_images,
     view_rows,
-    write_shards,
 )
 
 #: --precision -> the autocast dtype of the scorers
@@ -125,20 +126,19 @@ def execute(job: ScorePlan, progress=print) -> ScoreSummary:
     """Claims the output, scores the shards it does not hold yet, commits each as it completes."""
     start = time.perf_counter()
     cfg = job.cfg
-    out = score_output(cfg.output)
-    out.claim(job.metadata)
-    done = out.committed_shards()
-    pending = [s for s in job.shards if s.index not in done]
-    batches = []
-    if pending:
-        dataset = _pipeline(cfg, pending, job.mae.cfg.img_size, job.mae.cfg.grid, job.metadata)
-        batches = dataset.iter_batches(batch_format="pyarrow", batch_size=None)
-    written = write_shards(out, batches, job.metadata, len(pending), progress)
-    out.finish(len(job.shards))
+
+    def batches(pending: list[Shard]) -> Iterable[pa.Table]:
+        return _pipeline(cfg, pending, job.mae.cfg.img_size, job.mae.cfg.grid, job.metadata).iter_batches(
+            batch_format="pyarrow", batch_size=None
+        )
+
+    skipped, written = commit_all(
+        score_output(cfg.output), "jobs.score", job.metadata, job.shards, batches, progress
+    )
     return ScoreSummary(
         cfg.output,
         len(job.shards),
-        len(job.shards) - len(pending),
+        skipped,
         written.images,
         written.rows,
         written.errors,

@@ -42,6 +42,7 @@ from ltrp.data.images import (
 )
 from ltrp.data.sources import Shard, SourceImage, read_shard
 from ltrp.data.tables import ERRORS_SCHEMA, JOB_FILE, SCORES_SCHEMA
+from ltrp.pipeline.lease import Lease
 
 #: The view columns every job's table starts with (the score table's first six).
 VIEW_COLUMNS = list(SCORES_SCHEMA)[:6]
@@ -237,26 +238,47 @@ class ShardedOutput:
 
 @dataclass(frozen=True)
 class Written:
-    """What `write_shards` committed: images with rows, rows, and error rows."""
+    """What `commit_all` committed: images with rows, rows, and error rows."""
 
     images: int = 0
     rows: int = 0
     errors: int = 0
 
 
-def write_shards(
+def commit_all(
     out: ShardedOutput,
-    batches: Iterable[pa.Table],
+    job: str,
     metadata: dict,
-    pending: int,
+    shards: Sequence[Shard],
+    batches_for: Callable[[list[Shard]], Iterable[pa.Table]],
     progress: Callable[[str], None] = print,
-) -> Written:
-    """Commits each shard of the model stage's `batches` as it completes, reporting each commit."""
-    images, rows, errors = 0, 0, 0
-    for done, (index, table) in enumerate(assemble_shards(batches), start=1):
-        kept, failed = out.commit(index, table, metadata)
-        images += len(set(kept.column("image_id").to_pylist()))
-        rows += kept.num_rows
-        errors += failed.num_rows
-        progress(f"committed shard {index} ({done}/{pending} of this run): {images} images, {errors} errors")
-    return Written(images, rows, errors)
+) -> tuple[int, Written]:
+    """Runs a job on its output: holds the output's lease throughout (one job at a time), records the
+    job's metadata (or checks an earlier run's), commits each shard not yet committed as the model
+    stage's batches for them complete, reporting each commit, and marks the output finished.
+
+    Args:
+        job: names the job in the lease, for a job that finds the output taken.
+        batches_for: the model stage's batches of the given pending shards, in any order.
+
+    Returns:
+        (shards skipped as already committed, what this run committed).
+
+    Raises:
+        LeaseHeld: another live job holds the output (before any work), or took it over meanwhile.
+    """
+    with Lease(out.uri, job) as lease:
+        out.claim(metadata)
+        done = out.committed_shards()
+        pending = [s for s in shards if s.index not in done]
+        images, rows, errors = 0, 0, 0
+        for count, (index, table) in enumerate(assemble_shards(batches_for(pending) if pending else []), 1):
+            lease.check()
+            kept, failed = out.commit(index, table, metadata)
+            images += len(set(kept.column("image_id").to_pylist()))
+            rows += kept.num_rows
+            errors += failed.num_rows
+            progress(f"committed shard {index} ({count}/{len(pending)} of this run): {images} images, "
+                     f"{errors} errors")  # fmt: skip
+        out.finish(len(shards))
+    return len(shards) - len(pending), Written(images, rows, errors)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import posixpath
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from ltrp.data.sources import read_many
 from ltrp.data.tables import SCORES_SCHEMA, read_job_metadata, read_scores
 from ltrp.pipeline import runtime, trainer
 from ltrp.pipeline.configs import InputError, TrainConfig, checking_inputs, registered_name
+from ltrp.pipeline.lease import Lease
 from ltrp.pipeline.registry import register_ranker
 from ltrp.pipeline.trainer import Task, Worker, all_reduce_sum
 
@@ -64,23 +66,25 @@ def run(cfg: TrainConfig) -> TrainSummary:
     """
     meta, train_views = check_inputs(cfg)
     name = registered_name(cfg.model)
-    runtime.start(EXPERIMENT, workers=cfg.workers, worker_cpus=cfg.worker_cpus)
-    resume = trainer.resumed_run_id(cfg.storage, cfg.name)
-    tags = {"score_table": cfg.scores, "ray_train_run": cfg.name}
-    with trainer.mlflow_run(EXPERIMENT, f"train {cfg.name}", resume, asdict(cfg), tags) as active:
-        result = fit(cfg, train_views, mlflow.get_tracking_uri(), active.info.run_id)
-        final = {k: float(v) for k, v in result.metrics.items() if k.startswith("val_")}
-        version = register_ranker(
-            load_ranker_checkpoint(result.checkpoint),
-            name,
-            tags={
-                "score_table": cfg.scores,
-                "mae_sha256": meta["mae_sha256"],
-                "ray_train_run": cfg.name,
-                **{k: f"{v:.6g}" for k, v in final.items()},
-            },
-            alias=cfg.alias,
-        )
+    with Lease(posixpath.join(cfg.storage, cfg.name), "jobs.train") as lease:  # one training per name
+        runtime.start(EXPERIMENT, workers=cfg.workers, worker_cpus=cfg.worker_cpus)
+        resume = trainer.resumed_run_id(cfg.storage, cfg.name)
+        tags = {"score_table": cfg.scores, "ray_train_run": cfg.name}
+        with trainer.mlflow_run(EXPERIMENT, f"train {cfg.name}", resume, asdict(cfg), tags) as active:
+            result = fit(cfg, train_views, mlflow.get_tracking_uri(), active.info.run_id)
+            final = {k: float(v) for k, v in result.metrics.items() if k.startswith("val_")}
+            lease.check()
+            version = register_ranker(
+                load_ranker_checkpoint(result.checkpoint),
+                name,
+                tags={
+                    "score_table": cfg.scores,
+                    "mae_sha256": meta["mae_sha256"],
+                    "ray_train_run": cfg.name,
+                    **{k: f"{v:.6g}" for k, v in final.items()},
+                },
+                alias=cfg.alias,
+            )
     return TrainSummary(
         model=name,
         version=str(version.version),  # an int from a SQLite registry, a str over REST

@@ -26,9 +26,10 @@ import ltrp
 from ltrp.data.checkpoints import CheckpointError
 from ltrp.data.images import View, render_view, to_model_input
 from ltrp.data.sources import read_bytes
-from ltrp.data.tables import SCORES_SCHEMA, read_errors, read_scores
+from ltrp.data.tables import JOB_FILE, SCORES_SCHEMA, read_errors, read_scores
 from ltrp.pipeline import score_job
 from ltrp.pipeline.configs import InputError, ScoreConfig
+from ltrp.pipeline.lease import Lease, LeaseHeld
 from ltrp.pipeline.train_job import read_scores_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -264,6 +265,17 @@ def test_resuming_with_other_settings_is_refused(tmp_path: Path, ray_address: st
         score_job.score_corpus(
             ScoreConfig(source=str(folder), mae=checkpoint, output=str(tmp_path / "out"), seed=1)
         )
+
+
+def test_an_output_another_job_is_writing_is_refused_before_any_work(tmp_path: Path, checkpoint: str) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(skimage.data.chelsea()).save(folder / "chelsea.png")
+    out = tmp_path / "out"
+    cfg = ScoreConfig(source=str(folder), mae=checkpoint, output=str(out))
+    with Lease(str(out), "jobs.score"), pytest.raises(LeaseHeld, match=r"is being written by jobs\.score"):
+        score_job.score_corpus(cfg)  # a second job started on the same output
+    assert not (out / JOB_FILE).exists() and not (out / "scores").exists()
 
 
 def test_bad_checkpoint_fails_before_any_work(tmp_path: Path, checkpoint: str) -> None:
