@@ -37,6 +37,7 @@ RankerGeometry = Literal[
     "ltrp_vit_micro_patch8",
     "ltrp_vit_fmnist_patch4",
     "ltrp_vit_scenes_patch4",
+    "ltrp_vit_fmnist_tiny_patch4",
     "ltrp_vit_scenes_tiny_patch4",
 ]
 #: What the ranker sees in training: CLS + the n scored patches (the authors'), or all L patches with

@@ -35,7 +35,10 @@ RANKER_GEOMETRIES: dict[str, RankerConfig] = {
     "ltrp_vit_fmnist_patch4": RankerConfig(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=4),
     # Scenes (56 px): the 14 x 14 grid of the MAE "mae_vit_scenes_patch4", the paper's.
     "ltrp_vit_scenes_patch4": RankerConfig(img_size=56, patch_size=4, embed_dim=96, depth=4, num_heads=4),
-    # The same grid at about a tenth of the compute per token: a ranker cheap next to the ViT it prunes.
+    # The same grids at about a tenth of the compute per token: rankers cheap next to the ViT they prune.
+    "ltrp_vit_fmnist_tiny_patch4": RankerConfig(
+        img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3
+    ),
     "ltrp_vit_scenes_tiny_patch4": RankerConfig(
         img_size=56, patch_size=4, embed_dim=48, depth=2, num_heads=3
     ),
