@@ -27,6 +27,22 @@ from ltrp.data.tables import SCORES_SCHEMA
 from ltrp.evaluation.measures import KEEP_RATIOS, Estimate, metric_key, vs_random
 
 BIN = Path(sys.executable).parent  # console scripts of the test environment (moto_server, ...)
+#: Test files that run Ray Train (DDP workers, a second Ray cluster): each alone takes both of CI's
+#: cores for minutes, and two of them side by side in the two xdist workers took twice as long each.
+#: `make test` runs them one after the other in one worker while the other worker takes the rest.
+RAY_TRAIN_FILES = ("test_train_job.py", "test_cluster.py", "test_pretrain_job.py")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Load by file (`--dist loadfile`), except that the Ray Train files are one unit of work."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class RayTrainFilesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return "ray-train" if file.rsplit("/", 1)[-1] in RAY_TRAIN_FILES else file
+
+    return RayTrainFilesTogether(config, log)
 
 
 def free_port() -> int:

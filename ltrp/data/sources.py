@@ -108,9 +108,11 @@ def _manifest(uri: str) -> list[tuple[str, str, str | None]]:
     if "uri" not in table.column_names:
         raise ValueError(f"manifest {uri} has no 'uri' column (columns: {table.column_names})")
     base = posixpath.dirname(path)
+    raw = table.column("uri").to_pylist()
+    if empty := [i for i, u in enumerate(raw) if not u]:
+        raise ValueError(f"manifest {uri}: row {empty[0]} has no uri ({len(empty)} rows without one)")
     uris = [
-        u if "://" in u or u.startswith("/") else fs.unstrip_protocol(posixpath.join(base, u))
-        for u in table.column("uri").to_pylist()
+        u if "://" in u or u.startswith("/") else fs.unstrip_protocol(posixpath.join(base, u)) for u in raw
     ]
     ids = table.column("image_id").to_pylist() if "image_id" in table.column_names else uris
     labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(uris)

@@ -50,7 +50,7 @@ from ltrp.data.images import (
     to_model_input,
     view_geometry,
 )
-from ltrp.data.sources import Shard, plan_shards, read_shard
+from ltrp.data.sources import Shard, plan_digest, plan_shards, read_shard
 from ltrp.pipeline import runtime, trainer
 from ltrp.pipeline.configs import InputError, PretrainConfig
 from ltrp.pipeline.lease import Lease
@@ -92,6 +92,7 @@ def run(cfg: PretrainConfig) -> PretrainSummary:
     except (OSError, ValueError) as err:  # a missing source, a manifest without uris, ...
         raise InputError(f"--source: {err}") from err
     with Lease(posixpath.join(cfg.storage, cfg.name), "jobs.pretrain_mae") as lease:  # one per name
+        trainer.check_same_inputs(cfg.storage, cfg.name, _inputs(cfg, shards))
         runtime.start(EXPERIMENT, workers=cfg.workers, worker_cpus=cfg.worker_cpus)
         resume = trainer.resumed_run_id(cfg.storage, cfg.name)
         tags = {"output": cfg.output, "ray_train_run": cfg.name}
@@ -113,6 +114,13 @@ def run(cfg: PretrainConfig) -> PretrainSummary:
         skipped_images=int(result.metrics.get("skipped_images", 0)),
         mlflow_run_id=active.info.run_id,
     )
+
+
+def _inputs(cfg: PretrainConfig, shards: list[Shard]) -> dict:
+    """What a pre-training learns from and what it learns: a re-launch of its name must agree."""
+    settings = ("geometry", "norm_pix", "mask_ratio", "crop", "max_images", "seed")
+    source = {"source": trainer.absolute_uri(cfg.source), "plan_digest": plan_digest(shards)}
+    return source | {k: getattr(cfg, k) for k in settings}
 
 
 def mae_config(cfg: PretrainConfig) -> MAEConfig:

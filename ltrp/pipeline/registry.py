@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model
+from mlflow.models import Model, infer_signature
 from mlflow.tracking import MlflowClient
 
 from ltrp.core.ranker import Ranker, rank
@@ -41,6 +41,7 @@ def register_ranker(
     weights' digest (`weights_sha256`, checked on every load), under `alias` if given."""
     size = model.cfg.img_size
     example = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    output = rank(model, torch.from_numpy(example)).numpy()
     with tempfile.TemporaryDirectory() as folder:
         save_ranker_files(model, folder)
         info = mlflow.pyfunc.log_model(
@@ -48,6 +49,7 @@ def register_ranker(
             loader_module=__name__,
             data_path=folder,
             input_example=example,
+            signature=infer_signature(example, output),  # MLflow infers none for a loader_module
             registered_model_name=name,
             pip_requirements=[f"{p}=={metadata.version(p)}" for p in _REQUIREMENTS],
         )

@@ -67,9 +67,10 @@ def run(cfg: TrainConfig) -> TrainSummary:
     meta, train_views = check_inputs(cfg)
     name = registered_name(cfg.model)
     with Lease(posixpath.join(cfg.storage, cfg.name), "jobs.train") as lease:  # one training per name
+        trainer.check_same_inputs(cfg.storage, cfg.name, _inputs(cfg, meta))
         runtime.start(EXPERIMENT, workers=cfg.workers, worker_cpus=cfg.worker_cpus)
         resume = trainer.resumed_run_id(cfg.storage, cfg.name)
-        tags = {"score_table": cfg.scores, "ray_train_run": cfg.name}
+        tags = {"score_table": trainer.absolute_uri(cfg.scores), "ray_train_run": cfg.name}
         with trainer.mlflow_run(EXPERIMENT, f"train {cfg.name}", resume, asdict(cfg), tags) as active:
             result = fit(cfg, train_views, mlflow.get_tracking_uri(), active.info.run_id)
             final = {k: float(v) for k, v in result.metrics.items() if k.startswith("val_")}
@@ -78,7 +79,7 @@ def run(cfg: TrainConfig) -> TrainSummary:
                 load_ranker_checkpoint(result.checkpoint),
                 name,
                 tags={
-                    "score_table": cfg.scores,
+                    "score_table": trainer.absolute_uri(cfg.scores),
                     "mae_sha256": meta["mae_sha256"],
                     "ray_train_run": cfg.name,
                     **{k: f"{v:.6g}" for k, v in final.items()},
@@ -94,6 +95,15 @@ def run(cfg: TrainConfig) -> TrainSummary:
         metrics=final,
         mlflow_run_id=active.info.run_id,
     )
+
+
+def _inputs(cfg: TrainConfig, meta: dict) -> dict:
+    """What a training learns from and what it learns: a re-launch of its name must agree on these
+    (more epochs, another batch size or learning rate may resume it)."""
+    table = {k: meta.get(k) for k in meta.get("fingerprint", [])}  # what decides the table's scores
+    model = ("ranker", "head", "loss", "training", "val_fraction", "views", "seed")
+    data = {"scores": trainer.absolute_uri(cfg.scores), "score_table": table}
+    return data | {k: getattr(cfg, k) for k in model}
 
 
 def check_inputs(cfg: TrainConfig) -> tuple[dict, int]:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import mlflow
 import pyarrow.fs
 import ray
@@ -46,7 +47,7 @@ from mlflow.tracking import MlflowClient
 
 from ltrp.core.optim import lr_at, param_groups
 from ltrp.pipeline import runtime
-from ltrp.pipeline.configs import PretrainConfig, TrainConfig
+from ltrp.pipeline.configs import InputError, PretrainConfig, TrainConfig
 
 #: The checkpoint's training state: {"model", "optimizer", "epoch", "history", ...the task's}.
 STATE_FILE = "state.pt"
@@ -334,9 +335,36 @@ def _describe(metrics: dict[str, float], unit: str) -> str:
 
 
 # -- the driver ---------------------------------------------------------------------------------------------
-def storage_uri(storage: str) -> str:
-    """Checkpoint storage as Ray Train wants it: a URL, or an absolute local path."""
-    return storage if "://" in storage else os.path.abspath(storage)
+def absolute_uri(uri: str) -> str:
+    """A URL, or an absolute local path: as Ray Train wants its storage, and as lineage is recorded (a
+    relative path means nothing to whoever reads a tag or a table written elsewhere)."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+INPUTS_FILE = "_ltrp_inputs.json"
+
+
+def check_same_inputs(storage: str, name: str, inputs: dict[str, Any]) -> None:
+    """One training name, one training: the first launch records in STORAGE/NAME what it learns from;
+    a launch of that name on other inputs is refused before any work, since it would resume (or
+    register) the other training's weights.
+
+    Raises:
+        InputError: naming --storage and --name and the inputs that differ.
+    """
+    fs, root = fsspec.core.url_to_fs(absolute_uri(storage))
+    path = posixpath.join(root, name, INPUTS_FILE)
+    if not fs.exists(path):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        fs.pipe_file(path, json.dumps(inputs, indent=2).encode())
+        return
+    earlier = json.loads(fs.cat_file(path))
+    differs = sorted(k for k in earlier.keys() | inputs.keys() if earlier.get(k) != inputs.get(k))
+    if differs:
+        raise InputError(
+            f"--storage {storage} --name {name} holds a training of other inputs (differs in: "
+            f"{', '.join(differs)}; it learned from {earlier}); resuming needs the same: use another --name"
+        )
 
 
 def fit(cfg: TrainerConfig, task: Task, datasets: dict[str, ray.data.Dataset]) -> ray.train.Result:
@@ -360,7 +388,7 @@ def fit(cfg: TrainerConfig, task: Task, datasets: dict[str, ray.data.Dataset]) -
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
-            storage_path=storage_uri(cfg.storage),
+            storage_path=absolute_uri(cfg.storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets=datasets,
@@ -379,7 +407,7 @@ def latest_result(storage: str, name: str) -> ray.train.Result | None:
     from; None for a new training. Read from Ray Train's own record of the run, not guessed from the
     folders: the newest folder may be one still uploading when the last launch stopped, which Ray Train
     does not resume from."""
-    path = posixpath.join(storage_uri(storage), name)
+    path = posixpath.join(absolute_uri(storage), name)
     fs, root = pyarrow.fs.FileSystem.from_uri(path)
     if fs.get_file_info(posixpath.join(root, _RAY_SNAPSHOT)).type == pyarrow.fs.FileType.NotFound:
         return None

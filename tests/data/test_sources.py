@@ -6,7 +6,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
+from ltrp.data.images import center_view, render_view
 from ltrp.data.sources import Shard, plan_digest, plan_shards, read_bytes, read_shard
 
 
@@ -65,6 +67,19 @@ def test_manifest_refuses_duplicates_and_missing_uri_column(tmp_path: Path) -> N
     (tmp_path / "nouri.csv").write_text("path\na.jpg\n")
     with pytest.raises(ValueError, match="no 'uri' column"):
         plan_shards(str(tmp_path / "nouri.csv"), 4)
+    pq.write_table(pa.table({"uri": ["a.jpg", None, ""]}), tmp_path / "holes.parquet")
+    with pytest.raises(ValueError, match=r"holes\.parquet: row 1 has no uri \(2 rows without one\)"):
+        plan_shards(str(tmp_path / "holes.parquet"), 4)
+
+
+def test_an_animated_gif_is_listed_and_read_as_its_first_frame(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ((200, 10, 10), (10, 200, 10))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    (shard,) = plan_shards(str(tmp_path), 4)
+    assert shard.image_ids == ("anim.gif",)
+    (image,) = read_shard(shard)
+    pixels = render_view(image.data, center_view(32, 32), 16)
+    assert pixels.shape == (16, 16, 3) and tuple(pixels[8, 8]) == (200, 10, 10)
 
 
 def test_missing_source_is_a_clear_error(tmp_path: Path) -> None:

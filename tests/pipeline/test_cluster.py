@@ -1,11 +1,13 @@
-"""The deployment files at work: a real two-node Ray cluster on this machine runs the scoring and training
-jobs submitted through the Ray Jobs API with cluster/runtime_env.yaml, against a moto S3 server and an
-MLflow server. What the files say without a cluster: test_cluster_files.py."""
+"""The deployment files at work: a real two-node Ray cluster on this machine, with token authentication
+on as cluster/ configures it, runs the scoring and training jobs submitted through the Ray Jobs API
+with cluster/runtime_env.yaml, against a moto S3 server and an MLflow server, and refuses a submission
+without the token. What the files say without a cluster: test_cluster_files.py."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import string
@@ -26,16 +28,19 @@ from test_cluster_files import ROOT, RUNTIME_ENV, SETTINGS
 
 import ltrp
 
+TOKEN = secrets.token_hex(32)  # this cluster's token: its nodes have it, and so does an allowed submitter
+AUTH = {"Authorization": f"Bearer {TOKEN}"}  # what `ray job submit` sends with RAY_AUTH_TOKEN set
+
 
 def _node_env() -> dict:
     """The environment of the Ray nodes: none of the settings, so that a job only has them if they
-    travelled in its runtime env, as on a real cluster."""
+    travelled in its runtime env, as on a real cluster; token authentication on, as cluster/ sets it
+    (RAY_AUTH_TOKEN here; the launcher mounts the token file, KubeRay takes it from a Secret)."""
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS and not k.startswith("RAY_")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in an entrypoint: this venv's
     env["RAY_USAGE_STATS_ENABLED"] = "0"
-    # Token auth turns itself on where ~/.ray/auth_token exists (any earlier local ray.init): this
-    # loopback test cluster is open, as the Jobs API client in this process expects.
-    env["RAY_AUTH_MODE"] = "disabled"
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = TOKEN
     return env
 
 
@@ -96,7 +101,8 @@ def _ours(marks: list[str]) -> list[psutil.Process]:
 def cluster(s3_endpoint: str) -> Iterator[tuple[str, list[str]]]:
     """A head (GCS, dashboard and job server) and a worker node, two `ray start` processes on
     127.0.0.1 with ports of their own: (the Jobs API address, marks that find our processes)."""
-    from ray.util.state import list_nodes
+    from ray.util.state import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
 
     # One temp dir per node, as on separate machines: nodes that share one unpack the job's working
     # dir into the same folder and delete it under each other. Short paths: Unix sockets are capped.
@@ -123,7 +129,10 @@ def cluster(s3_endpoint: str) -> Iterator[tuple[str, list[str]]]:
         deadline = time.monotonic() + 90
         while True:
             try:
-                if len([n for n in list_nodes(address=address) if n.state == "ALIVE"]) == 2:
+                nodes = StateApiClient(address, headers=AUTH).list(
+                    StateResource.NODES, ListApiOptions(), raise_on_missing_output=False
+                )
+                if len([n for n in nodes if n.state == "ALIVE"]) == 2:
                     break
             except Exception:
                 if time.monotonic() > deadline:
@@ -149,7 +158,7 @@ def _submit(address: str, command: str, values: dict[str, str]) -> str:
     first checks that the uploaded working dir is the checkout without .venv and .git."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    client = JobSubmissionClient(address)
+    client = JobSubmissionClient(address, headers=AUTH)
     entrypoint = f"test -f pyproject.toml && test ! -e .venv && test ! -e .git && python -m {command}"
     job = client.submit_job(entrypoint=entrypoint, runtime_env=_runtime_env(values))
     deadline = time.monotonic() + 420
@@ -158,13 +167,14 @@ def _submit(address: str, command: str, values: dict[str, str]) -> str:
         time.sleep(1)
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-5000:]
+    print(f"submitted with the token: {job} {status.value}")  # the README's evidence (pytest -s)
     return logs
 
 
 @pytest.fixture(scope="module")
 def settings(s3_endpoint: str, mlflow_uri: str) -> dict[str, str]:
     """What the person submitting has in their environment."""
-    return {k: os.environ[k] for k in SETTINGS if k != "MLFLOW_TRACKING_URI"} | {
+    return {k: os.environ.get(k, "") for k in SETTINGS if k != "MLFLOW_TRACKING_URI"} | {
         "MLFLOW_TRACKING_URI": mlflow_uri
     }
 
@@ -187,6 +197,19 @@ def scored(cluster: tuple[str, list[str]], settings: dict[str, str], tmp_path_fa
         settings,
     )
     return out, logs
+
+
+@pytest.mark.slow
+def test_a_submission_without_the_token_is_refused(cluster: tuple[str, list[str]]) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    for headers in ({}, {"Authorization": f"Bearer {secrets.token_hex(32)}"}):  # none, or a wrong one
+        with pytest.raises(
+            (RuntimeError, ConnectionError), match=r"Authentication (required|failed)"
+        ) as refused:
+            JobSubmissionClient(cluster[0], headers=headers).submit_job(entrypoint="touch /tmp/ltrp-pwned")
+        print(f"submitted without the token: refused: {str(refused.value).splitlines()[0]}")
+    assert not os.path.exists("/tmp/ltrp-pwned")
 
 
 @pytest.mark.slow

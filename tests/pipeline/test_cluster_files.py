@@ -27,9 +27,11 @@ SETTINGS = (
     "AWS_ENDPOINT_URL_S3",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "MLFLOW_TRACKING_URI",
 )
+CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")  # never in a RayJob
 JOB_MODULES = ("jobs.score", "jobs.train", "jobs.evaluate", "jobs.promote")
 LAUNCHER_CONFIGS = {
     "jobs.score": (ScoreConfig, "score"),
@@ -75,8 +77,10 @@ def test_cluster_files_parse_and_their_entrypoints_name_existing_modules() -> No
                 assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
                 named |= set(re.findall(r"python -m ([\w.]+)", spec["entrypoint"]))
                 _parses(spec["entrypoint"])
-                # The job's runtime env is the one of ray job submit: the same settings, the same way.
-                assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"] == env_vars, path
+                # The job's runtime env is the one of ray job submit, the same way, but for the credentials:
+                # a RayJob is readable by whoever may read RayJobs, so they come from a Secret instead.
+                job_env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
+                assert job_env == {k: v for k, v in env_vars.items() if k not in CREDENTIALS}, path
     assert named == {"jobs.score", "jobs.train", "jobs.evaluate"}
     missing = [m for m in JOB_MODULES if importlib.util.find_spec(m) is None]
     assert not missing, f"entrypoint modules missing: {missing}"
@@ -169,6 +173,39 @@ def test_kuberay_pods_fit_their_nodes_and_run_the_tested_ray(where: str, cluster
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert volume["emptyDir"]["medium"] == "Memory", where
     assert 0.3 * memory <= _quantity_gib(volume["emptyDir"]["sizeLimit"]) < memory, where
+
+
+def _ray_containers() -> list[tuple[str, str, dict]]:
+    """(file, kind, container) of every container that runs Ray or submits to it in the KubeRay files."""
+    found = [(where.split(":")[0], "", c) for where, _, pod in _pod_templates() for c in pod["containers"]]
+    for path, doc in _kuberay_docs():
+        if doc["kind"] == "RayJob":
+            found += [
+                (path.name, "submitter", c) for c in doc["spec"]["submitterPodTemplate"]["spec"]["containers"]
+            ]
+    return found
+
+
+def test_every_ray_process_needs_the_token_and_rayjobs_hold_no_credentials() -> None:
+    """Token authentication on every node and submitter (the token from a Secret, not in the file); a
+    RayJob's S3 credentials from a Secret; the launcher mounts the token on every node and starts Ray
+    with RAY_AUTH_MODE=token. test_cluster.py shows a cluster set up so refusing a submission."""
+    for path, kind, container in _ray_containers():
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", (path, kind)
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+            "name": "ltrp-ray-auth",
+            "key": "auth_token",
+        }
+        if path.startswith("rayjob") and kind != "submitter":
+            assert container["envFrom"] == [{"secretRef": {"name": "ltrp-s3", "optional": True}}], path
+    for path in sorted((CLUSTER / "kuberay").glob("rayjob-*.yaml")):
+        assert not [c for c in CREDENTIALS if c in path.read_text()], path
+    config = _launcher_config()
+    assert config["file_mounts"] == {"/home/ray/.ray/auth_token": "~/.ray/auth_token"}
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in config[key] if "ray start" in c]
+        assert "RAY_AUTH_MODE=token ray start" in start, key
 
 
 def test_rayjobs_have_a_deadline() -> None:

@@ -31,9 +31,9 @@ class _Planted:
 
 
 @pytest.fixture
-def registered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Ranker, Path]:
+def registered(tmp_path: Path) -> tuple[Ranker, Path]:
     """Version 1 of `ranker` (@champion) in a SQLite registry; (the ranker, the artifacts folder)."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # (the environment is restored after)
     artifacts = tmp_path / "artifacts"
     experiment = mlflow.create_experiment("registry-test", artifact_location=str(artifacts))
     torch.manual_seed(0)
@@ -60,6 +60,8 @@ def test_a_registered_ranker_is_files_not_code_and_loads_by_alias_version_and_py
     flavors = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]
     assert set(flavors) == {"python_function"}  # no pytorch flavour, whose loader unpickles
     assert flavors["python_function"]["loader_module"] == "ltrp.pipeline.registry"
+    signature = mlflow.models.get_model_info("models:/ranker@champion").signature
+    assert tuple(signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 3, 64, 64)
     requirements = (folder / "requirements.txt").read_text().split()
     assert f"torch=={metadata.version('torch')}" in requirements and all("==" in r for r in requirements)
 

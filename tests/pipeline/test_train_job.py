@@ -1,6 +1,7 @@
 """The training job end to end, on real parts: a score table made by the scoring job on a moto S3
 server, Ray Train DDP on a local Ray cluster, checkpoints on S3, a real MLflow server and registry."""
 
+import json
 import os
 import posixpath
 import re
@@ -222,3 +223,14 @@ def test_a_missing_table_or_another_patch_grid_is_refused_up_front(
             train_main([*args, "--storage", str(tmp_path / "ckpt")])
         assert exit_.value.code == 2 and problem in capsys.readouterr().err
     assert not (tmp_path / "ckpt").exists()  # nothing started, nothing written
+
+    # A name already used for a training of another table: resuming would train (and register) its
+    # weights as if they had learned from this one.
+    (tmp_path / "used" / "run1").mkdir(parents=True)
+    (tmp_path / "used" / "run1" / trainer.INPUTS_FILE).write_text(json.dumps({"scores": "s3://other/scores"}))
+    args = ["--scores", score_table, "--storage", str(tmp_path / "used"), "--name", "run1"]
+    with pytest.raises(SystemExit) as exit_:
+        train_main([*args, "--ranker", "ltrp_vit_micro_patch8"])
+    assert (
+        exit_.value.code == 2 and "holds a training of other inputs (differs in: " in capsys.readouterr().err
+    )

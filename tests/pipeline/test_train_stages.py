@@ -1,4 +1,5 @@
-"""The training job's data stages as plain functions, without Ray: which views train and which validate."""
+"""The training job's data stages as plain functions, without Ray: which views train and which validate,
+and what a training name stands for."""
 
 from pathlib import Path
 
@@ -7,8 +8,9 @@ import pytest
 from conftest import write_table
 
 from ltrp.data.tables import SCORES_SCHEMA
-from ltrp.pipeline.configs import TrainConfig
+from ltrp.pipeline.configs import InputError, TrainConfig
 from ltrp.pipeline.train_job import _select_split, is_validation, split_counts
+from ltrp.pipeline.trainer import check_same_inputs
 
 
 def _rows(images: int, views: int) -> list[dict]:
@@ -36,3 +38,22 @@ def test_split_counts_count_the_views_trained_on(tmp_path: Path) -> None:
     full = split_counts(TrainConfig(scores=str(table), val_fraction=0.25))
     two = split_counts(TrainConfig(scores=str(table), val_fraction=0.25, views=2))
     assert sum(full) == 160 and sum(two) == 80 and full == (two[0] * 2, two[1] * 2)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_training_name_stands_for_one_set_of_inputs(where: str, tmp_path: Path, request) -> None:
+    storage = str(tmp_path / "ckpt") if where == "local" else request.getfixturevalue("s3_bucket") + "/ckpt"
+    inputs = {
+        "scores": "s3://b/scores/run1",
+        "score_table": {"plan_digest": "ab12"},
+        "ranker": "r",
+        "seed": 0,
+    }
+    check_same_inputs(storage, "run1", inputs)  # the first launch records them
+    check_same_inputs(storage, "run1", dict(inputs))  # a re-launch on the same inputs resumes
+    check_same_inputs(storage, "run2", {**inputs, "seed": 1})  # another name is another training
+    other = {**inputs, "scores": "s3://b/scores/run2", "score_table": {"plan_digest": "cd34"}}
+    with pytest.raises(
+        InputError, match=r"--name run1 holds a training of other inputs \(differs in: score_table, scores;"
+    ):
+        check_same_inputs(storage, "run1", other)
