@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -89,6 +89,7 @@ class PrunedArgs:
     lr: float = 1e-3
     rounds: int = 3  # timing rounds (median)
     threads: int = 2  # torch threads for training and timing
+    device: str = "cpu"  # where the ViT, the selectors and ToMe train and are timed (cuda: a GPU)
     seed: int = 0
 
 
@@ -113,9 +114,13 @@ def main(argv: list[str] | None = None) -> dict:
     runtime.start(None, workers=1, worker_cpus=1.0)
     rankers = _rankers(args, setting, root, data.ranker_source, _mae(args, root, data.ranker_source))
 
+    device = torch.device(args.device)
+    data = replace(
+        data, **{k: getattr(data, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")}
+    )
     vit = _vit(args, root, data)
     num_patches = (setting.size // PATCH) ** 2
-    selectors = {name: RankerScorer(model) for name, model in rankers.items()}
+    selectors = {name: RankerScorer(model.to(device)) for name, model in rankers.items()}
     selectors |= {
         "random": efficiency.random_selector(num_patches, args.seed),
         "center": CenterScorer(PATCH),
@@ -143,14 +148,14 @@ def main(argv: list[str] | None = None) -> dict:
             )
         rows.append(row)
         _progress(f"{m.label}: {_fmt(row, setting.measure)}")
-    job_rate, kernel_rate = _ranking_job_rates(args, root, data.corpus, rankers, data.x_test)
+    job_rate, kernel_rate = _ranking_job_rates(args, root, data.corpus, rankers, data.x_test.cpu())
     result = {
         "args": asdict(args),
         "dataset": args.dataset,
         "measure": setting.measure,
         "rows": rows,
         "rank_job": {"job_images_per_s": job_rate, "kernel_images_per_s": kernel_rate},
-        "machine": f"{os.cpu_count()} CPUs, torch threads {args.threads}, device cpu",
+        "machine": _machine(args),
         "test_images": len(data.y_test),
     }
     table = _table(result)
@@ -203,6 +208,12 @@ def _mae(args: PrunedArgs, root: Path, source: str) -> Path:
     return mae
 
 
+def _machine(args: PrunedArgs) -> str:
+    if args.device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(torch.device(args.device))}, {torch.__version__}"
+    return f"{os.cpu_count()} CPUs, torch threads {args.threads}"
+
+
 def _progress(message: str) -> None:
     print(f"[pruned] {message}", flush=True)
 
@@ -238,9 +249,10 @@ def _vit(args: PrunedArgs, root: Path, data: Data) -> VisionTransformer:
         img_size=DATASETS[args.dataset].size, patch_size=PATCH, num_classes=classes, embed_dim=args.width,
         depth=args.depth, num_heads=args.heads, global_pool="token",
     )  # fmt: skip
+    model.to(data.x_train.device)
     path = root / f"vit-{args.width}x{args.depth}-{args.epochs}ep-{len(data.x_train)}-{args.seed}.pt"
     if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
+        model.load_state_dict(torch.load(path, weights_only=True, map_location=data.x_train.device))
         return model.eval()
     fit = FitSettings(args.epochs, args.batch_size, args.lr, seed=args.seed)
     efficiency.fit(model, data.x_train, data.y_train, fit)
@@ -256,6 +268,7 @@ def _ranking_job_rates(
     larger corpus, so that starting the actors weighs less) and the kernel's (the first ranker's forward
     on decoded tensors) on this machine."""
     name, ranker = next(iter(rankers.items()))
+    ranker = ranker.cpu()  # the ranking job and its kernel rate: on this machine's CPUs
     checkpoint = root / f"{name}.state.pt"
     torch.save({"model": ranker.state_dict(), "ranker_config": asdict(ranker.cfg)}, checkpoint)
     out = root / f"ranks-{os.getpid()}"  # a fresh output: the job's full cost, nothing resumed

@@ -139,16 +139,19 @@ def throughputs(
 ) -> dict[str, float]:
     """Images per second of each named run over `images` in batches: the median of `rounds` rounds,
     each of which times every run once in turn (after one untimed warm-up batch each), so that all
-    runs share the machine's state."""
+    runs share the machine's state. On a GPU (images on CUDA) each timing waits for the device."""
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     batches = list(images.split(batch_size))
+    sync = torch.cuda.synchronize if images.is_cuda else lambda: None  # kernels run asynchronously
     for run in runs.values():
-        run(batches[0])  # warm-up: allocator, thread pool, first-call paths
+        run(batches[0])  # warm-up: allocator, thread pool, first-call paths, CUDA kernels
     for _ in range(rounds):
         for name, run in runs.items():
+            sync()
             start = time.perf_counter()
             for x in batches:
                 run(x)
+            sync()
             seconds[name].append(time.perf_counter() - start)
     return {name: len(images) / statistics.median(s) for name, s in seconds.items()}
 
