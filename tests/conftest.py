@@ -30,7 +30,7 @@ BIN = Path(sys.executable).parent  # console scripts of the test environment (mo
 #: Test files that run Ray Train (DDP workers, a second Ray cluster): each alone takes both of CI's
 #: cores for minutes, and two of them side by side in the two xdist workers took twice as long each.
 #: `make test` runs them one after the other in one worker while the other worker takes the rest.
-RAY_TRAIN_FILES = ("test_train_job.py", "test_cluster.py", "test_pretrain_job.py")
+RAY_TRAIN_FILES = ("test_train_job.py", "test_cluster.py", "test_pretrain_job.py", "test_workflow.py")
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:

@@ -229,15 +229,15 @@ def test_bad_and_odd_files_are_recorded_or_scored(tmp_path: Path, ray_address: s
 
 
 @pytest.mark.slow
-def test_same_seed_same_table_other_seed_other_views(
-    tmp_path: Path, ray_address: str, checkpoint: str
-) -> None:
+def test_same_seed_same_table(tmp_path: Path, ray_address: str, checkpoint: str) -> None:
+    """Two runs with one seed write equal tables, views and scores. (That another seed draws other crops,
+    flips and visible sets: test_score_stages, on the decode stage, without two more Ray jobs.)"""
     folder = tmp_path / "photos"
     folder.mkdir()
     for name in PHOTOS:
         Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.png")
     runs = {}
-    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+    for name in ("a", "b"):
         cfg = ScoreConfig(
             source=str(folder),
             mae=checkpoint,
@@ -245,14 +245,12 @@ def test_same_seed_same_table_other_seed_other_views(
             views=3,
             crop="random",
             flip=True,
-            seed=seed,
+            seed=3,
             shard_size=2,
         )
         score_job.score_corpus(cfg)
         runs[name] = read_scores(cfg.output).sort_by([("image_id", "ascending"), ("view", "ascending")])
     assert runs["a"].num_rows == 15 and runs["a"].equals(runs["b"])
-    assert runs["a"].column("crop_box").to_pylist() != runs["c"].column("crop_box").to_pylist()
-    assert runs["a"].column("visible").to_pylist() != runs["c"].column("visible").to_pylist()
     assert {f for f in runs["a"].column("flip").to_pylist()} == {True, False}
 
 
