@@ -152,8 +152,9 @@ class Lease:
                     os.unlink(tmp)
             else:
                 self.fs.pipe_file(self.path, data, mode="create")  # If-None-Match: *
-        except FileExistsError:
-            return False
+        except FileExistsError:  # someone's, or ours if a retried write had already succeeded
+            current, _ = self._read()
+            return current is not None and current.token == self.token
         return True
 
     def _replace(self, tag: str | None) -> bool:
