@@ -31,7 +31,7 @@ from ltrp.core.probe import ProbeSettings
 from ltrp.core.ranker import Ranker
 from ltrp.data.checkpoints import load_mae
 from ltrp.data.scenes import SEEN_CLASSES, UNSEEN_CLASSES
-from ltrp.data.tables import read_scores
+from ltrp.data.tables import read_job_metadata, read_scores
 from ltrp.evaluation import fidelity, scene_report
 from ltrp.evaluation.measures import TAG_PREFIX, metric_key, to_tags, vs_random
 from ltrp.evaluation.protocol import EvalSettings, EvaluationResult, evaluate, load_labelled, pseudo_scores
@@ -79,6 +79,7 @@ def run(cfg: EvaluateConfig, progress=print) -> EvaluateSummary:
     with checking_inputs():  # everything the measures need, before they start
         ranker, version = load_ranker_ref(cfg.model)
         mae = load_mae(cfg.mae)
+        _check_agree(cfg, ranker, mae)
     evaluation = _evaluate_scenes if has_masks(cfg.test_source) else _evaluate_labelled
     result, write = evaluation(cfg, ranker, mae, progress)
 
@@ -112,6 +113,22 @@ def run(cfg: EvaluateConfig, progress=print) -> EvaluateSummary:
 
 
 Writer = Callable[[Any, Path, str, dict], list[Path]]
+
+
+def _check_agree(cfg: EvaluateConfig, ranker: Ranker, mae: MAE) -> None:
+    """The ranker ranks the MAE's patch grid, and every score table was scored by that MAE."""
+    if ranker.cfg.num_patches != mae.cfg.num_patches:
+        raise InputError(
+            f"--model {cfg.model} ranks {ranker.cfg.num_patches} patches, --mae {cfg.mae} has "
+            f"{mae.cfg.num_patches}: evaluate a ranker of the MAE's grid"
+        )
+    for uri in cfg.scores:
+        scored_by = read_job_metadata(uri).get("mae_sha256")
+        if scored_by not in (None, mae.checkpoint.sha256):
+            raise InputError(
+                f"--scores {uri} was scored by the MAE with sha256 {scored_by}, not by --mae {cfg.mae} "
+                f"(sha256 {mae.checkpoint.sha256}): give the MAE that scored it"
+            )
 
 
 def headline(result: EvaluationResult | SceneEvaluation) -> str:

@@ -56,6 +56,14 @@ def test_job_refuses_a_bad_model_file_and_an_uncovered_table(tmp_path: Path) -> 
         evaluate_job.run(cfg)
     assert str(bad) in str(err.value)
     good = ranker_checkpoint(tmp_path / "state.pt", SMALL_RANKER)
+    job = table / "_ltrp_job.json"
+    job.write_text(json.dumps({"fingerprint": ["mae_sha256"], "mae_sha256": "0" * 64}))  # another MAE's
+    with pytest.raises(InputError, match=f"--scores {table} was scored by the MAE with sha256 0000"):
+        evaluate_job.run(replace(cfg, model=str(good)))
+    job.write_text(json.dumps({"fingerprint": []}))
+    other_grid = replace(SMALL_RANKER, img_size=SMALL_RANKER.img_size * 2)
+    with pytest.raises(InputError, match=r"ranks \d+ patches, --mae .* has \d+"):
+        evaluate_job.run(replace(cfg, model=str(ranker_checkpoint(tmp_path / "grid.pt", other_grid))))
     with pytest.raises(ValueError, match="no held-out image has an unflipped central-square row") as err:
         evaluate_job.run(replace(cfg, model=str(good)))
     assert str(table) in str(err.value)
