@@ -93,7 +93,7 @@ def load_ranker_ref(uri: str) -> tuple[Ranker, ModelVersion | None]:
     if WEIGHTS_TAG not in version.tags:
         raise ValueError(
             f"{uri} (version {version.version}) has no {WEIGHTS_TAG} tag: not a ranker registered by ltrp "
-            "(or by an ltrp before 0.1.0's safetensors format, which pickled it: register it again)"
+            "(or registered by an older ltrp, which pickled rankers: register it again)"
         )
     with tempfile.TemporaryDirectory() as folder:
         local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=folder)
