@@ -38,8 +38,8 @@ from ltrp.data.datasets import write_fashion_mnist
 from ltrp.data.scenes import SHIPPED_MAE, SceneConfig, write_scenes
 from ltrp.evaluation import efficiency
 from ltrp.evaluation.efficiency import FitSettings, Method
-from ltrp.evaluation.protocol import load_labelled
-from ltrp.evaluation.scene_eval import load_scene_set
+from ltrp.evaluation.protocol import LabelledImages, load_labelled
+from ltrp.evaluation.scene_eval import SceneSet, load_scene_set
 from ltrp.pipeline import pretrain_job, rank_job, runtime, score_job, train_job
 from ltrp.pipeline.configs import PretrainConfig, RankConfig, ScoreConfig, TrainConfig
 
@@ -173,10 +173,7 @@ def _scenes(args: PrunedArgs, root: Path) -> Data:
     test = write_scenes(root / "scenes-test", "test", args.test_images, scenes)
     ranker_source = write_scenes(root / "scenes-rankers", "train", args.ranker_images, scenes)
     train, test = (load_scene_set(str(m), DATASETS["scenes"].size, PATCH) for m in (corpus, test))
-    return Data(
-        train.inputs(), torch.from_numpy(train.labels), test.inputs(), torch.from_numpy(test.labels),
-        str(ranker_source), str(corpus),
-    )  # fmt: skip
+    return _data(train, test, ranker_source, corpus)
 
 
 def _fashion_mnist(args: PrunedArgs, root: Path) -> Data:
@@ -186,6 +183,12 @@ def _fashion_mnist(args: PrunedArgs, root: Path) -> Data:
     size = DATASETS["fashion_mnist"].size
     train, classes, _ = load_labelled(str(corpus), size)
     test, _, _ = load_labelled(str(test), size, classes)
+    return _data(train, test, ranker_source, corpus)
+
+
+def _data(
+    train: SceneSet | LabelledImages, test: SceneSet | LabelledImages, ranker_source: Path, corpus: Path
+) -> Data:
     return Data(
         train.inputs(), torch.from_numpy(train.labels), test.inputs(), torch.from_numpy(test.labels),
         str(ranker_source), str(corpus),

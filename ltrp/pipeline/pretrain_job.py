@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import posixpath
 import random
 import tempfile
 from collections.abc import Iterator
@@ -53,7 +52,6 @@ from ltrp.data.images import (
 from ltrp.data.sources import Shard, plan_digest, plan_shards, read_shard
 from ltrp.pipeline import runtime, trainer
 from ltrp.pipeline.configs import InputError, PretrainConfig
-from ltrp.pipeline.lease import Lease
 from ltrp.pipeline.trainer import RunLog, Task, Worker, all_gather_lists, unwrap
 
 EXPERIMENT = "ltrp-pretrain"
@@ -91,8 +89,7 @@ def run(cfg: PretrainConfig) -> PretrainSummary:
         shards = plan_shards(cfg.source, cfg.shard_size)
     except (OSError, ValueError) as err:  # a missing source, a manifest without uris, ...
         raise InputError(f"--source: {err}") from err
-    with Lease(posixpath.join(cfg.storage, cfg.name), "jobs.pretrain_mae") as lease:  # one per name
-        trainer.check_same_inputs(cfg.storage, cfg.name, _inputs(cfg, shards))
+    with trainer.claimed(cfg.storage, cfg.name, "jobs.pretrain_mae", _inputs(cfg, shards)) as lease:
         runtime.start(EXPERIMENT, workers=cfg.workers, worker_cpus=cfg.worker_cpus)
         resume = trainer.resumed_run_id(cfg.storage, cfg.name)
         tags = {"output": cfg.output, "ray_train_run": cfg.name}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import posixpath
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -35,7 +34,6 @@ from ltrp.data.sources import read_many
 from ltrp.data.tables import SCORES_SCHEMA, read_job_metadata, read_scores
 from ltrp.pipeline import runtime, trainer
 from ltrp.pipeline.configs import InputError, TrainConfig, checking_inputs, registered_name
-from ltrp.pipeline.lease import Lease
 from ltrp.pipeline.registry import register_ranker
 from ltrp.pipeline.trainer import Task, Worker, all_reduce_sum
 
@@ -66,11 +64,11 @@ def run(cfg: TrainConfig) -> TrainSummary:
     """
     meta, train_views = check_inputs(cfg)
     name = registered_name(cfg.model)
-    with Lease(posixpath.join(cfg.storage, cfg.name), "jobs.train") as lease:  # one training per name
-        trainer.check_same_inputs(cfg.storage, cfg.name, _inputs(cfg, meta))
+    scores = trainer.absolute_uri(cfg.scores)
+    with trainer.claimed(cfg.storage, cfg.name, "jobs.train", _inputs(cfg, meta, scores)) as lease:
         runtime.start(EXPERIMENT, workers=cfg.workers, worker_cpus=cfg.worker_cpus)
         resume = trainer.resumed_run_id(cfg.storage, cfg.name)
-        tags = {"score_table": trainer.absolute_uri(cfg.scores), "ray_train_run": cfg.name}
+        tags = {"score_table": scores, "ray_train_run": cfg.name}
         with trainer.mlflow_run(EXPERIMENT, f"train {cfg.name}", resume, asdict(cfg), tags) as active:
             result = fit(cfg, train_views, mlflow.get_tracking_uri(), active.info.run_id)
             final = {k: float(v) for k, v in result.metrics.items() if k.startswith("val_")}
@@ -79,7 +77,7 @@ def run(cfg: TrainConfig) -> TrainSummary:
                 load_ranker_checkpoint(result.checkpoint),
                 name,
                 tags={
-                    "score_table": trainer.absolute_uri(cfg.scores),
+                    "score_table": scores,
                     "mae_sha256": meta["mae_sha256"],
                     "ray_train_run": cfg.name,
                     **{k: f"{v:.6g}" for k, v in final.items()},
@@ -97,12 +95,12 @@ def run(cfg: TrainConfig) -> TrainSummary:
     )
 
 
-def _inputs(cfg: TrainConfig, meta: dict) -> dict:
+def _inputs(cfg: TrainConfig, meta: dict, scores: str) -> dict:
     """What a training learns from and what it learns: a re-launch of its name must agree on these
     (more epochs, another batch size or learning rate may resume it)."""
     table = {k: meta.get(k) for k in meta.get("fingerprint", [])}  # what decides the table's scores
     model = ("ranker", "head", "loss", "training", "val_fraction", "views", "seed")
-    data = {"scores": trainer.absolute_uri(cfg.scores), "score_table": table}
+    data = {"scores": scores, "score_table": table}
     return data | {k: getattr(cfg, k) for k in model}
 
 

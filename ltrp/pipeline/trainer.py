@@ -48,6 +48,7 @@ from mlflow.tracking import MlflowClient
 from ltrp.core.optim import lr_at, param_groups
 from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import InputError, PretrainConfig, TrainConfig
+from ltrp.pipeline.lease import Lease
 
 #: The checkpoint's training state: {"model", "optimizer", "epoch", "history", ...the task's}.
 STATE_FILE = "state.pt"
@@ -344,27 +345,33 @@ def absolute_uri(uri: str) -> str:
 INPUTS_FILE = "_ltrp_inputs.json"
 
 
-def check_same_inputs(storage: str, name: str, inputs: dict[str, Any]) -> None:
-    """One training name, one training: the first launch records in STORAGE/NAME what it learns from;
-    a launch of that name on other inputs is refused before any work, since it would resume (or
-    register) the other training's weights.
+@contextmanager
+def claimed(storage: str, name: str, job: str, inputs: dict[str, Any]) -> Iterator[Lease]:
+    """Holds the training STORAGE/NAME for `job` (its lease: one launch at a time) and checks that
+    the name stands for one training: the first launch records there what it learns from, and a launch
+    of that name on other inputs is refused before any work, since it would resume (or register) the
+    other training's weights. Yields the lease, for `Lease.check` before a result is published.
 
     Raises:
+        LeaseHeld: another launch holds the name.
         InputError: naming --storage and --name and the inputs that differ.
     """
-    fs, root = fsspec.core.url_to_fs(absolute_uri(storage))
-    path = posixpath.join(root, name, INPUTS_FILE)
-    if not fs.exists(path):
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        fs.pipe_file(path, json.dumps(inputs, indent=2).encode())
-        return
-    earlier = json.loads(fs.cat_file(path))
-    differs = sorted(k for k in earlier.keys() | inputs.keys() if earlier.get(k) != inputs.get(k))
-    if differs:
-        raise InputError(
-            f"--storage {storage} --name {name} holds a training of other inputs (differs in: "
-            f"{', '.join(differs)}; it learned from {earlier}); resuming needs the same: use another --name"
-        )
+    folder = posixpath.join(absolute_uri(storage), name)
+    with Lease(folder, job) as lease:
+        fs, root = fsspec.core.url_to_fs(folder)
+        path = posixpath.join(root, INPUTS_FILE)
+        if not fs.exists(path):
+            fs.pipe_file(path, json.dumps(inputs, indent=2).encode())
+        else:
+            earlier = json.loads(fs.cat_file(path))
+            differs = sorted(k for k in earlier.keys() | inputs.keys() if earlier.get(k) != inputs.get(k))
+            if differs:
+                raise InputError(
+                    f"--storage {storage} --name {name} holds a training of other inputs (differs in: "
+                    f"{', '.join(differs)}; it learned from {earlier}); resuming needs the same: use "
+                    "another --name"
+                )
+        yield lease
 
 
 def fit(cfg: TrainerConfig, task: Task, datasets: dict[str, ray.data.Dataset]) -> ray.train.Result:

@@ -10,7 +10,7 @@ from conftest import write_table
 from ltrp.data.tables import SCORES_SCHEMA
 from ltrp.pipeline.configs import InputError, TrainConfig
 from ltrp.pipeline.train_job import _select_split, is_validation, split_counts
-from ltrp.pipeline.trainer import check_same_inputs
+from ltrp.pipeline.trainer import claimed
 
 
 def _rows(images: int, views: int) -> list[dict]:
@@ -49,11 +49,18 @@ def test_a_training_name_stands_for_one_set_of_inputs(where: str, tmp_path: Path
         "ranker": "r",
         "seed": 0,
     }
-    check_same_inputs(storage, "run1", inputs)  # the first launch records them
-    check_same_inputs(storage, "run1", dict(inputs))  # a re-launch on the same inputs resumes
-    check_same_inputs(storage, "run2", {**inputs, "seed": 1})  # another name is another training
+    with claimed(storage, "run1", "jobs.train", inputs):  # the first launch records them
+        pass
+    with claimed(storage, "run1", "jobs.train", dict(inputs)):  # a re-launch on the same inputs resumes
+        pass
+    with claimed(storage, "run2", "jobs.train", {**inputs, "seed": 1}):  # another name: another training
+        pass
     other = {**inputs, "scores": "s3://b/scores/run2", "score_table": {"plan_digest": "cd34"}}
-    with pytest.raises(
-        InputError, match=r"--name run1 holds a training of other inputs \(differs in: score_table, scores;"
+    with (
+        pytest.raises(
+            InputError,
+            match=r"--name run1 holds a training of other inputs \(differs in: score_table, scores;",
+        ),
+        claimed(storage, "run1", "jobs.train", other),
     ):
-        check_same_inputs(storage, "run1", other)
+        pass
