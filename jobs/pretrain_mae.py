@@ -32,6 +32,7 @@ PROG = "python -m jobs.pretrain_mae"
 
 def main(argv: list[str] | None = None) -> PretrainSummary:
     cfg = parse(PretrainConfig, "pretrain", argv, prog=PROG)
+    from ltrp.data.sources import describe_passed_over
     from ltrp.pipeline import pretrain_job  # after parsing: --help and refusals need no torch, Ray or MLflow
 
     summary = run_job(pretrain_job.run, cfg, PROG)
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> PretrainSummary:
         f"pre-trained {summary.geometry} for {summary.epochs} epochs (this run started at epoch "
         f"{summary.start_epoch}); train_loss {summary.train_loss:.4f}"
         + (f"; skipped {skipped} unreadable images (MLflow: skipped_images.json)" if skipped else "")
+        + (f"; {describe_passed_over(summary.passed_over)}" if summary.passed_over else "")
         + f"; wrote {summary.output}; MLflow run {summary.mlflow_run_id}"
     )
     return summary

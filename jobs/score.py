@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None):
         prog="python -m jobs.score",
         defaults=DEMO if demo else None,
     )
+    from ltrp.data.sources import describe_passed_over
     from ltrp.pipeline import score_job  # after parsing: --help and refusals need no torch or Ray
 
     if demo:
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None):
         f"scored {summary.images_scored} images ({summary.rows_written} rows) and skipped "
         f"{summary.shards_skipped} finished shards of {summary.shards}; {summary.errors} errors; "
         f"{summary.seconds:.1f} s, {summary.images_per_second:.2f} img/s -> {summary.output}"
+        + (f"; {describe_passed_over(summary.passed_over)}" if summary.passed_over else "")
     )
     return summary
 

@@ -17,12 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fault_proxy import FaultProxy
 
 import ltrp
 from ltrp.core.ranker import RankerConfig
 from ltrp.data.datasets import read_fashion_mnist
 from ltrp.data.images import center_crop, center_view, displayed_size, png_bytes, to_model_input
-from ltrp.data.sources import plan_shards, read_shard
+from ltrp.data.sources import plan_corpus, read_shard
 from ltrp.data.tables import SCORES_SCHEMA
 from ltrp.evaluation.measures import KEEP_RATIOS, Estimate, metric_key, vs_random
 
@@ -76,28 +77,29 @@ def _restore_mlflow_tracking_uri() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """A real S3-compatible server (moto) on 127.0.0.1, with the environment pointing at it, so that
-    boto3, s3fs and pyarrow all use it. Stopped by its process id at the end of the session."""
+def s3_proxy() -> Iterator[FaultProxy]:
+    """A real S3-compatible server (moto) on 127.0.0.1 behind the fault-injecting proxy, with the
+    environment pointing at the proxy, so that boto3, s3fs and pyarrow, here and in every Ray worker and
+    node started later, all use it. Faults are off unless a test turns them on (`proxy.faults(rate)`).
+    moto is stopped by its process id at the end of the session."""
     port = free_port()
     proc = subprocess.Popen(
         [BIN / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ENDPOINT_URL_S3": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    names = ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    saved = {k: os.environ.get(k) for k in names}
+    proxy = None
     try:
         wait_for_port(port, proc)
-        yield endpoint
+        proxy = FaultProxy(f"http://127.0.0.1:{port}")
+        values = (proxy.endpoint, "testing", "testing", "us-east-1")  # dummy credentials
+        os.environ.update(zip(names, values, strict=True))
+        yield proxy
     finally:
+        if proxy is not None:
+            proxy.shutdown()
         proc.terminate()
         proc.wait(timeout=10)
         for k, v in saved.items():
@@ -105,6 +107,12 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_proxy: FaultProxy) -> str:
+    """The S3 endpoint every client here uses: http://127.0.0.1:PORT."""
+    return s3_proxy.endpoint
 
 
 @pytest.fixture
@@ -241,7 +249,7 @@ def write_folder(root: Path, images: np.ndarray, labels: np.ndarray, first: int 
 
 def score_rows(source: Path, mae: ltrp.MAE, mask_ratio: float = 0.75) -> list[dict]:
     """Score-table rows for a folder's central squares, as the scoring job writes them."""
-    items = [img for shard in plan_shards(str(source), 1 << 20) for img in read_shard(shard)]
+    items = [img for shard in plan_corpus(str(source), 1 << 20).shards for img in read_shard(shard)]
     pixels = np.stack([center_crop(img.data, mae.cfg.img_size) for img in items])
     visible = ltrp.visible_sets([img.image_id for img in items], grid=mae.cfg.grid, mask_ratio=mask_ratio)
     with torch.inference_mode():

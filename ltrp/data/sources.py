@@ -13,6 +13,7 @@ import itertools
 import json
 import posixpath
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -55,7 +56,24 @@ class SourceImage:
     error: str | None = None
 
 
-def plan_shards(source: str, shard_size: int) -> list[Shard]:
+@dataclass(frozen=True)
+class Corpus:
+    """A corpus planned into shards, and the files its listing held that are neither images nor tar
+    shards, by suffix ({".txt": 2, "": 1}): passed over, so counted, never dropped silently."""
+
+    shards: list[Shard]
+    passed_over: dict[str, int]
+
+
+def describe_passed_over(passed_over: dict[str, int]) -> str:
+    """'3 files passed over (neither an image nor a .tar): .json 1, .txt 2', or '' for none."""
+    if not passed_over:
+        return ""
+    counts = ", ".join(f"{suffix or '(no suffix)'} {n}" for suffix, n in sorted(passed_over.items()))
+    return f"{sum(passed_over.values())} files passed over (neither an image nor a .tar): {counts}"
+
+
+def plan_corpus(source: str, shard_size: int) -> Corpus:
     """Splits a corpus into shards.
 
     Args:
@@ -64,21 +82,27 @@ def plan_shards(source: str, shard_size: int) -> list[Shard]:
             file; or a manifest (`.parquet` / `.csv` with a `uri` column, optional `image_id` and
             `label`; relative uris are relative to the manifest's folder).
         shard_size: images per shard for files (a tar file is always one shard).
+
+    Raises:
+        FileNotFoundError: the source is missing or holds no images or tar shards.
+        ValueError: a manifest without a uri column, with empty uris or duplicate ids.
     """
     lowered = source.lower()
+    passed_over: Counter[str] = Counter()
     if lowered.endswith((".parquet", ".csv")):
         files, tars = _manifest(source), []
     elif lowered.endswith(".tar"):
         files, tars = [], [source]
     else:
-        files, tars = _folder(source)
+        files, tars, passed_over = _folder(source)
     if not files and not tars:
         raise FileNotFoundError(f"no images or .tar shards found under {source}")
     shards = [
         Shard(k, *map(tuple, zip(*files[start : start + shard_size], strict=True)))
         for k, start in enumerate(range(0, len(files), shard_size))
     ]
-    return shards + [Shard(len(shards) + i, tar=t) for i, t in enumerate(tars)]
+    shards += [Shard(len(shards) + i, tar=t) for i, t in enumerate(tars)]
+    return Corpus(shards, dict(passed_over))
 
 
 def plan_digest(shards: list[Shard]) -> str:
@@ -86,19 +110,22 @@ def plan_digest(shards: list[Shard]) -> str:
     return hashlib.sha256("\n".join(s.to_json() for s in shards).encode()).hexdigest()
 
 
-def _folder(root: str) -> tuple[list[tuple[str, str, str | None]], list[str]]:
+def _folder(root: str) -> tuple[list[tuple[str, str, str | None]], list[str], Counter[str]]:
     fs, base = fsspec.core.url_to_fs(root)
     if not fs.isdir(base):
         raise FileNotFoundError(f"image source not found: {root}")
-    paths = sorted(fs.find(base))
-    files = []
-    for path in paths:
-        if path.lower().endswith(IMAGE_SUFFIXES):
+    files, tars, passed_over = [], [], Counter()
+    for path in sorted(fs.find(base)):
+        lowered = path.lower()
+        if lowered.endswith(IMAGE_SUFFIXES):
             rel = posixpath.relpath(path, base)
             label = rel.split("/", 1)[0] if "/" in rel else None
             files.append((rel, fs.unstrip_protocol(path), label))
-    tars = [fs.unstrip_protocol(p) for p in paths if p.lower().endswith(".tar")]
-    return files, tars
+        elif lowered.endswith(".tar"):
+            tars.append(fs.unstrip_protocol(path))
+        else:
+            passed_over[posixpath.splitext(lowered)[1]] += 1
+    return files, tars, passed_over
 
 
 def _manifest(uri: str) -> list[tuple[str, str, str | None]]:

@@ -8,6 +8,7 @@ import posixpath
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import scipy.stats
 
@@ -43,11 +44,9 @@ def read_scores(uri: str, *, columns: list[str] | None = None, filters: list | N
 
     Raises:
         FileNotFoundError: `uri` is not a scoring job's output (it holds no `_ltrp_job.json`).
+        ValueError: a file of the table lacks a column of the score table's schema.
     """
-    fs, root = _job_root(uri)
-    return pq.read_table(
-        posixpath.join(root, "scores"), filesystem=fs, columns=columns, filters=filters, schema=SCORES_SCHEMA
-    )
+    return _read_table(uri, "score", "scores", SCORES_SCHEMA, columns, filters)
 
 
 def read_errors(uri: str) -> pa.Table:
@@ -69,11 +68,27 @@ def read_ranks(uri: str, *, columns: list[str] | None = None, filters: list | No
 
     Raises:
         FileNotFoundError: `uri` is not a ranking job's output (it holds no `_ltrp_job.json`).
+        ValueError: a file of the table lacks a column of the rank table's schema.
     """
-    fs, root = _job_root(uri, "rank")
-    return pq.read_table(
-        posixpath.join(root, "ranks"), filesystem=fs, columns=columns, filters=filters, schema=RANKS_SCHEMA
-    )
+    return _read_table(uri, "rank", "ranks", RANKS_SCHEMA, columns, filters)
+
+
+def _read_table(
+    uri: str, job: str, folder: str, schema: pa.Schema, columns: list[str] | None, filters: list | None
+) -> pa.Table:
+    """The Parquet files of a job's output folder read as `schema`, after checking that each file has
+    its columns: read with a schema, a file without one would give nulls in its place, not an error."""
+    fs, root = _job_root(uri, job)
+    dataset = ds.dataset(posixpath.join(root, folder), filesystem=fs, format="parquet", schema=schema)
+    for fragment in dataset.get_fragments():
+        missing = [name for name in schema.names if name not in fragment.physical_schema.names]
+        if missing:
+            raise ValueError(
+                f"{uri.rstrip('/')}/{folder}/{posixpath.basename(fragment.path)} has no column "
+                f"{', '.join(missing)}: not a file of a {job} job's table ({', '.join(schema.names)})"
+            )
+    expression = None if filters is None else pq.filters_to_expression(filters)
+    return dataset.to_table(columns=columns, filter=expression)
 
 
 def top_k(ranks: pa.Table, ratio: float) -> np.ndarray:

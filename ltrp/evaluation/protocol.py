@@ -37,7 +37,7 @@ from ltrp.core.mae import MAE
 from ltrp.core.ranker import Ranker, keep_top
 from ltrp.core.ranking_metrics import kendall_tau, ndcg_at_k, spearman, topk_overlap
 from ltrp.data.images import ImageDecodeError, center_crop, center_view, displayed_size, to_model_input
-from ltrp.data.sources import plan_shards, read_shard
+from ltrp.data.sources import plan_corpus, read_shard
 from ltrp.data.tables import read_scores
 from ltrp.evaluation.measures import KEEP_RATIOS, Estimate, metric_key
 
@@ -112,7 +112,7 @@ def load_labelled(
 
     `classes` fixes the label order (from the training source); images of other labels are an error.
     """
-    items = [img for shard in plan_shards(source, 1 << 30) for img in read_shard(shard)]
+    items = [img for shard in plan_corpus(source, 1 << 30).shards for img in read_shard(shard)]
     if any(img.label is None for img in items):
         raise ValueError(f"{source}: the evaluation needs labels (ImageFolder layout, tar cls or manifest)")
     chosen = [items[i] for i in spread([img.image_id for img in items], limit or len(items))]

@@ -1,6 +1,6 @@
 """MAE pre-training on Ray Train (DDP), on any corpus the scoring job reads, tracked in MLflow.
 
-Data: the corpus's shards (`plan_shards`) -> Ray Data read tasks (each image's bytes, or why they could
+Data: the corpus's shards (`plan_corpus`) -> Ray Data read tasks (each image's bytes, or why they could
 not be read) -> on each worker, `iter_torch_batches` renders the epoch's view of every image as uint8
 pixels with the scoring job's own `render_view`, in Ray's prefetch threads. The view is a function of
 (seed, image id, epoch), so it is rendered as the batches are formed rather than stored in the dataset.
@@ -49,7 +49,7 @@ from ltrp.data.images import (
     to_model_input,
     view_geometry,
 )
-from ltrp.data.sources import Shard, plan_digest, plan_shards, read_shard
+from ltrp.data.sources import Shard, plan_corpus, plan_digest, read_shard
 from ltrp.pipeline import runtime, trainer
 from ltrp.pipeline.configs import InputError, PretrainConfig
 from ltrp.pipeline.trainer import RunLog, Task, Worker, all_gather_lists, unwrap
@@ -70,6 +70,7 @@ class PretrainSummary:
     start_epoch: int  # the epoch this launch started at (0: a new training, else resumed)
     history: tuple[float, ...]  # mean training loss of every epoch, the first launch's included
     skipped_images: int  # images of the last epoch that could not be decoded
+    passed_over: dict[str, int]  # files of the source that are neither images nor tar shards, by suffix
     mlflow_run_id: str  # the training's MLflow run (the same across re-launches)
 
     @property
@@ -86,15 +87,15 @@ def run(cfg: PretrainConfig) -> PretrainSummary:
         InputError: --source holds no images (before Ray starts or MLflow is touched).
     """
     try:
-        shards = plan_shards(cfg.source, cfg.shard_size)
+        corpus = plan_corpus(cfg.source, cfg.shard_size)
     except (OSError, ValueError) as err:  # a missing source, a manifest without uris, ...
         raise InputError(f"--source: {err}") from err
-    with trainer.claimed(cfg.storage, cfg.name, "jobs.pretrain_mae", _inputs(cfg, shards)) as lease:
+    with trainer.claimed(cfg.storage, cfg.name, "jobs.pretrain_mae", _inputs(cfg, corpus.shards)) as lease:
         runtime.start(EXPERIMENT, workers=cfg.workers, worker_cpus=cfg.worker_cpus)
         resume = trainer.resumed_run_id(cfg.storage, cfg.name)
         tags = {"output": cfg.output, "ray_train_run": cfg.name}
         with trainer.mlflow_run(EXPERIMENT, f"pretrain {cfg.name}", resume, asdict(cfg), tags) as active:
-            result = fit(cfg, mlflow.get_tracking_uri(), active.info.run_id, shards=shards)
+            result = fit(cfg, mlflow.get_tracking_uri(), active.info.run_id, shards=corpus.shards)
             mae, history = load_pretrained(result.checkpoint)
             lease.check()
             save_mae(mae, cfg.output)
@@ -109,6 +110,7 @@ def run(cfg: PretrainConfig) -> PretrainSummary:
         start_epoch=int(result.metrics["start_epoch"]),
         history=tuple(history),
         skipped_images=int(result.metrics.get("skipped_images", 0)),
+        passed_over=corpus.passed_over,
         mlflow_run_id=active.info.run_id,
     )
 
@@ -138,12 +140,12 @@ def plan_reads(cfg: PretrainConfig, shards: list[Shard] | None = None) -> tuple[
     class of an ImageFolder; tar shards stay whole (WebDataset shards are shuffled when written).
 
     Args:
-        shards: `plan_shards(cfg.source, cfg.shard_size)`, if already listed.
+        shards: `plan_corpus(cfg.source, cfg.shard_size).shards`, if already listed.
 
     Returns:
         ([{"shard": Shard JSON, "limit": images to read from it}, ...], total images).
     """
-    shards = plan_shards(cfg.source, cfg.shard_size) if shards is None else shards
+    shards = plan_corpus(cfg.source, cfg.shard_size).shards if shards is None else shards
     files = [row for s in shards if s.tar is None for row in zip(s.image_ids, s.uris, s.labels, strict=True)]
     tars = [s for s in shards if s.tar is not None]
     tar_counts = ray.get([_count_images.remote(s.to_json()) for s in tars]) if tars else []
@@ -375,7 +377,7 @@ def fit(
     metrics). Rank 0 logs each epoch to `mlflow_run_id` if given.
 
     Args:
-        shards: `plan_shards(cfg.source, cfg.shard_size)`, if already listed.
+        shards: `plan_corpus(cfg.source, cfg.shard_size).shards`, if already listed.
     """
     reads, count = plan_reads(cfg, shards)
     if count == 0:

@@ -33,7 +33,7 @@ from mlflow.entities.model_registry import ModelVersion
 
 from ltrp.core.ranker import Ranker, RankerConfig
 from ltrp.data.checkpoints import weights_sha256
-from ltrp.data.sources import Shard, SourceImage, plan_digest, plan_shards
+from ltrp.data.sources import Corpus, Shard, SourceImage, plan_corpus, plan_digest
 from ltrp.data.tables import RANKS_SCHEMA
 from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import RankConfig, checking_inputs, result_fields
@@ -65,6 +65,7 @@ class RankSummary:
     rows_written: int
     errors: int
     seconds: float
+    passed_over: dict[str, int]  # files of the source that are neither images nor tar shards, by suffix
 
     @property
     def images_per_second(self) -> float:
@@ -73,11 +74,11 @@ class RankSummary:
 
 @dataclass(frozen=True)
 class RankPlan:
-    """What a ranking job will do, known before Ray starts: the loaded ranker, the shards, the metadata."""
+    """What a ranking job will do, known before Ray starts: the ranker, the planned corpus, the metadata."""
 
     cfg: RankConfig
     ranker: Ranker
-    shards: list[Shard]
+    corpus: Corpus
     metadata: dict
 
 
@@ -87,10 +88,10 @@ def plan(cfg: RankConfig) -> RankPlan:
     job, before any worker starts or anything is written."""
     with checking_inputs():
         ranker, version = load_ranker_ref(cfg.model)
-        shards = plan_shards(cfg.source, cfg.shard_size)
-        metadata = job_metadata(cfg, ranker, version, shards)
+        corpus = plan_corpus(cfg.source, cfg.shard_size)
+        metadata = job_metadata(cfg, ranker, version, corpus.shards)
         rank_output(cfg.output).check(metadata)
-    return RankPlan(cfg, ranker, shards, metadata)
+    return RankPlan(cfg, ranker, corpus, metadata)
 
 
 def run(cfg: RankConfig, progress=print) -> RankSummary:
@@ -110,6 +111,7 @@ def run(cfg: RankConfig, progress=print) -> RankSummary:
                 "rows_written": summary.rows_written,
                 "shards_skipped": summary.shards_skipped,
                 "errors": summary.errors,
+                "files_passed_over": sum(summary.passed_over.values()),
                 "wall_seconds": summary.seconds,
                 "images_per_second": summary.images_per_second,
             }
@@ -129,16 +131,17 @@ def execute(job: RankPlan, progress=print) -> RankSummary:
         )
 
     skipped, written = commit_all(
-        rank_output(cfg.output), "jobs.rank", job.metadata, job.shards, batches, progress
+        rank_output(cfg.output), "jobs.rank", job.metadata, job.corpus.shards, batches, progress
     )
     return RankSummary(
         cfg.output,
-        len(job.shards),
+        len(job.corpus.shards),
         skipped,
         written.images,
         written.rows,
         written.errors,
         time.perf_counter() - start,
+        job.corpus.passed_over,
     )
 
 

@@ -32,7 +32,7 @@ from ltrp.core.leave_one_out import loo_scores
 from ltrp.core.mae import MAE
 from ltrp.core.masking import cover_sets, visible_count, visible_sets
 from ltrp.data.checkpoints import load_mae
-from ltrp.data.sources import Shard, SourceImage, plan_digest, plan_shards
+from ltrp.data.sources import Corpus, Shard, SourceImage, plan_corpus, plan_digest
 from ltrp.data.tables import SCORES_SCHEMA
 from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import ScoreConfig, checking_inputs, result_fields
@@ -66,6 +66,7 @@ class ScoreSummary:
     rows_written: int
     errors: int
     seconds: float
+    passed_over: dict[str, int]  # files of the source that are neither images nor tar shards, by suffix
 
     @property
     def images_per_second(self) -> float:
@@ -74,11 +75,11 @@ class ScoreSummary:
 
 @dataclass(frozen=True)
 class ScorePlan:
-    """What a scoring job will do, known before Ray starts: the loaded MAE, the shards, the metadata."""
+    """What a scoring job will do, known before Ray starts: the MAE, the planned corpus, the metadata."""
 
     cfg: ScoreConfig
     mae: MAE
-    shards: list[Shard]
+    corpus: Corpus
     metadata: dict
 
 
@@ -88,10 +89,10 @@ def plan(cfg: ScoreConfig) -> ScorePlan:
     before any worker starts or anything is written."""
     with checking_inputs():
         mae = load_mae(cfg.mae)
-        shards = plan_shards(cfg.source, cfg.shard_size)
-        metadata = job_metadata(cfg, mae, shards)
+        corpus = plan_corpus(cfg.source, cfg.shard_size)
+        metadata = job_metadata(cfg, mae, corpus.shards)
         score_output(cfg.output).check(metadata)
-    return ScorePlan(cfg, mae, shards, metadata)
+    return ScorePlan(cfg, mae, corpus, metadata)
 
 
 def run(cfg: ScoreConfig) -> ScoreSummary:
@@ -108,6 +109,7 @@ def run(cfg: ScoreConfig) -> ScoreSummary:
                 "rows_written": summary.rows_written,
                 "shards_skipped": summary.shards_skipped,
                 "errors": summary.errors,
+                "files_passed_over": sum(summary.passed_over.values()),
                 "wall_seconds": summary.seconds,
                 "images_per_second": summary.images_per_second,
             }
@@ -133,16 +135,17 @@ def execute(job: ScorePlan, progress=print) -> ScoreSummary:
         )
 
     skipped, written = commit_all(
-        score_output(cfg.output), "jobs.score", job.metadata, job.shards, batches, progress
+        score_output(cfg.output), "jobs.score", job.metadata, job.corpus.shards, batches, progress
     )
     return ScoreSummary(
         cfg.output,
-        len(job.shards),
+        len(job.corpus.shards),
         skipped,
         written.images,
         written.rows,
         written.errors,
         time.perf_counter() - start,
+        job.corpus.passed_over,
     )
 
 

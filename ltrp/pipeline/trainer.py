@@ -41,6 +41,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from fsspec.implementations.local import LocalFileSystem
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -261,7 +262,9 @@ def _train_epoch(
     epoch: int,
 ) -> dict[str, float]:
     """One pass over this worker's batches. Returns the training loss averaged over every worker's
-    samples, the last learning rate, and the samples per second (all workers', over this one's time)."""
+    samples, the last learning rate, the samples trained on (all workers': each of the epoch's samples
+    once, whatever storage retries or restarts happened), and the samples per second (all workers',
+    over this one's time)."""
     model.train()
     sums = torch.zeros(2, device=worker.device)  # sum of loss * samples, samples
     steps, lr, started = cfg.steps_per_epoch, cfg.lr, time.perf_counter()
@@ -280,6 +283,7 @@ def _train_epoch(
     return {
         "train_loss": (sums[0] / sums[1].clamp_min(1)).item(),
         "lr": lr,
+        f"train_{task.unit}": sums[1].item(),
         f"{task.unit}_per_second": sums[1].item() / seconds,
     }
 
@@ -330,7 +334,7 @@ def _describe(metrics: dict[str, float], unit: str) -> str:
         f"lr {metrics['lr']:.3g}",
         f"{metrics[rate]:.0f} {unit}/s",
     ]
-    skip = {"epoch", "start_epoch", "train_loss", "lr", rate}
+    skip = {"epoch", "start_epoch", "train_loss", "lr", rate, f"train_{unit}"}
     shown += [f"{k} {v:.4g}" for k, v in metrics.items() if k not in skip]
     return ", ".join(shown)
 
@@ -387,6 +391,7 @@ def fit(cfg: TrainerConfig, task: Task, datasets: dict[str, ray.data.Dataset]) -
     finished = finished_result(cfg)
     if finished is not None:
         return finished
+    storage_filesystem, storage_path = arrow_filesystem(absolute_uri(cfg.storage))
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config={"trainer": cfg, "task": task},
@@ -395,7 +400,8 @@ def fit(cfg: TrainerConfig, task: Task, datasets: dict[str, ray.data.Dataset]) -
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
-            storage_path=absolute_uri(cfg.storage),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets=datasets,
@@ -409,16 +415,27 @@ def read_state(checkpoint: ray.train.Checkpoint) -> dict:
         return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """Ray Train's filesystem for `uri` (an absolute local path or a URL) and the path in it: pyarrow's
+    own for local paths, else fsspec's wrapped for pyarrow, as every other storage call of the jobs goes.
+    Not pyarrow's S3 client: it gives up after 3 attempts, which a store under load (503 SlowDown, 500,
+    dropped connections) exhausts now and then, failing a whole training over one checkpoint upload,
+    and its retry setting is not pickled to Ray's workers; s3fs retries each request with backoff."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if isinstance(fs, LocalFileSystem):
+        return pyarrow.fs.LocalFileSystem(), path
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+
+
 def latest_result(storage: str, name: str) -> ray.train.Result | None:
     """The last result of the training named `name` in `storage`, whose checkpoint a launch resumes
     from; None for a new training. Read from Ray Train's own record of the run, not guessed from the
     folders: the newest folder may be one still uploading when the last launch stopped, which Ray Train
     does not resume from."""
-    path = posixpath.join(absolute_uri(storage), name)
-    fs, root = pyarrow.fs.FileSystem.from_uri(path)
+    fs, root = arrow_filesystem(posixpath.join(absolute_uri(storage), name))
     if fs.get_file_info(posixpath.join(root, _RAY_SNAPSHOT)).type == pyarrow.fs.FileType.NotFound:
         return None
-    return ray.train.Result.from_path(path)
+    return ray.train.Result.from_path(root, storage_filesystem=fs)
 
 
 def latest_checkpoint(storage: str, name: str) -> ray.train.Checkpoint | None:

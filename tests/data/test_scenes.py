@@ -23,7 +23,7 @@ from ltrp.data.scenes import (
     read_object_masks,
     write_scenes,
 )
-from ltrp.data.sources import plan_shards
+from ltrp.data.sources import plan_corpus
 
 _DIGEST = (
     "import hashlib; from ltrp.data.scenes import SceneConfig, make_scene\n"
@@ -121,7 +121,7 @@ def test_written_corpus_is_a_manifest_the_scoring_job_reads(tmp_path) -> None:
     manifest = write_scenes(tmp_path, "test", 6)
     table = pq.read_table(manifest)
     assert table.num_rows == 6
-    shards = plan_shards(str(manifest), shard_size=4)
+    shards = plan_corpus(str(manifest), shard_size=4).shards
     assert [len(s.uris) for s in shards] == [4, 2]
     assert shards[0].labels[0] == table.column("label")[0].as_py()
     masks = read_object_masks(manifest)

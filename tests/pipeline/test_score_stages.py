@@ -22,7 +22,7 @@ import torch
 
 import ltrp
 from ltrp.data.images import View, png_bytes, render_view, to_model_input, view_geometry
-from ltrp.data.sources import Shard, plan_digest, plan_shards
+from ltrp.data.sources import Shard, plan_corpus, plan_digest
 from ltrp.data.tables import ERRORS_SCHEMA, SCORES_SCHEMA
 from ltrp.pipeline.configs import ConfigError, ScoreConfig, result_fields
 from ltrp.pipeline.score_job import STAGE_SCHEMA, ShardScorer, image_rows, job_metadata, score_output
@@ -500,7 +500,7 @@ def test_the_fingerprint_holds_every_result_field_and_what_is_derived(
     cfg = ScoreConfig(
         source=str(tmp_path / "corpus"), mae=mae_path, output=str(tmp_path / "out"), shard_size=1
     )
-    shards = plan_shards(cfg.source, cfg.shard_size)
+    shards = plan_corpus(cfg.source, cfg.shard_size).shards
     metadata = job_metadata(cfg, mae, shards)
 
     names = {f.name for f in dataclasses.fields(ScoreConfig)}

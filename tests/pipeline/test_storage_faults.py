@@ -1,10 +1,12 @@
-"""Transient storage faults: the S3 server behind a proxy that answers a share of the requests with 503
-SlowDown, 500 InternalError or a dropped connection. The storage calls of the jobs' drivers (listing,
-the lease, the job record, shard commits, reading the table back) retry them; the scoring job ends with
-exactly the table of a fault-free run."""
+"""Transient storage faults: S3 (for the tests, Ray's workers and Ray Train alike) and the MLflow server
+behind proxies that answer a fifth of the requests with 503 SlowDown, 500 InternalError, a dropped
+connection or a late answer. Every storage call the jobs make retries them: the scoring job and the
+evaluation end with exactly the output of a fault-free run, and ranker training trains on every view
+of each epoch once, checkpoints every epoch and registers the weights of its last checkpoint."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pyarrow.compute as pc
@@ -12,28 +14,49 @@ import pytest
 import s3fs
 import torch
 from conftest import fashion_mnist_pngs
-from faulty_s3 import FaultyS3
+from fault_proxy import FAULTS, FaultProxy
+from mlflow.tracking import MlflowClient
 
 import ltrp
 from ltrp.data.tables import read_scores
-from ltrp.pipeline import score_job
-from ltrp.pipeline.configs import ScoreConfig
+from ltrp.pipeline import evaluate_job, score_job, train_job, trainer
+from ltrp.pipeline.configs import EvaluateConfig, ScoreConfig, TrainConfig
 from ltrp.pipeline.lease import Lease
+from ltrp.pipeline.registry import load_ranker_ref
 
 pytestmark = pytest.mark.slow
 RATE = 0.2  # a fifth of all requests fail: far more than a store under load, so that every kind is hit
+IMAGES = 48
+
+
+@pytest.fixture(scope="module")
+def corpus(s3_endpoint: str, ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """s3://BUCKET holding images/ (Fashion-MNIST PNGs by label), mae.pth (a tiny MAE) and clean/ (the
+    images' central squares scored without faults)."""
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("faults")
+    fs.pipe({f"faults/images/{name}": png for name, png in fashion_mnist_pngs(IMAGES).items()})
+    torch.manual_seed(0)
+    mae = tmp_path_factory.mktemp("mae") / "tiny.pth"
+    ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"]), str(mae))
+    fs.put_file(str(mae), "faults/mae.pth")
+    score_job.score_corpus(_score_config("s3://faults", "clean"))
+    return "s3://faults"
 
 
 @pytest.fixture
-def faulty(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultyS3]:
-    """This process's S3 clients talk to the proxy (Ray's workers, started earlier, still to moto)."""
-    proxy = FaultyS3(s3_endpoint, RATE, seed=0)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
-    s3fs.S3FileSystem.clear_instance_cache()  # cached clients hold the old endpoint
+def faulty_mlflow(mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
+    """The MLflow server behind a fault proxy (runs, registry and artifacts), this test's tracking URI."""
+    proxy = FaultProxy(mlflow_uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.endpoint)
     yield proxy
     proxy.shutdown()
-    s3fs.S3FileSystem.clear_instance_cache()
-    print(f"proxy: {proxy.forwarded} requests forwarded, faults injected: {dict(proxy.injected)}")
+
+
+def _score_config(bucket: str, output: str) -> ScoreConfig:
+    return ScoreConfig(
+        source=f"{bucket}/images", mae=f"{bucket}/mae.pth", output=f"{bucket}/{output}", shard_size=4
+    )
 
 
 def _table(out: str):
@@ -41,31 +64,76 @@ def _table(out: str):
     return read_scores(out, columns=columns).sort_by([("image_id", "ascending"), ("view", "ascending")])
 
 
-def test_the_lease_holds_through_faults(s3_bucket: str, faulty: FaultyS3) -> None:
-    for i in range(10):  # each claim: a conditional create, reads, a release
-        with Lease(f"{s3_bucket}/out{i}", "jobs.score"):
-            pass
-    assert sum(faulty.injected.values()) > 0
+def test_the_lease_holds_through_faults(s3_bucket: str, s3_proxy: FaultProxy) -> None:
+    with s3_proxy.faults(RATE) as proxy:
+        for i in range(10):  # each claim: a conditional create, reads, a release
+            with Lease(f"{s3_bucket}/out{i}", "jobs.score"):
+                pass
+    assert sum(proxy.injected.values()) > 0
 
 
-def test_scoring_through_faults_writes_the_fault_free_table(
-    s3_bucket: str, ray_address: str, tmp_path, request: pytest.FixtureRequest
+def test_scoring_through_faults_writes_the_fault_free_table(corpus: str, s3_proxy: FaultProxy) -> None:
+    with s3_proxy.faults(RATE) as proxy:  # the driver's listing, lease and commits; the workers' reads
+        faults = score_job.score_corpus(_score_config(corpus, "scored-through-faults"))
+    assert set(proxy.injected) == set(FAULTS) and sum(proxy.injected.values()) >= 20
+    assert (faults.images_scored, faults.rows_written, faults.errors) == (IMAGES, IMAGES, 0)
+    expected, got = _table(f"{corpus}/clean"), _table(f"{corpus}/scored-through-faults")
+    assert got.num_rows == IMAGES and got.equals(expected)
+    assert pc.count_distinct(got.column("image_id")).as_py() == IMAGES
+
+
+def test_training_and_evaluation_through_faults(
+    corpus: str, s3_proxy: FaultProxy, faulty_mlflow: FaultProxy, tmp_path
 ) -> None:
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    fs.pipe({f"{s3_bucket[5:]}/images/{name}": png for name, png in fashion_mnist_pngs(48).items()})
-    torch.manual_seed(0)
-    mae = tmp_path / "tiny.pth"
-    ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"]), str(mae))
+    name = "faults-ranker"
+    cfg = TrainConfig(
+        scores=f"{corpus}/clean",
+        storage=f"{corpus}/train",
+        name="run1",
+        ranker="ltrp_vit_micro_patch8",
+        epochs=2,
+        warmup_epochs=0,
+        batch_size=8,
+        worker_cpus=0.5,
+        model=f"models:/{name}",
+    )
+    _, train_views = train_job.check_inputs(cfg)
+    # Reading the table, Ray Train's checkpoints; MLflow's runs, metrics, registry and artifacts.
+    with s3_proxy.faults(RATE) as s3, faulty_mlflow.faults(RATE, seed=1) as tracking:
+        trained = train_job.run(cfg)
+    assert sum(s3.injected.values()) >= 10 and sum(tracking.injected.values()) >= 10
+    assert (trained.epochs, trained.start_epoch, trained.version) == (2, 0, "1")
+    client = MlflowClient(faulty_mlflow.endpoint)
+    seen = [m.value for m in client.get_metric_history(trained.mlflow_run_id, "train_views")]
+    assert seen == [train_views, train_views]  # every view of each epoch, once
+    checkpoint = train_job.load_ranker_checkpoint(trainer.latest_checkpoint(cfg.storage, cfg.name))
+    with s3_proxy.faults(RATE), faulty_mlflow.faults(RATE, seed=2):
+        registered, _ = load_ranker_ref(f"models:/{name}/1")  # checks the weights' digest
+    for key, value in checkpoint.state_dict().items():
+        assert torch.equal(registered.state_dict()[key], value), key
 
-    def config(out: str) -> ScoreConfig:
-        return ScoreConfig(source=f"{s3_bucket}/images", mae=str(mae), output=out, views=2, shard_size=4)
+    def evaluate(output: str) -> dict:
+        summary = evaluate_job.run(
+            EvaluateConfig(
+                model=f"models:/{name}/1",
+                mae=f"{corpus}/mae.pth",
+                scores=(f"{corpus}/clean",),
+                train_source=f"{corpus}/images",
+                test_source=f"{corpus}/images",
+                output=f"{corpus}/{output}",
+                max_train=IMAGES,
+                classifier_dim=32,
+                classifier_depth=1,
+                classifier_epochs=1,
+                resamples=50,
+            ),
+            progress=lambda _: None,
+        )
+        assert client.get_run(summary.run_id).info.status == "FINISHED"
+        return json.loads(
+            s3fs.S3FileSystem(skip_instance_cache=True).cat_file(f"{corpus[5:]}/{output}/estimates.json")
+        )
 
-    clean = score_job.score_corpus(config(f"{s3_bucket}/clean"))
-    proxy = request.getfixturevalue("faulty")
-    faults = score_job.score_corpus(config(f"{s3_bucket}/faults"))
-    assert sum(proxy.injected.values()) >= 10  # every kind of fault, many times
-    assert (faults.images_scored, faults.rows_written, faults.errors) == (48, 96, 0)
-    assert (clean.images_scored, clean.rows_written, clean.errors) == (48, 96, 0)
-    expected, got = _table(f"{s3_bucket}/clean"), _table(f"{s3_bucket}/faults")
-    assert got.num_rows == 96 and got.equals(expected)
-    assert pc.count_distinct(got.column("image_id")).as_py() == 48
+    clean = evaluate("eval-clean")
+    with s3_proxy.faults(RATE, seed=3), faulty_mlflow.faults(RATE, seed=4):
+        assert evaluate("eval-through-faults") == clean

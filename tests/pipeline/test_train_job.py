@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import psutil
+import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
@@ -25,6 +26,7 @@ from mlflow.tracking import MlflowClient
 import ltrp
 from jobs.train import main as train_main
 from ltrp.core.ranker import rank
+from ltrp.data.tables import JOB_FILE
 from ltrp.pipeline import score_job, trainer
 from ltrp.pipeline.configs import ScoreConfig
 from ltrp.pipeline.registry import load_ranker_ref
@@ -215,9 +217,18 @@ def test_a_missing_table_or_another_patch_grid_is_refused_up_front(
     score_table: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     missing = str(tmp_path / "no-scores")
+    # A table whose file lacks a column: read as the schema says, it would give nulls in its place.
+    broken = tmp_path / "broken"
+    (broken / "scores").mkdir(parents=True)
+    (broken / JOB_FILE).write_text(json.dumps(ltrp.read_job_metadata(score_table)))
+    pq.write_table(
+        ltrp.read_scores(score_table).drop_columns(["scores"]), broken / "scores" / "part-00000.parquet"
+    )
+    micro = ["--ranker", "ltrp_vit_micro_patch8"]
     for args, problem in (
         (["--scores", missing], f"--scores {missing}: no _ltrp_job.json there"),
         (["--scores", score_table], "--ranker ltrp_vit_small_patch16 has a 14x14 patch grid"),
+        (["--scores", str(broken), *micro], f"{broken}/scores/part-00000.parquet has no column scores"),
     ):
         with pytest.raises(SystemExit) as exit_:
             train_main([*args, "--storage", str(tmp_path / "ckpt")])
@@ -230,7 +241,7 @@ def test_a_missing_table_or_another_patch_grid_is_refused_up_front(
     (tmp_path / "used" / "run1" / trainer.INPUTS_FILE).write_text(json.dumps({"scores": "s3://other/scores"}))
     args = ["--scores", score_table, "--storage", str(tmp_path / "used"), "--name", "run1"]
     with pytest.raises(SystemExit) as exit_:
-        train_main([*args, "--ranker", "ltrp_vit_micro_patch8"])
+        train_main([*args, *micro])
     assert (
         exit_.value.code == 2 and "holds a training of other inputs (differs in: " in capsys.readouterr().err
     )
