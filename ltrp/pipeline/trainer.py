@@ -391,7 +391,7 @@ def fit(cfg: TrainerConfig, task: Task, datasets: dict[str, ray.data.Dataset]) -
     finished = finished_result(cfg)
     if finished is not None:
         return finished
-    storage_filesystem, storage_path = arrow_filesystem(absolute_uri(cfg.storage))
+    storage_filesystem, storage_path = arrow_filesystem(cfg.storage)
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config={"trainer": cfg, "task": task},
@@ -416,7 +416,7 @@ def read_state(checkpoint: ray.train.Checkpoint) -> dict:
 
 
 def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """Ray Train's filesystem for `uri` (an absolute local path or a URL) and the path in it: pyarrow's
+    """Ray Train's filesystem for `uri` (a local path or a URL) and the (absolute) path in it: pyarrow's
     own for local paths, else fsspec's wrapped for pyarrow, as every other storage call of the jobs goes.
     Not pyarrow's S3 client: it gives up after 3 attempts, which a store under load (503 SlowDown, 500,
     dropped connections) exhausts now and then, failing a whole training over one checkpoint upload,
@@ -432,7 +432,7 @@ def latest_result(storage: str, name: str) -> ray.train.Result | None:
     from; None for a new training. Read from Ray Train's own record of the run, not guessed from the
     folders: the newest folder may be one still uploading when the last launch stopped, which Ray Train
     does not resume from."""
-    fs, root = arrow_filesystem(posixpath.join(absolute_uri(storage), name))
+    fs, root = arrow_filesystem(posixpath.join(storage, name))
     if fs.get_file_info(posixpath.join(root, _RAY_SNAPSHOT)).type == pyarrow.fs.FileType.NotFound:
         return None
     return ray.train.Result.from_path(root, storage_filesystem=fs)
