@@ -9,8 +9,10 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs
 import pyarrow.parquet as pq
 import scipy.stats
+from fsspec.implementations.local import LocalFileSystem
 
 SCORES_SCHEMA = pa.schema(
     [
@@ -108,6 +110,20 @@ def top_k(ranks: pa.Table, ratio: float) -> np.ndarray:
     length = len(order[0]) if len(order) else 0
     best = order.flatten().to_numpy().reshape(len(order), length).astype(np.int64)
     return np.sort(best[:, : max(1, round(ratio * length))], axis=1)
+
+
+def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The pyarrow filesystem for `uri` (a local path or a URL) and the (absolute) path in it, for
+    what takes a pyarrow filesystem (Ray Data's Parquet reads, Ray Train's storage): pyarrow's own for
+    local paths, else fsspec's wrapped for pyarrow, as every other storage call of the jobs goes.
+    Not pyarrow's S3 client: it gives up after 3 attempts, which a store under load (503 SlowDown, 500,
+    dropped connections) exhausts now and then, failing a whole training over one read or checkpoint
+    upload, and its retry setting is not pickled to Ray's workers; s3fs retries each request with
+    backoff."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if isinstance(fs, LocalFileSystem):
+        return pyarrow.fs.LocalFileSystem(), path
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
 
 
 def read_job_metadata(uri: str) -> dict:

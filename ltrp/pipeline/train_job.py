@@ -31,7 +31,7 @@ from ltrp.core.ranking_metrics import kendall_tau, ndcg_at_k, spearman, topk_ove
 from ltrp.data.checkpoints import load_ranker
 from ltrp.data.images import View, render_view, to_model_input
 from ltrp.data.sources import read_many
-from ltrp.data.tables import SCORES_SCHEMA, read_job_metadata, read_scores
+from ltrp.data.tables import SCORES_SCHEMA, arrow_filesystem, read_job_metadata, read_scores
 from ltrp.pipeline import runtime, trainer
 from ltrp.pipeline.configs import InputError, TrainConfig, checking_inputs, registered_name
 from ltrp.pipeline.registry import register_ranker
@@ -166,7 +166,8 @@ def load_views(batch: pa.Table, size: int) -> dict[str, np.ndarray]:
 
 def read_scores_dataset(uri: str) -> ray.data.Dataset:
     """The score table as a Ray Dataset, for distributed consumers such as ranker training."""
-    return ray.data.read_parquet(f"{uri.rstrip('/')}/scores", schema=SCORES_SCHEMA)
+    filesystem, path = arrow_filesystem(f"{uri.rstrip('/')}/scores")
+    return ray.data.read_parquet(path, filesystem=filesystem, schema=SCORES_SCHEMA)
 
 
 def views_dataset(cfg: TrainConfig, validation: bool) -> ray.data.Dataset:

@@ -41,12 +41,12 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from fsspec.implementations.local import LocalFileSystem
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ltrp.core.optim import lr_at, param_groups
+from ltrp.data import tables
 from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import InputError, PretrainConfig, TrainConfig
 from ltrp.pipeline.lease import Lease
@@ -391,7 +391,7 @@ def fit(cfg: TrainerConfig, task: Task, datasets: dict[str, ray.data.Dataset]) -
     finished = finished_result(cfg)
     if finished is not None:
         return finished
-    storage_filesystem, storage_path = arrow_filesystem(cfg.storage)
+    storage_filesystem, storage_path = tables.arrow_filesystem(cfg.storage)
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config={"trainer": cfg, "task": task},
@@ -415,24 +415,12 @@ def read_state(checkpoint: ray.train.Checkpoint) -> dict:
         return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """Ray Train's filesystem for `uri` (a local path or a URL) and the (absolute) path in it: pyarrow's
-    own for local paths, else fsspec's wrapped for pyarrow, as every other storage call of the jobs goes.
-    Not pyarrow's S3 client: it gives up after 3 attempts, which a store under load (503 SlowDown, 500,
-    dropped connections) exhausts now and then, failing a whole training over one checkpoint upload,
-    and its retry setting is not pickled to Ray's workers; s3fs retries each request with backoff."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    if isinstance(fs, LocalFileSystem):
-        return pyarrow.fs.LocalFileSystem(), path
-    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
-
-
 def latest_result(storage: str, name: str) -> ray.train.Result | None:
     """The last result of the training named `name` in `storage`, whose checkpoint a launch resumes
     from; None for a new training. Read from Ray Train's own record of the run, not guessed from the
     folders: the newest folder may be one still uploading when the last launch stopped, which Ray Train
     does not resume from."""
-    fs, root = arrow_filesystem(posixpath.join(storage, name))
+    fs, root = tables.arrow_filesystem(posixpath.join(storage, name))
     if fs.get_file_info(posixpath.join(root, _RAY_SNAPSHOT)).type == pyarrow.fs.FileType.NotFound:
         return None
     return ray.train.Result.from_path(root, storage_filesystem=fs)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -229,9 +230,10 @@ def test_bad_and_odd_files_are_recorded_or_scored(tmp_path: Path, ray_address: s
 
 
 @pytest.mark.slow
-def test_same_seed_same_table(tmp_path: Path, ray_address: str, checkpoint: str) -> None:
-    """Two runs with one seed write equal tables, views and scores. (That another seed draws other crops,
-    flips and visible sets: test_score_stages, on the decode stage, without two more Ray jobs.)"""
+def test_same_seed_same_table_other_seed_refused(tmp_path: Path, ray_address: str, checkpoint: str) -> None:
+    """Two runs with one seed write equal tables, views and scores; a run with another seed on a
+    finished output is refused, since it would resume it. (That another seed draws other crops, flips
+    and visible sets: test_score_stages, on the decode stage, without two more Ray jobs.)"""
     folder = tmp_path / "photos"
     folder.mkdir()
     for name in PHOTOS:
@@ -252,17 +254,8 @@ def test_same_seed_same_table(tmp_path: Path, ray_address: str, checkpoint: str)
         runs[name] = read_scores(cfg.output).sort_by([("image_id", "ascending"), ("view", "ascending")])
     assert runs["a"].num_rows == 15 and runs["a"].equals(runs["b"])
     assert {f for f in runs["a"].column("flip").to_pylist()} == {True, False}
-
-
-def test_resuming_with_other_settings_is_refused(tmp_path: Path, ray_address: str, checkpoint: str) -> None:
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    Image.fromarray(skimage.data.chelsea()).save(folder / "chelsea.png")
-    score_job.score_corpus(ScoreConfig(source=str(folder), mae=checkpoint, output=str(tmp_path / "out")))
     with pytest.raises(InputError, match="differs in: seed"):
-        score_job.score_corpus(
-            ScoreConfig(source=str(folder), mae=checkpoint, output=str(tmp_path / "out"), seed=1)
-        )
+        score_job.score_corpus(replace(cfg, seed=1))
 
 
 def test_an_output_another_job_is_writing_is_refused_before_any_work(tmp_path: Path, checkpoint: str) -> None:
