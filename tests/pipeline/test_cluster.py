@@ -8,6 +8,7 @@ cluster: test_cluster_files.py."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import shutil
@@ -17,8 +18,11 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 
+import numpy as np
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
@@ -29,7 +33,10 @@ from mlflow.tracking import MlflowClient
 from test_cluster_files import ROOT, RUNTIME_ENV, SETTINGS
 
 import ltrp
-from ltrp.pipeline import trainer
+from ltrp.data.sources import plan_corpus
+from ltrp.pipeline import score_job, trainer
+from ltrp.pipeline.configs import ScoreConfig
+from ltrp.pipeline.shards import decode_shards
 
 TOKEN = secrets.token_hex(32)  # this cluster's token: its nodes have it, and so does an allowed submitter
 AUTH = {"Authorization": f"Bearer {TOKEN}"}  # what `ray job submit` sends with RAY_AUTH_TOKEN set
@@ -242,22 +249,53 @@ def settings(s3_endpoint: str, mlflow_uri: str) -> dict[str, str]:
     }
 
 
-SCORE = "jobs.score --source s3://cluster/images/ --mae s3://cluster/mae.pth --views 2 --mask-ratio 0.75"
-SCORE += " --shard-size 8 --scorer-cpus 0.5"
+#: The submitted scoring job's settings (its MAE: a tiny one, 64 px, an 8x8 grid).
+SCORING = ScoreConfig(
+    source="s3://cluster/images/",
+    mae="s3://cluster/mae.pth",
+    output="s3://cluster/scores/run1",
+    views=2,
+    mask_ratio=0.75,
+    shard_size=8,
+    scorer_cpus=0.5,
+)
 
 
 @pytest.fixture(scope="module")
-def scored(cluster: LocalCluster, settings: dict[str, str], tmp_path_factory) -> tuple[str, str]:
-    """The scoring job, submitted: 64 Fashion-MNIST PNGs and a tiny MAE on S3 -> scores on S3."""
+def scored(cluster: LocalCluster, settings: dict[str, str], tmp_path_factory) -> tuple[str, str, str]:
+    """The scoring job, submitted: 64 Fashion-MNIST PNGs and a tiny MAE on S3 -> scores on S3; its
+    worker node lost mid-job. Returns the output, the job's logs and the MAE's local copy."""
+    from ray.job_submission import JobStatus
+
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.mkdir("cluster")
     fs.pipe({f"cluster/images/{name}": png for name, png in fashion_mnist_pngs(64).items()})
     torch.manual_seed(0)
-    mae = tmp_path_factory.mktemp("mae") / "tiny.pth"
-    ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"]), str(mae))
-    fs.put_file(str(mae), "cluster/mae.pth")
-    out = "s3://cluster/scores/run1"
-    return out, Submitted(cluster.address, f"{SCORE} --output {out}", settings).finish()
+    mae = str(tmp_path_factory.mktemp("mae") / "tiny.pth")
+    ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"]), mae)
+    fs.put_file(mae, "cluster/mae.pth")
+    command = f"jobs.score --source {SCORING.source} --mae {SCORING.mae} --output {SCORING.output}"
+    command += f" --views {SCORING.views} --mask-ratio {SCORING.mask_ratio} --shard-size {SCORING.shard_size}"
+    command += f" --scorer-cpus {SCORING.scorer_cpus}"
+    job = Submitted(cluster.address, command, settings)
+    # While the decode tasks run and the scorer actor starts (~30 s here; scoring itself takes ~3 s).
+    job.wait_for(lambda: _actor_started(cluster, "MapWorker(MapBatches(ShardScorer))"), "a scorer")
+    cluster.replace_worker()  # with the decode tasks, their blocks in its object store, the scorer
+    assert job.status() == JobStatus.RUNNING  # the node was lost mid-job
+    return SCORING.output, job.finish(), mae
+
+
+def _fault_free_table(mae: str) -> pa.Table:
+    """What the scoring job writes when nothing fails: its two stages (decode, score) called as plain
+    functions in this process, on every shard of the corpus at once."""
+    cfg = dataclasses.replace(SCORING, mae=mae)
+    shards = plan_corpus(cfg.source, cfg.shard_size).shards
+    decoded = decode_shards(
+        {"shard": np.array([s.to_json() for s in shards])},
+        image_rows=partial(score_job.image_rows, cfg=cfg, size=64, grid=8),
+        schema=score_job.STAGE_SCHEMA,
+    )
+    return score_job.ShardScorer(cfg, ltrp.load_mae(mae).checkpoint.sha256, gpu=False)(decoded)
 
 
 @pytest.mark.slow
@@ -275,13 +313,24 @@ def test_a_submission_without_the_token_is_refused(cluster: LocalCluster) -> Non
 
 
 @pytest.mark.slow
-def test_submitted_scoring_job_writes_to_s3_and_mlflow(scored: tuple[str, str], mlflow_uri: str) -> None:
-    out, logs = scored
+def test_submitted_scoring_job_loses_its_node_and_writes_the_fault_free_table(
+    scored: tuple[str, str, str], mlflow_uri: str
+) -> None:
+    out, logs, mae = scored
     assert "scored 64 images (128 rows)" in logs and "0 errors" in logs
     table = pq.read_table(f"{out}/scores")  # from the moto server, through AWS_ENDPOINT_URL_S3
     assert table.num_rows == 128 and len(set(table.column("image_id").to_pylist())) == 64
     assert {len(v) for v in table.column("visible").to_pylist()} == {16}  # 64 patches, 3/4 masked
     assert s3fs.S3FileSystem(skip_instance_cache=True).exists(f"{out}/_SUCCESS")
+
+    # No row lost, none twice, each as a run that lost nothing writes it.
+    order = [("image_id", "ascending"), ("view", "ascending")]
+    got, expected = (t.sort_by(order) for t in (ltrp.read_scores(out), _fault_free_table(mae)))
+    for column in ("image_id", "uri", "label", "view", "crop_box", "flip", "visible"):
+        assert got.column(column).to_pylist() == expected.column(column).to_pylist(), column
+    np.testing.assert_allclose(  # the batches differ (rows per scoring call): so may the last bits
+        np.array(got.column("scores").to_pylist()), np.array(expected.column("scores").to_pylist()), rtol=1e-5
+    )
 
     client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs(
@@ -292,32 +341,12 @@ def test_submitted_scoring_job_writes_to_s3_and_mlflow(scored: tuple[str, str], 
 
 
 @pytest.mark.slow
-def test_scoring_survives_losing_the_worker_node(
-    scored: tuple[str, str], cluster: LocalCluster, settings: dict[str, str]
-) -> None:
-    from ray.job_submission import JobStatus
-
-    out = "s3://cluster/scores/node-lost"
-    job = Submitted(cluster.address, f"{SCORE} --output {out}", settings)
-    # While the decode tasks run and the scorer actor starts (~30 s here; scoring itself takes ~3 s).
-    job.wait_for(lambda: _actor_started(cluster, "MapWorker(MapBatches(ShardScorer))"), "a scorer")
-    cluster.replace_worker()  # with the decode tasks, their blocks in its object store, the scorer
-    assert job.status() == JobStatus.RUNNING  # the node was lost mid-job
-    logs = job.finish()
-    assert "scored 64 images (128 rows)" in logs and "0 errors" in logs
-    columns = ["image_id", "view", "crop_box", "flip", "visible", "scores"]
-    order = [("image_id", "ascending"), ("view", "ascending")]
-    lost, clean = (ltrp.read_scores(uri, columns=columns).sort_by(order) for uri in (out, scored[0]))
-    assert lost.equals(clean)  # no row lost, none twice, each as the run without a lost node wrote it
-
-
-@pytest.mark.slow
 def test_submitted_training_survives_losing_the_worker_node_checkpoints_to_s3_and_registers(
-    scored: tuple[str, str], cluster: LocalCluster, settings: dict[str, str], mlflow_uri: str
+    scored: tuple[str, str, str], cluster: LocalCluster, settings: dict[str, str], mlflow_uri: str
 ) -> None:
     from ray.job_submission import JobStatus
 
-    out, _ = scored
+    out, _, _ = scored
     job = Submitted(
         cluster.address,
         f"jobs.train --scores {out} --storage s3://cluster/train --name run1 --ranker ltrp_vit_micro_patch8"

@@ -153,7 +153,7 @@ def test_the_job_pretrains_checkpoints_logs_and_resumes(
 ) -> None:
     tmp_path = job_in_process
     images = tmp_path / "images"
-    for name, data in fashion_mnist_pngs(96).items():
+    for name, data in fashion_mnist_pngs(48).items():
         (images / name).parent.mkdir(parents=True, exist_ok=True)
         (images / name).write_bytes(data)
     (images / "0" / "9999.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")

@@ -2,20 +2,12 @@
 server, Ray Train DDP on a local Ray cluster, checkpoints on S3, a real MLflow server and registry."""
 
 import json
-import os
 import posixpath
 import re
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import numpy as np
-import psutil
 import pyarrow.parquet as pq
 import pytest
 import s3fs
@@ -31,7 +23,6 @@ from ltrp.pipeline import score_job, trainer
 from ltrp.pipeline.configs import ScoreConfig
 from ltrp.pipeline.registry import load_ranker_ref
 
-ROOT = Path(__file__).resolve().parents[2]
 CKPT_BUCKET = "train-ckpt"  # the training's checkpoints, on the moto S3 server
 pytestmark = pytest.mark.slow
 
@@ -56,9 +47,6 @@ def score_table(s3_endpoint: str, ray_address: str, tmp_path_factory: pytest.Tem
 
 def _train_args(scores: str, storage: str, name: str, epochs: int, *extra: str) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "jobs.train",
         "--scores",
         scores,
         "--storage",
@@ -75,74 +63,14 @@ def _train_args(scores: str, storage: str, name: str, epochs: int, *extra: str) 
     ]
 
 
-@contextmanager
-def _launched(args: list[str], env: dict, logs: Path) -> Iterator[subprocess.Popen]:
-    """A training job running in the background, its stdout and stderr in files under `logs` (a pipe
-    that nobody reads while the test waits would fill with Ray's forwarded logs and stall the job's
-    printing); killed, with its process group, if it still runs when the block ends (a failed test)."""
-    with (logs / "stdout").open("w") as out, (logs / "stderr").open("w") as err:
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _finish(proc: subprocess.Popen, logs: Path) -> str:
-    """The stdout of a launched job, which must succeed."""
-    proc.wait(timeout=600)
-    assert proc.returncode == 0, (logs / "stderr").read_text()[-5000:]
-    return (logs / "stdout").read_text()
-
-
 def _checkpoints(fs: s3fs.S3FileSystem, path: str) -> list[str]:
     """The checkpoint folders under `path` on S3 (not Ray Train's checkpoint_manager_snapshot.json)."""
-    try:
-        entries = fs.ls(path, detail=True, refresh=True)
-    except FileNotFoundError:  # nothing written yet
-        return []
+    entries = fs.ls(path, detail=True, refresh=True)
     return [
         e["name"]
         for e in entries
         if e["type"] == "directory" and posixpath.basename(e["name"]).startswith("checkpoint")
     ]
-
-
-def _wait_until_resumable(
-    fs: s3fs.S3FileSystem, storage: str, name: str, epochs: int, proc: subprocess.Popen, logs: Path
-) -> None:
-    """Until a restart of the running job would resume after `epochs` epochs: its `epochs`-th checkpoint
-    is on S3 and in Ray Train's own record of the run (`trainer.latest_checkpoint`; a folder on S3 may
-    still be uploading, and is not resumed from until Ray Train has registered it). 5 minutes at most."""
-    deadline = time.monotonic() + 300
-    while True:
-        folders = sorted(_checkpoints(fs, storage.removeprefix("s3://") + "/" + name))
-        if len(folders) >= epochs:
-            resume = trainer.latest_checkpoint(storage, name)
-            if resume and posixpath.basename(resume.path) == posixpath.basename(folders[epochs - 1]):
-                return
-        assert proc.poll() is None, (logs / "stderr").read_text()[-5000:]
-        assert time.monotonic() < deadline, f"checkpoint {epochs} not registered after 300 s"
-        time.sleep(0.2)
-
-
-def _kill_one_train_worker() -> None:
-    """SIGKILLs one of the job's two Ray Train workers: Ray titles their processes "ray::RayTrainWorker"."""
-    # The session's Ray cluster was started by this process: its workers are among its descendants
-    # (and another Ray on the machine, e.g. a concurrent test session, is left alone).
-    workers = [p for p in psutil.Process().children(recursive=True) if "ray::RayTrainWorker" in _title(p)]
-    assert len(workers) == 2, [_title(w) for w in workers]
-    os.kill(workers[0].pid, signal.SIGKILL)  # a DDP worker dies mid-training
-
-
-def _title(process: psutil.Process) -> str:
-    """A process's command line, as Ray's titles show there ("" for one that is gone)."""
-    try:
-        return " ".join(process.cmdline())
-    except psutil.Error:
-        return ""
 
 
 def _started_at(stdout: str) -> int:
@@ -151,15 +79,14 @@ def _started_at(stdout: str) -> int:
 
 
 def _check_version_1(client: MlflowClient, mlflow_uri: str, score_table: str) -> None:
-    """Version 1 of ltrp-test (@candidate): tagged with its inputs, its run's losses logged each epoch,
+    """Version 1 of ltrp-test (@candidate): tagged with its inputs, its run's loss logged for its epoch,
     loadable by alias and by version as the same ranker, and as a pyfunc."""
     version = client.get_model_version_by_alias("ltrp-test", "candidate")
     assert version.version == "1"
     assert version.tags["score_table"] == score_table
     assert re.fullmatch(r"[0-9a-f]{64}", version.tags["mae_sha256"])
     assert -1 <= float(version.tags["val_kendall_tau"]) <= 1
-    steps = {m.step for m in client.get_metric_history(version.run_id, "train_loss")}
-    assert steps == {0, 1}  # (a set: an epoch that a restart does again is logged twice)
+    assert [m.step for m in client.get_metric_history(version.run_id, "train_loss")] == [0]
 
     mlflow.set_tracking_uri(mlflow_uri)
     signature = mlflow.models.get_model_info("models:/ltrp-test@candidate").signature
@@ -173,44 +100,40 @@ def _check_version_1(client: MlflowClient, mlflow_uri: str, score_table: str) ->
     assert np.asarray(pyfunc.predict(images.numpy())).shape == (2, 64)
 
 
-def test_ddp_training_survives_a_killed_worker_registers_and_a_relaunch_resumes(
-    score_table: str, job_in_process: Path, ray_address: str, mlflow_uri: str, capsys: pytest.CaptureFixture
+def test_ddp_training_registers_and_a_relaunch_resumes(
+    score_table: str, job_in_process: Path, mlflow_uri: str, capsys: pytest.CaptureFixture
 ) -> None:
-    """Two DDP workers train 2 epochs with checkpoints on S3; one of them is killed in the second, Ray
-    Train restarts the group from the last checkpoint, and the job still registers version 1 as
-    @candidate, tagged and loadable. A re-launch with 3 epochs resumes after epoch 2 and registers
-    version 2 in the same MLflow run. One test, not one per property: each Ray Train launch costs ~25 s."""
-    tmp_path = job_in_process
+    """Two DDP workers train 1 epoch with a checkpoint on S3 and register version 1 as @candidate,
+    tagged and loadable. A re-launch with 2 epochs resumes after epoch 1 and registers version 2 in the
+    same MLflow run. One test, not one per property: each Ray Train launch costs ~25 s. (Workers lost
+    mid-training, the group restarted from the last checkpoint: test_cluster.py loses a whole node.)"""
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.mkdir(CKPT_BUCKET)
-    env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_uri}
     extra = ("--workers", "2", "--model", "models:/ltrp-test", "--alias", "candidate")
     storage, name = f"s3://{CKPT_BUCKET}", "ddp"
 
-    with _launched(_train_args(score_table, storage, name, 2, *extra), env, tmp_path) as proc:
-        _wait_until_resumable(fs, storage, name, 1, proc, tmp_path)
-        _kill_one_train_worker()  # during the second epoch
-        stdout = _finish(proc, tmp_path)
-    assert _started_at(stdout) == 1  # the new worker group resumed from the last checkpoint
-    assert "registered ltrp-test version 1 as @candidate" in stdout
-    assert len(_checkpoints(fs, f"{CKPT_BUCKET}/{name}")) >= 2
+    train_main(_train_args(score_table, storage, name, 1, *extra))
+    stdout = capsys.readouterr().out
+    assert _started_at(stdout) == 0 and "registered ltrp-test version 1 as @candidate" in stdout
+    assert len(_checkpoints(fs, f"{CKPT_BUCKET}/{name}")) == 1
 
     client = MlflowClient(mlflow_uri)
     _check_version_1(client, mlflow_uri, score_table)
 
-    train_main(_train_args(score_table, storage, name, 3, *extra)[3:])  # the re-launch, in this process
+    train_main(_train_args(score_table, storage, name, 2, *extra))  # the re-launch
     again = capsys.readouterr().out
-    assert "this run started at epoch 2" in again  # same name: resumed after the 2 finished epochs
+    assert _started_at(again) == 1  # same name: resumed after the finished epoch
     assert "registered ltrp-test version 2 as @candidate" in again
+    assert len(_checkpoints(fs, f"{CKPT_BUCKET}/{name}")) == 2
 
-    # One training, one MLflow run: the restart and the re-launch logged into the run it started in.
+    # One training, one MLflow run: the re-launch logged into the run it started in.
     # (Other tests train in ltrp-train on this server too: this training's runs carry its name.)
     experiment = client.get_experiment_by_name("ltrp-train").experiment_id
     (run,) = client.search_runs([experiment], filter_string=f"tags.ray_train_run = '{name}'")
     first, second = (client.get_model_version("ltrp-test", v) for v in ("1", "2"))
     assert first.run_id == second.run_id == run.info.run_id
-    assert {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")} == {0, 1, 2}
-    assert run.data.params["epochs"] == "2" and run.data.tags["relaunched_with.epochs"] == "3"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [0, 1]
+    assert run.data.params["epochs"] == "1" and run.data.tags["relaunched_with.epochs"] == "2"
 
 
 def test_a_missing_table_or_another_patch_grid_is_refused_up_front(
