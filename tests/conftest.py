@@ -26,6 +26,7 @@ from ltrp.data.images import center_crop, center_view, displayed_size, png_bytes
 from ltrp.data.sources import plan_corpus, read_shard
 from ltrp.data.tables import SCORES_SCHEMA
 from ltrp.evaluation.measures import KEEP_RATIOS, Estimate, metric_key, vs_random
+from ltrp.pipeline import runtime
 
 BIN = Path(sys.executable).parent  # console scripts of the test environment (moto_server, ...)
 #: Test files that run Ray Train (DDP workers, a second Ray cluster): each alone takes both of CI's
@@ -139,11 +140,19 @@ def ray_address(s3_endpoint: str) -> Iterator[str]:
     and Ray's own bookkeeping must never wait behind them. Jobs in subprocesses join it via RAY_ADDRESS."""
     import ray
 
+    # Its processes inherit this environment: as a Ray the jobs start themselves, at most as many
+    # Parquet footer readers per read as CPUs (`runtime.local_resources`), not Ray Data's 32.
+    saved = os.environ.get(runtime.PARQUET_FOOTER_READERS)
+    os.environ[runtime.PARQUET_FOOTER_READERS] = "4"
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+        if saved is None:
+            os.environ.pop(runtime.PARQUET_FOOTER_READERS)
+        else:
+            os.environ[runtime.PARQUET_FOOTER_READERS] = saved
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ from ltrp.data.scenes import SHIPPED_MAE, SceneConfig, write_scenes
 from ltrp.data.tables import read_job_metadata, read_scores
 from ltrp.evaluation import fidelity
 from ltrp.evaluation.protocol import interval
-from ltrp.pipeline import runtime, score_job, train_job
+from ltrp.pipeline import runtime, score_job, train_job, training_data
 from ltrp.pipeline.configs import ScoreConfig, TrainConfig
 
 AUTHORS_DRAWS = 400  # the authors draw a fresh visible set every step, for 400 epochs
@@ -118,7 +118,7 @@ def _test_images(table: pa.Table, ids: list[str], size: int) -> torch.Tensor:
     """(B, 3, S, S) the held-out scenes as the ranker sees them: each one's view in the draw table (the
     whole scene: the centre crop of a square image, no flip), replayed as training replays views."""
     order = {i: k for k, i in enumerate(table.column("image_id").to_pylist())}
-    pixels = train_job.load_views(table.take([order[i] for i in ids]), size)["image"]
+    pixels = training_data.load_views(table.take([order[i] for i in ids]), size)["image"]
     return to_model_input(pixels)
 
 

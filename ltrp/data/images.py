@@ -11,12 +11,15 @@ import hashlib
 import io
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from ltrp.core.options import Crop
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # GIF: its first frame
 #: What the official MAE checkpoints were trained on; the decoder predicts pixels in this space.
@@ -174,6 +177,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def to_model_input(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(B, S, S, 3) uint8 -> (B, 3, S, S) float32, ImageNet mean/std normalised."""
+    import torch  # here: Ray Data's read and decode processes import this module but never need torch
+
     x = torch.as_tensor(batch).permute(0, 3, 1, 2).float().div_(255)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)

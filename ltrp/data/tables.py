@@ -11,7 +11,6 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs
 import pyarrow.parquet as pq
-import scipy.stats
 from fsspec.implementations.local import LocalFileSystem
 
 SCORES_SCHEMA = pa.schema(
@@ -161,6 +160,8 @@ def position_scores(table: pa.Table, num_patches: int) -> dict[str, np.ndarray]:
     Returns:
         image_id -> (L,) float64.
     """
+    import scipy.stats  # here, not at the top: ~1 s of every Ray worker's start-up, for this one function
+
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
     ids = table.column("image_id").to_pylist()

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pyarrow as pa
 import ray
 import ray.train
 import torch
@@ -50,14 +49,11 @@ from ltrp.data.images import (
     view_geometry,
 )
 from ltrp.data.sources import Shard, plan_corpus, plan_digest, read_shard
-from ltrp.pipeline import runtime, trainer
+from ltrp.pipeline import runtime, trainer, training_data
 from ltrp.pipeline.configs import InputError, PretrainConfig
 from ltrp.pipeline.trainer import RunLog, Task, Worker, all_gather_lists, unwrap
 
 EXPERIMENT = "ltrp-pretrain"
-_IMAGES_SCHEMA = pa.schema(
-    [("image_id", pa.string()), ("uri", pa.string()), ("data", pa.binary()), ("error", pa.string())]
-)
 
 
 @dataclass(frozen=True)
@@ -163,21 +159,6 @@ def plan_reads(cfg: PretrainConfig, shards: list[Shard] | None = None) -> tuple[
     reads = [(Shard(k, *map(tuple, zip(*chunk, strict=True))), len(chunk)) for k, chunk in enumerate(chunks)]
     reads += [(replace(s, index=len(chunks) + k), limit) for k, (s, limit) in enumerate(tar_reads)]
     return [{"shard": s.to_json(), "limit": n} for s, n in reads], sum(n for _, n in reads)
-
-
-def read_images(batch: dict[str, np.ndarray]) -> pa.Table:
-    """Read stage: read tasks -> one row per image: its bytes, or the reason it could not be read."""
-    rows = [
-        {"image_id": image.image_id, "uri": image.uri, "data": image.data, "error": image.error}
-        for text, limit in zip(batch["shard"], batch["limit"], strict=True)
-        for image in itertools.islice(read_shard(Shard.from_json(str(text))), int(limit))
-    ]
-    return pa.Table.from_pylist(rows, schema=_IMAGES_SCHEMA)
-
-
-def images_dataset(reads: list[dict]) -> ray.data.Dataset:
-    ds = ray.data.from_items(reads, override_num_blocks=max(1, len(reads)))
-    return ds.map_batches(read_images, batch_size=1, batch_format="numpy", num_cpus=1)
 
 
 class ViewBatches:
@@ -391,4 +372,6 @@ def fit(
         tracking_uri=tracking_uri,
         mlflow_run_id=mlflow_run_id,
     )
-    return trainer.fit(settings, MAETask(cfg, sample_ids, samples), {"train": images_dataset(reads)})
+    return trainer.fit(
+        settings, MAETask(cfg, sample_ids, samples), {"train": training_data.images_dataset(reads)}
+    )

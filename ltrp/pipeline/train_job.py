@@ -1,8 +1,6 @@
 """Ranker training on Ray Train (DDP), reading a score table, tracked and registered in MLflow.
 
-Data: the score table's rows (one per image view) -> each image decoded and its view replayed with the
-scoring job's own `render_view` -> (image, visible, scores) batches. Validation is the views of the
-images whose id hashes into `val_fraction`, so the views of an image never straddle the split.
+Data: the score table's views, split by image id (`ltrp.pipeline.training_data`).
 
 The loop is `ltrp.pipeline.trainer`'s, shared with MAE pre-training; `RankerTask` is what differs: the
 ranker, the ranking loss of a batch, and validation at the end of each epoch. Fault tolerance: a
@@ -12,15 +10,12 @@ checkpoint every epoch under STORAGE/NAME; a failed worker group is restarted fr
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import mlflow
-import numpy as np
-import pyarrow as pa
 import ray
 import ray.train
 import torch
@@ -29,13 +24,13 @@ from ltrp.core.losses import LOSSES, listmle_per_row
 from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig, scores_at
 from ltrp.core.ranking_metrics import kendall_tau, ndcg_at_k, spearman, topk_overlap
 from ltrp.data.checkpoints import load_ranker
-from ltrp.data.images import View, render_view, to_model_input
-from ltrp.data.sources import read_many
-from ltrp.data.tables import SCORES_SCHEMA, arrow_filesystem, read_job_metadata, read_scores
+from ltrp.data.images import to_model_input
+from ltrp.data.tables import read_job_metadata
 from ltrp.pipeline import runtime, trainer
 from ltrp.pipeline.configs import InputError, TrainConfig, checking_inputs, registered_name
 from ltrp.pipeline.registry import register_ranker
 from ltrp.pipeline.trainer import Task, Worker, all_reduce_sum
+from ltrp.pipeline.training_data import split_counts, views_dataset
 
 EXPERIMENT = "ltrp-train"
 
@@ -135,58 +130,6 @@ def check_inputs(cfg: TrainConfig) -> tuple[dict, int]:
 
 def ranker_config(cfg: TrainConfig) -> RankerConfig:
     return replace(RANKER_GEOMETRIES[cfg.ranker], head=cfg.head)
-
-
-# -- data ---------------------------------------------------------------------------------------------
-def is_validation(image_id: str, fraction: float) -> bool:
-    """A pure function of the image id, so every view of an image lands on the same side."""
-    digest = hashlib.shake_256(f"ltrp-split\0{image_id}".encode()).digest(8)
-    return int.from_bytes(digest, "little") / 2**64 < fraction
-
-
-def _select_split(batch: pa.Table, fraction: float, validation: bool, views: int | None) -> pa.Table:
-    keep = [is_validation(i, fraction) == validation for i in batch.column("image_id").to_pylist()]
-    if views is not None:
-        keep = [k and v < views for k, v in zip(keep, batch.column("view").to_pylist(), strict=True)]
-    return batch.filter(pa.array(keep, pa.bool_()))
-
-
-def load_views(batch: pa.Table, size: int) -> dict[str, np.ndarray]:
-    """Score rows -> image (B, S, S, 3) uint8, visible (B, n) int64, scores (B, n) float32: each row's
-    image decoded and its stored view replayed with the scoring job's own `render_view`."""
-    data = read_many(batch.column("uri").to_pylist())
-    boxes, flips = batch.column("crop_box").to_pylist(), batch.column("flip").to_pylist()
-    images = [render_view(d, View(tuple(b), f), size) for d, b, f in zip(data, boxes, flips, strict=True)]
-    return {
-        "image": np.stack(images),
-        "visible": np.asarray(batch.column("visible").to_pylist(), dtype=np.int64),
-        "scores": np.asarray(batch.column("scores").to_pylist(), dtype=np.float32),
-    }
-
-
-def read_scores_dataset(uri: str) -> ray.data.Dataset:
-    """The score table as a Ray Dataset, for distributed consumers such as ranker training."""
-    filesystem, path = arrow_filesystem(f"{uri.rstrip('/')}/scores")
-    return ray.data.read_parquet(path, filesystem=filesystem, schema=SCORES_SCHEMA)
-
-
-def views_dataset(cfg: TrainConfig, validation: bool) -> ray.data.Dataset:
-    ds = read_scores_dataset(cfg.scores)
-    ds = ds.map_batches(
-        _select_split,
-        fn_kwargs={"fraction": cfg.val_fraction, "validation": validation, "views": cfg.views},
-        batch_format="pyarrow",
-    )
-    size = ranker_config(cfg).img_size
-    return ds.map_batches(load_views, fn_kwargs={"size": size}, batch_format="pyarrow")
-
-
-def split_counts(cfg: TrainConfig) -> tuple[int, int]:
-    """(train views, validation views) of the score table, counting views 0 .. cfg.views - 1 only."""
-    filters = None if cfg.views is None else [("view", "<", cfg.views)]
-    ids = read_scores(cfg.scores, columns=["image_id"], filters=filters).column("image_id").to_pylist()
-    val = sum(is_validation(i, cfg.val_fraction) for i in ids)
-    return len(ids) - val, val
 
 
 # -- training -----------------------------------------------------------------------------------------
@@ -292,5 +235,6 @@ def fit(
         tracking_uri=tracking_uri,
         mlflow_run_id=mlflow_run_id,
     )
-    datasets = {"train": views_dataset(cfg, validation=False), "val": views_dataset(cfg, validation=True)}
+    size = ranker_config(cfg).img_size
+    datasets = {split: views_dataset(cfg, split == "val", size) for split in ("train", "val")}
     return trainer.fit(settings, RankerTask(cfg), datasets)

@@ -34,7 +34,7 @@ from test_cluster_files import ROOT, RUNTIME_ENV, SETTINGS
 
 import ltrp
 from ltrp.data.sources import plan_corpus
-from ltrp.pipeline import score_job, trainer
+from ltrp.pipeline import runtime, score_job, trainer
 from ltrp.pipeline.configs import ScoreConfig
 from ltrp.pipeline.shards import decode_shards
 
@@ -51,6 +51,7 @@ def _node_env(head: bool) -> dict:
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN"] = TOKEN
+    env[runtime.PARQUET_FOOTER_READERS] = "4"  # as many as the worker node's CPUs, not Ray Data's 32
     if head:  # a lost node declared dead after ~3 s of failed health checks, not Ray's default ~15 s
         env |= {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
     return env

@@ -20,7 +20,8 @@ from ltrp.core.optim import param_groups
 from ltrp.data.images import to_model_input
 from ltrp.data.sources import Shard
 from ltrp.pipeline.configs import PretrainConfig
-from ltrp.pipeline.pretrain_job import ViewBatches, mae_config, plan_reads, read_images
+from ltrp.pipeline.pretrain_job import ViewBatches, mae_config, plan_reads
+from ltrp.pipeline.training_data import read_images
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -31,7 +31,7 @@ from ltrp.data.tables import JOB_FILE, SCORES_SCHEMA, read_errors, read_scores
 from ltrp.pipeline import score_job
 from ltrp.pipeline.configs import InputError, ScoreConfig
 from ltrp.pipeline.lease import Lease, LeaseHeld
-from ltrp.pipeline.train_job import read_scores_dataset
+from ltrp.pipeline.training_data import read_scores_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")

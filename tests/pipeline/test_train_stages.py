@@ -9,8 +9,8 @@ from conftest import write_table
 
 from ltrp.data.tables import SCORES_SCHEMA
 from ltrp.pipeline.configs import InputError, TrainConfig
-from ltrp.pipeline.train_job import _select_split, is_validation, split_counts
 from ltrp.pipeline.trainer import claimed
+from ltrp.pipeline.training_data import is_validation, select_split, split_counts
 
 
 def _rows(images: int, views: int) -> list[dict]:
@@ -24,8 +24,8 @@ def _rows(images: int, views: int) -> list[dict]:
 @pytest.mark.parametrize("views", [None, 1, 3])
 def test_a_split_keeps_its_side_and_the_first_views_only(views: int | None) -> None:
     batch = pa.Table.from_pylist(_rows(40, 4), schema=SCORES_SCHEMA)
-    train = _select_split(batch, 0.25, validation=False, views=views)
-    val = _select_split(batch, 0.25, validation=True, views=views)
+    train = select_split(batch, 0.25, validation=False, views=views)
+    val = select_split(batch, 0.25, validation=True, views=views)
     kept = 4 if views is None else views
     assert train.num_rows + val.num_rows == 40 * kept
     assert set(train.column("view").to_pylist()) == set(range(kept)) == set(val.column("view").to_pylist())
