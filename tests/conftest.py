@@ -142,17 +142,13 @@ def ray_address(s3_endpoint: str) -> Iterator[str]:
 
     # Its processes inherit this environment: as a Ray the jobs start themselves, at most as many
     # Parquet footer readers per read as CPUs (`runtime.local_resources`), not Ray Data's 32.
-    saved = os.environ.get(runtime.PARQUET_FOOTER_READERS)
-    os.environ[runtime.PARQUET_FOOTER_READERS] = "4"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-        if saved is None:
-            os.environ.pop(runtime.PARQUET_FOOTER_READERS)
-        else:
-            os.environ[runtime.PARQUET_FOOTER_READERS] = saved
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(runtime.PARQUET_FOOTER_READERS, "4")
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        try:
+            yield ray.get_runtime_context().gcs_address
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="session")

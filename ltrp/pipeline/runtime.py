@@ -27,13 +27,14 @@ def tracking_uri() -> str:
 def local_resources(workers: int, worker_cpus: float) -> dict:
     """For a Ray started here (no RAY_ADDRESS): enough logical CPUs that the data-loading tasks still
     run beside the train workers. Reserving every core for workers deadlocks small machines (2 cores,
-    2 workers: reading the score table waited forever). And no more Parquet footer readers than CPUs:
-    Ray Data starts 32 footer-reader processes for every Parquet read, which cost a 2-core machine
-    ~20 s of each training launch (two reads of a two-file score table)."""
+    2 workers: reading the score table waited forever). And, unless set, no more Parquet footer
+    readers than CPUs: Ray Data starts up to 32 footer-reader processes for every Parquet read, which
+    cost a 2-core machine 10-20 s of each training launch (two reads of a two-file score table)."""
     if os.environ.get("RAY_ADDRESS"):
         return {}
     cpus = max(os.cpu_count() or 1, math.ceil(workers * worker_cpus) + 2)
-    return {"num_cpus": cpus, "runtime_env": {"env_vars": {PARQUET_FOOTER_READERS: str(cpus)}}}
+    readers = os.environ.get(PARQUET_FOOTER_READERS, str(cpus))
+    return {"num_cpus": cpus, "runtime_env": {"env_vars": {PARQUET_FOOTER_READERS: readers}}}
 
 
 def start(experiment: str | None = None, *, workers: int = 1, worker_cpus: float = 1.0) -> None:
