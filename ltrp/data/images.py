@@ -1,5 +1,6 @@
-"""Image decoding and views, shared by every job: the scoring job renders a view from an image's bytes
-with `render_view`, and training replays the same stored `View` through the same function.
+"""Image decoding and views, shared by every job: `render_views` renders an image's views from its
+bytes (one decode serves many views), and `render_view` one of them with the same pixels, so training
+replays a stored `View` exactly as the scoring job rendered it.
 
 A view is a crop box in the image's displayed (EXIF-oriented) pixel coordinates plus a horizontal
 flip, drawn as a pure function of (seed, image id, view number): see `view_geometry`.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -125,28 +127,65 @@ def view_geometry(
     return View(center_view(width, height).box, mirrored)
 
 
-def render_view(data: bytes, view: View, size: int, limits: ImageLimits = ImageLimits()) -> np.ndarray:
-    """Encoded image bytes -> the view as (size, size, 3) uint8 RGB (bicubic resize of the crop box).
+def render_views(
+    data: bytes, views: Sequence[View], size: int, limits: ImageLimits = ImageLimits()
+) -> list[np.ndarray]:
+    """Encoded image bytes -> each view as (size, size, 3) uint8 RGB (bicubic resize of its crop box).
 
     JPEGs are decoded at the smallest power-of-two reduction that still gives the crop at least
     `size` pixels (draft mode); the box is rescaled to match, so any caller gets the same pixels.
+    Views whose reduction coincides share one decode (other formats: one decode in all), and each
+    view's pixels are those of `render_view` on it alone.
+
+    Args:
+        data: the encoded image (any format Pillow reads).
+        views: crop boxes in displayed (EXIF-oriented) pixels, each with its mirror flag.
+        size: the side of every output square, in pixels.
+        limits: the image's accepted size, checked from its header before any decoding.
+
+    Returns:
+        One array per view, in the order of `views`.
 
     Raises:
         ImageDecodeError: unreadable, truncated or out-of-bounds image.
     """
     stored_w, stored_h, transposed = _header(data, limits)
     width, height = (stored_h, stored_w) if transposed else (stored_w, stored_h)
-    left, top, right, bottom = view.box
+    decoded: dict[object, Image.Image] = {}  # draft's answer -> the displayed image decoded that way
+    out = []
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            need = (math.ceil(size * width / (right - left)), math.ceil(size * height / (bottom - top)))
-            img.draft("RGB", need[::-1] if transposed else need)
-            img = _to_rgb(ImageOps.exif_transpose(img))
-            sx, sy = img.width / width, img.height / height
-            box = (left * sx, top * sy, right * sx, bottom * sy)
-            out = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+        for view in views:
+            # Opening parses the header only; a drafted image is decoded once, on first need.
+            with Image.open(io.BytesIO(data)) as img:
+                # draft's answer (None, or the mode and the reduced image's extent) names the decode
+                # it set up: equal answers give equal pixels, so those views share one decode.
+                reduction = img.draft("RGB", _draft_size(view, size, width, height, transposed))
+                if reduction not in decoded:
+                    decoded[reduction] = _to_rgb(ImageOps.exif_transpose(img))
+            out.append(_resize_box(decoded[reduction], view, size, width, height))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"cannot decode image: {err}") from None
+    return out
+
+
+def render_view(data: bytes, view: View, size: int, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """One view of `render_views`: what the scoring job stored, replayed alone by training."""
+    return render_views(data, [view], size, limits)[0]
+
+
+def _draft_size(view: View, size: int, width: int, height: int, transposed: bool) -> tuple[int, int]:
+    """The whole image's (stored, unoriented) size at which the view's box spans `size` pixels each way."""
+    left, top, right, bottom = view.box
+    need = (math.ceil(size * width / (right - left)), math.ceil(size * height / (bottom - top)))
+    return need[::-1] if transposed else need
+
+
+def _resize_box(img: Image.Image, view: View, size: int, width: int, height: int) -> np.ndarray:
+    """The view cut from `img`, the displayed width x height image possibly reduced by draft mode."""
+    sx, sy = img.width / width, img.height / height
+    left, top, right, bottom = view.box
+    box = (left * sx, top * sy, right * sx, bottom * sy)
+    out = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     if view.flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(out)

@@ -202,15 +202,17 @@ class ScoreConfig(_Checked):
     precision: Precision = "fp32"  # scoring arithmetic; fp16/bf16 autocast need a GPU
     batch_size: int = execution_only(32)  # views per scoring call
     shard_size: int = 256  # images per shard: the unit of commit and of resume
-    scorers: int | None = execution_only(None)  # scoring actors; None: one per GPU, else 1
+    scorers: int | None = execution_only(None)  # scoring actors (at least); None: one per GPU, else 1
+    max_scorers: int | None = execution_only(None)  # an autoscaling cluster grows the pool up to this
     scorer_cpus: float = execution_only(1.0)  # CPUs reserved by each scoring actor
-    scorer_threads: int | None = execution_only(None)  # torch threads of a CPU scorer; None: the submitter's
+    scorer_threads: int | None = execution_only(None)  # torch threads of a CPU scorer; None: its CPUs
     device: Device = execution_only("auto")  # auto: GPU scorers when the cluster has GPUs
     min_side: int = 16  # images with a shorter side below this (px) are recorded as errors
     max_pixels: int = 89_478_485  # images with more pixels are recorded as errors (decompression bombs)
 
     def check(self) -> None:
         _at_least(self, 1, "views", "batch_size", "shard_size", "scorers", "scorer_threads", "min_side")
+        _at_least(self, self.scorers or 1, "max_scorers")
         _positive(self, "scorer_cpus", "max_pixels")
         _mask_ratio(self.mask_ratio)
         _at_least(self, 0, "cover")
@@ -239,15 +241,17 @@ class RankConfig(_Checked):
     seed: int = 0  # seed of crops and flips
     batch_size: int = execution_only(64)  # views per ranker call
     shard_size: int = 256  # images per shard: the unit of commit and of resume
-    rankers: int | None = execution_only(None)  # ranking actors; None: one per GPU, else 1
+    rankers: int | None = execution_only(None)  # ranking actors (at least); None: one per GPU, else 1
+    max_rankers: int | None = execution_only(None)  # an autoscaling cluster grows the pool up to this
     ranker_cpus: float = execution_only(1.0)  # CPUs reserved by each ranking actor
-    ranker_threads: int | None = execution_only(None)  # torch threads of a CPU ranker; None: the submitter's
+    ranker_threads: int | None = execution_only(None)  # torch threads of a CPU ranker; None: its CPUs
     device: Device = execution_only("auto")  # auto: GPU rankers when the cluster has GPUs
     min_side: int = 16  # images with a shorter side below this (px) are recorded as errors
     max_pixels: int = 89_478_485  # images with more pixels are recorded as errors (decompression bombs)
 
     def check(self) -> None:
         _at_least(self, 1, "views", "batch_size", "shard_size", "rankers", "ranker_threads", "min_side")
+        _at_least(self, self.rankers or 1, "max_rankers")
         _positive(self, "ranker_cpus", "max_pixels")
         _model_version_or_file(self.model)
 

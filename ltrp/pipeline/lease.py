@@ -201,3 +201,16 @@ class Lease:
                 current, _ = self._read()
                 self.lost = f"now held by {current.describe()}" if current else "the lease object was deleted"
                 return
+
+
+def check_holder(folder: str, token: str) -> None:
+    """For a worker about to write for the job holding `folder`'s lease under `token` (the job passes
+    its token to its stages): raises unless that lease is still the current one.
+
+    Raises:
+        LeaseHeld: the lease is gone or another job's.
+    """
+    current, _ = Lease(folder, "check")._read()
+    if current is None or current.token != token:
+        holder = current.describe() if current else "nobody"
+        raise LeaseHeld(f"{folder.rstrip('/')}: the job lost its lease (now held by {holder}); not writing")

@@ -1,9 +1,9 @@
 """The ranking job: a trained ranker over an image corpus -> its patch scores and order as Parquet.
 
 Stages: the corpus's shards -> CPU decode tasks (bytes -> views as uint8 pixels) -> a pool of ranking
-actors (one per GPU, or CPU actors) -> the driver, which commits each shard as one Parquet file as soon
-as all of its rows are in. The decode stage, the shard commits, resume and the errors table are the
-scoring job's own (`ltrp.pipeline.shards`).
+actors (one per GPU, or CPU actors; an autoscaling cluster may grow it) -> commit tasks, which commit
+each shard as one Parquet file as soon as all of its rows are in. The decode stage, the shard commits,
+resume and the errors table are the scoring job's own (`ltrp.pipeline.shards`).
 
 The ranker travels to the actors as weights and geometry, not as the registry's artifact: the driver
 loads it once, records its weights' sha256, and every actor checks that digest.
@@ -18,7 +18,6 @@ Output under OUTPUT (local path or s3://...):
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -41,6 +40,7 @@ from ltrp.pipeline.registry import load_ranker_ref
 from ltrp.pipeline.shards import (
     ShardedOutput,
     commit_all,
+    commit_stage,
     decode_shards,
     stage_schema,
     usable_images,
@@ -121,18 +121,15 @@ def run(cfg: RankConfig, progress=print) -> RankSummary:
 
 
 def execute(job: RankPlan, progress=print) -> RankSummary:
-    """Claims the output, ranks the shards it does not hold yet, commits each as it completes."""
+    """Claims the output and has the workers rank and commit the shards it does not hold yet."""
     start = time.perf_counter()
     cfg = job.cfg
+    out = rank_output(cfg.output)
 
-    def batches(pending: list[Shard]) -> Iterable[pa.Table]:
-        return _pipeline(cfg, pending, job.ranker, job.metadata["model_sha256"]).iter_batches(
-            batch_format="pyarrow", batch_size=None
-        )
+    def manifests(pending: list[Shard], lease_token: str) -> Iterable[dict]:
+        return _pipeline(cfg, pending, job.ranker, job.metadata, out, lease_token).iter_rows()
 
-    skipped, written = commit_all(
-        rank_output(cfg.output), "jobs.rank", job.metadata, job.corpus.shards, batches, progress
-    )
+    skipped, written = commit_all(out, "jobs.rank", job.metadata, job.corpus.shards, manifests, progress)
     return RankSummary(
         cfg.output,
         len(job.corpus.shards),
@@ -166,10 +163,16 @@ def job_metadata(cfg: RankConfig, ranker: Ranker, version: ModelVersion | None, 
     }
 
 
-def _pipeline(cfg: RankConfig, pending: list[Shard], ranker: Ranker, sha256: str) -> ray.data.Dataset:
+def _pipeline(
+    cfg: RankConfig,
+    pending: list[Shard],
+    ranker: Ranker,
+    metadata: dict,
+    out: ShardedOutput,
+    lease_token: str,
+) -> ray.data.Dataset:
     """Wires the stages into Ray Data: each stage's resources and batch size are declared here."""
     gpu = runtime.use_gpu(cfg.device)
-    actors = cfg.rankers or max(1, runtime.cluster_gpus() if gpu else 1)
     size = ranker.cfg.img_size
     ds = ray.data.from_items([{"shard": s.to_json()} for s in pending], override_num_blocks=len(pending))
     # As in the scoring job: the libraries (~0.6 GB) and a shard's pixels twice; declaring it keeps
@@ -183,24 +186,22 @@ def _pipeline(cfg: RankConfig, pending: list[Shard], ranker: Ranker, sha256: str
         num_cpus=1,
         memory=shard_bytes,
     )
-    # OpenMP threads are fixed when a worker starts (see the scoring job): CPU rankers get every core.
-    threads = cfg.ranker_threads or os.cpu_count() or 1
-    env = {} if gpu else {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}}
-    return ds.map_batches(
+    ds = ds.map_batches(
         ShardRanker,
         fn_constructor_kwargs={
             "ranker_config": asdict(ranker.cfg),
             "weights": ranker.state_dict(),
-            "sha256": sha256,
+            "sha256": metadata["model_sha256"],
             "gpu": gpu,
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=runtime.actor_pool(cfg.rankers, cfg.max_rankers, gpu),
         num_gpus=1 if gpu else 0,
         num_cpus=cfg.ranker_cpus,
-        **env,
+        **runtime.actor_threads(gpu, cfg.ranker_cpus, cfg.ranker_threads),
     )
+    return commit_stage(ds, out, metadata, lease_token, cfg.shard_size * cfg.views)
 
 
 def image_rows(image: SourceImage, cfg: RankConfig, size: int) -> list[dict]:

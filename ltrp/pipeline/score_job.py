@@ -1,9 +1,9 @@
 """The scoring job: an image corpus -> leave-one-out pseudo-scores as Parquet, fanned out with Ray Data.
 
 Stages: the corpus's shards -> CPU decode tasks (bytes -> views as uint8 pixels) -> a pool of scoring
-actors (one per GPU, or CPU actors) -> the driver, which commits each shard as one Parquet file as soon
-as all of its rows are in (`ltrp.pipeline.shards`, shared with the ranking job: exactly-once commits,
-resume, the errors table).
+actors (one per GPU, or CPU actors; an autoscaling cluster may grow it) -> commit tasks, which commit
+each shard as one Parquet file as soon as all of its rows are in and send the driver one manifest row
+(`ltrp.pipeline.shards`, shared with the ranking job: exactly-once commits, resume, the errors table).
 
 Output under OUTPUT (local path or s3://...):
     scores/part-00000.parquet ...  one row per (image, view): see `ltrp.data.tables.SCORES_SCHEMA`
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -39,6 +38,7 @@ from ltrp.pipeline.configs import ScoreConfig, checking_inputs, result_fields
 from ltrp.pipeline.shards import (
     ShardedOutput,
     commit_all,
+    commit_stage,
     decode_shards,
     stage_schema,
     usable_images,
@@ -125,18 +125,16 @@ def score_corpus(cfg: ScoreConfig) -> ScoreSummary:
 
 
 def execute(job: ScorePlan, progress=print) -> ScoreSummary:
-    """Claims the output, scores the shards it does not hold yet, commits each as it completes."""
+    """Claims the output and has the workers score and commit the shards it does not hold yet."""
     start = time.perf_counter()
     cfg = job.cfg
+    out = score_output(cfg.output)
 
-    def batches(pending: list[Shard]) -> Iterable[pa.Table]:
-        return _pipeline(cfg, pending, job.mae.cfg.img_size, job.mae.cfg.grid, job.metadata).iter_batches(
-            batch_format="pyarrow", batch_size=None
-        )
+    def manifests(pending: list[Shard], lease_token: str) -> Iterable[dict]:
+        geometry = job.mae.cfg.img_size, job.mae.cfg.grid
+        return _pipeline(cfg, pending, *geometry, job.metadata, out, lease_token).iter_rows()
 
-    skipped, written = commit_all(
-        score_output(cfg.output), "jobs.score", job.metadata, job.corpus.shards, batches, progress
-    )
+    skipped, written = commit_all(out, "jobs.score", job.metadata, job.corpus.shards, manifests, progress)
     return ScoreSummary(
         cfg.output,
         len(job.corpus.shards),
@@ -171,11 +169,16 @@ def job_metadata(cfg: ScoreConfig, mae: MAE, shards: list[Shard]) -> dict:
 
 
 def _pipeline(
-    cfg: ScoreConfig, pending: list[Shard], size: int, grid: int, metadata: dict
+    cfg: ScoreConfig,
+    pending: list[Shard],
+    size: int,
+    grid: int,
+    metadata: dict,
+    out: ShardedOutput,
+    lease_token: str,
 ) -> ray.data.Dataset:
     """Wires the stages into Ray Data: each stage's resources and batch size are declared here."""
     gpu = runtime.use_gpu(cfg.device)
-    scorers = cfg.scorers or max(1, runtime.cluster_gpus() if gpu else 1)
     ds = ray.data.from_items([{"shard": s.to_json()} for s in pending], override_num_blocks=len(pending))
     # A decode worker holds the libraries (~0.6 GB measured, torch included) and one shard's pixels
     # (twice, while it builds the table): telling Ray keeps it from running more decodes than memory
@@ -193,22 +196,17 @@ def _pipeline(
         num_cpus=1,
         memory=shard_bytes,
     )
-    # Ray starts a worker with as many OpenMP threads as CPUs it reserved (one), which halved CPU
-    # scoring on a 2-core node; raising it later with torch.set_num_threads made it slower still
-    # (measured: 0.33 and 0.27 img/s against 0.61 with the variable set at start). Scoring dominates
-    # and decoding is light, so CPU scorers get every core.
-    threads = cfg.scorer_threads or os.cpu_count() or 1
-    env = {} if gpu else {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}}
-    return ds.map_batches(
+    ds = ds.map_batches(
         ShardScorer,
         fn_constructor_kwargs={"cfg": cfg, "sha256": metadata["mae_sha256"], "gpu": gpu},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=scorers),
+        compute=runtime.actor_pool(cfg.scorers, cfg.max_scorers, gpu),
         num_gpus=1 if gpu else 0,
         num_cpus=cfg.scorer_cpus,
-        **env,
+        **runtime.actor_threads(gpu, cfg.scorer_cpus, cfg.scorer_threads),
     )
+    return commit_stage(ds, out, metadata, lease_token, cfg.shard_size * rows_per_image(cfg, grid))
 
 
 def rows_per_image(cfg: ScoreConfig, grid: int) -> int:

@@ -1,27 +1,33 @@
 """What every job that maps an image corpus to a table shares (the scoring and the ranking job): the
 decode stage (shards -> one row per view with its pixels, or the reason an image cannot be used), the
-regrouping of a model stage's rows by shard, and the output folder that commits each shard exactly once.
+commit stage (a model stage's rows -> each shard committed, on the workers, once all its rows are in),
+and the output folder that commits each shard exactly once.
 
 A shard's file appears whole or not at all, so a re-run skips finished shards, redoes unfinished ones,
 and the table never holds a duplicate or a gap. (Ray's own `write_parquet` names files by task and
 cannot resume like this; its checkpointing filters rows at read time and may write a block twice.)
+No row passes through the driver: the commit stage stages each batch's rows of a shard as a part
+file, and whichever commit task completes a shard writes its file and sends the driver one small
+manifest row.
 
 Output under OUTPUT (local path or s3://...):
     TABLE/part-00000.parquet ...   the job's rows (TABLE: "scores", "ranks")
     errors/part-00000.parquet ...  images that could not be used: image_id, uri, reason
     _ltrp_job.json                 the job's metadata, also in every file's Parquet key-value metadata
     _SUCCESS                       written once every shard is committed
+    _parts/00000/ROWS-DIGEST.arrow  a shard's rows while it is incomplete (removed when committed)
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import posixpath
 import uuid
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import fsspec
 import numpy as np
@@ -36,26 +42,37 @@ from ltrp.data.images import (
     ImageDecodeError,
     ImageLimits,
     displayed_size,
-    render_view,
+    render_views,
     to_model_input,
     view_geometry,
 )
 from ltrp.data.sources import Shard, SourceImage, read_shard
 from ltrp.data.tables import ERRORS_SCHEMA, JOB_FILE, SCORES_SCHEMA
-from ltrp.pipeline.lease import Lease
+from ltrp.pipeline.lease import Lease, check_holder
+
+if TYPE_CHECKING:
+    import ray
 
 #: The view columns every job's table starts with (the score table's first six).
 VIEW_COLUMNS = list(SCORES_SCHEMA)[:6]
+#: The folder of the staged parts of incomplete shards.
+PARTS = "_parts"
+#: What the commit stage sends the driver: one row per shard it committed.
+MANIFEST_SCHEMA = pa.schema(
+    [("shard", pa.int32()), ("images", pa.int64()), ("rows", pa.int64()), ("errors", pa.int64())]
+)
 
 
 def stage_schema(*columns: pa.Field) -> pa.Schema:
-    """The rows between the decode and the model stage: where each belongs (shard, and how many rows
-    the shard has, so the driver knows when it is complete), the view, the job's own input columns,
-    the pixels, and the error of an image that cannot be used."""
+    """The rows between the decode and the model stage: where each belongs (shard, how many rows the
+    shard has, so that the commit stage knows when it is complete, and the row's number in it, so
+    that a row delivered twice counts once), the view, the job's own input columns, the pixels, and
+    the error of an image that cannot be used."""
     return pa.schema(
         [
             ("shard", pa.int32()),
             ("shard_rows", pa.int32()),
+            ("shard_row", pa.int32()),
             *VIEW_COLUMNS,
             *columns,
             ("pixels", pa.binary()),
@@ -85,31 +102,33 @@ def view_rows(image: SourceImage, geometry_views: Sequence[int], cfg: ViewOption
         raise ImageDecodeError(image.error)
     limits = ImageLimits(cfg.min_side, cfg.max_pixels)
     width, height = displayed_size(image.data, limits)
-    rows = []
-    for view, geometry_view in enumerate(geometry_views):
-        geometry = view_geometry(
-            image.image_id, geometry_view, width, height, seed=cfg.seed, crop=cfg.crop, flip=cfg.flip
-        )
-        rows.append(
-            {
-                "image_id": image.image_id,
-                "uri": image.uri,
-                "label": image.label,
-                "view": view,
-                "crop_box": list(geometry.box),
-                "flip": geometry.flip,
-                "pixels": render_view(image.data, geometry, size, limits).tobytes(),
-                "error": None,
-            }
-        )
-    return rows
+    geometries = [
+        view_geometry(image.image_id, v, width, height, seed=cfg.seed, crop=cfg.crop, flip=cfg.flip)
+        for v in geometry_views
+    ]
+    # One decode for all the views that share a JPEG reduction: the pixels render_view gives each alone.
+    pixels = render_views(image.data, geometries, size, limits)
+    return [
+        {
+            "image_id": image.image_id,
+            "uri": image.uri,
+            "label": image.label,
+            "view": view,
+            "crop_box": list(geometry.box),
+            "flip": geometry.flip,
+            "pixels": rendered.tobytes(),
+            "error": None,
+        }
+        for view, (geometry, rendered) in enumerate(zip(geometries, pixels, strict=True))
+    ]
 
 
 def decode_shards(
     batch: dict[str, np.ndarray], image_rows: Callable[[SourceImage], list[dict]], schema: pa.Schema
 ) -> pa.Table:
     """Decode stage: shard descriptors -> `image_rows(image)` for each image of each shard, or one
-    error row for an image it refuses (ImageDecodeError). Every row carries its shard's row count."""
+    error row for an image it refuses (ImageDecodeError). Every row carries its shard's row count and
+    its number in the shard."""
     rows = []
     for text in batch["shard"]:
         shard = Shard.from_json(str(text))
@@ -117,7 +136,10 @@ def decode_shards(
         if not shard_rows:  # still commit the shard, so that it counts as done
             empty = SourceImage(shard.tar or str(shard.index), shard.tar or "", None)
             shard_rows = [_error_row(empty, "shard holds no images")]
-        rows += [{**row, "shard": shard.index, "shard_rows": len(shard_rows)} for row in shard_rows]
+        rows += [
+            {**row, "shard": shard.index, "shard_rows": len(shard_rows), "shard_row": i}
+            for i, row in enumerate(shard_rows)
+        ]
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -140,21 +162,50 @@ def usable_images(batch: pa.Table, size: int, device: torch.device) -> tuple[np.
     return ok, to_model_input(torch.from_numpy(pixels.reshape(len(ok), size, size, 3)).to(device))
 
 
-def assemble_shards(batches: Iterable[pa.Table]) -> Iterator[tuple[int, pa.Table]]:
-    """Regroups a model stage's rows, which arrive in batches of any shards in any order, and yields
-    (shard index, all its rows) as each shard completes (its rows carry the shard's row count)."""
-    parts: dict[int, list[pa.Table]] = defaultdict(list)
-    counts: Counter[int] = Counter()
-    for batch in batches:
-        shard_col = batch.column("shard").to_numpy()
-        for index in map(int, np.unique(shard_col)):
-            part = batch.filter(pa.array(shard_col == index))
-            parts[index].append(part)
-            counts[index] += part.num_rows
-            if counts[index] == part.column("shard_rows")[0].as_py():
-                yield index, pa.concat_tables(parts.pop(index))
-    if parts:
-        raise RuntimeError(f"the pipeline ended with shards {sorted(parts)} incomplete")
+def commit_shards(batch: pa.Table, out: ShardedOutput, metadata: dict, lease_token: str) -> pa.Table:
+    """Commit stage: a model stage's rows, of any shards in any order -> the shards this call completed,
+    committed, one `MANIFEST_SCHEMA` row each. A batch's rows of a shard are staged as a part named
+    by the rows it holds, so a batch that Ray delivers again (a retried task, a lost node's block
+    recomputed) replaces its own part instead of adding one; a shard is committed by whichever call
+    finds all its rows staged, after checking that the job still holds the output's lease."""
+    manifests = []
+    shard_col = batch.column("shard").to_numpy()
+    for index in map(int, np.unique(shard_col)):
+        part = batch.filter(pa.array(shard_col == index))
+        shard_rows = part.column("shard_rows")[0].as_py()
+        table = whole_shard(part, shard_rows)  # all of it in this batch: nothing to stage
+        if table is None:
+            out.stage(index, part)
+            table = out.staged_shard(index, shard_rows)
+        if table is None:
+            continue
+        check_holder(out.uri, lease_token)
+        kept, failed = out.commit(index, table, metadata)
+        out.drop_staged(index)
+        images = len(set(kept.column("image_id").to_pylist()))
+        manifests.append({"shard": index, "images": images, "rows": kept.num_rows, "errors": failed.num_rows})
+    return pa.Table.from_pylist(manifests, schema=MANIFEST_SCHEMA)
+
+
+def whole_shard(rows: pa.Table, shard_rows: int) -> pa.Table | None:
+    """`rows` with each of the shard's row numbers once, if they hold all `shard_rows`; else None."""
+    _, first = np.unique(rows.column("shard_row").to_numpy(), return_index=True)
+    return rows.take(first) if len(first) == shard_rows else None
+
+
+def commit_stage(
+    ds: ray.data.Dataset, out: ShardedOutput, metadata: dict, lease_token: str, shard_rows: int
+) -> ray.data.Dataset:
+    """The commit stage wired after a job's model stage: tasks of a quarter CPU (they wait on storage,
+    and must never hold back decoding or scoring), each taking a shard's worth of rows (`shard_rows`),
+    so that a shard is staged in a few parts, not in one per model call."""
+    return ds.map_batches(
+        commit_shards,
+        fn_kwargs={"out": out, "metadata": metadata, "lease_token": lease_token},
+        batch_size=shard_rows,
+        batch_format="pyarrow",
+        num_cpus=0.25,
+    )
 
 
 class ShardedOutput:
@@ -199,8 +250,43 @@ class ShardedOutput:
             self.fs.pipe_file(self._path(JOB_FILE), json.dumps(metadata, indent=2).encode())
 
     def committed_shards(self) -> set[int]:
+        self.fs.invalidate_cache()  # s3fs caches listings; other processes commit meanwhile
         names = self.fs.glob(self._path(self.table, "part-*.parquet"))
         return {int(posixpath.basename(n)[len("part-") : -len(".parquet")]) for n in names}
+
+    def stage(self, index: int, part: pa.Table) -> None:
+        """Stages some rows of shard `index` as a part named by their count and their row numbers."""
+        numbers = np.sort(part.column("shard_row").to_numpy()).astype("<i4")
+        name = f"{part.num_rows}-{hashlib.sha256(numbers.tobytes()).hexdigest()[:24]}.arrow"
+        self._write(self._path(PARTS, f"{index:05d}", name), part)
+
+    def staged_shard(self, index: int, shard_rows: int) -> pa.Table | None:
+        """Shard `index`'s rows, each once, if all `shard_rows` are staged and it is not committed yet;
+        else None. (Parts may overlap when Ray delivered a row twice in different batches; their names'
+        counts then add up to more than the shard holds, and the rows themselves decide.)"""
+        folder = self._path(PARTS, f"{index:05d}")
+        self.fs.invalidate_cache(folder)
+        try:
+            names = [posixpath.basename(p) for p in self.fs.ls(folder, detail=False)]
+            counts = [int(n.split("-", 1)[0]) for n in names if n.endswith(".arrow") and n[0] != "."]
+            committed = self.fs.exists(self._path(self.table, f"part-{index:05d}.parquet"))
+            if sum(counts) < shard_rows or committed:
+                return None
+            parts = [self._read_part(posixpath.join(folder, n)) for n in names if n.endswith(".arrow")]
+        except FileNotFoundError:  # none staged yet, or another call committed it and removed them
+            return None
+        return whole_shard(pa.concat_tables(parts), shard_rows)
+
+    def drop_staged(self, index: int) -> None:
+        self._remove(self._path(PARTS, f"{index:05d}"))
+
+    def drop_all_staged(self) -> None:
+        """Removes every staged part: an interrupted run's, whose shards a re-run redoes whole."""
+        self._remove(self._path(PARTS))
+
+    def _remove(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(path, recursive=True)
 
     def commit(self, index: int, table: pa.Table, metadata: dict) -> tuple[pa.Table, pa.Table]:
         """Writes a complete shard: its errors first, then its rows, whose file marks it done."""
@@ -221,11 +307,22 @@ class ShardedOutput:
         done = self.committed_shards()
         if len(done) != shards:
             raise RuntimeError(f"{self.uri}: {shards - len(done)} of {shards} shards are not committed")
+        self.drop_all_staged()  # leftovers of rows delivered twice after their shard was committed
         self.fs.pipe_file(self._path("_SUCCESS"), b"")
 
+    def _read_part(self, path: str) -> pa.Table:
+        with self.fs.open(path, "rb") as f:
+            return pa.ipc.open_file(f).read_all()
+
     def _write(self, path: str, table: pa.Table) -> None:
+        """Writes `table` atomically as Parquet, or as Arrow IPC for a staged part (.arrow), which keeps
+        every column exactly as the stage made it (Parquet cannot read back a null fixed-size list)."""
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
+        if path.endswith(".arrow"):
+            with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
+                w.write_table(table)
+        else:
+            pq.write_table(table, sink, compression="zstd")
         data = sink.getvalue().to_pybytes()
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         if isinstance(self.fs, LocalFileSystem):  # a rename is atomic; readers skip dot-files
@@ -250,16 +347,17 @@ def commit_all(
     job: str,
     metadata: dict,
     shards: Sequence[Shard],
-    batches_for: Callable[[list[Shard]], Iterable[pa.Table]],
+    manifests_for: Callable[[list[Shard], str], Iterable[dict]],
     progress: Callable[[str], None] = print,
 ) -> tuple[int, Written]:
     """Runs a job on its output: holds the output's lease throughout (one job at a time), records the
-    job's metadata (or checks an earlier run's), commits each shard not yet committed as the model
-    stage's batches for them complete, reporting each commit, and marks the output finished.
+    job's metadata (or checks an earlier run's), has the pending shards committed by the workers'
+    commit stage, reporting each commit, and marks the output finished.
 
     Args:
         job: names the job in the lease, for a job that finds the output taken.
-        batches_for: the model stage's batches of the given pending shards, in any order.
+        manifests_for: runs the job's stages on the given pending shards, with commit stages that check
+            the lease token given; yields their `MANIFEST_SCHEMA` rows as shards are committed.
 
     Returns:
         (shards skipped as already committed, what this run committed).
@@ -269,16 +367,19 @@ def commit_all(
     """
     with Lease(out.uri, job) as lease:
         out.claim(metadata)
+        out.drop_all_staged()
         done = out.committed_shards()
         pending = [s for s in shards if s.index not in done]
+        committed: set[int] = set()
         images, rows, errors = 0, 0, 0
-        for count, (index, table) in enumerate(assemble_shards(batches_for(pending) if pending else []), 1):
+        for manifest in manifests_for(pending, lease.token) if pending else []:
             lease.check()
-            kept, failed = out.commit(index, table, metadata)
-            images += len(set(kept.column("image_id").to_pylist()))
-            rows += kept.num_rows
-            errors += failed.num_rows
-            progress(f"committed shard {index} ({count}/{len(pending)} of this run): {images} images, "
-                     f"{errors} errors")  # fmt: skip
+            if manifest["shard"] in committed:  # two commit tasks both completed it: the same file
+                continue
+            committed.add(manifest["shard"])
+            images, rows, errors = (images + manifest["images"], rows + manifest["rows"],
+                                    errors + manifest["errors"])  # fmt: skip
+            progress(f"committed shard {manifest['shard']} ({len(committed)}/{len(pending)} of this run): "
+                     f"{images} images, {errors} errors")  # fmt: skip
         out.finish(len(shards))
     return len(shards) - len(pending), Written(images, rows, errors)

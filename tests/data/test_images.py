@@ -1,9 +1,11 @@
+import functools
 import io
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from ltrp.data import images
 from ltrp.data.images import (
     IMAGENET_MEAN,
     ImageDecodeError,
@@ -13,6 +15,7 @@ from ltrp.data.images import (
     center_view,
     displayed_size,
     render_view,
+    render_views,
     to_model_input,
     view_geometry,
 )
@@ -127,3 +130,78 @@ def test_jpeg_draft_decoding_stays_close_to_full_decoding() -> None:
             img.convert("RGB").resize((128, 128), Image.Resampling.BICUBIC, box=view.box)
         ).astype(float)
     assert np.abs(drafted - full).mean() < 4
+
+
+@functools.cache
+def _photo(name: str, fmt: str = "JPEG", orientation: int = 1) -> bytes:
+    """A sample photo from scikit-image, encoded as `fmt` (JPEG at quality 90) with that EXIF orientation."""
+    import skimage.data
+
+    img = Image.fromarray(getattr(skimage.data, name)())
+    exif = img.getexif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, exif=exif, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size", [32, 112, 224])
+@pytest.mark.parametrize(
+    ("name", "fmt", "orientation"),
+    [
+        ("astronaut", "JPEG", 1),
+        ("chelsea", "JPEG", 1),
+        ("coffee", "JPEG", 1),
+        ("camera", "JPEG", 1),  # grayscale
+        ("chelsea", "JPEG", 6),  # displayed rotated: boxes are in the rotated frame
+        ("astronaut", "PNG", 1),  # no draft mode: one decode for every view
+    ],
+)
+def test_render_views_gives_each_view_the_pixels_render_view_gives_it_alone(
+    name: str, fmt: str, orientation: int, size: int
+) -> None:
+    data = _photo(name, fmt, orientation)
+    width, height = displayed_size(data)
+    views = [view_geometry(name, v, width, height, crop="random", flip=True) for v in range(8)]
+    together = render_views(data, views, size)
+    assert len(together) == len(views)
+    for view, pixels in zip(views, together, strict=True):
+        assert pixels.shape == (size, size, 3) and pixels.dtype == np.uint8
+        assert np.array_equal(pixels, render_view(data, view, size))
+
+
+@pytest.mark.parametrize(
+    ("fmt", "decodes"),
+    [("JPEG", 3), ("PNG", 1)],  # JPEG: reductions 1/8 (twice), 1/2 (twice) and 1/1; PNG: none
+)
+def test_render_views_decodes_once_per_reduction(
+    fmt: str, decodes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _encode(Image.new("RGB", (512, 512), (200, 100, 50)), fmt)
+    calls = []
+    to_rgb = images._to_rgb
+
+    def counted(img: Image.Image) -> Image.Image:  # called once per decode
+        calls.append(img.size)
+        return to_rgb(img)
+
+    monkeypatch.setattr(images, "_to_rgb", counted)
+    boxes = [(0, 0, 512, 512), (0, 0, 256, 256), (0, 0, 100, 100), (50, 50, 150, 150), (0, 0, 60, 60)]
+    render_views(data, [View(tuple(map(float, box))) for box in boxes], 32)
+    assert len(calls) == decodes
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"hello, I am text",
+        _encode(Image.new("RGB", (64, 64)), "JPEG")[:200],
+        _photo("coffee")[:20_000],  # a sound header, then the pixels stop
+    ],
+)
+def test_render_views_refuses_an_unreadable_image(data: bytes) -> None:
+    views = [View((0.0, 0.0, 16.0, 16.0)), View((8.0, 8.0, 24.0, 24.0), flip=True)]
+    with pytest.raises(ImageDecodeError):
+        render_views(data, views, 16)

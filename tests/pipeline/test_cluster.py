@@ -299,7 +299,7 @@ def _fault_free_table(mae: str) -> pa.Table:
     return score_job.ShardScorer(cfg, ltrp.load_mae(mae).checkpoint.sha256, gpu=False)(decoded)
 
 
-@pytest.mark.slow
+@pytest.mark.faults
 def test_a_submission_without_the_token_is_refused(cluster: LocalCluster) -> None:
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
@@ -313,7 +313,7 @@ def test_a_submission_without_the_token_is_refused(cluster: LocalCluster) -> Non
     assert not os.path.exists("/tmp/ltrp-pwned")
 
 
-@pytest.mark.slow
+@pytest.mark.faults
 def test_submitted_scoring_job_loses_its_node_and_writes_the_fault_free_table(
     scored: tuple[str, str, str], mlflow_uri: str
 ) -> None:
@@ -341,7 +341,7 @@ def test_submitted_scoring_job_loses_its_node_and_writes_the_fault_free_table(
     assert run.data.metrics["images_scored"] == 64 and run.data.params["mae"] == "s3://cluster/mae.pth"
 
 
-@pytest.mark.slow
+@pytest.mark.faults
 def test_submitted_training_survives_losing_the_worker_node_checkpoints_to_s3_and_registers(
     scored: tuple[str, str, str], cluster: LocalCluster, settings: dict[str, str], mlflow_uri: str
 ) -> None:

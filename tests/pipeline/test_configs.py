@@ -11,6 +11,7 @@ from ltrp.pipeline.configs import (
     EvaluateConfig,
     PretrainConfig,
     PromoteConfig,
+    RankConfig,
     ScoreConfig,
     TrainConfig,
     read_config_file,
@@ -32,6 +33,8 @@ EVALUATE = {"model": "models:/r/1", "mae": "m", "scores": ("t",), "train_source"
         (ScoreConfig, {**SCORE, "flip": "yes"}, "--flip"),
         (ScoreConfig, {**SCORE, "mask_ratio": 1.0}, "--mask-ratio"),
         (ScoreConfig, {**SCORE, "precision": "bf16", "device": "cpu"}, "--precision"),
+        (ScoreConfig, {**SCORE, "scorers": 3, "max_scorers": 2}, "--max-scorers"),
+        (RankConfig, {"source": "s", "model": "r.pt", "output": "o", "max_rankers": 0}, "--max-rankers"),
         (PretrainConfig, {"source": "s", "output": "o", "geometry": "mae_vit_gigantic"}, "--geometry"),
         (PretrainConfig, {"source": "s", "output": "o", "lr": 0.0}, "--lr"),
         (TrainConfig, {"scores": "s", "loss": "listMLE"}, "--loss"),
@@ -62,7 +65,9 @@ def test_good_values_pass_and_yaml_lists_become_tuples() -> None:
 def test_the_score_fingerprint_is_every_field_but_the_execution_only_ones() -> None:
     cfg = ScoreConfig(**SCORE)
     result = set(result_fields(cfg))
-    execution = {"mae", "output", "batch_size", "scorers", "scorer_cpus", "scorer_threads", "device"}
+    execution = {
+        *("mae", "output", "batch_size", "scorers", "max_scorers", "scorer_cpus", "scorer_threads", "device")
+    }
     assert result == {f.name for f in fields(ScoreConfig)} - execution
 
 

@@ -207,7 +207,7 @@ def test_ranks_a_corpus_from_s3_with_the_registry_champion(
     assert "differs in: crop, flip, views" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.faults
 def test_killed_job_resumes_without_duplicates_or_gaps(
     tmp_path: Path, ray_address: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

@@ -97,8 +97,10 @@ def test_scores_a_real_corpus_from_s3_to_s3(
 ) -> None:
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir("scores")
     out = "s3://scores/run1"
+    # Shards of 64 rows in scoring batches of 24 over two actors: each shard's rows are committed
+    # by the workers from parts staged on S3.
     args = ("--source", s3_corpus, "--mae", checkpoint, "--output", out, "--shard-size", "64")
-    stdout = _job(*args, capsys=capsys)
+    stdout = _job(*args, "--batch-size", "24", "--scorers", "2", capsys=capsys)
     assert "scored 205 images (205 rows)" in stdout and "0 errors" in stdout
 
     table = pq.read_table("s3://scores/run1/scores")  # plain pyarrow, through AWS_ENDPOINT_URL_S3
@@ -113,7 +115,7 @@ def test_scores_a_real_corpus_from_s3_to_s3(
     meta = json.loads(table.schema.metadata[b"ltrp"])
     assert meta["mae_sha256"] == hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    assert fs.exists("scores/run1/_SUCCESS")
+    assert fs.exists("scores/run1/_SUCCESS") and not fs.exists("scores/run1/_parts")
     assert json.loads(fs.cat_file("scores/run1/_ltrp_job.json"))["mae_sha256"] == meta["mae_sha256"]
 
     # The stored scores are those of loo_scores on the stored views, replayed from the source bytes.
@@ -141,7 +143,7 @@ def test_scores_a_real_corpus_from_s3_to_s3(
     assert run.data.metrics["images_per_second"] > 0 and run.data.params["source"] == s3_corpus
 
 
-@pytest.mark.slow
+@pytest.mark.faults
 def test_killed_job_resumes_without_duplicates_or_gaps(
     tmp_path: Path, ray_address: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

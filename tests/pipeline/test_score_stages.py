@@ -9,7 +9,6 @@ import random
 import shutil
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -25,12 +24,15 @@ from ltrp.data.images import View, png_bytes, render_view, to_model_input, view_
 from ltrp.data.sources import Shard, plan_corpus, plan_digest
 from ltrp.data.tables import ERRORS_SCHEMA, SCORES_SCHEMA
 from ltrp.pipeline.configs import ConfigError, ScoreConfig, result_fields
+from ltrp.pipeline.lease import Lease, LeaseHeld
 from ltrp.pipeline.score_job import STAGE_SCHEMA, ShardScorer, image_rows, job_metadata, score_output
-from ltrp.pipeline.shards import ShardedOutput, assemble_shards, decode_shards
+from ltrp.pipeline.shards import ShardedOutput, commit_shards, decode_shards
 
 SIZE, GRID = 64, 8  # the tiny MAE's image size and patch grid
 #: The fields of ScoreConfig that change only how fast the job runs: all others must be fingerprinted.
-EXECUTION_ONLY = {"mae", "output", "batch_size", "scorers", "scorer_cpus", "scorer_threads", "device"}
+EXECUTION_ONLY = {
+    *("mae", "output", "batch_size", "scorers", "max_scorers", "scorer_cpus", "scorer_threads", "device")
+}
 #: A different value for every result field, each of which must make a resume refuse.
 RESULT_CHANGES = {
     "source": "elsewhere",
@@ -267,89 +269,6 @@ def test_the_scorer_refuses_a_checkpoint_changed_since_the_job_started(tmp_path:
         ShardScorer(cfg, sha256, gpu=False)
 
 
-# -- regrouping rows into shards --------------------------------------------------------------------
-
-
-def _rows(shard: int, total: int, rows: range) -> pa.Table:
-    """Rows `rows` of a shard of `total` rows (only the columns the assembly reads, and a row number)."""
-    n = len(rows)
-    return pa.table(
-        {
-            "shard": pa.array([shard] * n, pa.int32()),
-            "shard_rows": pa.array([total] * n, pa.int32()),
-            "row": pa.array(list(rows), pa.int64()),
-        }
-    )
-
-
-def _assemble(batches: list[pa.Table]) -> tuple[list[tuple[int, pa.Table]], list[int]]:
-    """(what assemble_shards yielded, how many batches it had read when it yielded each)."""
-    read = 0
-
-    def feed() -> Iterator[pa.Table]:
-        nonlocal read
-        for batch in batches:
-            read += 1
-            yield batch
-
-    out, when = [], []
-    for item in assemble_shards(feed()):
-        out.append(item)
-        when.append(read)
-    return out, when
-
-
-def test_shards_out_of_order_and_interleaved_are_yielded_once_as_soon_as_complete() -> None:
-    batches = [
-        pa.concat_tables([_rows(2, 3, range(0, 2)), _rows(0, 2, range(0, 1))]),
-        pa.concat_tables([_rows(1, 1, range(0, 1)), _rows(0, 2, range(1, 2))]),  # completes 1 and 0
-        _rows(2, 3, range(0, 0)),  # an empty batch
-        pa.concat_tables([_rows(3, 2, range(0, 2)), _rows(2, 3, range(2, 3))]),  # completes 3 and 2
-    ]
-    out, when = _assemble(batches)
-    assert sorted(index for index, _ in out) == [0, 1, 2, 3]
-    done_after = {index: n for (index, _), n in zip(out, when, strict=True)}
-    assert done_after == {0: 2, 1: 2, 2: 4, 3: 4}
-    for index, table in out:
-        assert isinstance(index, int)
-        assert set(table.column("shard").to_pylist()) == {index}
-        assert sorted(table.column("row").to_pylist()) == list(range({0: 2, 1: 1, 2: 3, 3: 2}[index]))
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_any_split_and_order_of_the_rows_assembles_every_shard_exactly_once(seed: int) -> None:
-    rng = random.Random(seed)
-    sizes = {index: rng.randint(1, 6) for index in rng.sample(range(100), 8)}
-    rows = [(index, r) for index, size in sizes.items() for r in range(size)]
-    rng.shuffle(rows)
-    cuts = sorted(rng.sample(range(1, len(rows)), 5))
-    batches = [
-        pa.concat_tables([_rows(i, sizes[i], range(r, r + 1)) for i, r in rows[a:b]])
-        for a, b in zip([0, *cuts], [*cuts, len(rows)], strict=True)
-    ]
-    last_batch = {}  # shard -> the batch holding its last row
-    for k, (a, b) in enumerate(zip([0, *cuts], [*cuts, len(rows)], strict=True)):
-        for i, _ in rows[a:b]:
-            last_batch[i] = k + 1
-    out, when = _assemble(batches)
-    assert Counter(index for index, _ in out) == dict.fromkeys(sizes, 1)
-    for (index, table), n in zip(out, when, strict=True):
-        assert n == last_batch[index]
-        assert sorted(table.column("row").to_pylist()) == list(range(sizes[index]))
-
-
-def test_a_shard_still_incomplete_at_the_end_is_an_error_naming_it() -> None:
-    batches = [
-        pa.concat_tables([_rows(4, 2, range(0, 2)), _rows(5, 3, range(0, 2))]),
-        _rows(6, 1, range(0, 1)),
-    ]
-    done = []
-    with pytest.raises(RuntimeError, match=r"shards \[5\] incomplete"):
-        for index, _ in assemble_shards(iter(batches)):
-            done.append(index)
-    assert done == [4, 6]  # the complete ones were committed before the failure
-
-
 # -- the output folder ------------------------------------------------------------------------------
 
 
@@ -490,6 +409,106 @@ def test_finish_needs_every_shard_and_leaves_no_temporary_files(
     assert not any(Path(f).name.startswith(".") for f in files)
 
 
+# -- the commit stage: shards committed where the rows are ------------------------------------------
+
+
+def _in_shard(table: pa.Table, index: int) -> pa.Table:
+    return table.set_column(0, "shard", pa.array([index] * table.num_rows, pa.int32()))
+
+
+def _stored(output: str, index: int) -> pa.Table:
+    return pq.read_table(Path(output) / "scores" / f"part-{index:05d}.parquet")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shards_split_over_batches_in_any_order_are_committed_once_each_when_complete(
+    scored: tuple[dict, pa.Table, Path], output: str, seed: int
+) -> None:
+    """Shards whose rows arrive in batches of several shards, in any order, as from several actors; a
+    batch delivered twice (a retried task) and rows delivered again in another batch (a lost block
+    recomputed) add nothing."""
+    metadata, table, _ = scored
+    rng = random.Random(seed)
+    rows = [(index, i) for index in range(4) for i in range(table.num_rows)]
+    rng.shuffle(rows)
+    cuts = sorted(rng.sample(range(1, len(rows)), 5))
+    batches = [
+        pa.concat_tables([_in_shard(table.slice(i, 1), index) for index, i in rows[a:b]])
+        for a, b in zip([0, *cuts], [*cuts, len(rows)], strict=True)
+    ]
+    batches.insert(rng.randrange(len(batches)), batches[rng.randrange(len(batches))])  # again, whole
+    batches.insert(rng.randrange(len(batches)), _in_shard(table.slice(1, 3), rng.randrange(4)))  # again
+    last = {index: k for k, batch in enumerate(batches) for index in batch.column("shard").to_pylist()}
+    out = score_output(output)
+    out.claim(metadata)
+    committed = []
+    with Lease(output, "test") as lease:
+        for k, batch in enumerate(batches):
+            for manifest in commit_shards(batch, out, metadata, lease.token).to_pylist():
+                committed.append(manifest["shard"])
+                assert k <= last[manifest["shard"]]  # as soon as complete (or at a repeat before that)
+                assert (manifest["images"], manifest["rows"], manifest["errors"]) == (2, 4, 1)
+    assert sorted(committed) == [0, 1, 2, 3]  # each once: the repeats came while it was incomplete
+    reference = score_output(str(Path(output) / "reference"))
+    for index in range(4):
+        expected, _ = reference.commit(index, _in_shard(table, index), metadata)
+        assert _stored(output, index).equals(expected.cast(_stored(output, index).schema))
+    out.finish(4)  # also removes a part a repeat staged after its shard was committed
+    assert not (Path(output) / "_parts").exists()
+
+
+def test_a_shard_in_one_batch_is_committed_without_staging(
+    scored: tuple[dict, pa.Table, Path], output: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metadata, table, _ = scored
+    out = score_output(output)
+    out.claim(metadata)
+    monkeypatch.setattr(ShardedOutput, "stage", lambda *a: pytest.fail("staged a complete shard"))
+    with Lease(output, "test") as lease:
+        (manifest,) = commit_shards(table, out, metadata, lease.token).to_pylist()
+    assert manifest == {"shard": 3, "images": 2, "rows": 4, "errors": 1}
+    assert out.committed_shards() == {3}
+
+
+def test_a_commit_task_that_dies_after_staging_is_redone_without_duplicates(
+    scored: tuple[dict, pa.Table, Path], output: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit task is killed between staging the last part and committing the shard; Ray runs the
+    same batch again."""
+    metadata, table, _ = scored
+    out = score_output(output)
+    out.claim(metadata)
+    commit = ShardedOutput.commit
+
+    def killed(self: ShardedOutput, *args: object) -> None:
+        raise SystemExit("killed")
+
+    with Lease(output, "test") as lease:
+        assert commit_shards(table.slice(0, 2), out, metadata, lease.token).num_rows == 0
+        monkeypatch.setattr(ShardedOutput, "commit", killed)
+        with pytest.raises(SystemExit):
+            commit_shards(table.slice(2), out, metadata, lease.token)
+        assert out.committed_shards() == set()
+        monkeypatch.setattr(ShardedOutput, "commit", commit)
+        (manifest,) = commit_shards(table.slice(2), out, metadata, lease.token).to_pylist()
+    assert manifest["rows"] == 4
+    assert sorted(r["image_id"] for r in _stored(output, 3).to_pylist()) == ["a.png"] * 2 + ["b.png"] * 2
+
+
+def test_a_commit_for_a_job_that_lost_its_lease_is_refused(
+    scored: tuple[dict, pa.Table, Path], output: str
+) -> None:
+    metadata, table, _ = scored
+    out = score_output(output)
+    out.claim(metadata)
+    with (
+        Lease(output, "jobs.score"),
+        pytest.raises(LeaseHeld, match=r"lost its lease \(now held by jobs\.score"),
+    ):
+        commit_shards(table, out, metadata, "another job's token")
+    assert out.committed_shards() == set()
+
+
 # -- the job's fingerprint --------------------------------------------------------------------------
 
 
@@ -539,7 +558,6 @@ def test_a_resume_with_other_execution_settings_is_the_same_job(
     score_output(cfg.output).claim(job_metadata(cfg, mae, shards))
     moved = str(tmp_path / "moved.pth")
     shutil.copy(mae_path, moved)  # the same bytes elsewhere
-    faster = dataclasses.replace(
-        cfg, mae=moved, batch_size=7, scorers=3, scorer_cpus=2.0, scorer_threads=1, device="cpu"
-    )
+    execution = {"scorers": 3, "max_scorers": 5, "scorer_cpus": 2.0, "scorer_threads": 1, "device": "cpu"}
+    faster = dataclasses.replace(cfg, mae=moved, batch_size=7, **execution)
     assert score_output(cfg.output).check(job_metadata(faster, ltrp.load_mae(moved), shards)) is True

@@ -86,6 +86,7 @@ def test_scoring_through_faults_writes_the_fault_free_table(corpus: str, s3_prox
     assert pc.count_distinct(got.column("image_id")).as_py() == IMAGES
 
 
+@pytest.mark.faults
 def test_training_and_evaluation_through_faults(
     corpus: str, s3_proxy: FaultProxy, faulty_mlflow: FaultProxy, tmp_path
 ) -> None:
