@@ -24,12 +24,12 @@ import tyro
 from PIL import Image
 
 import ltrp
+from ltrp.core.leave_one_out import AUTOCAST_DTYPES
 from ltrp.core.options import MAEGeometry, Precision
 from ltrp.data.datasets import SAMPLE_PHOTOS
 from ltrp.data.images import center_crop, to_model_input
 from ltrp.pipeline import score_job
 from ltrp.pipeline.configs import ScoreConfig
-from ltrp.pipeline.score_job import PRECISIONS
 
 
 @dataclass
@@ -82,12 +82,12 @@ def kernel_images_per_second(mae: ltrp.MAE, paths: list[Path], cfg: PipelineBenc
         )
         for i in range(0, len(paths), cfg.batch_size)
     ]
-    ltrp.loo_scores(mae, *batches[0], autocast_dtype=PRECISIONS[cfg.precision])  # warm-up
+    ltrp.loo_scores(mae, *batches[0], autocast_dtype=AUTOCAST_DTYPES[cfg.precision])  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for images, visible in batches:
-        ltrp.loo_scores(mae, images, visible, autocast_dtype=PRECISIONS[cfg.precision])
+        ltrp.loo_scores(mae, images, visible, autocast_dtype=AUTOCAST_DTYPES[cfg.precision])
     if device.type == "cuda":
         torch.cuda.synchronize()
     return len(paths) / (time.perf_counter() - start)

@@ -16,8 +16,15 @@ import contextlib
 import torch
 
 from ltrp.core.mae import MAE
-from ltrp.core.options import Metric, Mode
+from ltrp.core.options import Metric, Mode, Precision
 from ltrp.core.vit import gather_tokens
+
+#: A precision option -> the autocast dtype of `loo_scores` (None: plain fp32).
+AUTOCAST_DTYPES: dict[Precision, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 def masked_positions(visible: torch.Tensor, num_patches: int) -> torch.Tensor:

@@ -125,7 +125,7 @@ class MAE(ViTEncoder):
         for blk in [*self.blocks, *self.decoder_blocks]:
             blk.attn.fused_attn = enabled
 
-    def compileblocks(self) -> None:
+    def compile_blocks(self) -> None:
         """`torch.compile` every transformer block in place (the blocks hold nearly all the FLOPs)."""
         for blk in [*self.blocks, *self.decoder_blocks]:
             blk.compile()

@@ -27,7 +27,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from ltrp.core.leave_one_out import loo_scores
+from ltrp.core.leave_one_out import AUTOCAST_DTYPES, loo_scores
 from ltrp.core.mae import MAE
 from ltrp.core.masking import cover_sets, visible_count, visible_sets
 from ltrp.data.checkpoints import load_mae
@@ -44,9 +44,6 @@ from ltrp.pipeline.shards import (
     usable_images,
     view_rows,
 )
-
-#: --precision -> the autocast dtype of the scorers
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Rows between the stages: the view, the visible set to score, the pixels.
 STAGE_SCHEMA = stage_schema(SCORES_SCHEMA.field("visible"))
@@ -257,7 +254,7 @@ class ShardScorer:
                 visible,
                 mode=self.cfg.mode,
                 metric=self.cfg.metric,
-                autocast_dtype=PRECISIONS[self.cfg.precision],
+                autocast_dtype=AUTOCAST_DTYPES[self.cfg.precision],
             )
             for i, row in zip(ok, values.cpu().tolist(), strict=True):
                 scores[i] = row
