@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,12 @@ import ltrp
 from ltrp.core.ranker import RankerConfig
 from ltrp.data.datasets import read_fashion_mnist
 from ltrp.data.images import center_crop, center_view, displayed_size, png_bytes, to_model_input
-from ltrp.data.sources import plan_corpus, read_shard
+from ltrp.data.sources import Shard, plan_corpus, read_shard
 from ltrp.data.tables import SCORES_SCHEMA
 from ltrp.evaluation.measures import KEEP_RATIOS, Estimate, metric_key, vs_random
-from ltrp.pipeline import runtime
+from ltrp.pipeline import runtime, score_job
+from ltrp.pipeline.configs import ScoreConfig
+from ltrp.pipeline.shards import commit_all, commit_shards, decode_shards
 
 BIN = Path(sys.executable).parent  # console scripts of the test environment (moto_server, ...)
 #: Test files that run Ray Train (DDP workers, a second Ray cluster): each alone takes both of CI's
@@ -278,6 +281,24 @@ def score_rows(source: Path, mae: ltrp.MAE, mask_ratio: float = 0.75) -> list[di
         }
         for img, vis, sc in zip(items, visible, scores, strict=True)
     ]
+
+
+def score_in_process(cfg: ScoreConfig) -> None:
+    """The scoring job's table, by its own stages called as plain functions in this process: what
+    `score_job.score_corpus(cfg)` writes, without starting Ray Data's workers (~50 s here), for tests
+    that only need a table (the job itself: test_score_job.py)."""
+    job = score_job.plan(cfg)
+    out = score_job.score_output(cfg.output)
+    scorer = score_job.ShardScorer(cfg, job.metadata["mae_sha256"], gpu=False)
+    image_rows = partial(score_job.image_rows, cfg=cfg, size=job.mae.cfg.img_size, grid=job.mae.cfg.grid)
+
+    def manifests(pending: list[Shard], lease_token: str) -> Iterator[dict]:
+        for shard in pending:
+            batch = {"shard": np.array([shard.to_json()], dtype=object)}
+            scored = scorer(decode_shards(batch, image_rows, score_job.STAGE_SCHEMA))
+            yield from commit_shards(scored, out, job.metadata, lease_token).to_pylist()
+
+    commit_all(out, "tests", job.metadata, job.corpus.shards, manifests, progress=lambda _: None)
 
 
 def write_table(root: Path, rows: list[dict]) -> Path:

@@ -1,4 +1,4 @@
-"""The training job end to end, on real parts: a score table made by the scoring job on a moto S3
+"""The training job end to end, on real parts: a score table made by the scoring job's stages on a moto S3
 server, Ray Train DDP on a local Ray cluster, checkpoints on S3, a real MLflow server and registry."""
 
 import json
@@ -12,14 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
-from conftest import fashion_mnist_pngs
+from conftest import fashion_mnist_pngs, score_in_process
 from mlflow.tracking import MlflowClient
 
 import ltrp
 from jobs.train import main as train_main
 from ltrp.core.ranker import rank
 from ltrp.data.tables import JOB_FILE
-from ltrp.pipeline import score_job, trainer
+from ltrp.pipeline import trainer
 from ltrp.pipeline.configs import ScoreConfig
 from ltrp.pipeline.registry import load_ranker_ref
 
@@ -37,7 +37,7 @@ def score_table(s3_endpoint: str, ray_address: str, tmp_path_factory: pytest.Tem
     mae = tmp_path_factory.mktemp("mae") / "tiny.pth"
     ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"]), str(mae))
     out = "s3://train-data/scores"
-    score_job.score_corpus(
+    score_in_process(
         ScoreConfig(
             source="s3://train-data/images", mae=str(mae), output=out, views=2, mask_ratio=0.75, shard_size=32
         )
