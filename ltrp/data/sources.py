@@ -9,21 +9,26 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import json
 import posixpath
+import sys
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from ltrp.data.images import IMAGE_SUFFIXES
 
 TAR_SEPARATOR = "#"  # uri of a tar member: s3://bucket/shard-000.tar#key.jpg
+#: Manifest values converted in Python at a time: bounds the Python objects alive at once.
+PYTHON_BATCH = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,8 @@ def describe_passed_over(passed_over: dict[str, int]) -> str:
 
 
 def plan_corpus(source: str, shard_size: int) -> Corpus:
-    """Splits a corpus into shards.
+    """Splits a corpus into shards, in bounded memory: a folder is listed one directory at a time and
+    its shards built as the listing streams; a manifest is sorted and checked in Arrow.
 
     Args:
         source: a folder or prefix (local or any fsspec URL) searched recursively for images
@@ -83,71 +89,186 @@ def plan_corpus(source: str, shard_size: int) -> Corpus:
             `label`; relative uris are relative to the manifest's folder).
         shard_size: images per shard for files (a tar file is always one shard).
 
+    Returns:
+        The shards, file shards first in listing order, then one shard per `.tar` in listing order.
+
     Raises:
         FileNotFoundError: the source is missing or holds no images or tar shards.
         ValueError: a manifest without a uri column, with empty uris or duplicate ids.
     """
     lowered = source.lower()
-    passed_over: Counter[str] = Counter()
+    passed_over: dict[str, int] = {}
     if lowered.endswith((".parquet", ".csv")):
-        files, tars = _manifest(source), []
+        shards = _manifest_shards(source, shard_size)
     elif lowered.endswith(".tar"):
-        files, tars = [], [source]
+        shards = [Shard(0, tar=source)]
     else:
-        files, tars, passed_over = _folder(source)
-    if not files and not tars:
+        shards, passed_over = _folder_shards(source, shard_size)
+    if not shards:
         raise FileNotFoundError(f"no images or .tar shards found under {source}")
-    shards = [
-        Shard(k, *map(tuple, zip(*files[start : start + shard_size], strict=True)))
-        for k, start in enumerate(range(0, len(files), shard_size))
-    ]
-    shards += [Shard(len(shards) + i, tar=t) for i, t in enumerate(tars)]
-    return Corpus(shards, dict(passed_over))
+    return Corpus(shards, passed_over)
 
 
-def plan_digest(shards: list[Shard]) -> str:
-    """sha256 of a plan: two runs over the same corpus with the same shard size agree on it."""
-    return hashlib.sha256("\n".join(s.to_json() for s in shards).encode()).hexdigest()
+def plan_digest(shards: Iterable[Shard]) -> str:
+    """sha256 of a plan: two runs over the same corpus with the same shard size agree on it.
+
+    Hashed a shard at a time, never as one string; the digest is that of the shards' JSON joined by
+    newlines, as it always was, so outputs written before keep resuming.
+    """
+    digest = hashlib.sha256()
+    for k, shard in enumerate(shards):
+        if k:
+            digest.update(b"\n")
+        digest.update(shard.to_json().encode())
+    return digest.hexdigest()
 
 
-def _folder(root: str) -> tuple[list[tuple[str, str, str | None]], list[str], Counter[str]]:
+def _file_shard(index: int, files: list[tuple[str, str, str | None]]) -> Shard:
+    """A shard of (image_id, uri, label) rows."""
+    return Shard(index, *map(tuple, zip(*files, strict=True)))
+
+
+def _folder_shards(root: str, shard_size: int) -> tuple[list[Shard], dict[str, int]]:
+    """Shards of a folder or prefix built while it is listed, and what it passed over by suffix."""
     fs, base = fsspec.core.url_to_fs(root)
     if not fs.isdir(base):
         raise FileNotFoundError(f"image source not found: {root}")
-    files, tars, passed_over = [], [], Counter()
-    for path in sorted(fs.find(base)):
+    shards: list[Shard] = []
+    pending: list[tuple[str, str, str | None]] = []  # images of the shard being filled
+    tars: list[str] = []  # tar shards come after every file shard, so their indices wait
+    passed_over: Counter[str] = Counter()
+    for path in _sorted_files(fs, base):
         lowered = path.lower()
         if lowered.endswith(IMAGE_SUFFIXES):
             rel = posixpath.relpath(path, base)
-            label = rel.split("/", 1)[0] if "/" in rel else None
-            files.append((rel, fs.unstrip_protocol(path), label))
+            # Interned: a folder's images share one label string, not one copy each.
+            label = sys.intern(rel.split("/", 1)[0]) if "/" in rel else None
+            pending.append((rel, fs.unstrip_protocol(path), label))
+            if len(pending) == shard_size:
+                shards.append(_file_shard(len(shards), pending))
+                pending = []
         elif lowered.endswith(".tar"):
             tars.append(fs.unstrip_protocol(path))
         else:
             passed_over[posixpath.splitext(lowered)[1]] += 1
-    return files, tars, passed_over
+    if pending:
+        shards.append(_file_shard(len(shards), pending))
+    shards += [Shard(len(shards) + i, tar=t) for i, t in enumerate(tars)]
+    return shards, dict(passed_over)
 
 
-def _manifest(uri: str) -> list[tuple[str, str, str | None]]:
+def _sorted_files(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
+    """The files under a directory in the order of `sorted(fs.find(path))`, one listing at a time.
+
+    Depth first, each directory's entries sorted by name with a directory's as its name + "/": every
+    path under directory `d` starts with `d/`, so it sorts against a sibling as `d/` does, and the whole
+    subtree falls where `sorted(find)` puts it. Only the directories on the way down are held, each as
+    its sorted (name, is_directory) pairs, never the whole tree.
+    """
+    for name, is_directory in _sorted_listing(fs, path):
+        if is_directory:
+            yield from _sorted_files(fs, name)
+        else:
+            yield name
+
+
+def _sorted_listing(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str, bool]]:
+    """One directory's entries as (name, is_directory), in the order `_sorted_files` walks them."""
+    fs.invalidate_cache(path)  # a fresh listing, as `find` makes, not one cached earlier in the process
+    try:
+        infos = fs.ls(path, detail=True)
+    finally:
+        fs.invalidate_cache(path)  # so the listing cache (s3fs) never grows to the whole corpus
+    entries = []
+    for info in infos:
+        name = info["name"]
+        is_directory = info["type"] == "directory"
+        if is_directory and name.rstrip("/") == path:
+            # S3 keys with an empty segment (`a//b.jpg`): the "directory" `a/` lists as `a` again, so
+            # walking into it would never end, and no listing by directory reaches those keys.
+            raise ValueError(
+                f"cannot list {fs.unstrip_protocol(path)}: it holds keys with an empty path segment "
+                f"({name}/...), which no listing by directory reaches; list them in a manifest"
+            )
+        entries.append((name.rstrip("/") + "/" if is_directory else name, name, is_directory))
+    entries.sort()
+    return [(name, is_directory) for _, name, is_directory in entries]
+
+
+def _manifest_shards(uri: str, shard_size: int) -> list[Shard]:
+    """Shards of a manifest's rows sorted by image_id (by uri without one), sorted and checked in Arrow."""
     fs, path = fsspec.core.url_to_fs(uri)
     with fs.open(path, "rb") as f:
         table = pq.read_table(f) if path.lower().endswith(".parquet") else pcsv.read_csv(f)
     if "uri" not in table.column_names:
         raise ValueError(f"manifest {uri} has no 'uri' column (columns: {table.column_names})")
-    base = posixpath.dirname(path)
-    raw = table.column("uri").to_pylist()
-    if empty := [i for i, u in enumerate(raw) if not u]:
-        raise ValueError(f"manifest {uri}: row {empty[0]} has no uri ({len(empty)} rows without one)")
-    uris = [
-        u if "://" in u or u.startswith("/") else fs.unstrip_protocol(posixpath.join(base, u)) for u in raw
+    uris = table.column("uri").cast(pa.large_string())
+    empty = pc.or_kleene(pc.is_null(uris), pc.equal(pc.binary_length(uris), 0))
+    if (count := pc.sum(empty).as_py() or 0) > 0:
+        first = pc.index(empty, True).as_py()
+        raise ValueError(f"manifest {uri}: row {first} has no uri ({count} rows without one)")
+    columns = {"uri": _absolute_uris(uris, fs, posixpath.dirname(path))}
+    key = "uri"  # without ids, a row's id is its uri
+    if "image_id" in table.column_names:
+        columns["image_id"], key = _str_column(table.column("image_id")), "image_id"
+    if "label" in table.column_names:
+        columns["label"] = table.column("label")
+    del table  # the columns above are all that is needed of it
+    # Arrow orders strings by their UTF-8 bytes, which is Python's order of code points. Ids are
+    # unique once the check below passes, so sorting by id alone orders the rows as (id, uri, label).
+    rows = pa.table(columns).sort_by(key)
+    ids = rows.column(key)
+    repeated = pc.index(pc.equal(ids[:-1], ids[1:]), True).as_py() if len(ids) > 1 else -1
+    if repeated >= 0:
+        raise ValueError(f"manifest {uri}: image_id {ids[repeated].as_py()!r} appears more than once")
+    return [
+        _manifest_shard(k, rows.slice(start, shard_size), key)
+        for k, start in enumerate(range(0, rows.num_rows, shard_size))
     ]
-    ids = table.column("image_id").to_pylist() if "image_id" in table.column_names else uris
-    labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(uris)
-    rows = sorted(zip(map(str, ids), uris, [None if x is None else str(x) for x in labels], strict=True))
-    duplicates = [a for a, b in itertools.pairwise(rows) if a[0] == b[0]]
-    if duplicates:
-        raise ValueError(f"manifest {uri}: image_id {duplicates[0][0]!r} appears more than once")
-    return rows
+
+
+def _manifest_shard(index: int, rows: pa.Table, key: str) -> Shard:
+    """A shard of sorted manifest rows whose ids are column `key`; labels as Python's `str` writes
+    them (a float 7.0 as "7.0", where Arrow's cast writes "7"), as planned before."""
+    uris = tuple(rows.column("uri").to_pylist())
+    ids = uris if key == "uri" else tuple(rows.column(key).to_pylist())  # the same strings, held once
+    if "label" in rows.column_names:
+        # Interned: rows with the same label share one string, not one copy each.
+        labels = tuple(None if x is None else sys.intern(str(x)) for x in rows.column("label").to_pylist())
+    else:
+        labels = (None,) * rows.num_rows
+    return Shard(index, ids, uris, labels)
+
+
+def _absolute_uris(uris: pa.ChunkedArray, fs: fsspec.AbstractFileSystem, base: str) -> pa.ChunkedArray:
+    """Uris with the relative ones made absolute against the manifest's folder `base`."""
+    absolute = pc.or_(pc.match_substring(uris, "://"), pc.starts_with(uris, "/"))
+    if pc.all(absolute).as_py():
+        return uris  # no Python pass over a manifest of absolute uris
+
+    def resolve(u: str) -> str:
+        return u if "://" in u or u.startswith("/") else fs.unstrip_protocol(posixpath.join(base, u))
+
+    return _map_strings(uris, resolve)
+
+
+def _str_column(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Values as Python's `str` writes them, as ids were planned before (a null as "None")."""
+    is_text = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+    if is_text and column.null_count == 0:
+        return column.cast(pa.large_string())
+    return _map_strings(column, str)
+
+
+def _map_strings(column: pa.ChunkedArray, fn: Callable[[Any], str]) -> pa.ChunkedArray:
+    """`fn` of every value, a batch at a time: only one batch is ever Python objects."""
+    return pa.chunked_array(
+        [
+            pa.array(map(fn, column.slice(start, PYTHON_BATCH).to_pylist()), pa.large_string())
+            for start in range(0, len(column), PYTHON_BATCH)
+        ],
+        pa.large_string(),
+    )
 
 
 def read_shard(shard: Shard) -> Iterator[SourceImage]:
