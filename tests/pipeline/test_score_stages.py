@@ -23,6 +23,7 @@ import ltrp
 from ltrp.data.images import View, png_bytes, render_view, to_model_input, view_geometry
 from ltrp.data.sources import Shard, plan_corpus, plan_digest
 from ltrp.data.tables import ERRORS_SCHEMA, SCORES_SCHEMA
+from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import ConfigError, ScoreConfig, result_fields
 from ltrp.pipeline.lease import Lease, LeaseHeld
 from ltrp.pipeline.score_job import STAGE_SCHEMA, ShardScorer, image_rows, job_metadata, score_output
@@ -507,6 +508,26 @@ def test_a_commit_for_a_job_that_lost_its_lease_is_refused(
     ):
         commit_shards(table, out, metadata, "another job's token")
     assert out.committed_shards() == set()
+
+
+# -- the model stage's pool --------------------------------------------------------------------------
+
+POOLS = [(None, None, (1, 1)), (2, None, (2, 2)), (2, 5, (2, 5)), (3, 2, (3, 3))]
+
+
+@pytest.mark.parametrize(("actors", "max_actors", "sizes"), POOLS)
+def test_the_actor_pool_grows_from_its_size_up_to_the_maximum(
+    actors: int | None, max_actors: int | None, sizes: tuple[int, int]
+) -> None:
+    pool = runtime.actor_pool(actors, max_actors, gpu=False)  # no Ray connected: no GPUs
+    assert (pool.min_size, pool.max_size) == sizes
+
+
+@pytest.mark.parametrize(("cpus", "threads", "omp"), [(0.5, None, "1"), (3.0, None, "3"), (3.0, 2, "2")])
+def test_a_cpu_actors_threads_follow_the_cpus_it_reserves(cpus: float, threads: int | None, omp: str) -> None:
+    expected = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": omp}}}
+    assert runtime.actor_threads(False, cpus, threads) == expected
+    assert runtime.actor_threads(True, cpus, threads) == {}  # a GPU actor's threads are Ray's default
 
 
 # -- the job's fingerprint --------------------------------------------------------------------------
