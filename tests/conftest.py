@@ -35,9 +35,9 @@ BIN = Path(sys.executable).parent  # console scripts of the test environment (mo
 #: Test files that run Ray Train (DDP workers, a second Ray cluster): each alone takes both of CI's
 #: cores for minutes, and two of them side by side in the two xdist workers took twice as long each.
 #: `make test` runs them one after the other in one worker while the other worker takes the rest.
-#: (The storage-fault test trains too, beside the group. The pipeline test, which trains too, runs
-#: beside the group: with the fault runs in `make test-faults` the other worker has room for it.)
-RAY_TRAIN_FILES = ("test_train_job.py", "test_cluster.py", "test_pretrain_job.py")
+#: (The storage-fault test trains too, beside the group. The pipeline test out of the group, to even
+#: the two workers' loads, made the suite slower: 23:29 against 21:04, the trainings beside each other.)
+RAY_TRAIN_FILES = ("test_train_job.py", "test_cluster.py", "test_pretrain_job.py", "test_workflow.py")
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
