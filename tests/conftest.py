@@ -36,7 +36,8 @@ BIN = Path(sys.executable).parent  # console scripts of the test environment (mo
 #: cores for minutes, and two of them side by side in the two xdist workers took twice as long each.
 #: `make test` runs them one after the other in one worker while the other worker takes the rest.
 #: (The storage-fault test trains too, beside the group. The pipeline test out of the group, to even
-#: the two workers' loads, made the suite slower: 23:29 against 21:04, the trainings beside each other.)
+#: the two workers' loads, made the suite slower: 23:29 against 21:04, the trainings beside each other;
+#: again with the fault runs out of `make test`: 12:34 against 11:51.)
 RAY_TRAIN_FILES = ("test_train_job.py", "test_cluster.py", "test_pretrain_job.py", "test_workflow.py")
 
 
