@@ -23,13 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import PIL
-import skimage.data
 import torch
 import torch.nn.functional as F
 import tyro
 from PIL import Image, features
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from jobs.bench.jpegs import imagenet_sized_jpegs
 from ltrp.data.images import View, displayed_size, render_view, render_views, view_geometry
 
 COLOUR_PHOTOS = (
@@ -55,25 +55,6 @@ class DecodeBenchConfig:
     size: int = 224  # output side, in pixels
     rounds: int = 3  # timed rounds, methods interleaved within each; the median is printed
     seed: int = 0
-
-
-def jpeg_corpus(count: int, seed: int) -> list[bytes]:
-    """`count` JPEGs (quality 90) of about 500 x 375 px, each a random crop of a colour photo."""
-    rng = np.random.default_rng(seed)
-    photos = [getattr(skimage.data, name)() for name in COLOUR_PHOTOS]
-    corpus = []
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        h, w = photo.shape[:2]
-        ch, cw = int(h * rng.uniform(0.6, 1)), int(w * rng.uniform(0.6, 1))
-        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        img = Image.fromarray(photo[top : top + ch, left : left + cw])
-        scale = 500 / max(img.size)  # longer side 500 px, like ImageNet's typical images
-        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=90)
-        corpus.append(buf.getvalue())
-    return corpus
 
 
 def _box(view: View) -> tuple[int, int, int, int]:
@@ -191,7 +172,7 @@ def differences(
 def main(argv: list[str] | None = None) -> None:
     cfg = tyro.cli(DecodeBenchConfig, args=argv, prog="python -m jobs.bench.decode", description=__doc__)
     torch.set_num_threads(1)
-    corpus = jpeg_corpus(cfg.images, cfg.seed)
+    corpus = list(imagenet_sized_jpegs(cfg.images, COLOUR_PHOTOS, cfg.seed))
     work = []
     for i, data in enumerate(corpus):
         width, height = displayed_size(data)

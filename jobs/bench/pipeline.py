@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import ray
-import skimage.data
 import torch
 import tyro
-from PIL import Image
 
 import ltrp
+from jobs.bench.jpegs import imagenet_sized_jpegs
 from ltrp.core.leave_one_out import AUTOCAST_DTYPES
 from ltrp.core.options import MAEGeometry, Precision
 from ltrp.data.datasets import SAMPLE_PHOTOS
@@ -44,19 +43,10 @@ class PipelineBenchConfig:
 
 def write_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
     """`count` JPEGs of about 500 x 375 px, each a random crop of a sample photo."""
-    rng = np.random.default_rng(seed)
-    photos = [np.asarray(Image.fromarray(getattr(skimage.data, n)()).convert("RGB")) for n in SAMPLE_PHOTOS]
     paths = []
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        h, w = photo.shape[:2]
-        ch, cw = int(h * rng.uniform(0.6, 1)), int(w * rng.uniform(0.6, 1))
-        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        img = Image.fromarray(photo[top : top + ch, left : left + cw])
-        scale = 500 / max(img.size)  # longer side 500 px, like ImageNet's typical images
-        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+    for i, data in enumerate(imagenet_sized_jpegs(count, SAMPLE_PHOTOS, seed)):
         paths.append(folder / f"{i:05d}.jpg")
-        img.save(paths[-1], quality=90)
+        paths[-1].write_bytes(data)
     return paths
 
 
