@@ -29,7 +29,7 @@ from ltrp.data.tables import SCORES_SCHEMA
 from ltrp.evaluation.measures import KEEP_RATIOS, Estimate, metric_key, vs_random
 from ltrp.pipeline import runtime, score_job
 from ltrp.pipeline.configs import ScoreConfig
-from ltrp.pipeline.shards import commit_all, commit_shards, decode_shards
+from ltrp.pipeline.shards import FileGroups, commit_all, commit_shards, decode_shards
 
 BIN = Path(sys.executable).parent  # console scripts of the test environment (moto_server, ...)
 #: Test files that run Ray Train (DDP workers, a second Ray cluster): each alone takes both of CI's
@@ -308,3 +308,22 @@ def write_table(root: Path, rows: list[dict]) -> Path:
     (root / "_ltrp_job.json").write_text(json.dumps({"fingerprint": []}))
     pq.write_table(pa.Table.from_pylist(rows, schema=SCORES_SCHEMA), root / "scores" / "part-00000.parquet")
     return root
+
+
+def committed_shards(out: Path, table: str, groups: FileGroups) -> set[int]:
+    """The shards a scoring or ranking job's local output holds, read from its files: the members of
+    each combined group's file, and the shards under `_shards/` waiting for their group."""
+    combined = {i for p in (out / table).glob("part-*.parquet") for i in groups.members(int(p.stem[5:]))}
+    return combined | {int(p.stem) for p in out.glob(f"_shards/*/{table}/*.parquet")}
+
+
+def committed_files(out: Path, table: str) -> dict[Path, pa.Table]:
+    """The committed rows of a local job output, by file: combined groups' and waiting shards'."""
+    paths = [*(out / table).glob("part-*.parquet"), *out.glob(f"_shards/*/{table}/*.parquet")]
+    return {p: pq.read_table(p) for p in paths}
+
+
+def holds_rows(table: pa.Table, rows: pa.Table) -> bool:
+    """Whether every row of `rows` is a row of `table`, values and all."""
+    held = table.to_pylist()
+    return all(row in held for row in rows.to_pylist())

@@ -80,7 +80,10 @@ def _read_table(
     """The Parquet files of a job's output folder read as `schema`, after checking that each file has
     its columns: read with a schema, a file without one would give nulls in its place, not an error."""
     fs, root = _job_root(uri, job)
-    dataset = ds.dataset(posixpath.join(root, folder), filesystem=fs, format="parquet", schema=schema)
+    path = posixpath.join(root, folder)
+    if not fs.exists(path):  # a job whose first group of shards is not combined yet
+        return schema.empty_table().select(columns or schema.names)
+    dataset = ds.dataset(path, filesystem=fs, format="parquet", schema=schema)
     for fragment in dataset.get_fragments():
         missing = [name for name in schema.names if name not in fragment.physical_schema.names]
         if missing:

@@ -202,6 +202,7 @@ class ScoreConfig(_Checked):
     precision: Precision = "fp32"  # scoring arithmetic; fp16/bf16 autocast need a GPU
     batch_size: int = execution_only(32)  # views per scoring call
     shard_size: int = 256  # images per shard: the unit of commit and of resume
+    file_shards: int = 256  # shards per output file: a file combines them once all are committed
     scorers: int | None = execution_only(None)  # scoring actors (at least); None: one per GPU, else 1
     max_scorers: int | None = execution_only(None)  # an autoscaling cluster grows the pool up to this
     scorer_cpus: float = execution_only(1.0)  # CPUs reserved by each scoring actor
@@ -211,7 +212,17 @@ class ScoreConfig(_Checked):
     max_pixels: int = 89_478_485  # images with more pixels are recorded as errors (decompression bombs)
 
     def check(self) -> None:
-        _at_least(self, 1, "views", "batch_size", "shard_size", "scorers", "scorer_threads", "min_side")
+        _at_least(
+            self,
+            1,
+            "views",
+            "batch_size",
+            "shard_size",
+            "file_shards",
+            "scorers",
+            "scorer_threads",
+            "min_side",
+        )
         _at_least(self, self.scorers or 1, "max_scorers")
         _positive(self, "scorer_cpus", "max_pixels")
         _mask_ratio(self.mask_ratio)
@@ -241,6 +252,7 @@ class RankConfig(_Checked):
     seed: int = 0  # seed of crops and flips
     batch_size: int = execution_only(64)  # views per ranker call
     shard_size: int = 256  # images per shard: the unit of commit and of resume
+    file_shards: int = 256  # shards per output file: a file combines them once all are committed
     rankers: int | None = execution_only(None)  # ranking actors (at least); None: one per GPU, else 1
     max_rankers: int | None = execution_only(None)  # an autoscaling cluster grows the pool up to this
     ranker_cpus: float = execution_only(1.0)  # CPUs reserved by each ranking actor
@@ -250,7 +262,17 @@ class RankConfig(_Checked):
     max_pixels: int = 89_478_485  # images with more pixels are recorded as errors (decompression bombs)
 
     def check(self) -> None:
-        _at_least(self, 1, "views", "batch_size", "shard_size", "rankers", "ranker_threads", "min_side")
+        _at_least(
+            self,
+            1,
+            "views",
+            "batch_size",
+            "shard_size",
+            "file_shards",
+            "rankers",
+            "ranker_threads",
+            "min_side",
+        )
         _at_least(self, self.rankers or 1, "max_rankers")
         _positive(self, "ranker_cpus", "max_pixels")
         _model_version_or_file(self.model)

@@ -2,14 +2,16 @@
 
 Stages: the corpus's shards -> CPU decode tasks (bytes -> views as uint8 pixels) -> a pool of ranking
 actors (one per GPU, or CPU actors; an autoscaling cluster may grow it) -> commit tasks, which commit
-each shard as one Parquet file as soon as all of its rows are in. The decode stage, the shard commits,
-resume and the errors table are the scoring job's own (`ltrp.pipeline.shards`).
+each shard as soon as all of its rows are in and combine each group of `--file-shards` shards into one
+Parquet file. The decode stage, the shard commits, resume and the errors table are the scoring
+job's own (`ltrp.pipeline.shards`).
 
 The ranker travels to the actors as weights and geometry, not as the registry's artifact: the driver
 loads it once, records its weights' sha256, and every actor checks that digest.
 
 Output under OUTPUT (local path or s3://...):
-    ranks/part-00000.parquet ...   one row per (image, view): see `ltrp.data.tables.RANKS_SCHEMA`
+    ranks/part-00000.parquet ...   one row per (image, view): see `ltrp.data.tables.RANKS_SCHEMA`;
+                                   a file per --file-shards shards (`_shards/`: those waiting for theirs)
     errors/part-00000.parquet ...  images that could not be used: image_id, uri, reason
     _ltrp_job.json                 run metadata (the model's name, version and sha256 among it)
     _SUCCESS                       written once every shard is committed
@@ -38,6 +40,7 @@ from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import RankConfig, checking_inputs, result_fields
 from ltrp.pipeline.registry import load_ranker_ref
 from ltrp.pipeline.shards import (
+    FileGroups,
     ShardedOutput,
     commit_all,
     commit_stage,
@@ -51,9 +54,9 @@ from ltrp.pipeline.shards import (
 STAGE_SCHEMA = stage_schema()
 
 
-def rank_output(uri: str) -> ShardedOutput:
+def rank_output(uri: str, groups: FileGroups) -> ShardedOutput:
     """A ranking job's output folder."""
-    return ShardedOutput(uri, "ranks", RANKS_SCHEMA)
+    return ShardedOutput(uri, "ranks", RANKS_SCHEMA, groups)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class RankPlan:
     ranker: Ranker
     corpus: Corpus
     metadata: dict
+    out: ShardedOutput
 
 
 def plan(cfg: RankConfig) -> RankPlan:
@@ -90,8 +94,9 @@ def plan(cfg: RankConfig) -> RankPlan:
         ranker, version = load_ranker_ref(cfg.model)
         corpus = plan_corpus(cfg.source, cfg.shard_size)
         metadata = job_metadata(cfg, ranker, version, corpus.shards)
-        rank_output(cfg.output).check(metadata)
-    return RankPlan(cfg, ranker, corpus, metadata)
+        out = rank_output(cfg.output, FileGroups(cfg.file_shards, len(corpus.shards)))
+        out.check(metadata)
+    return RankPlan(cfg, ranker, corpus, metadata, out)
 
 
 def run(cfg: RankConfig, progress=print) -> RankSummary:
@@ -124,7 +129,7 @@ def execute(job: RankPlan, progress=print) -> RankSummary:
     """Claims the output and has the workers rank and commit the shards it does not hold yet."""
     start = time.perf_counter()
     cfg = job.cfg
-    out = rank_output(cfg.output)
+    out = job.out
 
     def manifests(pending: list[Shard], lease_token: str) -> Iterable[dict]:
         return _pipeline(cfg, pending, job.ranker, job.metadata, out, lease_token).iter_rows()

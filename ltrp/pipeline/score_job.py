@@ -2,11 +2,13 @@
 
 Stages: the corpus's shards -> CPU decode tasks (bytes -> views as uint8 pixels) -> a pool of scoring
 actors (one per GPU, or CPU actors; an autoscaling cluster may grow it) -> commit tasks, which commit
-each shard as one Parquet file as soon as all of its rows are in and send the driver one manifest row
-(`ltrp.pipeline.shards`, shared with the ranking job: exactly-once commits, resume, the errors table).
+each shard as soon as all of its rows are in, combine each group of `--file-shards` committed shards
+into one Parquet file, and send the driver one manifest row per shard (`ltrp.pipeline.shards`,
+shared with the ranking job: exactly-once commits, resume, the errors table).
 
 Output under OUTPUT (local path or s3://...):
-    scores/part-00000.parquet ...  one row per (image, view): see `ltrp.data.tables.SCORES_SCHEMA`
+    scores/part-00000.parquet ...  one row per (image, view): see `ltrp.data.tables.SCORES_SCHEMA`;
+                                   a file per --file-shards shards (`_shards/`: those waiting for theirs)
     errors/part-00000.parquet ...  images that could not be used: image_id, uri, reason
     _ltrp_job.json                 run metadata, also in every file's Parquet key-value metadata ("ltrp")
     _SUCCESS                       written once every shard is committed
@@ -36,6 +38,7 @@ from ltrp.data.tables import SCORES_SCHEMA
 from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import ScoreConfig, checking_inputs, result_fields
 from ltrp.pipeline.shards import (
+    FileGroups,
     ShardedOutput,
     commit_all,
     commit_stage,
@@ -49,9 +52,9 @@ from ltrp.pipeline.shards import (
 STAGE_SCHEMA = stage_schema(SCORES_SCHEMA.field("visible"))
 
 
-def score_output(uri: str) -> ShardedOutput:
+def score_output(uri: str, groups: FileGroups) -> ShardedOutput:
     """A scoring job's output folder."""
-    return ShardedOutput(uri, "scores", SCORES_SCHEMA)
+    return ShardedOutput(uri, "scores", SCORES_SCHEMA, groups)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class ScorePlan:
     mae: MAE
     corpus: Corpus
     metadata: dict
+    out: ShardedOutput
 
 
 def plan(cfg: ScoreConfig) -> ScorePlan:
@@ -88,8 +92,9 @@ def plan(cfg: ScoreConfig) -> ScorePlan:
         mae = load_mae(cfg.mae)
         corpus = plan_corpus(cfg.source, cfg.shard_size)
         metadata = job_metadata(cfg, mae, corpus.shards)
-        score_output(cfg.output).check(metadata)
-    return ScorePlan(cfg, mae, corpus, metadata)
+        out = score_output(cfg.output, FileGroups(cfg.file_shards, len(corpus.shards)))
+        out.check(metadata)
+    return ScorePlan(cfg, mae, corpus, metadata, out)
 
 
 def run(cfg: ScoreConfig) -> ScoreSummary:
@@ -125,7 +130,7 @@ def execute(job: ScorePlan, progress=print) -> ScoreSummary:
     """Claims the output and has the workers score and commit the shards it does not hold yet."""
     start = time.perf_counter()
     cfg = job.cfg
-    out = score_output(cfg.output)
+    out = job.out
 
     def manifests(pending: list[Shard], lease_token: str) -> Iterable[dict]:
         geometry = job.mae.cfg.img_size, job.mae.cfg.grid

@@ -10,12 +10,19 @@ No row passes through the driver: the commit stage stages each batch's rows of a
 file, and whichever commit task completes a shard writes its file and sends the driver one small
 manifest row.
 
+Output files are sized for query engines, not by the unit of commit: each file holds a group of
+consecutive shards (`FileGroups`, `--file-shards`), combined by whichever commit task finds the group's
+last shard committed. A committed shard whose group is not complete waits under `_shards/`, which
+readers and query engines skip (a leading underscore), so the table never shows a row twice, even
+while a group is being combined or after a crash in the middle of it.
+
 Output under OUTPUT (local path or s3://...):
-    TABLE/part-00000.parquet ...   the job's rows (TABLE: "scores", "ranks")
-    errors/part-00000.parquet ...  images that could not be used: image_id, uri, reason
+    TABLE/part-00000.parquet ...   the job's rows (TABLE: "scores", "ranks"), one file per group of shards
+    errors/part-00000.parquet ...  images that could not be used: image_id, uri, reason (likewise)
     _ltrp_job.json                 the job's metadata, also in every file's Parquet key-value metadata
-    _SUCCESS                       written once every shard is committed
-    _parts/00000/ROWS-DIGEST.arrow  a shard's rows while it is incomplete (removed when committed)
+    _SUCCESS                       written once every shard is committed and every group combined
+    _shards/00000/TABLE/00017.parquet  a committed shard of an incomplete group (and errors/ beside it)
+    _parts/00017/ROWS-DIGEST.arrow  a shard's rows while it is incomplete (removed when committed)
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ if TYPE_CHECKING:
 VIEW_COLUMNS = list(SCORES_SCHEMA)[:6]
 #: The folder of the staged parts of incomplete shards.
 PARTS = "_parts"
+#: The folder of the committed shards of incomplete file groups.
+SHARDS = "_shards"
 #: What the commit stage sends the driver: one row per shard it committed.
 MANIFEST_SCHEMA = pa.schema(
     [("shard", pa.int32()), ("images", pa.int64()), ("rows", pa.int64()), ("errors", pa.int64())]
@@ -167,7 +176,8 @@ def commit_shards(batch: pa.Table, out: ShardedOutput, metadata: dict, lease_tok
     committed, one `MANIFEST_SCHEMA` row each. A batch's rows of a shard are staged as a part named
     by the rows it holds, so a batch that Ray delivers again (a retried task, a lost node's block
     recomputed) replaces its own part instead of adding one; a shard is committed by whichever call
-    finds all its rows staged, after checking that the job still holds the output's lease."""
+    finds all its rows staged, after checking that the job still holds the output's lease, and its
+    group of shards is combined into one file by whichever call commits the group's last shard."""
     manifests = []
     shard_col = batch.column("shard").to_numpy()
     for index in map(int, np.unique(shard_col)):
@@ -182,6 +192,7 @@ def commit_shards(batch: pa.Table, out: ShardedOutput, metadata: dict, lease_tok
         check_holder(out.uri, lease_token)
         kept, failed = out.commit(index, table, metadata)
         out.drop_staged(index)
+        out.combine(out.groups.of(index))
         images = len(set(kept.column("image_id").to_pylist()))
         manifests.append({"shard": index, "images": images, "rows": kept.num_rows, "errors": failed.num_rows})
     return pa.Table.from_pylist(manifests, schema=MANIFEST_SCHEMA)
@@ -208,19 +219,39 @@ def commit_stage(
     )
 
 
+@dataclass(frozen=True)
+class FileGroups:
+    """Which shards share an output file: `size` consecutive shards per file, of `shards` in all (the
+    last file may hold fewer)."""
+
+    size: int
+    shards: int
+
+    def of(self, index: int) -> int:
+        """The group of shard `index`."""
+        return index // self.size
+
+    def members(self, group: int) -> range:
+        """The shards of `group`."""
+        return range(group * self.size, min((group + 1) * self.size, self.shards))
+
+
 class ShardedOutput:
-    """A job's output folder: claims it for one job, commits shards atomically, lists what is done.
+    """A job's output folder: claims it for one job, commits shards atomically, combines each group of
+    committed shards into one file, lists what is done.
 
     Args:
         uri: the folder, local or s3://.
         table: the folder of the job's rows ("scores", "ranks").
         schema: the rows' schema; a commit selects and casts to it.
+        groups: which shards share a file.
     """
 
-    def __init__(self, uri: str, table: str, schema: pa.Schema) -> None:
+    def __init__(self, uri: str, table: str, schema: pa.Schema, groups: FileGroups) -> None:
         self.uri = uri.rstrip("/")
         self.table = table
         self.schema = schema
+        self.groups = groups
         self.fs, self.root = fsspec.core.url_to_fs(self.uri)
 
     def _path(self, *parts: str) -> str:
@@ -250,9 +281,24 @@ class ShardedOutput:
             self.fs.pipe_file(self._path(JOB_FILE), json.dumps(metadata, indent=2).encode())
 
     def committed_shards(self) -> set[int]:
+        """The shards committed: those of the groups combined, and those waiting for their group."""
+        waiting = self.fs.glob(self._path(SHARDS, "*", self.table, "*.parquet"))
+        return self._combined_shards() | {_number(name) for name in waiting}
+
+    def _combined_shards(self) -> set[int]:
         self.fs.invalidate_cache()  # s3fs caches listings; other processes commit meanwhile
-        names = self.fs.glob(self._path(self.table, "part-*.parquet"))
-        return {int(posixpath.basename(n)[len("part-") : -len(".parquet")]) for n in names}
+        files = self.fs.glob(self._path(self.table, "part-*.parquet"))
+        return {index for name in files for index in self.groups.members(_number(name))}
+
+    def _group_file(self, kind: str, group: int) -> str:
+        return self._path(kind, f"part-{group:05d}.parquet")
+
+    def _shard_file(self, kind: str, index: int) -> str:
+        return self._path(SHARDS, f"{self.groups.of(index):05d}", kind, f"{index:05d}.parquet")
+
+    def _is_committed(self, index: int) -> bool:
+        group_file = self._group_file(self.table, self.groups.of(index))
+        return self.fs.exists(self._shard_file(self.table, index)) or self.fs.exists(group_file)
 
     def stage(self, index: int, part: pa.Table) -> None:
         """Stages some rows of shard `index` as a part named by their count and their row numbers."""
@@ -269,8 +315,7 @@ class ShardedOutput:
         try:
             names = [posixpath.basename(p) for p in self.fs.ls(folder, detail=False)]
             counts = [int(n.split("-", 1)[0]) for n in names if n.endswith(".arrow") and n[0] != "."]
-            committed = self.fs.exists(self._path(self.table, f"part-{index:05d}.parquet"))
-            if sum(counts) < shard_rows or committed:
+            if sum(counts) < shard_rows or self._is_committed(index):
                 return None
             parts = [self._read_part(posixpath.join(folder, n)) for n in names if n.endswith(".arrow")]
         except FileNotFoundError:  # none staged yet, or another call committed it and removed them
@@ -289,26 +334,68 @@ class ShardedOutput:
             self.fs.rm(path, recursive=True)
 
     def commit(self, index: int, table: pa.Table, metadata: dict) -> tuple[pa.Table, pa.Table]:
-        """Writes a complete shard: its errors first, then its rows, whose file marks it done."""
+        """Writes a complete shard: its errors first, then its rows, whose file marks it done. A shard
+        alone in its group is written as the group's file; any other waits under `_shards/`."""
         table = table.sort_by([("image_id", "ascending"), ("view", "ascending")])
         failed = pc.is_valid(table.column("error"))
         errors = table.filter(failed).select(["image_id", "uri", "error"]).rename_columns(ERRORS_SCHEMA.names)
         rows = table.filter(pc.invert(failed)).select(self.schema.names)
         kv = {"ltrp": json.dumps(metadata)}
-        self._write(
-            self._path("errors", f"part-{index:05d}.parquet"), errors.cast(ERRORS_SCHEMA.with_metadata(kv))
-        )
-        self._write(
-            self._path(self.table, f"part-{index:05d}.parquet"), rows.cast(self.schema.with_metadata(kv))
-        )
+        group = self.groups.of(index)
+        alone = len(self.groups.members(group)) == 1
+        for kind, data, schema in (("errors", errors, ERRORS_SCHEMA), (self.table, rows, self.schema)):
+            path = self._group_file(kind, group) if alone else self._shard_file(kind, index)
+            self._write(path, data.cast(schema.with_metadata(kv)))
         return rows, errors
 
+    def combine(self, group: int) -> None:
+        """Combines the shards of `group` into its files (errors first, then rows, whose file marks the
+        group done) and removes them from `_shards/`, once all are committed; else does nothing. Two
+        calls may race: both write the same bytes, and one that finds the shards gone stops."""
+        members = self.groups.members(group)
+        if len(members) == 1:
+            return
+        folder = self._path(SHARDS, f"{group:05d}")
+        try:
+            self.fs.invalidate_cache(folder)
+            names = self.fs.ls(posixpath.join(folder, self.table), detail=False)
+            if len([n for n in names if n.endswith(".parquet")]) < len(members):
+                return
+            tables = {
+                kind: pa.concat_tables([self._read_shard(self._shard_file(kind, i)) for i in members])
+                for kind in ("errors", self.table)
+            }
+        except FileNotFoundError:  # nothing committed yet, or another call combined them
+            return
+        for kind, table in tables.items():  # the first shard's schema carries the job's metadata
+            self._write(self._group_file(kind, group), table)
+        self._remove(folder)
+
+    def combine_left_over(self) -> None:
+        """Combines the complete groups an interrupted run left uncombined (it died between a shard's
+        commit and its group's) and removes shards a crash left behind a combined group's file."""
+        self.fs.invalidate_cache()
+        for folder in self.fs.glob(self._path(SHARDS, "*")):
+            group = _number(folder)
+            if self.fs.exists(self._group_file(self.table, group)):
+                self._remove(folder)
+            else:
+                self.combine(group)
+
     def finish(self, shards: int) -> None:
-        done = self.committed_shards()
+        """Combines what an interrupted run left, checks that all `shards` are committed, and marks the
+        output done."""
+        self.combine_left_over()
+        done = self._combined_shards()
         if len(done) != shards:
             raise RuntimeError(f"{self.uri}: {shards - len(done)} of {shards} shards are not committed")
         self.drop_all_staged()  # leftovers of rows delivered twice after their shard was committed
+        self._remove(self._path(SHARDS))  # every group is combined: what is left there is in its file
         self.fs.pipe_file(self._path("_SUCCESS"), b"")
+
+    def _read_shard(self, path: str) -> pa.Table:
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f)
 
     def _read_part(self, path: str) -> pa.Table:
         with self.fs.open(path, "rb") as f:
@@ -331,6 +418,11 @@ class ShardedOutput:
             self.fs.mv(tmp, path)
         else:  # an object store shows a PUT whole or not at all
             self.fs.pipe_file(path, data)
+
+
+def _number(path: str) -> int:
+    """The number in a file or folder name: part-00003.parquet, 00003.parquet, 00003 -> 3."""
+    return int(posixpath.basename(path).removeprefix("part-").removesuffix(".parquet"))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 import s3fs
 import torch
-from conftest import fashion_mnist, fashion_mnist_pngs
+from conftest import committed_files, committed_shards, fashion_mnist, fashion_mnist_pngs, holds_rows
 from mlflow.tracking import MlflowClient
 
 import ltrp
@@ -30,10 +30,12 @@ from ltrp.data.tables import RANKS_SCHEMA, read_errors, read_job_metadata, read_
 from ltrp.pipeline import rank_job
 from ltrp.pipeline.configs import ConfigError, InputError, RankConfig
 from ltrp.pipeline.registry import register_ranker
-from ltrp.pipeline.shards import decode_shards
+from ltrp.pipeline.shards import FileGroups, decode_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 GEOMETRY = "ltrp_vit_fmnist_patch4"  # 32 px, an 8 x 8 grid
+#: The killed job's output files: 8 shards of 6 images, in groups of 3 shards per file.
+GROUPS = FileGroups(size=3, shards=8)
 
 
 def _ranker(geometry: str = GEOMETRY, seed: int = 0) -> Ranker:
@@ -220,7 +222,7 @@ def test_killed_job_resumes_without_duplicates_or_gaps(
     out = tmp_path / "out"
     # fmt: off
     args = ["--source", str(tmp_path / "images"), "--model", model, "--output", str(out), "--views", "2",
-            "--shard-size", "6", "--batch-size", "12"]
+            "--shard-size", "6", "--file-shards", "3", "--batch-size", "12"]
     # fmt: on
     env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
     proc = subprocess.Popen(
@@ -232,23 +234,29 @@ def test_killed_job_resumes_without_duplicates_or_gaps(
         start_new_session=True,
     )
     deadline = time.monotonic() + 300
-    while len(list((out / "ranks").glob("part-*.parquet"))) < 3:
+    while len(committed_shards(out, "ranks", GROUPS)) < 3:
         assert proc.poll() is None, "the job ended before it could be interrupted"
         assert time.monotonic() < deadline
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "_SUCCESS").exists()
-    first = {p: p.read_bytes() for p in (out / "ranks").glob("part-*.parquet")}
-    assert 3 <= len(first) < 8
+    done, first = committed_shards(out, "ranks", GROUPS), committed_files(out, "ranks")
+    assert 3 <= len(done) < 8
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
     monkeypatch.chdir(tmp_path)
     from jobs.rank import main
 
     main(args)  # the re-run, in this process
-    assert f"skipped {len(first)} finished shards of 8" in capsys.readouterr().out
-    assert all(p.read_bytes() == data for p, data in first.items())  # finished shards were not redone
+    assert f"skipped {len(done)} finished shards of 8" in capsys.readouterr().out
+    # Finished shards were not redone: a combined group's file is as it was, a waiting shard's rows
+    # are in its group's file now.
+    final = committed_files(out, "ranks")
+    assert all(final[p].equals(rows) for p, rows in first.items() if p.parent == out / "ranks")
+    combined = pa.concat_tables(final.values())
+    assert all(holds_rows(combined, rows) for p, rows in first.items() if p.parent != out / "ranks")
+    assert not (out / "_shards").exists()
     table = read_ranks(str(out), columns=["image_id", "view", "order"])
     keys = list(zip(table.column("image_id").to_pylist(), table.column("view").to_pylist(), strict=True))
     expected = {(f"{label}/{i:04d}.png", v) for i, label in enumerate(labels) for v in (0, 1)}

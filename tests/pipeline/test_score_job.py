@@ -14,12 +14,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
 import skimage.data
 import torch
-from conftest import fashion_mnist, fashion_mnist_pngs
+from conftest import committed_files, committed_shards, fashion_mnist, fashion_mnist_pngs, holds_rows
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -31,10 +32,13 @@ from ltrp.data.tables import JOB_FILE, SCORES_SCHEMA, read_errors, read_scores
 from ltrp.pipeline import score_job
 from ltrp.pipeline.configs import InputError, ScoreConfig
 from ltrp.pipeline.lease import Lease, LeaseHeld
+from ltrp.pipeline.shards import FileGroups
 from ltrp.pipeline.training_data import read_scores_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
+#: The killed job's output files: 8 shards of 6 images, in groups of 3 shards per file.
+GROUPS = FileGroups(size=3, shards=8)
 
 
 def _encode(arr: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
@@ -116,6 +120,8 @@ def test_scores_a_real_corpus_from_s3_to_s3(
     assert meta["mae_sha256"] == hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     assert fs.exists("scores/run1/_SUCCESS") and not fs.exists("scores/run1/_parts")
+    assert fs.ls("scores/run1/scores") == ["scores/run1/scores/part-00000.parquet"]  # 4 shards, one file
+    assert not fs.exists("scores/run1/_shards")
     assert json.loads(fs.cat_file("scores/run1/_ltrp_job.json"))["mae_sha256"] == meta["mae_sha256"]
 
     # The stored scores are those of loo_scores on the stored views, replayed from the source bytes.
@@ -165,6 +171,8 @@ def test_killed_job_resumes_without_duplicates_or_gaps(
         "2",
         "--shard-size",
         "6",
+        "--file-shards",
+        "3",
         "--batch-size",
         "12",
     ]
@@ -178,21 +186,27 @@ def test_killed_job_resumes_without_duplicates_or_gaps(
         start_new_session=True,
     )
     deadline = time.monotonic() + 300
-    while len(list((out / "scores").glob("part-*.parquet"))) < 3:
+    while len(committed_shards(out, "scores", GROUPS)) < 3:
         assert proc.poll() is None, "the job ended before it could be interrupted"
         assert time.monotonic() < deadline
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "_SUCCESS").exists()
-    first = {p: p.read_bytes() for p in (out / "scores").glob("part-*.parquet")}
-    assert 3 <= len(first) < 8
+    done, first = committed_shards(out, "scores", GROUPS), committed_files(out, "scores")
+    assert 3 <= len(done) < 8
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
     monkeypatch.chdir(tmp_path)
     stdout = _job(*args, capsys=capsys)  # the re-run, in this process
-    assert f"skipped {len(first)} finished shards of 8" in stdout
-    assert all(p.read_bytes() == data for p, data in first.items())  # finished shards were not redone
+    assert f"skipped {len(done)} finished shards of 8" in stdout
+    # Finished shards were not redone: a combined group's file is as it was, a waiting shard's rows
+    # are in its group's file now.
+    final = committed_files(out, "scores")
+    assert all(final[p].equals(rows) for p, rows in first.items() if p.parent == out / "scores")
+    combined = pa.concat_tables(final.values())
+    assert all(holds_rows(combined, rows) for p, rows in first.items() if p.parent != out / "scores")
+    assert not (out / "_shards").exists()
     table = read_scores(str(out))
     keys = list(zip(table.column("image_id").to_pylist(), table.column("view").to_pylist(), strict=True))
     expected = {(f"{label}/{i:04d}.png", v) for i, label in enumerate(labels) for v in (0, 1)}

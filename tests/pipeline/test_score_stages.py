@@ -27,9 +27,11 @@ from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import ConfigError, ScoreConfig, result_fields
 from ltrp.pipeline.lease import Lease, LeaseHeld
 from ltrp.pipeline.score_job import STAGE_SCHEMA, ShardScorer, image_rows, job_metadata, score_output
-from ltrp.pipeline.shards import ShardedOutput, commit_shards, decode_shards
+from ltrp.pipeline.shards import FileGroups, ShardedOutput, commit_shards, decode_shards
 
 SIZE, GRID = 64, 8  # the tiny MAE's image size and patch grid
+#: A file per shard, as far as the tests of one shard's commit are concerned (shards 0-3).
+GROUPS = FileGroups(size=1, shards=4)
 #: The fields of ScoreConfig that change only how fast the job runs: all others must be fingerprinted.
 EXECUTION_ONLY = {
     *("mae", "output", "batch_size", "scorers", "max_scorers", "scorer_cpus", "scorer_threads", "device")
@@ -47,6 +49,7 @@ RESULT_CHANGES = {
     "metric": "l2",
     "precision": "bf16",
     "shard_size": 1,
+    "file_shards": 2,
     "min_side": 8,
     "max_pixels": 10**6,
 }
@@ -302,15 +305,15 @@ def test_claim_records_the_job_and_accepts_the_same_job_again(
     output: str,
 ) -> None:
     metadata, _, _ = scored
-    out = score_output(output + "/")
+    out = score_output(output + "/", GROUPS)
     assert out.check(metadata) is False
     assert not Path(output).exists()  # checking writes nothing
     out.claim(metadata)
     assert _files(Path(output)) == {"_ltrp_job.json"}
     assert json.loads((Path(output) / "_ltrp_job.json").read_text()) == metadata
     before = (Path(output) / "_ltrp_job.json").read_bytes()
-    score_output(output).claim(json.loads(json.dumps(metadata)))  # another run of the same job
-    assert score_output(output).check(metadata) is True
+    score_output(output, GROUPS).claim(json.loads(json.dumps(metadata)))  # another run of the same job
+    assert score_output(output, GROUPS).check(metadata) is True
     assert (Path(output) / "_ltrp_job.json").read_bytes() == before
 
 
@@ -319,10 +322,10 @@ def test_claiming_for_another_job_is_refused_naming_what_differs(
     scored: tuple[dict, pa.Table, Path], output: str, key: str
 ) -> None:
     metadata, _, _ = scored
-    score_output(output).claim(metadata)
+    score_output(output, GROUPS).claim(metadata)
     before = (Path(output) / "_ltrp_job.json").read_bytes()
     other = {**metadata, key: "something else"}
-    for attempt in (score_output(output).check, score_output(output).claim):
+    for attempt in (score_output(output, GROUPS).check, score_output(output, GROUPS).claim):
         with pytest.raises(ValueError, match=rf"differs in: {key}\)"):
             attempt(other)
     assert (Path(output) / "_ltrp_job.json").read_bytes() == before
@@ -332,24 +335,26 @@ def test_a_key_only_one_side_fingerprints_still_counts(
     scored: tuple[dict, pa.Table, Path], output: str
 ) -> None:
     metadata, _, _ = scored
-    score_output(output).claim({**metadata, "extra": 1, "fingerprint": [*metadata["fingerprint"], "extra"]})
+    score_output(output, GROUPS).claim(
+        {**metadata, "extra": 1, "fingerprint": [*metadata["fingerprint"], "extra"]}
+    )
     with pytest.raises(ValueError, match="differs in: extra"):
-        score_output(output).check(metadata)
+        score_output(output, GROUPS).check(metadata)
 
 
 def test_metadata_outside_the_fingerprint_may_differ(
     scored: tuple[dict, pa.Table, Path], output: str
 ) -> None:
     metadata, _, _ = scored
-    score_output(output).claim(metadata)
-    assert score_output(output).check({**metadata, "mae_uri": "moved.pth", "torch_version": "9.9"})
+    score_output(output, GROUPS).claim(metadata)
+    assert score_output(output, GROUPS).check({**metadata, "mae_uri": "moved.pth", "torch_version": "9.9"})
 
 
 def test_commit_writes_errors_then_scores_sorted(
     scored: tuple[dict, pa.Table, Path], output: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     metadata, table, images = scored
-    out = score_output(output)
+    out = score_output(output, GROUPS)
     out.claim(metadata)
     written = []
     write = ShardedOutput._write
@@ -392,7 +397,7 @@ def test_finish_needs_every_shard_and_leaves_no_temporary_files(
     scored: tuple[dict, pa.Table, Path], output: str
 ) -> None:
     metadata, table, _ = scored
-    out = score_output(output)
+    out = score_output(output, GROUPS)
     out.claim(metadata)
     for index in (0, 2):
         out.commit(index, table, metadata)
@@ -440,7 +445,7 @@ def test_shards_split_over_batches_in_any_order_are_committed_once_each_when_com
     batches.insert(rng.randrange(len(batches)), batches[rng.randrange(len(batches))])  # again, whole
     batches.insert(rng.randrange(len(batches)), _in_shard(table.slice(1, 3), rng.randrange(4)))  # again
     last = {index: k for k, batch in enumerate(batches) for index in batch.column("shard").to_pylist()}
-    out = score_output(output)
+    out = score_output(output, GROUPS)
     out.claim(metadata)
     committed = []
     with Lease(output, "test") as lease:
@@ -450,7 +455,7 @@ def test_shards_split_over_batches_in_any_order_are_committed_once_each_when_com
                 assert k <= last[manifest["shard"]]  # as soon as complete (or at a repeat before that)
                 assert (manifest["images"], manifest["rows"], manifest["errors"]) == (2, 4, 1)
     assert sorted(committed) == [0, 1, 2, 3]  # each once: the repeats came while it was incomplete
-    reference = score_output(str(Path(output) / "reference"))
+    reference = score_output(str(Path(output) / "reference"), GROUPS)
     for index in range(4):
         expected, _ = reference.commit(index, _in_shard(table, index), metadata)
         assert _stored(output, index).equals(expected.cast(_stored(output, index).schema))
@@ -462,7 +467,7 @@ def test_a_shard_in_one_batch_is_committed_without_staging(
     scored: tuple[dict, pa.Table, Path], output: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     metadata, table, _ = scored
-    out = score_output(output)
+    out = score_output(output, GROUPS)
     out.claim(metadata)
     monkeypatch.setattr(ShardedOutput, "stage", lambda *a: pytest.fail("staged a complete shard"))
     with Lease(output, "test") as lease:
@@ -477,7 +482,7 @@ def test_a_commit_task_that_dies_after_staging_is_redone_without_duplicates(
     """The commit task is killed between staging the last part and committing the shard; Ray runs the
     same batch again."""
     metadata, table, _ = scored
-    out = score_output(output)
+    out = score_output(output, GROUPS)
     out.claim(metadata)
     commit = ShardedOutput.commit
 
@@ -500,7 +505,7 @@ def test_a_commit_for_a_job_that_lost_its_lease_is_refused(
     scored: tuple[dict, pa.Table, Path], output: str
 ) -> None:
     metadata, table, _ = scored
-    out = score_output(output)
+    out = score_output(output, GROUPS)
     out.claim(metadata)
     with (
         Lease(output, "jobs.score"),
@@ -508,6 +513,132 @@ def test_a_commit_for_a_job_that_lost_its_lease_is_refused(
     ):
         commit_shards(table, out, metadata, "another job's token")
     assert out.committed_shards() == set()
+
+
+# -- file groups: several shards per output file -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "shards", "groups"),
+    [(1, 3, [[0], [1], [2]]), (2, 5, [[0, 1], [2, 3], [4]]), (4, 4, [[0, 1, 2, 3]]), (8, 3, [[0, 1, 2]])],
+)
+def test_file_groups_are_consecutive_shards(size: int, shards: int, groups: list[list[int]]) -> None:
+    grouping = FileGroups(size, shards)
+    assert [list(grouping.members(g)) for g in range(len(groups))] == groups
+    assert [grouping.of(i) for i in range(shards)] == [g for g, m in enumerate(groups) for _ in m]
+
+
+def _shard_of(table: pa.Table, index: int) -> pa.Table:
+    """`table`'s rows as shard `index`'s, their images renamed so that every shard's rows differ."""
+    ids = pc.binary_join_element_wise(pa.scalar(f"{index}/"), table.column("image_id"), "")
+    return _in_shard(table, index).set_column(table.schema.get_field_index("image_id"), "image_id", ids)
+
+
+def _keys(table: pa.Table) -> list[tuple[str, int]]:
+    return list(zip(table.column("image_id").to_pylist(), table.column("view").to_pylist(), strict=True))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_groups_are_combined_once_complete_and_the_table_never_shows_a_row_twice(
+    scored: tuple[dict, pa.Table, Path], output: str, seed: int
+) -> None:
+    """Five shards in groups of two, committed in any order, one delivered twice: after every commit the
+    table holds exactly the rows of the groups complete so far, each once, in shard order."""
+    metadata, table, _ = scored
+    groups = FileGroups(size=2, shards=5)
+    order = random.Random(seed).sample(range(5), 5)
+    order.insert(random.Random(seed).randrange(1, 5), order[0])  # Ray delivers a shard again
+    out = score_output(output, groups)
+    out.claim(metadata)
+    reference = score_output(str(Path(output) / "reference"), FileGroups(size=1, shards=5))
+    expected = {i: reference.commit(i, _shard_of(table, i), metadata) for i in range(5)}
+    done: set[int] = set()
+    with Lease(output, "test") as lease:
+        for index in order:
+            commit_shards(_shard_of(table, index), out, metadata, lease.token)
+            done.add(index)
+            assert out.committed_shards() == done
+            complete = [g for g in range(3) if set(groups.members(g)) <= done]
+            shown = [i for g in complete for i in groups.members(g)]
+            assert _keys(ltrp.read_scores(output)) == [k for i in shown for k in _keys(expected[i][0])]
+            assert ltrp.read_errors(output).num_rows == len(shown)  # z.png, once per shard
+    for g in range(3):
+        rows, errors = (
+            pq.read_table(Path(output) / kind / f"part-{g:05d}.parquet") for kind in ("scores", "errors")
+        )
+        members = groups.members(g)
+        assert rows.equals(pa.concat_tables([expected[i][0] for i in members]).cast(rows.schema))
+        assert errors.equals(pa.concat_tables([expected[i][1] for i in members]).cast(errors.schema))
+        assert json.loads(rows.schema.metadata[b"ltrp"]) == metadata
+    out.finish(5)
+    assert {f for f in _files(Path(output)) if not f.startswith("reference")} == {
+        "_ltrp_job.json",
+        "_SUCCESS",
+        *(f"{kind}/part-0000{g}.parquet" for kind in ("scores", "errors") for g in range(3)),
+    }
+
+
+@pytest.mark.parametrize("crash", ["writing the group's rows", "removing its shards"])
+def test_a_crash_while_combining_shows_no_row_twice_and_finish_completes_it(
+    scored: tuple[dict, pa.Table, Path], output: str, crash: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metadata, table, _ = scored
+    groups = FileGroups(size=2, shards=2)
+    out = score_output(output, groups)
+    out.claim(metadata)
+    write, remove = ShardedOutput._write, ShardedOutput._remove
+
+    def crashing_write(self: ShardedOutput, path: str, data: pa.Table) -> None:
+        if path.endswith("scores/part-00000.parquet"):
+            raise SystemExit("killed")
+        write(self, path, data)
+
+    def crashing_remove(self: ShardedOutput, path: str) -> None:
+        if "_shards" in path:
+            raise SystemExit("killed")
+        remove(self, path)
+
+    with Lease(output, "test") as lease:
+        commit_shards(_shard_of(table, 0), out, metadata, lease.token)
+        if crash == "writing the group's rows":
+            monkeypatch.setattr(ShardedOutput, "_write", crashing_write)
+        else:
+            monkeypatch.setattr(ShardedOutput, "_remove", crashing_remove)
+        with pytest.raises(SystemExit):
+            commit_shards(_shard_of(table, 1), out, metadata, lease.token)
+    monkeypatch.undo()
+    assert out.committed_shards() == {0, 1}  # a re-run does not redo them
+    shown = ltrp.read_scores(output)
+    assert len(set(_keys(shown))) == shown.num_rows == (8 if crash == "removing its shards" else 0)
+    out.finish(2)
+    assert _keys(ltrp.read_scores(output)) == [
+        (f"{i}/{a}.png", v) for i in (0, 1) for a in "ab" for v in (0, 1)
+    ]
+    assert not (Path(output) / "_shards").exists()
+
+
+def test_a_combine_that_finds_the_shards_gone_does_nothing(
+    scored: tuple[dict, pa.Table, Path], output: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two commit tasks completed the group at once; the other one combined it and removed the shards
+    while this one read them."""
+    metadata, table, _ = scored
+    out = score_output(output, FileGroups(size=2, shards=2))
+    out.claim(metadata)
+    for index in (0, 1):
+        out.commit(index, _shard_of(table, index), metadata)
+
+    def gone(self: ShardedOutput, path: str) -> pa.Table:
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(ShardedOutput, "_read_shard", gone)
+    out.combine(0)
+    assert not (Path(output) / "scores").exists() and out.committed_shards() == {0, 1}
+    monkeypatch.undo()
+    out.combine(0)
+    before = (Path(output) / "scores" / "part-00000.parquet").read_bytes()
+    out.combine(0)  # late: the shards are gone, the file stays
+    assert (Path(output) / "scores" / "part-00000.parquet").read_bytes() == before
 
 
 # -- the model stage's pool --------------------------------------------------------------------------
@@ -565,10 +696,10 @@ def test_a_resume_with_another_result_setting_is_refused(
 ) -> None:
     cfg = _cfg(tmp_path, mae_path)
     shards = [_shard(tmp_path, 0, {"a.png": _image(0, 20, 20)})]
-    score_output(cfg.output).claim(job_metadata(cfg, mae, shards))
+    score_output(cfg.output, GROUPS).claim(job_metadata(cfg, mae, shards))
     other = job_metadata(dataclasses.replace(cfg, **{field: RESULT_CHANGES[field]}), mae, shards)
     with pytest.raises(ValueError, match=rf"differs in: {field}\)"):
-        score_output(cfg.output).check(other)
+        score_output(cfg.output, GROUPS).check(other)
 
 
 def test_a_resume_with_other_execution_settings_is_the_same_job(
@@ -576,9 +707,9 @@ def test_a_resume_with_other_execution_settings_is_the_same_job(
 ) -> None:
     cfg = _cfg(tmp_path, mae_path)
     shards = [_shard(tmp_path, 0, {"a.png": _image(0, 20, 20)})]
-    score_output(cfg.output).claim(job_metadata(cfg, mae, shards))
+    score_output(cfg.output, GROUPS).claim(job_metadata(cfg, mae, shards))
     moved = str(tmp_path / "moved.pth")
     shutil.copy(mae_path, moved)  # the same bytes elsewhere
     execution = {"scorers": 3, "max_scorers": 5, "scorer_cpus": 2.0, "scorer_threads": 1, "device": "cpu"}
     faster = dataclasses.replace(cfg, mae=moved, batch_size=7, **execution)
-    assert score_output(cfg.output).check(job_metadata(faster, ltrp.load_mae(moved), shards)) is True
+    assert score_output(cfg.output, GROUPS).check(job_metadata(faster, ltrp.load_mae(moved), shards)) is True
