@@ -307,6 +307,7 @@ def run_job(source: Path, output: Path, mae: Path, scorers: int, cfg: HeadroomCo
         output=str(output),
         views=cfg.views,
         shard_size=cfg.shard_size,
+        file_shards=1,  # a file per shard: its time is the shard's commit, which is what is measured
         batch_size=cfg.batch_size,
         scorers=scorers,
         scorer_cpus=cfg.scorer_cpus,

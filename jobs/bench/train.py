@@ -4,18 +4,29 @@
     python -m jobs.bench.train --batch-size 512      # on a GPU machine (bf16 autocast there)
 
 Prints images/s of: the asymmetric training step (CLS + 19 visible tokens, forward + backward + AdamW),
-the same step on all 196 tokens, and loading a view for training (read + decode + replay the view of a
-JPEG at ImageNet-like size, one CPU core), so one can see whether the accelerator or the data is the
-bottleneck. Random weights and data: speed does not depend on them.
+the same step on all 196 tokens, and views/s of loading the training's views on one CPU core, three ways:
+    replay, a view at a time     read + decode + crop + resize each view alone (training before this change)
+    replay, an image's views     `training_data.load_views`: an image's K views share one read and decode
+    cached pixels                the same views rendered once and stored as uint8 in Parquet (zstd), read
+                                 back (its bytes per view on disk are printed beside the JPEGs' per image;
+                                 a cache also ties the table to one view size)
+and how many such cores keep the asymmetric step busy, so one can see whether the accelerator or the
+data is the bottleneck. K random views (RandomResizedCrop geometry, flips) of ImageNet-sized JPEGs.
+Random weights and data for the step: speed does not depend on them.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import tyro
 
@@ -25,7 +36,10 @@ from ltrp.core.losses import listmle
 from ltrp.core.optim import param_groups
 from ltrp.core.options import RankerGeometry
 from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker
-from ltrp.data.images import center_crop
+from ltrp.data.images import View, displayed_size, render_view, view_geometry
+from ltrp.data.sources import read_many
+from ltrp.data.tables import SCORES_SCHEMA
+from ltrp.pipeline.training_data import load_views
 
 
 def step_images_per_second(model: Ranker, batch: int, visible: torch.Tensor | None, steps: int) -> float:
@@ -55,13 +69,47 @@ def step_images_per_second(model: Ranker, batch: int, visible: torch.Tensor | No
     return batch * steps / (time.perf_counter() - start)
 
 
-def load_images_per_second(count: int, size: int) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = write_jpegs(Path(tmp), count)
-        start = time.perf_counter()
-        for p in paths:
-            center_crop(p.read_bytes(), size)
-        return count / (time.perf_counter() - start)
+def score_rows(folder: Path, images: int, views: int) -> pa.Table:
+    """Score-table rows of `views` random views of each of `images` JPEGs written under `folder`."""
+    rows = []
+    for path in write_jpegs(folder, images):
+        width, height = displayed_size(path.read_bytes())
+        for v in range(views):
+            view = view_geometry(path.name, v, width, height, crop="random", flip=True)
+            rows.append({"image_id": path.name, "uri": str(path), "view": v, "crop_box": list(view.box),
+                         "flip": view.flip, "visible": [0], "scores": [0.0]})  # fmt: skip
+    return pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
+
+
+def views_per_second(load: Callable[[pa.Table], object], rows: pa.Table, batch: int) -> float:
+    start = time.perf_counter()
+    for offset in range(0, rows.num_rows, batch):
+        load(rows.slice(offset, batch))
+    return rows.num_rows / (time.perf_counter() - start)
+
+
+def one_at_a_time(rows: pa.Table, size: int) -> np.ndarray:
+    """Each view replayed alone: its image read and decoded once per view."""
+    boxes, flips = rows.column("crop_box").to_pylist(), rows.column("flip").to_pylist()
+    data = read_many(rows.column("uri").to_pylist())
+    return np.stack(
+        [render_view(d, View(tuple(b), f), size) for d, b, f in zip(data, boxes, flips, strict=True)]
+    )
+
+
+def cached_views_per_second(pixels: np.ndarray, batch: int, folder: Path) -> tuple[float, float]:
+    """(views/s, bytes per view on disk) of reading `pixels` (N, S, S, 3) back from a zstd Parquet
+    cache of one uint8 column, a row group per batch."""
+    cache = folder / "views.parquet"
+    buffer = pa.py_buffer(np.ascontiguousarray(pixels))
+    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(pixels[0].nbytes), len(pixels), [None, buffer])
+    pq.write_table(pa.table({"image": column}), cache, compression="zstd", row_group_size=batch)
+    cached = pq.ParquetFile(cache)
+    start = time.perf_counter()
+    for group in range(cached.num_row_groups):
+        images = cached.read_row_group(group, use_threads=False).column("image").combine_chunks()
+        np.frombuffer(images.buffers()[1], np.uint8).reshape(-1, *pixels.shape[1:])
+    return len(pixels) / (time.perf_counter() - start), cache.stat().st_size / len(pixels)
 
 
 @dataclass
@@ -71,6 +119,8 @@ class BenchConfig:
     ranker: RankerGeometry = "ltrp_vit_small_patch16"  # ranker size and patch grid
     batch_size: int = 32  # views per step
     steps: int = 3  # timed steps per figure
+    images: int = 32  # JPEGs whose views are loaded
+    views: int = 8  # views per image (K)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,20 +128,36 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = Ranker(RANKER_GEOMETRIES[cfg.ranker]).to(device).train()
-    grid = model.cfg.grid
+    grid, size = model.cfg.grid, model.cfg.img_size
     visible = ltrp.visible_sets(range(cfg.batch_size), grid=grid).to(device)
     tag = f"train {cfg.ranker} {device.type} batch={cfg.batch_size}"
-    print(
-        f"{tag}: asymmetric step (CLS + {visible.shape[1]} tokens) "
-        f"{step_images_per_second(model, cfg.batch_size, visible, cfg.steps):.1f} img/s",
-        flush=True,
-    )
+    step = step_images_per_second(model, cfg.batch_size, visible, cfg.steps)
+    print(f"{tag}: asymmetric step (CLS + {visible.shape[1]} tokens) {step:.1f} img/s", flush=True)
     print(
         f"{tag}: full step (all {grid * grid} tokens) "
         f"{step_images_per_second(model, cfg.batch_size, None, cfg.steps):.1f} img/s",
         flush=True,
     )
-    print(f"{tag}: view loading, one core {load_images_per_second(64, model.cfg.img_size):.1f} img/s")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = score_rows(Path(tmp), cfg.images, cfg.views)
+        loading = {
+            "replay, a view at a time": views_per_second(
+                partial(one_at_a_time, size=size), rows, cfg.batch_size
+            ),
+            "replay, an image's views": views_per_second(
+                partial(load_views, size=size), rows, cfg.batch_size
+            ),
+        }
+        pixels = load_views(rows, size)["image"]
+        loading["cached pixels"], cached_bytes = cached_views_per_second(pixels, cfg.batch_size, Path(tmp))
+        jpeg_bytes = sum(p.stat().st_size for p in Path(tmp).glob("*.jpg")) / cfg.images
+    for way, rate in loading.items():
+        print(
+            f"{tag}: loading {cfg.views} views per JPEG, {way}: {rate:.1f} views/s on one core, "
+            f"{step / rate:.2f} cores per asymmetric step"
+        )
+    disk = f"cached pixels {cached_bytes / 1e3:.0f} kB per view, JPEGs {jpeg_bytes / 1e3:.0f} kB per image"
+    print(f"{tag}: on disk: {disk}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ pre-training's image rows.
 
 Ranker training: score rows -> (image, visible, scores) views, split by image id. Validation is the
 views of the images whose id hashes into the validation fraction, so the views of an image never
-straddle the split. Each view is replayed from its image with the scoring job's own `render_view`.
+straddle the split. Each view is replayed from its image with the scoring job's own `render_views`.
 Pre-training: read tasks -> one row per image, its bytes or why they could not be read.
 
 Light on purpose: every Ray Data process of a training (split coordinators, read and map tasks)
@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import ray.data
 
-from ltrp.data.images import View, render_view
+from ltrp.data.images import View, render_views
 from ltrp.data.sources import Shard, read_many, read_shard
 from ltrp.data.tables import SCORES_SCHEMA, arrow_filesystem, read_scores
 from ltrp.pipeline.configs import TrainConfig
@@ -47,10 +47,18 @@ def select_split(batch: pa.Table, fraction: float, validation: bool, views: int 
 
 def load_views(batch: pa.Table, size: int) -> dict[str, np.ndarray]:
     """Score rows -> image (B, S, S, 3) uint8, visible (B, n) int64, scores (B, n) float32: each row's
-    image decoded and its stored view replayed with the scoring job's own `render_view`."""
-    data = read_many(batch.column("uri").to_pylist())
+    stored view replayed with the scoring job's own `render_views`, which gives the pixels it scored.
+    The rows of an image (its K views lie together in the table) share one read and, where their JPEG
+    reductions coincide, one decode."""
     boxes, flips = batch.column("crop_box").to_pylist(), batch.column("flip").to_pylist()
-    images = [render_view(d, View(tuple(b), f), size) for d, b, f in zip(data, boxes, flips, strict=True)]
+    views = [View(tuple(b), f) for b, f in zip(boxes, flips, strict=True)]
+    rows_of: dict[str, list[int]] = {}
+    for i, uri in enumerate(batch.column("uri").to_pylist()):
+        rows_of.setdefault(uri, []).append(i)
+    images: list[np.ndarray] = [np.empty(0, np.uint8)] * batch.num_rows
+    for rows, data in zip(rows_of.values(), read_many(list(rows_of)), strict=True):
+        for i, pixels in zip(rows, render_views(data, [views[i] for i in rows], size), strict=True):
+            images[i] = pixels
     return {
         "image": np.stack(images),
         "visible": np.asarray(batch.column("visible").to_pylist(), dtype=np.int64),

@@ -168,10 +168,16 @@ def test_help_shows_every_option_its_default_and_what_is_required(module: str) -
 
 
 def test_training_benchmark_prints_where_the_time_goes() -> None:
-    stdout = _run(
-        "jobs.bench.train", "--ranker", "ltrp_vit_micro_patch8", "--batch-size", "4", "--steps", "1"
-    )
+    tiny = ("--ranker", "ltrp_vit_micro_patch8", "--batch-size", "4", "--steps", "1", "--images", "4")
+    stdout = _run("jobs.bench.train", *tiny, "--views", "2")
     lines = stdout.strip().splitlines()
-    assert len(lines) == 3
-    assert "asymmetric step" in lines[0] and "full step" in lines[1] and "view loading" in lines[2]
-    assert all(float(line.split()[-2]) > 0 for line in lines)
+    assert len(lines) == 6
+    assert "asymmetric step" in lines[0] and "full step" in lines[1]
+    ways = ["replay, a view at a time", "replay, an image's views", "cached pixels"]
+    assert all(
+        f"loading 2 views per JPEG, {way}: " in line for way, line in zip(ways, lines[2:5], strict=True)
+    )
+    rates = [float(line.split(" img/s")[0].split()[-1]) for line in lines[:2]]
+    rates += [float(line.split(" views/s")[0].split()[-1]) for line in lines[2:5]]
+    assert all(rate > 0 for rate in rates)
+    assert "on disk: cached pixels" in lines[5]

@@ -1,16 +1,22 @@
 """The training job's data stages as plain functions, without Ray: which views train and which validate,
-and what a training name stands for."""
+how the views are replayed, and what a training name stands for."""
 
+import random
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from conftest import write_table
 
+from jobs.bench.jpegs import imagenet_sized_jpegs
+from ltrp.data.images import View, displayed_size, render_view, view_geometry
+from ltrp.data.sources import read_many
 from ltrp.data.tables import SCORES_SCHEMA
+from ltrp.pipeline import training_data
 from ltrp.pipeline.configs import InputError, TrainConfig
 from ltrp.pipeline.trainer import claimed
-from ltrp.pipeline.training_data import is_validation, select_split, split_counts
+from ltrp.pipeline.training_data import is_validation, load_views, select_split, split_counts
 
 
 def _rows(images: int, views: int) -> list[dict]:
@@ -64,3 +70,32 @@ def test_a_training_name_stands_for_one_set_of_inputs(where: str, tmp_path: Path
         claimed(storage, "run1", "jobs.train", other),
     ):
         pass
+
+
+@pytest.mark.parametrize("order", ["as stored", "shuffled"])
+def test_load_views_replays_each_stored_view_with_one_read_per_image(
+    tmp_path: Path, order: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of 3 JPEGs x 4 random views (crops at different JPEG reductions, flips), in table order or
+    shuffled: each row gets the pixels `render_view` gives its view alone, and each image is read once."""
+    photos = imagenet_sized_jpegs(3, ("astronaut", "coffee", "chelsea"), seed=0)
+    rows = []
+    for i, data in enumerate(photos):
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(data)
+        width, height = displayed_size(data)
+        for v in range(4):
+            view = view_geometry(str(i), v, width, height, crop="random", flip=True)
+            box = list(view.box)
+            rows.append({"image_id": str(i), "uri": str(path), "label": None, "view": v, "crop_box": box,
+                         "flip": view.flip, "visible": [0], "scores": [0.0]})  # fmt: skip
+    if order == "shuffled":
+        random.Random(0).shuffle(rows)
+    reads = []
+    monkeypatch.setattr(training_data, "read_many", lambda uris: reads.extend(uris) or read_many(uris))
+    loaded = load_views(pa.Table.from_pylist(rows, schema=SCORES_SCHEMA), 64)
+    assert sorted(reads) == sorted({r["uri"] for r in rows})
+    expected = [
+        render_view(Path(r["uri"]).read_bytes(), View(tuple(r["crop_box"]), r["flip"]), 64) for r in rows
+    ]
+    np.testing.assert_array_equal(loaded["image"], np.stack(expected))
