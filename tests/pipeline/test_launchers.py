@@ -181,3 +181,12 @@ def test_training_benchmark_prints_where_the_time_goes() -> None:
     rates += [float(line.split(" views/s")[0].split()[-1]) for line in lines[2:5]]
     assert all(rate > 0 for rate in rates)
     assert "on disk: cached pixels" in lines[5]
+
+
+def test_output_files_benchmark_prints_both_layouts_on_both_storages() -> None:
+    stdout = _run("jobs.bench.files", "--shards", "4", "--shard-size", "8", "--file-shards", "2")
+    lines = stdout.strip().splitlines()
+    layouts = [(storage, shards) for storage in ("local", "s3") for shards in (1, 2)]
+    assert [line.split(":")[0] for line in lines] == [f"files {s} file_shards={f}" for s, f in layouts]
+    assert [int(line.split(": ")[1].split()[0]) for line in lines] == [4, 2, 4, 2]  # files in the table
+    assert all("(32 rows)" in line for line in lines)
