@@ -289,7 +289,7 @@ def score_in_process(cfg: ScoreConfig) -> None:
     `score_job.score_corpus(cfg)` writes, without starting Ray Data's workers (~50 s here), for tests
     that only need a table (the job itself: test_score_job.py)."""
     job = score_job.plan(cfg)
-    out = score_job.score_output(cfg.output)
+    out = job.out
     scorer = score_job.ShardScorer(cfg, job.metadata["mae_sha256"], gpu=False)
     image_rows = partial(score_job.image_rows, cfg=cfg, size=job.mae.cfg.img_size, grid=job.mae.cfg.grid)
 
