@@ -7,7 +7,7 @@ Prints images/s of: the asymmetric training step (CLS + 19 visible tokens, forwa
 the same step on all 196 tokens, and views/s of loading the training's views on one CPU core, three ways:
     replay, a view at a time     read + decode + crop + resize each view alone (training before this change)
     replay, an image's views     `training_data.load_views`: an image's K views share one read and decode
-    cached pixels                the same views rendered once and stored as uint8 in Parquet (zstd), read
+    cached pixels                the same views rendered once, stored as uint8 in Parquet (zstd or none), read
                                  back (its bytes per view on disk are printed beside the JPEGs' per image;
                                  a cache also ties the table to one view size)
 and how many such cores keep the asymmetric step busy, so one can see whether the accelerator or the
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -97,13 +98,15 @@ def one_at_a_time(rows: pa.Table, size: int) -> np.ndarray:
     )
 
 
-def cached_views_per_second(pixels: np.ndarray, batch: int, folder: Path) -> tuple[float, float]:
-    """(views/s, bytes per view on disk) of reading `pixels` (N, S, S, 3) back from a zstd Parquet
-    cache of one uint8 column, a row group per batch."""
-    cache = folder / "views.parquet"
+def cached_views_per_second(
+    pixels: np.ndarray, batch: int, folder: Path, compression: Literal["zstd", "none"]
+) -> tuple[float, float]:
+    """(views/s, bytes per view on disk) of reading `pixels` (N, S, S, 3) back from a Parquet cache of
+    one uint8 column, a row group per batch."""
+    cache = folder / f"views-{compression}.parquet"
     buffer = pa.py_buffer(np.ascontiguousarray(pixels))
     column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(pixels[0].nbytes), len(pixels), [None, buffer])
-    pq.write_table(pa.table({"image": column}), cache, compression="zstd", row_group_size=batch)
+    pq.write_table(pa.table({"image": column}), cache, compression=compression, row_group_size=batch)
     cached = pq.ParquetFile(cache)
     start = time.perf_counter()
     for group in range(cached.num_row_groups):
@@ -149,14 +152,20 @@ def main(argv: list[str] | None = None) -> None:
             ),
         }
         pixels = load_views(rows, size)["image"]
-        loading["cached pixels"], cached_bytes = cached_views_per_second(pixels, cfg.batch_size, Path(tmp))
+        cached_bytes = {}
+        for compression in ("zstd", "none"):
+            rate, cached_bytes[compression] = cached_views_per_second(
+                pixels, cfg.batch_size, Path(tmp), compression
+            )
+            loading[f"cached pixels ({compression})"] = rate
         jpeg_bytes = sum(p.stat().st_size for p in Path(tmp).glob("*.jpg")) / cfg.images
     for way, rate in loading.items():
         print(
             f"{tag}: loading {cfg.views} views per JPEG, {way}: {rate:.1f} views/s on one core, "
             f"{step / rate:.2f} cores per asymmetric step"
         )
-    disk = f"cached pixels {cached_bytes / 1e3:.0f} kB per view, JPEGs {jpeg_bytes / 1e3:.0f} kB per image"
+    cached = ", ".join(f"{c} {b / 1e3:.0f} kB" for c, b in cached_bytes.items())
+    disk = f"cached pixels per view {cached}; JPEGs {jpeg_bytes / 1e3:.0f} kB per image"
     print(f"{tag}: on disk: {disk}")
 
 
