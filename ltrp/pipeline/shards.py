@@ -281,9 +281,11 @@ class ShardedOutput:
             self.fs.pipe_file(self._path(JOB_FILE), json.dumps(metadata, indent=2).encode())
 
     def committed_shards(self) -> set[int]:
-        """The shards committed: those of the groups combined, and those waiting for their group."""
+        """The shards committed: those waiting for their group, then (so that a group combined in
+        between is seen) those of the groups combined."""
+        self.fs.invalidate_cache()  # s3fs caches listings; other processes commit meanwhile
         waiting = self.fs.glob(self._path(SHARDS, "*", self.table, "*.parquet"))
-        return self._combined_shards() | {_number(name) for name in waiting}
+        return {_number(name) for name in waiting} | self._combined_shards()
 
     def _combined_shards(self) -> set[int]:
         self.fs.invalidate_cache()  # s3fs caches listings; other processes commit meanwhile
