@@ -210,8 +210,8 @@ def commit_stage(
     """The commit stage wired after a job's model stage: tasks of a quarter CPU (they wait on storage,
     and must never hold back decoding or scoring), each taking a shard's worth of rows (`shard_rows`),
     so that a shard is staged in a few parts, not in one per model call. The task that combines a
-    group holds the group's rows once (at the defaults, 256 shards of 256 images: about 16 MB of
-    Arrow per view of each image, as `python -m jobs.bench.files` writes them)."""
+    group holds the group's rows once: at the defaults (256 shards of 256 images), 14 MB of Arrow per
+    view of each image, measured on the rows `jobs.bench.files` makes (19 scored positions each)."""
     return ds.map_batches(
         commit_shards,
         fn_kwargs={"out": out, "metadata": metadata, "lease_token": lease_token},
