@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 # The cluster image: one immutable tag per commit, so a node never runs older code under a reused tag.
 IMAGE := ghcr.io/ltrp/ltrp:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)-$(shell git rev-parse --short=12 HEAD)
 
-.PHONY: demo test test-faults pin image
+.PHONY: demo test test-faults test-docs pin image
 
 # Every package at the version of constraints.txt: what CI tests is what the cluster image installs.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -26,13 +26,18 @@ demo: $(VENV)/.installed $(FASHION_MNIST)
 test: $(VENV)/.installed $(FASHION_MNIST)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -m "not gpu and not faults" --durations=15 -n 2 --dist loadfile
+	$(PY) -m pytest -m "not gpu and not faults and not docs" --durations=15 -n 2 --dist loadfile
 
 # The long fault runs: scoring and ranking jobs killed and re-run, the multi-node cluster with token
 # authentication losing its worker node mid-scoring and mid-training, and training and evaluation through
 # S3 and MLflow faults. CI runs them after `make test`.
 test-faults: $(VENV)/.installed $(FASHION_MNIST)
 	$(PY) -m pytest -m "faults and not gpu" --durations=5 -n 2 --dist loadfile
+
+# Every command and code block of README.md and docs/*.md, run as written against a tiny pipeline run
+# (tests/test_docs.py; the blocks marked check-only are checked for syntax and flags in `make test`).
+test-docs: $(VENV)/.installed $(FASHION_MNIST)
+	$(PY) -m pytest -m "docs and not gpu" --durations=5 tests/test_docs.py
 
 # After a dependency change in pyproject.toml: re-pin constraints.txt to what the fresh .venv resolved.
 pin: $(VENV)/.installed

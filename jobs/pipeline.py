@@ -1,8 +1,8 @@
-"""The whole pipeline on real images, one command: pre-train an MAE on Fashion-MNIST -> score -> train the
-ranker -> evaluate it against the baselines -> register and promote -> a summary.
+"""The whole pipeline, one command: scenes with known object masks -> the shipped MAE (or pre-train one)
+-> score -> train the ranker -> evaluate it against the baselines -> register and promote -> a summary.
 
     python -m jobs.pipeline                   # jobs/pipeline.yaml: local Ray, runs/pipeline, SQLite MLflow
-    python -m jobs.pipeline --config my.yaml  # another size or registered model
+    python -m jobs.pipeline --config my.yaml  # another size or registered model (jobs/benchmark.yaml)
 
 Each step is the job you would run by hand (python -m jobs.pretrain_mae, jobs.score, jobs.train,
 jobs.evaluate, jobs.promote) with the config file's section for it and the paths derived from `root`.
@@ -25,7 +25,7 @@ DEFAULT_CONFIG = Path(__file__).with_name("pipeline.yaml")
 
 @dataclass
 class PipelineArgs:
-    """The whole LTRP pipeline on Fashion-MNIST, steps reused when their settings are unchanged."""
+    """The whole LTRP pipeline (scenes by default), steps reused when their settings are unchanged."""
 
     config: Path = DEFAULT_CONFIG  # root, seed and one section per step
 
