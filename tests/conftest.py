@@ -148,7 +148,9 @@ def ray_address(s3_endpoint: str) -> Iterator[str]:
     # Parquet footer readers per read as CPUs (`runtime.local_resources`), not Ray Data's 32.
     with pytest.MonkeyPatch.context() as env:
         env.setenv(runtime.PARQUET_FOOTER_READERS, "4")
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # address="local": a cluster of its own, even where someone's `ray start` cluster runs on this
+        # machine (a plain ray.init() would try to join that one, and refuse num_cpus).
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             yield ray.get_runtime_context().gcs_address
         finally:
