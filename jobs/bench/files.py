@@ -26,7 +26,7 @@ import s3fs
 import tyro
 
 import ltrp
-from jobs.bench.planning import _start_moto
+from jobs.bench.planning import start_moto
 from ltrp.data.tables import SCORES_SCHEMA
 from ltrp.pipeline.shards import FileGroups, ShardedOutput
 
@@ -77,7 +77,7 @@ def write_table(uri: str, file_shards: int, tables: list[pa.Table]) -> dict[str,
     for index, table in enumerate(tables):
         out.commit(index, table, metadata)
     committed = time.perf_counter()
-    for group in range(FileGroups(file_shards, len(tables)).of(len(tables) - 1) + 1):
+    for group in range(out.groups.of(len(tables) - 1) + 1):
         out.combine(group)
     combined = time.perf_counter()
     out.finish(len(tables))
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = tyro.cli(FilesBenchConfig, args=argv, prog="python -m jobs.bench.files", description=__doc__)
     rng = np.random.default_rng(0)
     tables = [shard_rows(i, cfg, rng) for i in range(cfg.shards)]
-    server = _start_moto()
+    server = start_moto()
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir(BUCKET)
     try:
         with tempfile.TemporaryDirectory() as tmp:

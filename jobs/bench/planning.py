@@ -74,7 +74,7 @@ class Measure:
     arrow_peak_bytes: int  # Arrow's memory pool's peak, which tracemalloc does not see
 
 
-def _start_moto() -> ThreadedMotoServer:
+def start_moto() -> ThreadedMotoServer:
     """moto's server on a free port, with this process's environment (inherited by the measuring
     interpreters) pointing s3fs at it with dummy credentials."""
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
@@ -170,7 +170,7 @@ def _report(label: str, measure: Measure, objects: int) -> None:
 
 def main() -> None:
     cfg = tyro.cli(PlanningBenchConfig, prog="python -m jobs.bench.planning", description=__doc__)
-    moto = _start_moto()
+    moto = start_moto()
     try:
         start = time.perf_counter()
         _store(cfg)

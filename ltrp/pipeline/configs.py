@@ -212,17 +212,8 @@ class ScoreConfig(_Checked):
     max_pixels: int = 89_478_485  # images with more pixels are recorded as errors (decompression bombs)
 
     def check(self) -> None:
-        _at_least(
-            self,
-            1,
-            "views",
-            "batch_size",
-            "shard_size",
-            "file_shards",
-            "scorers",
-            "scorer_threads",
-            "min_side",
-        )
+        _at_least(self, 1, "views", "batch_size", "shard_size", "file_shards")
+        _at_least(self, 1, "scorers", "scorer_threads", "min_side")
         _at_least(self, self.scorers or 1, "max_scorers")
         _positive(self, "scorer_cpus", "max_pixels")
         _mask_ratio(self.mask_ratio)
@@ -262,17 +253,8 @@ class RankConfig(_Checked):
     max_pixels: int = 89_478_485  # images with more pixels are recorded as errors (decompression bombs)
 
     def check(self) -> None:
-        _at_least(
-            self,
-            1,
-            "views",
-            "batch_size",
-            "shard_size",
-            "file_shards",
-            "rankers",
-            "ranker_threads",
-            "min_side",
-        )
+        _at_least(self, 1, "views", "batch_size", "shard_size", "file_shards")
+        _at_least(self, 1, "rankers", "ranker_threads", "min_side")
         _at_least(self, self.rankers or 1, "max_rankers")
         _positive(self, "ranker_cpus", "max_pixels")
         _model_version_or_file(self.model)
