@@ -2,11 +2,13 @@
 
 Score of visible patch v: mean over the originally masked positions and all p*p*C values of
 |A - R_v| (or its square), where A is the MAE's reconstruction from all n visible patches and R_v the
-reconstruction with v cut out (docs/method.md, section 2).
+reconstruction without v (docs/method.md, section 2).
 
-All n leave-one-out variants of a batch run as one batch of decoder sequences: v's token is *dropped*
-with a fixed-shape gather, which gives exactly what the authors' -inf row/column mask gives for every
-other position, but lets attention use fused kernels and avoids any host synchronisation.
+All n leave-one-out variants of a batch run as one batch of decoder sequences, with fixed shapes and
+no host synchronisation. Decoder mode (the paper's) *drops* v's token with a gather, which gives
+exactly what the authors' -inf row/column mask gives for every other position but lets attention use
+fused kernels. Encoder mode hides v as MAE hides any patch: the encoder sees the other n - 1, and v's
+decoder slot holds the mask token (plus its position), so R_v is the plain MAE forward without v.
 """
 
 from __future__ import annotations
@@ -84,8 +86,10 @@ def loo_scores(
         images: (B, C, S, S) normalised as the MAE was trained (ImageNet mean/std for the official ones).
         visible: (B, n) sorted patch indices the MAE sees, e.g. from `visible_sets`.
         mode: "decoder" (the authors' semantics: v is cut out of the decoder only; the other latents
-            still saw v inside the encoder) or "encoder" (v is removed before the encoder as well, so
-            the MAE sees n - 1 patches, and its position is absent from the decoder too).
+            still saw v inside the encoder) or "encoder" (v is masked as MAE masks any patch: the
+            encoder sees the other n - 1, and v's decoder slot holds the mask token; R_v is then
+            `mae(images, visible without v)`). Either way only the L - n originally masked
+            positions are compared, not v's.
         metric: "l1" (mean |A - R_v|, the default) or "l2" (mean squared difference).
         max_tokens: decoder tokens per chunk of leave-one-out sequences; bounds memory. None: 4096 on
             a CPU (cache-sized chunks measured fastest there: 0.63 vs 0.51 img/s at 65536, MAE-B),
@@ -118,17 +122,17 @@ def loo_scores(
         for start in range(0, batch * n, rows_per_chunk):
             rows = torch.arange(start, min(start + rows_per_chunk, batch * n), device=images.device)
             img, j = rows // n, rows % n  # variant row r = image b, left-out visible index j
-            removed = visible[img, j]  # (R,)
-            if mode == "decoder":
-                src = tokens[img]  # (R, 1+L, Dd): everyone's latents saw v in the encoder
-            else:
+            if mode == "decoder":  # everyone's latents saw v in the encoder; v's token is dropped
+                removed = visible[img, j]  # (R,)
+                hidden = mae.decode_hidden(_without_position(tokens[img], removed))  # (R, L, Dd)
+                # Patch p sits at 1 + p in the full sequence; after dropping v, at 1 + p - [p > v].
+                at = 1 + masked[img] - (masked[img] > removed[:, None]).long()  # (R, L-n)
+            else:  # re-encoded without v; decoder_input puts the mask token in v's slot
                 kept = drop_one(visible)[img, j]  # (R, n-1)
-                latent = mae.encode_tokens(gather_tokens(patches[img], kept))
-                src = mae.decoder_input(latent, kept)  # v's slot holds a mask token, dropped below
-            hidden = mae.decode_hidden(_without_position(src, removed))  # (R, L, Dd)
-            # Patch p sits at 1 + p in the full sequence; after dropping v, at 1 + p - [p > v].
-            at = 1 + masked[img] - (masked[img] > removed[:, None]).long()  # (R, L-n)
-            recon = mae.predict(gather_tokens(hidden, at))
+                latent_v = mae.encode_tokens(gather_tokens(patches[img], kept))  # (R, n, D)
+                hidden = mae.decode_hidden(mae.decoder_input(latent_v, kept))  # (R, 1+L, Dd)
+                at = 1 + masked[img]  # (R, L-n)
+            recon = mae.predict(gather_tokens(hidden, at))  # (R, L-n, P)
             scores[rows] = pixel_distance(anchor[img], recon, metric)
     return scores.view(batch, n)
 

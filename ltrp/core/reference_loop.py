@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from timm.models.vision_transformer import Block
 
-from ltrp.core.leave_one_out import check_visible, drop_one, pixel_distance
+from ltrp.core.leave_one_out import check_visible, pixel_distance
 from ltrp.core.mae import MAE
-from ltrp.core.options import Metric, Mode
+from ltrp.core.options import Metric
 
 
 def _isolating_mask(batch: int, tokens: int, position: torch.Tensor) -> torch.Tensor:
@@ -50,9 +50,10 @@ def _decode_isolated(mae: MAE, tokens: torch.Tensor, patch: torch.Tensor) -> tor
 
 @torch.inference_mode()
 def reference_loo_scores(
-    mae: MAE, images: torch.Tensor, visible: torch.Tensor, *, mode: Mode = "decoder", metric: Metric = "l1"
+    mae: MAE, images: torch.Tensor, visible: torch.Tensor, *, metric: Metric = "l1"
 ) -> torch.Tensor:
-    """Same contract as `ltrp.loo_scores` (images: (B, C, S, S), visible: (B, n) -> (B, n) float32)."""
+    """`ltrp.loo_scores` in decoder mode, the authors' (images: (B, C, S, S), visible: (B, n) -> (B, n)
+    float32). Encoder mode needs no special mechanics: it is the plain MAE forward without v."""
     num_patches = mae.cfg.num_patches
     check_visible(visible, num_patches)
     batch, n = visible.shape
@@ -68,14 +69,7 @@ def reference_loo_scores(
 
     scores = []
     for j in range(n):
-        removed = visible[:, j]
-        tokens_j = tokens
-        if mode == "encoder":  # re-encode without v; v's slot gets a mask token, isolated below
-            keep = is_visible.clone()
-            keep[torch.arange(batch), removed] = False
-            latent_j = mae.encode_tokens(patches[keep].reshape(batch, n - 1, dim))
-            tokens_j = mae.decoder_input(latent_j, drop_one(visible)[:, j])
-        recon = _decode_isolated(mae, tokens_j, removed)
+        recon = _decode_isolated(mae, tokens, visible[:, j])
         per_patch = torch.stack(
             [pixel_distance(anchor[b, is_masked[b]], recon[b, is_masked[b]], metric) for b in range(batch)]
         )

@@ -151,14 +151,19 @@ def execute(job: ScorePlan, progress=print) -> ScoreSummary:
 
 def job_metadata(cfg: ScoreConfig, mae: MAE, shards: list[Shard]) -> dict:
     """What a score table was computed with. Its "fingerprint" names the keys that decide the scores:
-    every result-changing field of the config (all but the execution-only ones) and what is derived
-    from the inputs (the corpus plan, the MAE's bytes and geometry). A resume must agree on all."""
+    every result-changing field of the config (all but the execution-only ones), what is derived from
+    the inputs (the corpus plan, the MAE's bytes and geometry) and, in encoder mode, what v's decoder
+    slot holds. A resume must agree on all."""
     fingerprint = {
         **result_fields(cfg),
         "plan_digest": plan_digest(shards),
         "mae_sha256": mae.checkpoint.sha256,
         "mae_config": asdict(mae.cfg),
     }
+    if cfg.mode == "encoder":
+        # Encoder mode once dropped v's decoder slot; now the slot holds the mask token. Tables of the
+        # old kind lack this key, so they are neither resumed nor mixed (decoder mode is unchanged).
+        fingerprint["encoder_slot"] = "mask_token"
     return {
         **fingerprint,
         "fingerprint": sorted(fingerprint),

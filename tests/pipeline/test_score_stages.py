@@ -698,8 +698,26 @@ def test_a_resume_with_another_result_setting_is_refused(
     shards = [_shard(tmp_path, 0, {"a.png": _image(0, 20, 20)})]
     score_output(cfg.output, GROUPS).claim(job_metadata(cfg, mae, shards))
     other = job_metadata(dataclasses.replace(cfg, **{field: RESULT_CHANGES[field]}), mae, shards)
-    with pytest.raises(ValueError, match=rf"differs in: {field}\)"):
+    differs = "encoder_slot, mode" if field == "mode" else field  # encoder mode records its slot
+    with pytest.raises(ValueError, match=rf"differs in: {differs}\)"):
         score_output(cfg.output, GROUPS).check(other)
+
+
+def test_an_encoder_mode_table_of_the_dropped_slot_kind_is_not_resumed(
+    tmp_path: Path, mae_path: str, mae: ltrp.MAE
+) -> None:
+    cfg = _cfg(tmp_path, mae_path, mode="encoder")
+    shards = [_shard(tmp_path, 0, {"a.png": _image(0, 20, 20)})]
+    metadata = job_metadata(cfg, mae, shards)
+    assert metadata["encoder_slot"] == "mask_token" and "encoder_slot" in metadata["fingerprint"]
+    decoder = job_metadata(dataclasses.replace(cfg, mode="decoder"), mae, shards)
+    assert "encoder_slot" not in decoder  # decoder mode is unchanged: its older tables still resume
+    # An encoder-mode table written before v's slot held the mask token: the same, without the key.
+    older = {k: v for k, v in metadata.items() if k != "encoder_slot"}
+    older["fingerprint"] = [k for k in metadata["fingerprint"] if k != "encoder_slot"]
+    score_output(cfg.output, GROUPS).claim(older)
+    with pytest.raises(ValueError, match=r"differs in: encoder_slot\)"):
+        score_output(cfg.output, GROUPS).check(metadata)
 
 
 def test_a_resume_with_other_execution_settings_is_the_same_job(
