@@ -39,11 +39,17 @@ RankerGeometry = Literal[
     "ltrp_vit_scenes_patch4",
     "ltrp_vit_fmnist_tiny_patch4",
     "ltrp_vit_scenes_tiny_patch4",
+    "ltrp_vit_scenes_mae_patch4",
 ]
+#: Where a ranker's backbone starts: a fresh initialisation, or the encoder of the MAE that scored its
+#: training table (the ranker's geometry must then match that encoder).
+Init = Literal["scratch", "mae"]
 #: What the ranker sees in training: CLS + the n scored patches (the authors'), or all L patches with
 #: the loss at the n scored positions (as at inference).
 Training = Literal["asymmetric", "symmetric"]
-#: A scene's background (`ltrp.data.scenes`): black, a low-contrast texture, non-object clutter, a photo.
-Background = Literal["black", "texture", "clutter", "photo"]
+#: A scene's background (`ltrp.data.scenes`, docs/scenes.md): black, a low-contrast texture,
+#: non-object clutter, an object-free photo crop, object-scale distractor shapes, or faint objects on a
+#: texture. New kinds go last: a scene draws its kind from this order, so old scenes stay the same.
+Background = Literal["black", "texture", "clutter", "photo", "shapes", "faint"]
 #: A data split: which Fashion-MNIST images a scene's objects come from.
 Split = Literal["train", "test"]

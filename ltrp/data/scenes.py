@@ -3,7 +3,9 @@
 A scene is a 56 x 56 RGB canvas, so 4-px patches give the paper's geometry (a 14 x 14 grid, 196
 patches; mask ratio 0.9 leaves 19 visible). It holds 1-4 tinted Fashion-MNIST objects at random scale
 and position, on a background of one kind: black, a low-contrast texture, non-object clutter (strokes
-and blobs), or a dimmed crop of a natural photograph. Each scene is a pure function of
+and blobs), a dimmed crop of a natural photograph taken where the photo holds no object, distractor
+shapes at object scale (polygons, ellipses, glyphs) that belong to no class, or a texture under faint,
+low-contrast objects (docs/scenes.md says why each is there). Each scene is a pure function of
 (config, split, index): the train split takes its objects from Fashion-MNIST's train images, the test
 split from its test images. Per object we know its class, box and visible pixel mask, so a patch
 selector can be judged by how much of each object it keeps.
@@ -33,16 +35,25 @@ from ltrp.data.datasets import FASHION_MNIST_CLASSES, read_fashion_mnist
 BACKGROUNDS: tuple[str, ...] = get_args(Background)
 #: scikit-image's bundled grey textures and photos (installed with it, nothing to download).
 TEXTURES = ("brick", "grass", "gravel")
-PHOTOS = (
-    "astronaut",
-    "camera",
-    "chelsea",
-    "coffee",
-    "coins",
-    "hubble_deep_field",
-    "rocket",
-    "immunohistochemistry",
-)
+#: Photo -> the boxes (left, top, right, bottom; source pixels) its crops are cut from. Object recall
+#: counts every pixel outside the Fashion-MNIST masks as background, so a crop must hold no object a
+#: selector should keep: each box was checked by eye to hold none. Photos that are mostly objects
+#: (astronaut, chelsea, coins, hubble_deep_field's galaxies) are left out.
+PHOTO_REGIONS: dict[str, tuple[tuple[int, int, int, int], ...]] = {
+    # the sky right of the man's head; the grass right of the tripod
+    "camera": ((270, 0, 512, 105), (410, 260, 512, 512)),
+    # the wooden table right of, above and left of the saucer
+    "coffee": ((490, 0, 600, 400), (440, 0, 600, 95), (0, 110, 70, 400)),
+    # the sky above the rocket and masts, and on either side of the rocket, between the masts
+    "rocket": ((95, 0, 555, 118), (210, 0, 300, 340), (345, 0, 432, 340)),
+    # stained tissue (glands in stroma): a texture throughout
+    "immunohistochemistry": ((0, 0, 512, 512),),
+    # pitted ground, off the large crater, the bright ridge and the dark crater field
+    "moon": ((0, 200, 200, 512), (360, 200, 512, 512)),
+    # the noisy ground above, below and left of the one cell and its dark halo
+    "cell": ((0, 0, 550, 250), (0, 480, 550, 660), (0, 0, 320, 660)),
+}
+PHOTOS = tuple(PHOTO_REGIONS)
 _SPLIT_CODES = {"train": 0, "test": 1}
 #: The bias test's groups: classes a supervised selector is trained on, and classes it never sees.
 #: Look-alikes stay together (Shirt with T-shirt; Sandal, Sneaker, Ankle boot together).
@@ -67,6 +78,9 @@ class SceneConfig:
         default_factory=lambda: {"black": 1.0, "texture": 1.0, "clutter": 1.0, "photo": 1.0}
     )
     photo_dim: float = 0.55  # photo crops are multiplied by this, so objects stay visible on them
+    #: on "faint" scenes an object's colour keeps this share of its difference from the mean background
+    #: under its box: its outline's gradient falls from ~14x the texture's to ~2x (docs/scenes.md)
+    faint_contrast: float = 0.15
     #: class-name groups each scene must hold an object of (the bias test set: one seen, one unseen)
     require: tuple[tuple[str, ...], ...] = ()
     seed: int = 0
@@ -90,6 +104,8 @@ class SceneConfig:
             raise ValueError(
                 f"require names {len(self.require)} groups but max_objects is {self.max_objects}"
             )
+        if not 0 < self.faint_contrast <= 1:
+            raise ValueError(f"need 0 < faint_contrast <= 1, got {self.faint_contrast}")
         if not 4 <= self.min_scale <= self.max_scale <= self.size:
             raise ValueError(
                 f"need 4 <= min_scale <= max_scale <= size, got {self.min_scale}, {self.max_scale}"
@@ -125,10 +141,8 @@ class Scene:
 def make_scene(cfg: SceneConfig, split: Split, index: int) -> Scene:
     """The scene `index` of `split`: the same on every call, process and machine."""
     rng = np.random.default_rng([cfg.seed, _SPLIT_CODES[split], index])
-    kinds = [k for k in BACKGROUNDS if cfg.backgrounds.get(k, 0) > 0]
-    weights = np.array([cfg.backgrounds[k] for k in kinds], dtype=float)
-    background = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
-    canvas = _BACKGROUND_MAKERS[background](rng, cfg)
+    background, canvas = _draw_background(rng, cfg)
+    ground = canvas.copy()  # the background alone: faint objects take their contrast against it
     images, labels = _fashion_mnist(split)
     boxes: list[tuple[int, int, int, int]] = []
     placed: list[tuple[int, np.ndarray]] = []  # (source index, alpha on the canvas)
@@ -151,6 +165,8 @@ def make_scene(cfg: SceneConfig, split: Split, index: int) -> Scene:
         tint = _bright_colour(rng)
         alpha, colour = _object_layer(images[source], side, tint)
         left, top, right, bottom = box
+        if background == "faint":
+            colour = _faint(colour, ground[top:bottom, left:right], cfg.faint_contrast)
         region = canvas[top:bottom, left:right]
         region[:] = (alpha[..., None] * colour + (1 - alpha[..., None]) * region).round()
         full = np.zeros((cfg.size, cfg.size), dtype=np.float32)
@@ -164,6 +180,21 @@ def make_scene(cfg: SceneConfig, split: Split, index: int) -> Scene:
         covered |= alpha > 0.5
         objects.append(SceneObject(int(labels[source]), source, box, mask))
     return Scene(canvas.astype(np.uint8), background, tuple(reversed(objects)))
+
+
+def scene_background(cfg: SceneConfig, split: Split, index: int) -> np.ndarray:
+    """The canvas of scene `index` before its objects are drawn: (size, size, 3) float32, distractors
+    included. Where no object's box reaches, the scene's pixels are these values rounded down."""
+    rng = np.random.default_rng([cfg.seed, _SPLIT_CODES[split], index])
+    return _draw_background(rng, cfg)[1]
+
+
+def _draw_background(rng: np.random.Generator, cfg: SceneConfig) -> tuple[str, np.ndarray]:
+    """The scene's background kind, drawn by the weights, and its canvas: the first draws of a scene."""
+    kinds = [k for k in BACKGROUNDS if cfg.backgrounds.get(k, 0) > 0]
+    weights = np.array([cfg.backgrounds[k] for k in kinds], dtype=float)
+    background = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
+    return background, _BACKGROUND_MAKERS[background](rng, cfg)
 
 
 def _place(
@@ -201,6 +232,14 @@ def _object_layer(source: np.ndarray, side: int, tint: np.ndarray) -> tuple[np.n
     alpha = np.clip(grey / 0.15, 0, 1)  # Fashion-MNIST's background is 0; faint edges fade in
     shade = 0.45 + 0.55 * grey  # keeps the garment's own texture, never black
     return alpha, shade[..., None] * tint
+
+
+def _faint(colour: np.ndarray, ground: np.ndarray, contrast: float) -> np.ndarray:
+    """An object's colour pulled towards the mean of the background under it, keeping `contrast` of
+    the difference: still opaque (its mask is unchanged), but its outline barely stronger than the
+    texture's own edges."""
+    mean = ground.mean(axis=(0, 1))
+    return mean + contrast * (colour - mean)
 
 
 def _bright_colour(rng: np.random.Generator) -> np.ndarray:
@@ -241,12 +280,118 @@ def _clutter(rng: np.random.Generator, cfg: SceneConfig) -> np.ndarray:
 
 
 def _photo(rng: np.random.Generator, cfg: SceneConfig) -> np.ndarray:
-    """A crop of a natural photograph at a random scale, dimmed by `photo_dim`."""
-    photo = _random_crop(rng, _photo_image(PHOTOS[rng.integers(len(PHOTOS))]), cfg.size)
+    """A crop of a natural photograph at a random scale, from one of its object-free regions
+    (`PHOTO_REGIONS`), dimmed by `photo_dim`."""
+    name = PHOTOS[rng.integers(len(PHOTOS))]
+    regions = PHOTO_REGIONS[name]
+    left, top, right, bottom = regions[rng.integers(len(regions))]
+    photo = _random_crop(rng, _photo_image(name)[top:bottom, left:right], cfg.size)
     return photo * cfg.photo_dim
 
 
-_BACKGROUND_MAKERS = {"black": _black, "texture": _texture, "clutter": _clutter, "photo": _photo}
+def _shapes(rng: np.random.Generator, cfg: SceneConfig) -> np.ndarray:
+    """2-5 distractors on a dark ground: polygons, ellipses and glyphs, filled or outlined, at the
+    objects' scale and tinted and shaded as objects are, so their edges look like objects' edges; they
+    belong to no class and have no mask (they are background). Objects are drawn over them."""
+    canvas = np.empty((cfg.size, cfg.size, 3), dtype=np.float32)
+    canvas[:] = rng.uniform(0, 40, size=3)  # flat, like black's: only the distractors add edges
+    for _ in range(int(rng.integers(2, 6))):
+        side = int(rng.integers(cfg.min_scale, cfg.max_scale + 1))
+        alpha = _distractor_alpha(rng, side)
+        colour = _smooth_shade(rng, side)[..., None] * _bright_colour(rng)
+        left, top = (int(v) for v in rng.integers(0, cfg.size - side + 1, size=2))
+        region = canvas[top : top + side, left : left + side]
+        region[:] = (alpha[..., None] * colour + (1 - alpha[..., None]) * region).round()
+    return canvas
+
+
+def _faint_objects(rng: np.random.Generator, cfg: SceneConfig) -> np.ndarray:
+    """The texture kind's background; make_scene draws the objects on it at `faint_contrast`."""
+    return _texture(rng, cfg)
+
+
+_BACKGROUND_MAKERS = {
+    "black": _black,
+    "texture": _texture,
+    "clutter": _clutter,
+    "photo": _photo,
+    "shapes": _shapes,
+    "faint": _faint_objects,
+}
+
+#: Distractor outlines are drawn this many times larger, then box-filtered down: soft edges 1-2 px
+#: wide, as the objects' bilinear resize gives theirs (hard-edged shapes would be easy to tell apart).
+_SUPERSAMPLE = 4
+#: Glyphs as strokes in a unit box (x right, y down): letter-like edges, no Fashion-MNIST class, and no
+#: font file (a font could draw differently on another machine or Pillow version).
+_GLYPHS: tuple[tuple[tuple[tuple[float, float], ...], ...], ...] = (
+    (((0, 1), (0.5, 0), (1, 1)), ((0.2, 0.6), (0.8, 0.6))),  # A
+    (((1, 0), (0, 0), (0, 1), (1, 1)), ((0, 0.5), (0.75, 0.5))),  # E
+    (((0, 0), (0, 1)), ((1, 0), (1, 1)), ((0, 0.5), (1, 0.5))),  # H
+    (((0, 0), (0, 1)), ((1, 0), (0, 0.55), (1, 1))),  # K
+    (((0, 1), (0, 0), (0.5, 0.6), (1, 0), (1, 1)),),  # M
+    (((0, 1), (0, 0), (1, 1), (1, 0)),),  # N
+    (((0, 0), (1, 0)), ((0.5, 0), (0.5, 1))),  # T
+    (((0, 0), (0.25, 1), (0.5, 0.4), (0.75, 1), (1, 0)),),  # W
+    (((0, 0), (1, 1)), ((1, 0), (0, 1))),  # X
+    (((0, 0), (0.5, 0.5), (1, 0)), ((0.5, 0.5), (0.5, 1))),  # Y
+    (((0, 0), (1, 0), (0, 1), (1, 1)),),  # Z
+    (((0.7, 1), (0.7, 0), (0, 0.65), (1, 0.65)),),  # 4
+)
+
+
+def _distractor_alpha(rng: np.random.Generator, side: int) -> np.ndarray:
+    """One distractor's opacity, (side, side) float32 in [0, 1], spanning most of its box: a polygon,
+    an ellipse (each filled or outlined) or a glyph, with strokes 2-3 px wide."""
+    big = side * _SUPERSAMPLE
+    image = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(image)
+    width = int(rng.integers(2, 4)) * _SUPERSAMPLE
+    kind = int(rng.integers(5))
+    if kind < 2:  # a polygon, filled or outlined
+        points = _polygon(rng, big, width)
+        if kind == 0:
+            draw.polygon(points, fill=255)
+        else:
+            draw.line([*points, points[0]], fill=255, width=width, joint="curve")
+    elif kind < 4:  # an ellipse, filled or a ring
+        radii = (big - width) / 2 * np.array([1.0, rng.uniform(0.5, 1.0)])
+        rx, ry = rng.permutation(radii)  # one axis spans the box, the other half of it or more
+        box = (big / 2 - rx, big / 2 - ry, big / 2 + rx, big / 2 + ry)
+        draw.ellipse(box, fill=255 if kind == 2 else None, outline=255, width=width)
+    else:
+        for stroke in _glyph(rng, big, width):
+            draw.line(stroke, fill=255, width=width, joint="curve")
+    return np.asarray(image.resize((side, side), Image.BOX), dtype=np.float32) / 255
+
+
+def _polygon(rng: np.random.Generator, big: int, width: int) -> list[tuple[float, float]]:
+    """3-7 vertices around the box's centre, evenly spread in angle with jitter and at 75-100% of the
+    box's half-side from it: never a sliver, never much smaller than the box."""
+    count = int(rng.integers(3, 8))
+    angles = (
+        rng.uniform(0, 2 * np.pi) + 2 * np.pi * (np.arange(count) + rng.uniform(-0.3, 0.3, count)) / count
+    )
+    radii = (big - width) / 2 * rng.uniform(0.75, 1.0, count)
+    return [(big / 2 + r * np.cos(a), big / 2 + r * np.sin(a)) for r, a in zip(radii, angles, strict=True)]
+
+
+def _glyph(rng: np.random.Generator, big: int, width: int) -> list[list[tuple[float, float]]]:
+    """A random glyph's strokes in pixels: full height, 60-100% of the box wide, centred."""
+    strokes = _GLYPHS[rng.integers(len(_GLYPHS))]
+    margin = width / 2 + 1
+    glyph_width = (big - 2 * margin) * rng.uniform(0.6, 1.0)
+    left = (big - glyph_width) / 2
+    return [
+        [(left + x * glyph_width, margin + y * (big - 2 * margin)) for x, y in stroke] for stroke in strokes
+    ]
+
+
+def _smooth_shade(rng: np.random.Generator, side: int) -> np.ndarray:
+    """A slowly varying shade in [0.45, 1], (side, side): the objects' shades span that range too, so a
+    distractor's inside is no flatter than a garment's."""
+    coarse = Image.fromarray(rng.uniform(0.45, 1.0, size=(3, 3)).astype(np.float32))
+    return np.asarray(coarse.resize((side, side), Image.BILINEAR), dtype=np.float32)
 
 
 def _random_crop(rng: np.random.Generator, image: np.ndarray, size: int) -> np.ndarray:

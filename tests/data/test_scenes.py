@@ -1,4 +1,6 @@
-"""The scene generator: deterministic, masks and labels that match the objects drawn, splits kept apart."""
+"""The scene generator: deterministic, masks and labels that match the objects drawn, splits kept apart,
+and background kinds whose edges do not give the objects away (distractors, faint objects, photo crops
+free of unlabelled objects)."""
 
 import hashlib
 import subprocess
@@ -13,32 +15,38 @@ from PIL import Image
 
 import ltrp
 from ltrp.core.mae import GEOMETRIES, random_visible
+from ltrp.data import scenes
 from ltrp.data.datasets import FASHION_MNIST_CLASSES, read_fashion_mnist
 from ltrp.data.images import to_model_input
 from ltrp.data.scenes import (
     BACKGROUNDS,
+    PHOTO_REGIONS,
     SHIPPED_MAE,
     SceneConfig,
     make_scene,
     read_object_masks,
+    scene_background,
     write_scenes,
 )
 from ltrp.data.sources import plan_corpus
 
 _DIGEST = (
-    "import hashlib; from ltrp.data.scenes import SceneConfig, make_scene\n"
+    "import hashlib; from ltrp.data.scenes import BACKGROUNDS, SceneConfig, make_scene\n"
     "h = hashlib.sha256()\n"
-    "for i in range(12):\n"
-    "    s = make_scene(SceneConfig(), 'train', i); h.update(s.image.tobytes())\n"
+    "cfgs = [SceneConfig()] * 12 + [SceneConfig(backgrounds={k: 1}) for k in BACKGROUNDS for _ in range(3)]\n"
+    "for i, cfg in enumerate(cfgs):\n"
+    "    s = make_scene(cfg, 'train', i); h.update(s.image.tobytes())\n"
     "    [h.update(o.mask.tobytes()) for o in s.objects]\n"
     "print(h.hexdigest())"
 )
 
 
 def test_scenes_are_the_same_in_another_process() -> None:
+    """Every kind, the new ones included, draws the same pixels and masks in a fresh interpreter."""
     here = hashlib.sha256()
-    for i in range(12):
-        scene = make_scene(SceneConfig(), "train", i)
+    cfgs = [SceneConfig()] * 12 + [SceneConfig(backgrounds={k: 1}) for k in BACKGROUNDS for _ in range(3)]
+    for i, cfg in enumerate(cfgs):
+        scene = make_scene(cfg, "train", i)
         here.update(scene.image.tobytes())
         for o in scene.objects:
             here.update(o.mask.tobytes())
@@ -49,13 +57,16 @@ def test_scenes_are_the_same_in_another_process() -> None:
     )
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
-def test_masks_and_labels_are_the_objects_of_the_scenes_split(split: str) -> None:
+@pytest.mark.parametrize(
+    ("split", "kind"), [("train", None), ("test", None), ("test", "shapes"), ("train", "faint")]
+)
+def test_masks_and_labels_are_the_objects_of_the_scenes_split(split: str, kind: str | None) -> None:
     """Each object's mask is its own Fashion-MNIST image (from the scene's split) drawn into its box,
-    less what later objects cover; its class is that image's label."""
+    less what later objects cover; its class is that image's label. Distractors under the objects and
+    faint colours leave the masks as they are."""
     images, labels = read_fashion_mnist(split)
     other_images, _ = read_fashion_mnist("test" if split == "train" else "train")
-    cfg = SceneConfig()
+    cfg = SceneConfig() if kind is None else SceneConfig(backgrounds={kind: 1.0})
     checked = 0
     for index in range(40):
         scene = make_scene(cfg, split, index)
@@ -80,8 +91,12 @@ def test_masks_and_labels_are_the_objects_of_the_scenes_split(split: str) -> Non
 
 
 def _shape(source: np.ndarray, side: int) -> np.ndarray:
+    return _opacity(source, side) > 0.5  # where the object is more than half opaque
+
+
+def _opacity(source: np.ndarray, side: int) -> np.ndarray:
     grey = np.asarray(Image.fromarray(source).resize((side, side), Image.BILINEAR), dtype=np.float32) / 255
-    return grey > 0.075  # where the object is more than half opaque
+    return np.clip(grey / 0.15, 0, 1)
 
 
 def test_on_black_the_masks_are_the_bright_pixels() -> None:
@@ -98,13 +113,122 @@ def test_on_black_the_masks_are_the_bright_pixels() -> None:
 
 
 def test_every_background_kind_occurs_and_weights_select_them() -> None:
+    """The default mix is the four kinds the shipped MAE was trained on; weights select any kind."""
     kinds = {make_scene(SceneConfig(), "train", i).background for i in range(40)}
-    assert kinds == set(BACKGROUNDS)
-    assert {make_scene(SceneConfig(backgrounds={"photo": 1}), "train", i).background for i in range(10)} == {
-        "photo"
-    }
+    assert kinds == {"black", "texture", "clutter", "photo"}
+    every = SceneConfig(backgrounds=dict.fromkeys(BACKGROUNDS, 1.0))
+    assert {make_scene(every, "train", i).background for i in range(60)} == set(BACKGROUNDS)
+    for kind in ("photo", "shapes", "faint"):
+        chosen = SceneConfig(backgrounds={kind: 1})
+        assert {make_scene(chosen, "train", i).background for i in range(10)} == {kind}
     with pytest.raises(ValueError, match="unknown kind"):
         SceneConfig(backgrounds={"sky": 1.0})
+    with pytest.raises(ValueError, match="faint_contrast"):
+        SceneConfig(faint_contrast=0.0)
+
+
+def test_the_report_order_has_every_kind_and_ends_with_black() -> None:
+    """Per-kind results lead with the kinds whose edges mislead; a new kind must be given a place."""
+    from ltrp.evaluation.scene_eval import KIND_ORDER
+
+    assert sorted(KIND_ORDER) == sorted(BACKGROUNDS)
+    assert KIND_ORDER[0] == "shapes" and KIND_ORDER[-1] == "black"
+
+
+def test_objects_hide_the_distractors_under_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same scenes drawn with the distractors blanked out (the same random draws, so the same
+    objects): equal wherever an object is opaque and on top, different elsewhere in some scenes."""
+    cfg = SceneConfig(backgrounds={"shapes": 1.0})
+    images, _ = read_fashion_mnist("test")
+    real = [make_scene(cfg, "test", i) for i in range(20)]
+    shapes = scenes._BACKGROUND_MAKERS["shapes"]
+    monkeypatch.setitem(scenes._BACKGROUND_MAKERS, "shapes", lambda rng, c: 0 * shapes(rng, c))
+    differ = 0
+    for i, scene in enumerate(real):
+        blank = make_scene(cfg, "test", i)
+        assert [o.box for o in blank.objects] == [o.box for o in scene.objects]
+        for obj in scene.objects:
+            left, top, right, bottom = obj.box
+            opaque = np.zeros_like(obj.mask)
+            opaque[top:bottom, left:right] = _opacity(images[obj.source_index], right - left) >= 1
+            on_top = obj.mask & opaque
+            assert on_top.sum() > 0
+            assert np.array_equal(scene.image[on_top], blank.image[on_top])
+        differ += not np.array_equal(scene.image, blank.image)
+    assert differ == len(real)  # every shapes scene has distractors
+
+
+def test_distractors_span_object_scale_and_take_edge_energy_off_the_objects() -> None:
+    """Each distractor spans most of a box of the objects' size; on shapes scenes a large share of the
+    per-patch variance (what an edge detector ranks by) lies in patches with no object pixel, on black
+    none does."""
+    rng = np.random.default_rng(0)
+    cfg = SceneConfig()
+    for _ in range(60):
+        side = int(rng.integers(cfg.min_scale, cfg.max_scale + 1))
+        rows, cols = np.nonzero(scenes._distractor_alpha(rng, side) > 0.5)
+        extent = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
+        assert side // 2 <= extent <= side, (side, extent)
+    shares = {kind: _variance_off_objects(kind) for kind in ("black", "shapes")}
+    assert shares["black"] < 0.01 and shares["shapes"] > 0.25, shares
+
+
+def _variance_off_objects(kind: str) -> float:
+    """The mean share of a scene's summed 4-px patch variance that lies in patches no object touches."""
+    cfg = SceneConfig(backgrounds={kind: 1.0})
+    shares = []
+    for index in range(30):
+        scene = make_scene(cfg, "test", index)
+        grid = cfg.size // 4
+        variance = scene.image.astype(float).reshape(grid, 4, grid, 4, 3).var(axis=(1, 3)).sum(-1)
+        union = np.any([o.mask for o in scene.objects], axis=0).reshape(grid, 4, grid, 4).any(axis=(1, 3))
+        shares.append(variance[~union].sum() / variance.sum())
+    return float(np.mean(shares))
+
+
+def test_faint_objects_keep_the_set_share_of_the_texture_objects_contrast() -> None:
+    """Faint and texture scenes of one index share background and objects; inside the masks, the faint
+    objects differ from the background by about faint_contrast times as much, yet more than the
+    texture varies by itself."""
+    faint, texture = SceneConfig(backgrounds={"faint": 1.0}), SceneConfig(backgrounds={"texture": 1.0})
+    contrasts: dict[str, list[float]] = {"faint": [], "texture": []}
+    texture_spread = []
+    for index in range(30):
+        ground = scene_background(faint, "test", index)
+        assert np.array_equal(ground, scene_background(texture, "test", index))
+        texture_spread.append(np.abs(ground - ground.mean(axis=(0, 1))).mean())
+        for name, cfg in (("faint", faint), ("texture", texture)):
+            scene = make_scene(cfg, "test", index)
+            union = np.any([o.mask for o in scene.objects], axis=0)
+            contrasts[name].append(np.abs(scene.image[union] - ground[union]).mean())
+    ratio = np.mean(contrasts["faint"]) / np.mean(contrasts["texture"])
+    assert 0.5 * faint.faint_contrast < ratio < 1.5 * faint.faint_contrast, ratio
+    assert np.mean(contrasts["faint"]) > 2 * np.mean(texture_spread)
+
+
+def test_photo_crops_come_only_from_the_object_free_regions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With each photo replaced by white inside its listed regions and black outside, every photo
+    scene's background is the dimmed white: no crop reaches outside a region."""
+    real = scenes._photo_image
+    assert not {"astronaut", "chelsea", "coins", "hubble_deep_field"} & set(PHOTO_REGIONS)
+    cfg = SceneConfig(backgrounds={"photo": 1.0})
+
+    def regions_only(name: str) -> np.ndarray:
+        height, width = real(name).shape[:2]
+        out = np.zeros((height, width, 3), dtype=np.uint8)
+        for left, top, right, bottom in PHOTO_REGIONS[name]:
+            assert 0 <= left < right <= width and 0 <= top < bottom <= height, name
+            assert min(right - left, bottom - top) >= cfg.size, name  # room for a crop of the full size
+            out[top:bottom, left:right] = 255
+        return out
+
+    monkeypatch.setattr(scenes, "_photo_image", regions_only)
+    for index in range(60):
+        scene = make_scene(cfg, "test", index)
+        outside = np.ones((cfg.size, cfg.size), dtype=bool)
+        for left, top, right, bottom in (o.box for o in scene.objects):
+            outside[top:bottom, left:right] = False
+        assert (scene.image[outside] == int(255 * cfg.photo_dim)).all(), index
 
 
 def test_required_groups_each_have_an_object_in_every_scene() -> None:
