@@ -32,13 +32,33 @@ def split_half_oracles(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Two independent oracles of `ids` from the first and second half of the cover rounds: their
     agreement is the oracle's own reliability (the most any cheap score can reach, at half its rounds)."""
-    rounds = int(pc.max(cover_table.column("view")).as_py()) // sets_per_round + 1
+    rounds = cover_rounds(cover_table, sets_per_round)
     if rounds < 2:
         raise ValueError("a split-half oracle needs a cover table of at least 2 rounds")
     round_of = pc.divide(pc.cast(cover_table.column("view"), pa.int32()), sets_per_round)
     first = cover_table.filter(pc.less(round_of, rounds // 2))
     second = cover_table.filter(pc.greater_equal(round_of, rounds // 2))
     return oracle(first, num_patches, ids), oracle(second, num_patches, ids)
+
+
+def cover_rounds(cover_table: pa.Table, sets_per_round: int) -> int:
+    """The rounds of a cover table: its "view" numbers its visible sets, round r's from r * sets_per_round
+    (`ltrp.core.masking.cover_sets`)."""
+    return int(pc.max(cover_table.column("view")).as_py()) // sets_per_round + 1
+
+
+def sets_per_round(cover_table: pa.Table, num_patches: int) -> int:
+    """ceil(L / n): the disjoint visible sets of n that cover L positions once (one round)."""
+    return -(-num_patches // len(cover_table.column("visible")[0]))
+
+
+def spearman_brown(half: float, factor: float = 2.0) -> float:
+    """The agreement predicted at `factor` times the rounds from `half`, the agreement of two oracles
+    of one half each: factor * r / (1 + (factor - 1) * r). Derived for correlations of sums (Pearson);
+    on a Kendall tau it is indicative, not exact. NaN where it is undefined (halves in full disagreement
+    at factor 2: no reliability to predict from)."""
+    denominator = 1 + (factor - 1) * half
+    return factor * half / denominator if denominator else float("nan")
 
 
 def tau(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:

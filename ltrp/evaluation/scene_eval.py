@@ -7,6 +7,10 @@ Primary measures, fixed before any result was seen (docs/evaluation.md), on held
   against random (whose gap is ~0 by construction), paired per scene (closer to 0 is better; positive:
   the selector favours the seen classes); every scene of the bias test set holds both groups;
 - background share: the fraction of kept patches with no object pixel (lower is better).
+Beside them, at the primary ratio: the ranker minus each edge baseline per background kind, paired
+per scene (edges mislead on some kinds and single out the objects on black); the ranker's share of the
+oracle's gain over random; the oracle's split-half reliability; and, for rankers of the same recipe
+trained with other seeds, their object recall and its spread over seeds.
 Secondary: multi-label mAP of a probe fine-tuned from the MAE's encoder on each selector's kept tokens
 (several seeds; intervals over seeds and scenes); agreement with the full-coverage oracle over all L
 positions (Kendall tau, NDCG@k); reconstruction error (a diagnostic only: the MAE was trained on
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,12 +48,24 @@ from ltrp.data.datasets import FASHION_MNIST_CLASSES
 from ltrp.data.images import center_crop, to_model_input
 from ltrp.data.scenes import SEEN_CLASSES, UNSEEN_CLASSES, unpack_mask
 from ltrp.data.sources import read_many
+from ltrp.evaluation import fidelity
 from ltrp.evaluation.measures import Estimate, metric_key
 from ltrp.evaluation.objects import ImageObjects, ObjectMeasures, difference_in_differences, measure
 from ltrp.evaluation.protocol import interval, reconstruction_error, score_all
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # images (B, 3, S, S) -> (B, L), higher = keep
 PRIMARY_RATIO = 0.25
+#: The row of the per-kind tables that holds every scene.
+POOLED = "pooled"
+#: Background kinds in report order: first those whose edges mislead an edge detector, black (where
+#: edges single out the objects, so edge baselines win by construction) last as a floor.
+KIND_ORDER = ("shapes", "clutter", "faint", "photo", "texture", "black")
+#: Selectors the ranker is paired with per background kind, on object recall at the primary ratio.
+KIND_COMPARED = ("variance", "gradient", "folk_rcom", "center", "random", "oracle")
+#: The edge baselines of the goal: the seed-mean ranker is paired with them too.
+EDGE_BASELINES = ("variance", "gradient", "folk_rcom")
+#: The ranker averaged over its training seeds (the main one and `seed_rankers`), per scene.
+SEED_MEAN = "ltrp_seed_mean"
 
 
 @dataclass
@@ -125,6 +141,26 @@ def load_scene_set(manifest: str, size: int, patch_size: int, limit: int | None 
     )
 
 
+@dataclass(frozen=True)
+class SplitHalf:
+    """How well the oracle agrees with itself: oracles from the first and second half of its rounds."""
+
+    tau: Estimate  # Kendall tau between the halves' oracles over all L positions, mean over scenes
+    corrected: float  # Spearman-Brown prediction of tau.mean at all the rounds (indicative for a tau)
+    rounds: int  # rounds of the full oracle: the halves hold rounds // 2 and the rest
+
+
+@dataclass(frozen=True)
+class SeedSpread:
+    """The ranker's object recall at the primary ratio over its training seeds."""
+
+    per_seed: dict[str, float]  # ranker (ltrp, ltrp_seed1, ...) -> its mean over scenes
+    mean: Estimate  # per scene the seeds' average, then mean over scenes [95% interval over scenes]
+    low: float  # the lowest seed's mean
+    high: float  # the highest seed's mean
+    std: float  # standard deviation of the seeds' means (ddof 1)
+
+
 @dataclass
 class SceneEvaluation:
     selectors: list[str]
@@ -145,6 +181,14 @@ class SceneEvaluation:
     example_masks: list[list[np.ndarray]]
     example_keep: dict[str, np.ndarray]  # selector -> (G, k) kept at the primary ratio
     patch_size: int
+    # ranker (ltrp, and ltrp_seed_mean with seeds) -> kind (report order, then POOLED) -> selector ->
+    # ranker minus selector on object recall at the primary ratio, paired per scene
+    kind_paired: dict[str, dict[str, dict[str, Estimate]]] = field(default_factory=dict)
+    kind_scenes: dict[str, int] = field(default_factory=dict)  # kind (report order) -> test scenes
+    gain_share: dict[str, Estimate] = field(default_factory=dict)  # kind or POOLED -> (see gain_share)
+    split_half: SplitHalf | None = None  # None: no oracle, or one of a single round
+    seed_selectors: list[str] = field(default_factory=list)  # ltrp_seed1, ... (object recall only)
+    seed_spread: SeedSpread | None = None  # None: no seed rankers
 
 
 def evaluate_scenes(
@@ -155,6 +199,8 @@ def evaluate_scenes(
     oracle: np.ndarray | None,
     settings: SceneEvalSettings,
     progress: Callable[[str], None] = print,
+    seed_rankers: Sequence[Ranker] = (),
+    split_half: SplitHalf | None = None,
 ) -> SceneEvaluation:
     """Every selector on the held-out scenes `test` (with masks; each holds a seen and an unseen object).
 
@@ -165,6 +211,9 @@ def evaluate_scenes(
         test: the bias test scenes, with object masks.
         oracle: (N_test, L) the full-coverage oracle's position scores of `test`, or None.
         settings: keep ratios, class groups, probe settings, seeds.
+        seed_rankers: rankers of the same recipe trained with other seeds, measured on object recall
+            only (as ltrp_seed1, ...; probes for each would cost as much as the rest together).
+        split_half: the oracle's split-half reliability (`split_half_reliability`), reported as given.
     """
     if test.objects is None:
         raise ValueError("the scene evaluation needs object masks in the test manifest")
@@ -217,6 +266,12 @@ def evaluate_scenes(
                 test_scores[name].double(), torch.as_tensor(oracle, dtype=torch.float64)
             ).numpy()
 
+    main_recall = {r: objects["ltrp"][r].recall for r in settings.keep_ratios}
+    seed_recall = _seed_recalls(seed_rankers, main_recall, x_test, test, settings, progress)
+    seed_names = [n for n in seed_recall if n not in ("ltrp", SEED_MEAN)]
+    for name in [n for n in seed_recall if n != "ltrp"]:
+        per_image[name] = {metric_key("object_recall", r): v for r, v in seed_recall[name].items()}
+
     progress(f"probes: from the MAE encoder, on each selector's kept tokens, {settings.probe_seeds} seeds")
     probe_map: dict[str, list[float]] = {}
     for n in names:
@@ -231,7 +286,7 @@ def evaluate_scenes(
     estimates = {
         n: {k: interval(v[~np.isnan(v)], settings.resamples, seed) for k, v in per_image[n].items()}
         | estimates_probe.get(n, {})
-        for n in names
+        for n in per_image
     }
     paired = {
         n: {
@@ -260,13 +315,24 @@ def evaluate_scenes(
         for n in names
     }
     kinds = np.asarray(test.backgrounds)
+    recall = {n: primary[n].recall for n in names} | {n: v[figure_ratio] for n, v in seed_recall.items()}
     background_recall = {
-        n: {
-            str(b): interval(primary[n].recall[kinds == b], settings.resamples, seed)
-            for b in sorted(set(kinds))
-        }
-        for n in names
+        n: {str(b): interval(recall[n][kinds == b], settings.resamples, seed) for b in sorted(set(kinds))}
+        for n in recall
     }
+    rankers = {"ltrp": KIND_COMPARED} | ({SEED_MEAN: EDGE_BASELINES} if seed_recall else {})
+    kind_paired = {
+        ours: paired_by_kind(
+            recall[ours], {n: recall[n] for n in compared if n in recall}, kinds, settings.resamples, seed
+        )
+        for ours, compared in rankers.items()
+    }
+    shares = (
+        oracle_gain_share(recall["ltrp"], recall["random"], recall["oracle"], kinds, settings.resamples, seed)
+        if "oracle" in recall
+        else {}
+    )
+    seeds = {n: v[figure_ratio] for n, v in seed_recall.items() if n != SEED_MEAN}
     shown = list(range(min(settings.examples, len(test.pixels))))
     return SceneEvaluation(
         selectors=names,
@@ -287,6 +353,12 @@ def evaluate_scenes(
         example_masks=[test.masks[i] for i in shown] if test.masks else [[] for _ in shown],
         example_keep={n: keep_top(test_scores[n][shown], figure_ratio).numpy() for n in names},
         patch_size=p,
+        kind_paired=kind_paired,
+        kind_scenes={k: int(np.sum(kinds == k)) for k in kind_order(kinds)},
+        gain_share=shares,
+        split_half=split_half,
+        seed_selectors=seed_names,
+        seed_spread=seed_spread(seeds, settings.resamples, seed) if seeds else None,
     )
 
 
@@ -295,9 +367,136 @@ def primary_ratio(keep_ratios: Sequence[float]) -> float:
     return PRIMARY_RATIO if PRIMARY_RATIO in keep_ratios else keep_ratios[0]
 
 
+def _seed_recalls(
+    seed_rankers: Sequence[Ranker],
+    main: dict[float, np.ndarray],
+    x_test: torch.Tensor,
+    test: SceneSet,
+    settings: SceneEvalSettings,
+    progress: Callable[[str], None],
+) -> dict[str, dict[float, np.ndarray]]:
+    """Per-scene object recall at every keep ratio of the ranker ("ltrp", `main`), each seed ranker
+    (ltrp_seed1, ...) and the seed mean (SEED_MEAN, per scene); empty without seed rankers."""
+    if not seed_rankers:
+        return {}
+    recalls = {"ltrp": main}
+    for i, model in enumerate(seed_rankers, start=1):
+        progress(f"measuring ltrp_seed{i}")
+        scores = score_all(RankerScorer(model), x_test)
+        recalls[f"ltrp_seed{i}"] = {
+            r: measure(test.objects, keep_top(scores, r).numpy(), settings.seen, settings.unseen).recall
+            for r in settings.keep_ratios
+        }
+    mean = {r: seed_average([v[r] for v in recalls.values()]) for r in settings.keep_ratios}
+    return recalls | {SEED_MEAN: mean}
+
+
 def _paired(ltrp_values: np.ndarray, other: np.ndarray) -> np.ndarray:
     diff = ltrp_values - other
     return diff[~np.isnan(diff)]
+
+
+def kind_order(kinds: Iterable[str]) -> list[str]:
+    """The background kinds present, in report order: those of `KIND_ORDER` in its order, then any
+    other alphabetically (a generator may add kinds this module does not know)."""
+    present = set(kinds)
+    return [k for k in KIND_ORDER if k in present] + sorted(present - set(KIND_ORDER))
+
+
+def _kind_rows(kinds: Sequence[str] | np.ndarray) -> dict[str, np.ndarray]:
+    """Each background kind (in `kind_order`), then POOLED -> (N,) bool: the scenes it holds."""
+    kinds = np.asarray(kinds)
+    return {k: kinds == k for k in kind_order(kinds)} | {POOLED: np.ones(len(kinds), dtype=bool)}
+
+
+def paired_by_kind(
+    ours: np.ndarray, others: Mapping[str, np.ndarray], kinds: np.ndarray, resamples: int, seed: int
+) -> dict[str, dict[str, Estimate]]:
+    """Per background kind and pooled, `ours` minus each of `others`, paired per scene.
+
+    Args:
+        ours: (N,) a per-scene measure of the ranker (NaN: not measured on that scene).
+        others: selector -> (N,) the same measure on the same scenes.
+        kinds: (N,) each scene's background kind.
+        resamples: bootstrap resamples of each interval.
+        seed: the bootstrap's seed.
+
+    Returns:
+        kind (in `kind_order`, then POOLED) -> selector -> mean difference [95% bootstrap interval].
+    """
+    return {
+        kind: {n: interval(_paired(ours[rows], v[rows]), resamples, seed) for n, v in others.items()}
+        for kind, rows in _kind_rows(kinds).items()
+    }
+
+
+def gain_share(
+    ours: np.ndarray, random: np.ndarray, oracle: np.ndarray, resamples: int, seed: int
+) -> Estimate:
+    """The ranker's share of the oracle's gain over random, (ours - random) / (oracle - random) on the
+    means over scenes, and its 95% percentile-bootstrap interval (scenes resampled, ratio of means: a
+    ratio per scene would explode where the oracle barely beats random). Scenes with a NaN are left out.
+
+    Args:
+        ours, random, oracle: (N,) a per-scene measure of the ranker, random and the oracle.
+    """
+    values = np.stack([ours, random, oracle]).astype(np.float64)
+    values = values[:, ~np.isnan(values).any(axis=0)]
+
+    def share(means: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (means[0] - means[1]) / (means[2] - means[1])
+
+    point = float(share(values.mean(axis=1)))
+    n = values.shape[1]
+    if n < 2:
+        return Estimate(point, point, point)
+    draws = share(values[:, np.random.default_rng(seed).integers(n, size=(resamples, n))].mean(axis=2))
+    lo, hi = np.nanpercentile(draws, [2.5, 97.5])
+    return Estimate(point, float(lo), float(hi))
+
+
+def oracle_gain_share(
+    ours: np.ndarray, random: np.ndarray, oracle: np.ndarray, kinds: np.ndarray, resamples: int, seed: int
+) -> dict[str, Estimate]:
+    """`gain_share` per background kind (in `kind_order`) and POOLED over all scenes."""
+    return {
+        kind: gain_share(ours[rows], random[rows], oracle[rows], resamples, seed)
+        for kind, rows in _kind_rows(kinds).items()
+    }
+
+
+def seed_average(recalls: Sequence[np.ndarray]) -> np.ndarray:
+    """(N,) per scene, the mean over the seeds' (N,) values: what the seed-mean ranker is paired on."""
+    return np.mean(np.stack(recalls), axis=0)
+
+
+def seed_spread(recalls: Mapping[str, np.ndarray], resamples: int, seed: int) -> SeedSpread:
+    """Each seed's mean over scenes, their spread, and the seed-mean ranker's mean and interval.
+
+    Args:
+        recalls: ranker -> (N,) its per-scene object recall at the primary ratio, at least 2 rankers.
+    """
+    per_seed = {n: float(np.nanmean(v)) for n, v in recalls.items()}
+    mean = seed_average(list(recalls.values()))
+    values = np.array(list(per_seed.values()))
+    return SeedSpread(
+        per_seed=per_seed,
+        mean=interval(mean[~np.isnan(mean)], resamples, seed),
+        low=float(values.min()),
+        high=float(values.max()),
+        std=float(values.std(ddof=1)),
+    )
+
+
+def split_half_reliability(
+    first: np.ndarray, second: np.ndarray, rounds: int, resamples: int, seed: int
+) -> SplitHalf:
+    """The oracle's split-half reliability from the (N, L) oracles of the two halves of its rounds
+    (`fidelity.split_half_oracles`): their Kendall tau per scene over all positions, and its
+    Spearman-Brown prediction at all the rounds."""
+    tau = interval(fidelity.tau(first, second), resamples, seed)
+    return SplitHalf(tau=tau, corrected=fidelity.spearman_brown(tau.mean), rounds=rounds)
 
 
 def _supervised_selector(

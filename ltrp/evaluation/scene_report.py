@@ -1,9 +1,12 @@
-"""The scene evaluation's report: a verdict, the primary results first, then the rest; three PNGs."""
+"""The scene evaluation's report: a verdict, the primary results first, then the rest; three PNGs; and
+its figures as numbers (`figures`, for estimates.json)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -15,11 +18,31 @@ from skimage.segmentation import find_boundaries
 
 from ltrp.evaluation.measures import Estimate, direction, metric_key
 from ltrp.evaluation.report import DROPPED_TINT, dim_dropped
-from ltrp.evaluation.scene_eval import SceneEvaluation, primary_ratio
+from ltrp.evaluation.scene_eval import (
+    EDGE_BASELINES,
+    POOLED,
+    SEED_MEAN,
+    SceneEvaluation,
+    kind_order,
+    primary_ratio,
+)
 
 REPORT, CURVES, CLASSES, KEPT = "report.md", "measures_vs_keep.png", "class_recall.png", "kept_patches.png"
 #: Baselines the ranker is expected to beat on object recall if the method works (issue 13).
 EXPECTED_BEATEN = ("random", "center", "variance", "gradient", "folk_rcom")
+#: The goal's share of the oracle's gain over random that the ranker keeps (issue 28).
+GOAL_SHARE = 0.9
+#: The background kind where edges single out the objects: the goal exempts it (a floor, not a test).
+FLOOR_KIND = "black"
+
+
+@dataclass(frozen=True)
+class Clause:
+    """One clause of the goal and whether the figures show it."""
+
+    key: str  # its name in estimates.json
+    holds: bool | None  # None: the intervals cannot tell, or the figures to judge it are missing
+    text: str  # the clause, and the figures behind the answer
 
 
 def _cell(e: Estimate | None, digits: int = 3) -> str:
@@ -90,15 +113,114 @@ def verdict(result: SceneEvaluation) -> str:
             )
             + "."
         )
-    return " ".join(text)
+    clauses = "\n".join(f"- **{_answer(c.holds)}**: {c.text}" for c in goal(result))
+    return " ".join(text) + "\n\nAgainst the goal, clause by clause:\n\n" + clauses
 
 
 def _gap_reading(ours: Estimate, theirs: Estimate, paired: Estimate) -> str:
-    if abs(ours.mean) < abs(theirs.mean) and (paired.lo > 0 or paired.hi < 0):
-        return "the ranker's gap is smaller"
-    if abs(ours.mean) > abs(theirs.mean) and (paired.lo > 0 or paired.hi < 0):
-        return "the ranker's gap is larger"
-    return "the two gaps cannot be told apart"
+    smaller = _gap_smaller(ours, theirs, paired)
+    if smaller is None:
+        return "the two gaps cannot be told apart"
+    return "the ranker's gap is smaller" if smaller else "the ranker's gap is larger"
+
+
+def _gap_smaller(ours: Estimate, theirs: Estimate, paired: Estimate) -> bool | None:
+    """Whether the ranker's bias gap is closer to 0 than the other's; None when the paired interval
+    (ranker's gap minus the other's) includes 0."""
+    if paired.lo <= 0 <= paired.hi or abs(ours.mean) == abs(theirs.mean):
+        return None
+    return abs(ours.mean) < abs(theirs.mean)
+
+
+def _seed_mean_name(result: SceneEvaluation) -> str:
+    return f"the mean of the ranker's {len(result.seed_selectors) + 1} training seeds"
+
+
+def _answer(holds: bool | None) -> str:
+    return {True: "holds", False: "does not hold", None: "not shown"}[holds]
+
+
+def goal(result: SceneEvaluation) -> list[Clause]:
+    """The goal of issue 28, clause by clause, judged from the paired intervals: on every background
+    kind except black the ranker beats variance, gradient and FOLK on object recall at the primary
+    ratio; pooled it beats them too; it keeps at least 90% of its oracle's gain over random; its bias
+    gap stays below the supervised selector's. With seed models, the first two for the seed mean too."""
+    rankers = {"ltrp": ("the ranker", "")}
+    if SEED_MEAN in result.kind_paired:
+        rankers[SEED_MEAN] = (_seed_mean_name(result), "_seed_mean")
+    clauses = []
+    for ranker, (who, suffix) in rankers.items():
+        clauses += [
+            _edges_per_kind(result, ranker, who, "edges_per_kind" + suffix),
+            _edges_pooled(result, ranker, who, "edges_pooled" + suffix),
+        ]
+    return [*clauses, _gain_clause(result), _bias_clause(result)]
+
+
+def _edges_per_kind(result: SceneEvaluation, ranker: str, who: str, key: str) -> Clause:
+    per_kind = result.kind_paired.get(ranker, {})
+    kinds = [k for k in per_kind if k not in (POOLED, FLOOR_KIND)]
+    text = (
+        f"on every background kind except {FLOOR_KIND}, {who} beats variance, gradient and FOLK on object "
+        f"recall at {_pct(_primary_ratio(result))} keep, paired 95% intervals excluding 0"
+    )
+    if not kinds:
+        return Clause(key, None, f"{text}: no scenes of a kind other than {FLOOR_KIND}.")
+    misses = _not_beaten(per_kind, kinds)
+    found = f" ({', '.join(kinds)})" + (f": not on {'; '.join(misses)}" if misses else "")
+    return Clause(key, not misses, text + found + ".")
+
+
+def _edges_pooled(result: SceneEvaluation, ranker: str, who: str, key: str) -> Clause:
+    pooled = result.kind_paired.get(ranker, {}).get(POOLED)
+    text = f"pooled over every kind, {who} beats them too"
+    if pooled is None:
+        return Clause(key, None, f"{text}: not measured.")
+    misses = _not_beaten({POOLED: pooled}, [POOLED])
+    cells = ", ".join(f"{b} {_cell(pooled.get(b))}" for b in EDGE_BASELINES)
+    return Clause(key, not misses, f"{text} ({cells}).")
+
+
+def _not_beaten(per_kind: Mapping[str, Mapping[str, Estimate]], kinds: Sequence[str]) -> list[str]:
+    """ "kind (baseline diff, ...)" for each kind where an edge baseline's paired interval does not
+    exclude 0 in the ranker's favour (a baseline not measured counts as not beaten)."""
+    misses = []
+    for kind in kinds:
+        lost = [
+            f"{b} {_cell(per_kind[kind].get(b))}"
+            for b in EDGE_BASELINES
+            if per_kind[kind].get(b) is None or per_kind[kind][b].lo <= 0
+        ]
+        if lost:
+            misses.append(f"{kind} ({', '.join(lost)})")
+    return misses
+
+
+def _gain_clause(result: SceneEvaluation) -> Clause:
+    share = result.gain_share.get(POOLED)
+    text = f"it keeps at least {GOAL_SHARE:.0%} of its oracle's gain over random (pooled)"
+    if share is None:
+        return Clause("oracle_gain_share", None, f"{text}: no oracle was evaluated.")
+    holds = True if share.lo >= GOAL_SHARE else False if share.hi < GOAL_SHARE else None
+    why = {True: "", False: "", None: f"; the interval includes {GOAL_SHARE:.0%}"}[holds]
+    return Clause("oracle_gain_share", holds, f"{text}: it keeps {_share(share)}{why}.")
+
+
+def _bias_clause(result: SceneEvaluation) -> Clause:
+    r = _primary_ratio(result)
+    ours, theirs = result.bias_did["ltrp"][r], result.bias_did.get("supervised", {}).get(r)
+    paired = result.paired.get("supervised", {}).get(metric_key("bias_gap", r))
+    text = "its bias gap (against random's) stays below the supervised selector's"
+    if theirs is None or paired is None:
+        return Clause("bias_gap_below_supervised", None, f"{text}: no supervised selector was evaluated.")
+    holds = _gap_smaller(ours, theirs, paired)
+    figures = f"{_cell(ours)} against {_cell(theirs)}, paired difference {_cell(paired)}"
+    why = "; the paired interval includes 0" if holds is None else ""
+    return Clause("bias_gap_below_supervised", holds, f"{text}: {figures}{why}.")
+
+
+def _share(e: Estimate) -> str:
+    return f"{e.mean:.0%} [{e.lo:.0%}, {e.hi:.0%}]"
 
 
 def _names(names: list[str]) -> str:
@@ -127,6 +249,7 @@ def markdown(result: SceneEvaluation, title: str, provenance: Mapping[str, str])
         "| background share (lower is better) |",
         "| --- | --- | --- | --- |",
     ]
+    lines += _seed_headline(result)
     for s in result.selectors:
         lines.append(
             f"| {s} | {_cell(est[s].get(metric_key('object_recall', r)))} | {_cell(result.bias_did[s][r])} "
@@ -148,13 +271,14 @@ def markdown(result: SceneEvaluation, title: str, provenance: Mapping[str, str])
             _cell(diffs.get(metric_key(m, r))) for m in ("object_recall", "background_share", "bias_gap")
         ]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines += _kind_paired(result, r) + _gain_shares(result, r) + _reliability(result)
     for m in ("object_recall", "background_share"):
         lines += ["", f"## {m.replace('_', ' ')} at every keep ratio ({direction(m)})", ""]
         lines += ["| selector | " + " | ".join(f"keep {_pct(x)}" for x in ratios) + " |"]
         lines += ["| --- |" + " --- |" * len(ratios)]
+        rows = result.selectors + (_seed_rows(result) if m == "object_recall" else [])
         lines += [
-            f"| {s} | " + " | ".join(_cell(est[s].get(metric_key(m, x))) for x in ratios) + " |"
-            for s in result.selectors
+            f"| {s} | " + " | ".join(_cell(est[s].get(metric_key(m, x))) for x in ratios) + " |" for s in rows
         ]
     lines += ["", "## bias gap minus random's at every keep ratio (closer to 0 is better)", ""]
     lines += [
@@ -172,6 +296,120 @@ def markdown(result: SceneEvaluation, title: str, provenance: Mapping[str, str])
     lines += [f"![measures against keep ratio]({CURVES})", "", f"![per-class recall]({CLASSES})", ""]
     lines += [f"![kept patches]({KEPT})", ""]
     return "\n".join(lines)
+
+
+def _seed_rows(result: SceneEvaluation) -> list[str]:
+    """The seed rankers' rows (object recall only), then the seed mean's; none without seed models."""
+    return [*result.seed_selectors, SEED_MEAN] if result.seed_selectors else []
+
+
+def _seed_headline(result: SceneEvaluation) -> list[str]:
+    """The primary table's headline row: the ranker's object recall as the mean over its training seeds,
+    each seed's figure and their spread (no row without seed models)."""
+    spread = result.seed_spread
+    if spread is None:
+        return []
+    seeds = ", ".join(f"{n} {v:.3f}" for n, v in spread.per_seed.items())
+    return [
+        f"| ltrp, mean of {len(spread.per_seed)} training seeds | {_cell(spread.mean)} (per seed: {seeds}; "
+        f"min-max {spread.low:.3f}-{spread.high:.3f}, std {spread.std:.3f}) | not measured | not measured |"
+    ]
+
+
+def _kind_paired(result: SceneEvaluation, r: float) -> list[str]:
+    """Per background kind and pooled, the ranker (and the seed mean) minus each baseline on object
+    recall, paired per scene: the kinds whose edges mislead first, black last as a floor."""
+    lines = []
+    for ranker, per_kind in result.kind_paired.items():
+        who = "the ranker" if ranker == "ltrp" else _seed_mean_name(result)
+        compared = list(next(iter(per_kind.values())))
+        lines += [
+            "",
+            f"## Object recall at {_pct(r)} keep per background kind: {who} minus each baseline, paired",
+            "",
+            "Per scene, "
+            + ("the mean of the seeds' recalls" if ranker == SEED_MEAN else "the ranker's recall")
+            + " minus the baseline's on the same scene; mean over the kind's scenes [95% bootstrap "
+            "interval]. Kinds whose edges mislead an edge detector come first; on black, edges single out "
+            "the objects, so it is a floor, not a test.",
+            "",
+            "| background | scenes | " + " | ".join(compared) + " |",
+            "| --- | --- |" + " --- |" * len(compared),
+        ]
+        for kind, diffs in per_kind.items():
+            scenes = result.kind_scenes.get(kind, result.test_images)
+            lines.append(f"| {kind} | {scenes} | " + " | ".join(_cell(diffs.get(n)) for n in compared) + " |")
+    return lines
+
+
+def _gain_shares(result: SceneEvaluation, r: float) -> list[str]:
+    """The ranker's share of the oracle's gain over random, per kind and pooled (none without an oracle)."""
+    if not result.gain_share:
+        return []
+    key = metric_key("object_recall", r)
+    lines = [
+        "",
+        f"## The ranker's share of the oracle's gain over random (object recall, {_pct(r)} keep)",
+        "",
+        "(ranker - random) / (oracle - random) on the mean recalls over the kind's scenes [95% bootstrap "
+        f"interval, scenes resampled]; the goal is at least {GOAL_SHARE:.0%}.",
+        "",
+        "| background | ranker | random | oracle | share of the gain |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for kind, share in result.gain_share.items():
+        means = [
+            result.estimates[s][key] if kind == POOLED else result.background_recall[s].get(kind)
+            for s in ("ltrp", "random", "oracle")
+        ]
+        lines.append(f"| {kind} | " + " | ".join(_short(m) for m in means) + f" | {_share(share)} |")
+    return lines
+
+
+def _reliability(result: SceneEvaluation) -> list[str]:
+    """The oracle's split-half reliability, or why it is missing (none without an oracle)."""
+    if "oracle" not in result.selectors:
+        return []
+    half = result.split_half
+    if half is None:
+        text = (
+            "Not measured: the score tables do not hold two or more rounds of the full-coverage oracle. "
+            "Score with `python -m jobs.score --cover R`, R >= 2, to see how much the oracle agrees with "
+            "itself."
+        )
+    else:
+        text = (
+            f"The oracle averages {half.rounds} rounds of disjoint visible sets. Oracles built from rounds "
+            f"1-{half.rounds // 2} and {half.rounds // 2 + 1}-{half.rounds} agree at Kendall tau "
+            f"{_cell(half.tau)} over all positions (mean over scenes, higher is more reliable); "
+            f"Spearman-Brown predicts {half.corrected:.3f} for all {half.rounds} rounds (a correction "
+            "derived for linear correlations: indicative for a tau). Agreement with the oracle (oracle tau "
+            "below) cannot exceed what the oracle shares with itself."
+        )
+    return ["", "## The oracle's split-half reliability", "", text]
+
+
+def figures(result: SceneEvaluation) -> dict[str, Any]:
+    """The report's figures beyond each selector's estimates, as numbers (estimates.json holds them
+    beside the selectors): per-kind recall and paired differences, the oracle's gain share and
+    split-half reliability, the seed spread, and the goal's clauses (true, false, or null: not shown)."""
+    out: dict[str, Any] = {
+        "recall_by_background": _asdicts(result.background_recall),
+        "paired_by_background": {n: _asdicts(v) for n, v in result.kind_paired.items()},
+        "background_scenes": result.kind_scenes,
+        "goal": {c.key: c.holds for c in goal(result)},
+    }
+    if result.gain_share:
+        out["oracle_gain_share"] = {k: asdict(e) for k, e in result.gain_share.items()}
+    if result.split_half:
+        out["oracle_split_half"] = asdict(result.split_half)
+    if result.seed_spread:
+        out["seed_spread"] = asdict(result.seed_spread)
+    return out
+
+
+def _asdicts(table: Mapping[str, Mapping[str, Estimate]]) -> dict[str, dict[str, dict[str, float]]]:
+    return {a: {b: asdict(e) for b, e in row.items()} for a, row in table.items()}
 
 
 def _secondary(result: SceneEvaluation, r: float) -> list[str]:
@@ -208,10 +446,10 @@ def _breakdowns(result: SceneEvaluation, r: float) -> list[str]:
     lines += ["| --- |" + " --- |" * len(classes)]
     for s in result.selectors:
         lines.append(f"| {s} | " + " | ".join(_short(result.class_recall[s].get(c)) for c in classes) + " |")
-    kinds = sorted({k for per in result.background_recall.values() for k in per})
+    kinds = kind_order(k for per in result.background_recall.values() for k in per)
     lines += ["", f"## Object recall per background kind at {_pct(r)} keep (higher is better)", ""]
     lines += ["| selector | " + " | ".join(kinds) + " |", "| --- |" + " --- |" * len(kinds)]
-    for s in result.selectors:
+    for s in result.selectors + _seed_rows(result):
         lines.append(
             f"| {s} | " + " | ".join(_cell(result.background_recall[s].get(k)) for k in kinds) + " |"
         )

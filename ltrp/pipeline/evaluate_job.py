@@ -1,11 +1,13 @@
 """The evaluation job: a ranker (file or MLflow registry) against the baselines, reported and tracked.
 
 Output under OUTPUT (local or s3://): report.md, its PNGs and estimates.json (every scorer's mean and
-interval per measure). Scenes with object masks get the scene evaluation (object recall, bias gap,
-probes: ltrp.evaluation.scene_eval); other labelled images the classification one. The same files
-are logged to an MLflow run (experiment ltrp-evaluate), and when the ranker came from the registry, the
-ranker's figures and its paired differences from random are attached to its model version as tags (see
-`ltrp.evaluation.measures`), which is what promotion compares.
+interval per measure; for scenes also the report's per-kind, oracle and seed figures:
+`ltrp.evaluation.scene_report.figures`). Scenes with object masks get the scene evaluation (object
+recall, bias gap, probes: ltrp.evaluation.scene_eval), with --seed-models measured beside the ranker;
+other labelled images the classification one. The same files are logged to an MLflow run (experiment
+ltrp-evaluate), and when the ranker came from the registry, the ranker's figures and its paired
+differences from random are attached to its model version as tags (see `ltrp.evaluation.measures`),
+which is what promotion compares, with the seed-mean figures where there are seed models.
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ from ltrp.evaluation.measures import TAG_PREFIX, metric_key, to_tags, vs_random
 from ltrp.evaluation.protocol import EvalSettings, EvaluationResult, evaluate, load_labelled, pseudo_scores
 from ltrp.evaluation.report import write_report
 from ltrp.evaluation.scene_eval import (
+    SEED_MEAN,
     SceneEvalSettings,
     SceneEvaluation,
+    SplitHalf,
     evaluate_scenes,
     load_scene_set,
     primary_ratio,
+    split_half_reliability,
 )
 from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import EvaluateConfig, InputError, checking_inputs
@@ -78,10 +83,11 @@ def run(cfg: EvaluateConfig, progress=print) -> EvaluateSummary:
     torch.manual_seed(cfg.seed)
     with checking_inputs():  # everything the measures need, before they start
         ranker, version = load_ranker_ref(cfg.model)
+        seeds = [load_ranker_ref(uri)[0] for uri in cfg.seed_models]
         mae = load_mae(cfg.mae)
-        _check_agree(cfg, ranker, mae)
+        _check_agree(cfg, ranker, seeds, mae)
     evaluation = _evaluate_scenes if has_masks(cfg.test_source) else _evaluate_labelled
-    result, write = evaluation(cfg, ranker, mae, progress)
+    result, write = evaluation(cfg, ranker, seeds, mae, progress)
 
     mlflow.set_experiment("ltrp-evaluate")
     with mlflow.start_run(run_name=f"evaluate {cfg.model}") as run, tempfile.TemporaryDirectory() as tmp:
@@ -89,10 +95,12 @@ def run(cfg: EvaluateConfig, progress=print) -> EvaluateSummary:
         mlflow.set_tags({"eval.dataset": result.dataset, "output_uri": cfg.output, "model_uri": cfg.model})
         mlflow.log_metrics(
             {f"{s}.{k}": e.mean for s, keys in result.estimates.items() for k, e in keys.items()}
+            | _seed_metrics(result)
         )
         folder = Path(tmp)
         provenance = {
             "model": cfg.model,
+            **({"seed models": ", ".join(cfg.seed_models)} if cfg.seed_models else {}),
             "MAE": f"{cfg.mae} (sha256 {mae.checkpoint.sha256})",
             "score tables": ", ".join(cfg.scores),
             "test source": cfg.test_source,
@@ -101,6 +109,8 @@ def run(cfg: EvaluateConfig, progress=print) -> EvaluateSummary:
         }
         paths = write(result, folder, f"Evaluation of {cfg.model}", provenance)
         estimates = {s: {k: asdict(e) for k, e in keys.items()} for s, keys in result.estimates.items()}
+        if isinstance(result, SceneEvaluation):
+            estimates |= scene_report.figures(result)
         (folder / "estimates.json").write_text(json.dumps(estimates, indent=1))
         for path in [*paths, folder / "estimates.json"]:
             mlflow.log_artifact(str(path))
@@ -108,20 +118,23 @@ def run(cfg: EvaluateConfig, progress=print) -> EvaluateSummary:
         fs.makedirs(root, exist_ok=True)
         fs.put([str(p) for p in folder.iterdir()], root.rstrip("/") + "/")
         if version is not None:
-            _tag_version(version, result, run.info.run_id, cfg.output)
+            _tag_version(version, result, run.info.run_id, cfg.output, cfg.seed_models)
     return EvaluateSummary(result, run.info.run_id)
 
 
 Writer = Callable[[Any, Path, str, dict], list[Path]]
 
 
-def _check_agree(cfg: EvaluateConfig, ranker: Ranker, mae: MAE) -> None:
-    """The ranker ranks the MAE's patch grid, and every score table was scored by that MAE."""
-    if ranker.cfg.num_patches != mae.cfg.num_patches:
-        raise InputError(
-            f"--model {cfg.model} ranks {ranker.cfg.num_patches} patches, --mae {cfg.mae} has "
-            f"{mae.cfg.num_patches}: evaluate a ranker of the MAE's grid"
-        )
+def _check_agree(cfg: EvaluateConfig, ranker: Ranker, seeds: list[Ranker], mae: MAE) -> None:
+    """The rankers rank the MAE's patch grid, and every score table was scored by that MAE."""
+    rankers = [("--model", cfg.model, ranker)]
+    rankers += [("--seed-models", uri, m) for uri, m in zip(cfg.seed_models, seeds, strict=True)]
+    for option, uri, model in rankers:
+        if model.cfg.num_patches != mae.cfg.num_patches:
+            raise InputError(
+                f"{option} {uri} ranks {model.cfg.num_patches} patches, --mae {cfg.mae} has "
+                f"{mae.cfg.num_patches}: evaluate a ranker of the MAE's grid"
+            )
     for uri in cfg.scores:
         scored_by = read_job_metadata(uri).get("mae_sha256")
         if scored_by not in (None, mae.checkpoint.sha256):
@@ -137,9 +150,16 @@ def headline(result: EvaluationResult | SceneEvaluation) -> str:
         r = primary_ratio(result.keep_ratios)
         recall = {s: result.estimates[s][metric_key("object_recall", r)] for s in ("ltrp", "random")}
         did = result.bias_did["ltrp"][r]
+        spread = result.seed_spread
+        seeds = (
+            f"; over {len(spread.per_seed)} training seeds {spread.mean.mean:.3f} (min-max "
+            f"{spread.low:.3f}-{spread.high:.3f}, std {spread.std:.3f})"
+            if spread
+            else ""
+        )
         return (
             f"at {round(100 * r)}% keep, object recall {recall['ltrp'].mean:.3f} (random "
-            f"{recall['random'].mean:.3f}); bias gap minus random's {did.mean:+.3f} "
+            f"{recall['random'].mean:.3f}){seeds}; bias gap minus random's {did.mean:+.3f} "
             f"[{did.lo:+.3f}, {did.hi:+.3f}]"
         )
     r = result.figure_ratio
@@ -160,9 +180,14 @@ def has_masks(source: str) -> bool:
 
 
 def _evaluate_labelled(
-    cfg: EvaluateConfig, ranker: Ranker, mae: MAE, progress: Callable[[str], None]
+    cfg: EvaluateConfig, ranker: Ranker, seeds: list[Ranker], mae: MAE, progress: Callable[[str], None]
 ) -> tuple[EvaluationResult, Writer]:
     with checking_inputs():
+        if seeds:  # they are measured on object recall, which needs masks
+            raise InputError(
+                f"--seed-models: measured on scenes with object masks only, and --test-source "
+                f"{cfg.test_source} has none"
+            )
         size = mae.cfg.img_size
         train, classes, skipped = load_labelled(cfg.train_source, size, limit=cfg.max_train)
         test, _, test_skipped = load_labelled(cfg.test_source, size, classes, limit=cfg.max_test)
@@ -178,14 +203,14 @@ def _evaluate_labelled(
 
 
 def _evaluate_scenes(
-    cfg: EvaluateConfig, ranker: Ranker, mae: MAE, progress: Callable[[str], None]
+    cfg: EvaluateConfig, ranker: Ranker, seeds: list[Ranker], mae: MAE, progress: Callable[[str], None]
 ) -> tuple[SceneEvaluation, Writer]:
     with checking_inputs():
         size, p = mae.cfg.img_size, mae.cfg.patch_size
         train = load_scene_set(cfg.train_source, size, p, limit=cfg.max_train)
         test = load_scene_set(cfg.test_source, size, p, limit=cfg.max_test)
         table = pa.concat_tables(
-            [read_scores(uri, columns=["image_id", "visible", "scores"]) for uri in cfg.scores]
+            [read_scores(uri, columns=["image_id", "view", "visible", "scores"]) for uri in cfg.scores]
         )
         try:
             oracle = fidelity.oracle(table, mae.cfg.num_patches, test.image_ids)
@@ -195,8 +220,22 @@ def _evaluate_scenes(
                 "with python -m jobs.score --cover R"
             ) from None
     progress(f"evaluating on {len(test.pixels)} held-out scenes, {len(train.pixels)} training scenes")
-    result = evaluate_scenes(ranker, mae, train, test, oracle, scene_settings(cfg), progress)
+    reliability = _split_half(table, mae.cfg.num_patches, test.image_ids, cfg)
+    result = evaluate_scenes(
+        ranker, mae, train, test, oracle, scene_settings(cfg), progress, seeds, split_half=reliability
+    )
     return result, scene_report.write_report
+
+
+def _split_half(table: pa.Table, num_patches: int, ids: list[str], cfg: EvaluateConfig) -> SplitHalf | None:
+    """The oracle's split-half reliability, or None when its tables hold one round only (or are not laid
+    out in rounds, so that a half leaves a position unscored)."""
+    sets = fidelity.sets_per_round(table, num_patches)
+    try:
+        first, second = fidelity.split_half_oracles(table, num_patches, ids, sets)
+    except ValueError:  # the full oracle exists (checked up front); the report says why halves do not
+        return None
+    return split_half_reliability(first, second, fidelity.cover_rounds(table, sets), cfg.resamples, cfg.seed)
 
 
 def scene_settings(cfg: EvaluateConfig) -> SceneEvalSettings:
@@ -213,11 +252,26 @@ def scene_settings(cfg: EvaluateConfig) -> SceneEvalSettings:
     )
 
 
+def _seed_metrics(result: EvaluationResult | SceneEvaluation) -> dict[str, float]:
+    """The spread of the ranker's object recall over its training seeds, at the primary ratio, as
+    MLflow metrics (each seed's and the seed mean's figures are among the estimates)."""
+    spread = getattr(result, "seed_spread", None)
+    if spread is None:
+        return {}
+    key = f"seed_spread.{metric_key('object_recall', primary_ratio(result.keep_ratios))}"
+    return {f"{key}.min": spread.low, f"{key}.max": spread.high, f"{key}.std": spread.std}
+
+
 def _tag_version(
-    version: ModelVersion, result: EvaluationResult | SceneEvaluation, run_id: str, output: str
+    version: ModelVersion,
+    result: EvaluationResult | SceneEvaluation,
+    run_id: str,
+    output: str,
+    seed_models: tuple[str, ...],
 ) -> None:
     """The ranker's figures, and its paired difference from random (the promotion floor), as tags of
-    its model version; a re-evaluation replaces the whole record."""
+    its model version, with the seed-mean ranker's object recall and its spread where seed models were
+    measured; a re-evaluation replaces the whole record."""
     tags = {
         **to_tags(result.estimates["ltrp"]),
         **to_tags({vs_random(k): e for k, e in result.paired["random"].items()}),
@@ -225,6 +279,10 @@ def _tag_version(
         f"{TAG_PREFIX}dataset": result.dataset,
         f"{TAG_PREFIX}report": output.rstrip("/") + "/report.md",
     }
+    if seed_models:
+        tags |= to_tags({f"seed_mean.{k}": e for k, e in result.estimates[SEED_MEAN].items()})
+        tags |= {TAG_PREFIX + k: f"{v:.6g}" for k, v in _seed_metrics(result).items()}
+        tags[f"{TAG_PREFIX}seed_models"] = ",".join(seed_models)
     client = MlflowClient()
     # Keys it no longer produces (another keep ratio) would otherwise stay and be read by promotion as
     # measured on this eval.dataset.

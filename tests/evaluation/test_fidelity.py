@@ -35,6 +35,16 @@ def test_split_half_oracles_come_from_disjoint_rounds() -> None:
         fidelity.split_half_oracles(COVER.slice(0, 2), 4, ["a"], sets_per_round=2)
 
 
+def test_rounds_sets_per_round_and_the_spearman_brown_prediction() -> None:
+    assert fidelity.sets_per_round(COVER, 4) == 2
+    assert fidelity.sets_per_round(COVER, 5) == 3  # the last set topped up
+    assert fidelity.cover_rounds(COVER, 2) == 2 and fidelity.cover_rounds(COVER.slice(0, 2), 2) == 1
+    assert fidelity.spearman_brown(0.5) == pytest.approx(2 / 3)
+    assert fidelity.spearman_brown(0.5, factor=3) == pytest.approx(0.75)
+    assert fidelity.spearman_brown(1.0) == pytest.approx(1.0)
+    assert np.isnan(fidelity.spearman_brown(-1.0))
+
+
 def test_an_image_not_fully_covered_is_refused() -> None:
     with pytest.raises(ValueError, match="lack a score"):
         fidelity.oracle(COVER.slice(0, 1), 4, ["a"])

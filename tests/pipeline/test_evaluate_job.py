@@ -23,7 +23,7 @@ from ltrp.evaluation.measures import KEEP_RATIOS, from_tags
 from ltrp.evaluation.promotion import Policy
 from ltrp.evaluation.report import CURVES, KEPT, REPORT
 from ltrp.pipeline import evaluate_job
-from ltrp.pipeline.configs import EvaluateConfig, InputError
+from ltrp.pipeline.configs import ConfigError, EvaluateConfig, InputError
 from ltrp.pipeline.registry import register_ranker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +32,21 @@ ROOT = Path(__file__).resolve().parents[2]
 def ranker_checkpoint(path: Path, cfg: RankerConfig) -> Path:
     torch.save({"model": Ranker(cfg).state_dict(), "ranker_config": asdict(cfg)}, path)
     return path
+
+
+def test_seed_models_take_the_forms_of_model() -> None:
+    given = {
+        "model": "models:/r/1",
+        "mae": "m.pth",
+        "scores": ("s",),
+        "train_source": "a",
+        "test_source": "b",
+    }
+    cfg = EvaluateConfig(**given, seed_models=("models:/r/2", "models:/r@seed3", "runs/state.pt"))
+    assert cfg.seed_models == ("models:/r/2", "models:/r@seed3", "runs/state.pt")
+    for bad in ("models:/r", "models:/r/2/3"):
+        with pytest.raises(ConfigError, match=f"--seed-models: expected models:/NAME/VERSION.*{bad!r}"):
+            EvaluateConfig(**given, seed_models=("models:/r/2", bad))
 
 
 def test_job_refuses_a_bad_model_file_and_an_uncovered_table(tmp_path: Path) -> None:
@@ -62,8 +77,13 @@ def test_job_refuses_a_bad_model_file_and_an_uncovered_table(tmp_path: Path) -> 
         evaluate_job.run(replace(cfg, model=str(good)))
     job.write_text(json.dumps({"fingerprint": []}))
     other_grid = replace(SMALL_RANKER, img_size=SMALL_RANKER.img_size * 2)
+    grid = str(ranker_checkpoint(tmp_path / "grid.pt", other_grid))
     with pytest.raises(InputError, match=r"ranks \d+ patches, --mae .* has \d+"):
-        evaluate_job.run(replace(cfg, model=str(ranker_checkpoint(tmp_path / "grid.pt", other_grid))))
+        evaluate_job.run(replace(cfg, model=grid))
+    with pytest.raises(InputError, match=rf"--seed-models {grid} ranks \d+ patches"):
+        evaluate_job.run(replace(cfg, model=str(good), seed_models=(str(good), grid)))
+    with pytest.raises(InputError, match="--seed-models: measured on scenes with object masks only"):
+        evaluate_job.run(replace(cfg, model=str(good), seed_models=(str(good),)))
     with pytest.raises(ValueError, match="no held-out image has an unflipped central-square row") as err:
         evaluate_job.run(replace(cfg, model=str(good)))
     assert str(table) in str(err.value)
@@ -179,10 +199,12 @@ def _cover_table(root: Path, manifest: Path, mae: ltrp.MAE, rounds: int) -> Path
 @pytest.mark.slow
 def test_scene_evaluation_reports_object_recall_and_the_bias_gap(job_in_process: Path) -> None:
     """A scene manifest with masks as --test-source: the scene evaluation, its report and figures; the
-    oracle from a --cover table; a table that does not cover every position is refused up front."""
+    oracle from a 2-round --cover table, and its split-half reliability; a seed model (the same
+    checkpoint again: no spread); a table that does not cover every position is refused up front."""
     tmp_path = job_in_process
     from ltrp.data.scenes import SEEN_CLASSES, UNSEEN_CLASSES, SceneConfig, write_scenes
     from ltrp.evaluation import scene_report
+    from ltrp.evaluation.scene_eval import load_scene_set
 
     train = write_scenes(tmp_path / "train", "train", 40)
     test = write_scenes(tmp_path / "test", "test", 12, SceneConfig(require=(SEEN_CLASSES, UNSEEN_CLASSES)))
@@ -190,12 +212,12 @@ def test_scene_evaluation_reports_object_recall_and_the_bias_gap(job_in_process:
     torch.manual_seed(0)
     mae = ltrp.MAE(replace(SMALL_MAE, img_size=56)).eval()
     ltrp.save_mae(mae, str(tmp_path / "mae.pth"))
-    table = _cover_table(tmp_path / "cover", test, mae, rounds=1)
+    table = _cover_table(tmp_path / "cover", test, mae, rounds=2)
     ranker = ranker_checkpoint(tmp_path / "state.pt", replace(SMALL_RANKER, img_size=56))
     cfg = EvaluateConfig(
         model=str(ranker), mae=str(tmp_path / "mae.pth"), scores=(str(table),), train_source=str(train),
         test_source=str(test), output=str(tmp_path / "out"), keep_ratios=(0.1, 0.25), probe_seeds=2,
-        probe_epochs=1, supervised_epochs=1, resamples=50,
+        probe_epochs=1, supervised_epochs=1, resamples=50, seed_models=(str(ranker),),
     )  # fmt: skip
     summary = evaluate_job.run(cfg, progress=lambda _: None)
     result = summary.result
@@ -208,6 +230,14 @@ def test_scene_evaluation_reports_object_recall_and_the_bias_gap(job_in_process:
         assert 0 <= recall.lo <= recall.mean <= recall.hi <= 1
     assert result.bias_did["random"][0.25].mean == 0  # random against itself
     assert len(result.probe_map["ltrp"]) == 2 and "oracle" not in result.probe_map
+    assert result.seed_selectors == ["ltrp_seed1"] and "ltrp_seed1" not in result.probe_map
+    assert (
+        result.seed_spread.std == 0
+        and result.seed_spread.mean == result.estimates["ltrp"]["object_recall.keep25"]
+    )
+    assert result.split_half.rounds == 2 and -1 <= result.split_half.tau.mean <= 1
+    kinds = [k for k in result.kind_paired["ltrp"] if k != "pooled"]
+    assert sorted(kinds) == sorted(set(load_scene_set(str(test), 56, 4).backgrounds))
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [scene_report.REPORT, scene_report.CURVES, scene_report.CLASSES, scene_report.KEPT, "estimates.json"]
@@ -216,10 +246,20 @@ def test_scene_evaluation_reports_object_recall_and_the_bias_gap(job_in_process:
     assert (
         text.index("## Verdict") < text.index("## Primary results at 25% keep") < text.index("## Secondary")
     )
+    for section in ("Against the goal", "per background kind: the ranker minus", "share of the oracle's gain",
+                    "split-half reliability", "ltrp, mean of 2 training seeds"):  # fmt: skip
+        assert section in text, section
+    figures = json.loads((out / "estimates.json").read_text())
+    assert figures["ltrp_seed1"]["object_recall.keep10"] == figures["ltrp"]["object_recall.keep10"]
+    assert {"paired_by_background", "oracle_gain_share", "oracle_split_half", "seed_spread", "goal"} <= set(
+        figures
+    )
     assert (
         "(higher is better)" in text and "(closer to 0 is better)" in text and str(mae_sha(tmp_path)) in text
     )
-    partial = write_table(tmp_path / "partial", read_rows(table)[:-1])  # the last set of the last scene gone
+    rows = read_rows(table)
+    first_round = [row for row in rows if row["view"] < -(-mae.cfg.num_patches // len(rows[0]["visible"]))]
+    partial = write_table(tmp_path / "partial", first_round[:-1])  # the last set of the last scene gone
     with pytest.raises(InputError, match="not a full cover"):
         evaluate_job.run(replace(cfg, scores=(str(partial),), output=str(tmp_path / "out2")))
     assert not (tmp_path / "out2").exists()
