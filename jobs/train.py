@@ -6,11 +6,12 @@
         --model models:/ltrp-ranker --alias candidate
     python -m jobs.train --config jobs/pipeline.yaml --scores runs/pipeline/scores-train   # YAML; flags win
 
-Runs on a local Ray, or the cluster that RAY_ADDRESS names. Checkpoints every epoch go to STORAGE/NAME;
-running again with the same name and storage resumes from the last one, in the same MLflow run
-(MLFLOW_TRACKING_URI, default sqlite:///mlflow.db; experiment ltrp-train), to which rank 0 logs each
-epoch. The final model is registered as a new version of --model, tagged with the score table and MAE
-it learned from.
+Runs on a local Ray, or the cluster that RAY_ADDRESS names. A validation and a checkpoint every
+--validate-every epochs go to STORAGE/NAME; running again with the same name and storage resumes from
+the last one, in the same MLflow run (MLFLOW_TRACKING_URI, default sqlite:///mlflow.db; experiment
+ltrp-train), to which rank 0 logs each epoch. --patience stops the training when validation Kendall
+tau stops improving. The best epoch's ranker is registered as a new version of --model, tagged with
+the score table and MAE it learned from.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> TrainSummary:
     summary = run_job(train_job.run, cfg, PROG)
     print(
         f"trained {cfg.ranker} for {summary.epochs} epochs (this run started at epoch "
-        f"{summary.start_epoch}); "
+        f"{summary.start_epoch})"
+        + ("; stopped early (--patience)" if summary.stopped_early else "")
+        + f"; best validation at epoch {summary.best_epoch + 1}: "
         + ", ".join(f"{k} {v:.4f}" for k, v in summary.metrics.items())
         + f"; registered {summary.model} version {summary.version}"
         + (f" as @{summary.alias}" if summary.alias else "")

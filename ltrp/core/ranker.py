@@ -42,6 +42,10 @@ RANKER_GEOMETRIES: dict[str, RankerConfig] = {
     "ltrp_vit_scenes_tiny_patch4": RankerConfig(
         img_size=56, patch_size=4, embed_dim=48, depth=2, num_heads=3
     ),
+    # The encoder of the shipped scenes MAE ("mae_vit_scenes_patch4"): a ranker that can start from it.
+    "ltrp_vit_scenes_mae_patch4": RankerConfig(
+        img_size=56, patch_size=4, embed_dim=128, depth=4, num_heads=4
+    ),
 }
 
 
@@ -78,6 +82,32 @@ class Ranker(ViTEncoder):
             return self.head(out[:, 1:]).squeeze(-1)
         scores = self.head(out[:, 0])  # (B, L): one per position, from the CLS token alone
         return scores if visible is None else scores.gather(1, visible)
+
+
+def init_from_encoder(model: Ranker, encoder: dict[str, torch.Tensor]) -> None:
+    """Starts the ranker from a ViT encoder's weights (an MAE's, say): every backbone tensor is copied,
+    the head stays new. Strict: the encoder must have every backbone tensor at the same shape (the same
+    patch grid, width, depth and MLP), or nothing is copied.
+
+    Args:
+        encoder: a state dict with the MAE's encoder names (`patch_embed.*`, `cls_token`, `pos_embed`,
+            `blocks.{i}.*`, `norm.*`); other entries (a decoder's) are ignored.
+
+    Raises:
+        ValueError: naming the backbone tensors that are missing or of another shape.
+    """
+    backbone = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    missing = sorted(k for k in backbone if k not in encoder)
+    other = sorted(k for k in backbone if k in encoder and encoder[k].shape != backbone[k].shape)
+    if missing or other:
+        shapes = ", ".join(f"{k} {tuple(encoder[k].shape)} vs {tuple(backbone[k].shape)}" for k in other[:3])
+        raise ValueError(
+            f"the encoder does not fit the ranker's backbone ({model.cfg.embed_dim} wide, {model.cfg.depth} "
+            f"blocks, {model.cfg.grid}x{model.cfg.grid} patches): {len(missing)} tensor(s) missing"
+            + (f" (e.g. {missing[0]})" if missing else "")
+            + (f", {len(other)} of another shape: {shapes}" if other else "")
+        )
+    model.load_state_dict({**model.state_dict(), **{k: encoder[k] for k in backbone}})
 
 
 def scores_at(

@@ -30,6 +30,7 @@ from ltrp.core.options import (
     Crop,
     Device,
     Head,
+    Init,
     Loss,
     MAEGeometry,
     Metric,
@@ -169,11 +170,11 @@ def _registered_model(uri: str) -> None:
     _require(bool(REGISTERED_MODEL.match(uri)), "model", f"expected models:/NAME, got {uri!r}")
 
 
-def _model_version_or_file(uri: str) -> None:
-    """A ranker option: one registered version, or a checkpoint file."""
+def _model_version_or_file(uri: str, name: str = "model") -> None:
+    """A ranker option (`name`): one registered version, or a checkpoint file."""
     _require(
         bool(MODEL_VERSION.match(uri)) or not uri.startswith("models:/"),
-        "model",
+        name,
         f"expected models:/NAME/VERSION, models:/NAME@ALIAS or a checkpoint file, got {uri!r}",
     )
 
@@ -197,7 +198,7 @@ class ScoreConfig(_Checked):
     flip: bool = False  # mirror each view with probability 1/2
     mask_ratio: float = 0.9  # fraction of patches hidden from the MAE (0.9 keeps 19 of 196)
     seed: int = 0  # seed of crops, flips and visible sets
-    mode: Mode = "decoder"  # decoder: cut the patch out of the decoder (the paper); encoder: out of both
+    mode: Mode = "decoder"  # decoder: cut the patch out of the decoder (the paper); encoder: MAE-masked
     metric: Metric = "l1"  # distance between reconstructions: l1 (the paper) or l2
     precision: Precision = "fp32"  # scoring arithmetic; fp16/bf16 autocast need a GPU
     batch_size: int = execution_only(32)  # views per scoring call
@@ -307,6 +308,7 @@ class TrainConfig(_Checked):
     storage: str = "runs/train"  # checkpoints go to STORAGE/NAME (local or s3://)
     ranker: RankerGeometry = "ltrp_vit_small_patch16"  # ranker size and patch grid (small: the paper's)
     head: Head = "cls"  # cls: a Linear on the CLS token scores every position (the paper); token: per token
+    init: Init = "scratch"  # scratch, or mae: the backbone starts from the encoder of the table's MAE
     loss: Loss = "listmle"  # ranking loss (listmle: the paper's)
     training: Training = (
         "asymmetric"  # asymmetric: sees CLS + the n scored patches (the paper); symmetric: all L
@@ -322,6 +324,10 @@ class TrainConfig(_Checked):
     val_fraction: float = 0.1  # fraction of images (by id hash) held out for validation
     views: int | None = None  # train on views 0 .. N-1 of each image only (None: every view in the table)
     topk: int = 5  # k of NDCG@k and top-k overlap
+    validate_every: int = 1  # validate (and checkpoint) every N epochs, and after the last
+    patience: int | None = None  # stop after N validations without a better val_kendall_tau (None: never)
+    #: hold each worker's decoded views in memory across epochs when they fit in this many MiB (0: never)
+    cache_mib: int = 4096
     workers: int = 1  # DDP workers
     device: Device = "auto"  # auto: one GPU per worker when the cluster has GPUs (NCCL), else CPU (gloo)
     worker_cpus: float = 1.0  # CPUs reserved per worker
@@ -333,7 +339,8 @@ class TrainConfig(_Checked):
 
     def check(self) -> None:
         _at_least(self, 1, "epochs", "batch_size", "topk", "workers", "views", "threads")
-        _at_least(self, 0, "warmup_epochs", "max_failures", "weight_decay", "shuffle_buffer")
+        _at_least(self, 1, "validate_every", "patience")
+        _at_least(self, 0, "warmup_epochs", "max_failures", "weight_decay", "shuffle_buffer", "cache_mib")
         _positive(self, "lr", "worker_cpus")
         _require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         _registered_model(self.model)
@@ -349,6 +356,9 @@ class EvaluateConfig(_Checked):
     train_source: str  # labelled images that train the classifiers and the supervised selector
     test_source: str  # labelled held-out images (scored into --scores); a scene manifest with masks: scenes
     output: str = "runs/evaluate"  # folder or s3:// prefix for report.md, the PNGs and estimates.json
+    #: scenes: rankers of --model's recipe trained with other seeds (same forms as --model), measured on
+    #: object recall beside it (as ltrp_seed1, ...): the report gives the mean over seeds and its spread
+    seed_models: tuple[str, ...] = ()
     keep_ratios: tuple[float, ...] = KEEP_RATIOS  # fractions of patches kept
     seen_classes: tuple[str, ...] | None = None  # supervised selector's classes (None: scenes' or first half)
     unseen_classes: tuple[str, ...] | None = None  # scenes: the bias test's other group (None: scenes' own)
@@ -372,6 +382,8 @@ class EvaluateConfig(_Checked):
         for ratio in self.keep_ratios:
             _require(0.0 < ratio <= 1.0, "keep_ratios", f"each must be in (0, 1], got {ratio}")
         _model_version_or_file(self.model)
+        for uri in self.seed_models:
+            _model_version_or_file(uri, "seed_models")
 
 
 @dataclass

@@ -11,7 +11,7 @@ checkpoint every epoch under STORAGE/NAME; a failed worker group is restarted fr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -21,9 +21,10 @@ import ray.train
 import torch
 
 from ltrp.core.losses import LOSSES, listmle_per_row
-from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig, scores_at
+from ltrp.core.masking import visible_count
+from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig, init_from_encoder, scores_at
 from ltrp.core.ranking_metrics import kendall_tau, ndcg_at_k, spearman, topk_overlap
-from ltrp.data.checkpoints import load_ranker
+from ltrp.data.checkpoints import load_mae, load_ranker
 from ltrp.data.images import to_model_input
 from ltrp.data.tables import read_job_metadata
 from ltrp.pipeline import runtime, trainer
@@ -33,6 +34,8 @@ from ltrp.pipeline.trainer import Task, Worker, all_reduce_sum
 from ltrp.pipeline.training_data import split_counts, views_dataset
 
 EXPERIMENT = "ltrp-train"
+#: What early stopping watches and the registered checkpoint is the best of.
+MONITOR = "val_kendall_tau"
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,9 @@ class TrainSummary:
     alias: str | None  # the alias set on it
     epochs: int  # epochs the training has done in all
     start_epoch: int  # the epoch this launch started at (0: a new training, else resumed)
-    metrics: dict[str, float]  # the last epoch's validation metrics (val_*)
+    best_epoch: int  # the epoch of the registered weights: the best validation Kendall tau
+    stopped_early: bool  # whether --patience stopped the training before --epochs
+    metrics: dict[str, float]  # the registered epoch's validation metrics (val_*)
     mlflow_run_id: str  # the training's MLflow run (the same across re-launches)
 
 
@@ -57,7 +62,7 @@ def run(cfg: TrainConfig) -> TrainSummary:
         InputError: the score table is missing, or scores another patch grid than the ranker's, or
             holds no training views (before Ray starts or MLflow is touched).
     """
-    meta, train_views = check_inputs(cfg)
+    meta, train_views, val_views = check_inputs(cfg)
     name = registered_name(cfg.model)
     scores = trainer.absolute_uri(cfg.scores)
     with trainer.claimed(cfg.storage, cfg.name, "jobs.train", _inputs(cfg, meta, scores)) as lease:
@@ -65,16 +70,21 @@ def run(cfg: TrainConfig) -> TrainSummary:
         resume = trainer.resumed_run_id(cfg.storage, cfg.name)
         tags = {"score_table": scores, "ray_train_run": cfg.name}
         with trainer.mlflow_run(EXPERIMENT, f"train {cfg.name}", resume, asdict(cfg), tags) as active:
-            result = fit(cfg, train_views, mlflow.get_tracking_uri(), active.info.run_id)
-            final = {k: float(v) for k, v in result.metrics.items() if k.startswith("val_")}
+            result = fit(cfg, meta, train_views, val_views, mlflow.get_tracking_uri(), active.info.run_id)
+            checkpoint, best = trainer.best_checkpoint(result)
+            final = {k: float(v) for k, v in best.items() if k.startswith("val_")}
+            mlflow.set_tags(
+                {"best_epoch": int(best["epoch"]), "stopped_early": bool(best.get("stopped_early"))}
+            )
             lease.check()
             version = register_ranker(
-                load_ranker_checkpoint(result.checkpoint),
+                load_ranker_checkpoint(checkpoint),
                 name,
                 tags={
                     "score_table": scores,
                     "mae_sha256": meta["mae_sha256"],
                     "ray_train_run": cfg.name,
+                    "epoch": str(int(best["epoch"])),
                     **{k: f"{v:.6g}" for k, v in final.items()},
                 },
                 alias=cfg.alias,
@@ -85,6 +95,8 @@ def run(cfg: TrainConfig) -> TrainSummary:
         alias=cfg.alias,
         epochs=int(result.metrics["epoch"]) + 1,
         start_epoch=int(result.metrics["start_epoch"]),
+        best_epoch=int(best["epoch"]),
+        stopped_early=bool(result.metrics.get("stopped_early")),
         metrics=final,
         mlflow_run_id=active.info.run_id,
     )
@@ -94,16 +106,17 @@ def _inputs(cfg: TrainConfig, meta: dict, scores: str) -> dict:
     """What a training learns from and what it learns: a re-launch of its name must agree on these
     (more epochs, another batch size or learning rate may resume it)."""
     table = {k: meta.get(k) for k in meta.get("fingerprint", [])}  # what decides the table's scores
-    model = ("ranker", "head", "loss", "training", "val_fraction", "views", "seed")
+    model = ("ranker", "head", "init", "loss", "training", "val_fraction", "views", "seed")
     data = {"scores": scores, "score_table": table}
     return data | {k: getattr(cfg, k) for k in model}
 
 
-def check_inputs(cfg: TrainConfig) -> tuple[dict, int]:
-    """The score table's metadata and training views, refusing a table the ranker cannot learn from.
+def check_inputs(cfg: TrainConfig) -> tuple[dict, int, int]:
+    """The score table's metadata, training and validation views, refusing a table the ranker cannot
+    learn from, and an --init the ranker cannot start from.
 
     Raises:
-        InputError: naming --scores or --ranker.
+        InputError: naming --scores, --ranker or --init.
     """
     with checking_inputs():
         try:
@@ -125,7 +138,23 @@ def check_inputs(cfg: TrainConfig) -> tuple[dict, int]:
                 f"--scores {cfg.scores}: no views to train on ({val_views} views, all held out by "
                 f"--val-fraction {cfg.val_fraction})"
             )
-    return meta, train_views
+        if cfg.init == "mae":
+            try:
+                init_from_encoder(Ranker(ranker), initial_encoder(meta))
+            except ValueError as err:
+                raise InputError(f"--init mae: {err}; choose a --ranker of the MAE's geometry") from None
+    return meta, train_views, val_views
+
+
+def initial_encoder(meta: dict) -> dict[str, torch.Tensor]:
+    """The weights of the MAE that scored the table (--init mae), refused if that file changed since."""
+    mae = load_mae(meta["mae_uri"])
+    if mae.checkpoint.sha256 != meta["mae_sha256"]:
+        raise ValueError(
+            f"the table's MAE {meta['mae_uri']} changed since it scored the table (sha256 "
+            f"{mae.checkpoint.sha256[:12]}..., the table records {meta['mae_sha256'][:12]}...)"
+        )
+    return mae.state_dict()
 
 
 def ranker_config(cfg: TrainConfig) -> RankerConfig:
@@ -134,7 +163,7 @@ def ranker_config(cfg: TrainConfig) -> RankerConfig:
 
 # -- training -----------------------------------------------------------------------------------------
 def validate(
-    model: torch.nn.Module, shard: ray.data.DataIterator, cfg: TrainConfig, device: torch.device
+    model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], cfg: TrainConfig, device: torch.device
 ) -> dict[str, float]:
     """Mean ListMLE, Kendall tau, Spearman, NDCG@k and top-k overlap against the pseudo-scores, over
     every worker's validation views (all-reduced: every worker must call it). Twice: `val_*` with the
@@ -143,7 +172,7 @@ def validate(
     model.eval()
     sums = torch.zeros(2, 6, device=device)  # (sees, measure): listmle, tau, spearman, ndcg, overlap, count
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, device=device):
+        for batch in batches:
             images, visible, y = (
                 to_model_input(batch["image"]),
                 batch["visible"],
@@ -172,30 +201,62 @@ def validate(
     }
 
 
+class ShardViews:
+    """One worker's views of a split, as batches {"image": (B, S, S, 3) uint8, "visible": (B, n) int64,
+    "scores": (B, n) float32}: streamed from Ray Data every epoch, or, with `cached`, streamed once and
+    then served from the worker's memory. Replaying a view (read, decode, crop) costs more CPU than a
+    training step of the small rankers, and every epoch replays the same views."""
+
+    def __init__(self, shard: ray.data.DataIterator, cached: bool) -> None:
+        self.shard, self.cached = shard, cached
+        self.views: dict[str, torch.Tensor] | None = None  # (V, ...) each, once streamed
+
+    def batches(self, batch_size: int, device: torch.device, seed: int | None, buffer: int) -> Iterator[dict]:
+        """The epoch's batches; `seed` shuffles them (a local shuffle of `buffer` views when streamed,
+        a permutation of all the worker's views when cached), None keeps the table's order."""
+        if not self.cached:
+            shuffle = {"local_shuffle_buffer_size": buffer or None, "local_shuffle_seed": seed}
+            yield from self.shard.iter_torch_batches(
+                batch_size=batch_size, device=device, **(shuffle if seed is not None else {})
+            )
+            return
+        if self.views is None:
+            parts = list(self.shard.iter_torch_batches(batch_size=1024))
+            self.views = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        count = len(next(iter(self.views.values()), ()))
+        order = torch.arange(count)
+        if seed is not None:
+            order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+        for index in order.split(batch_size):
+            yield {k: v[index].to(device) for k, v in self.views.items()}
+
+
 class RankerTask(Task):
     """The ranker learns to order each view's visible patches as the MAE's pseudo-scores do, seeing
     those patches only (asymmetric) or all L (symmetric)."""
 
     unit = "views"
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, meta: dict, cached: dict[str, bool]) -> None:
+        self.cfg, self.meta, self.cached = cfg, meta, cached
 
     def build(self, worker: Worker) -> Ranker:
-        self.train_shard = ray.train.get_dataset_shard("train")
-        self.val_shard = ray.train.get_dataset_shard("val")
+        self.views = {
+            split: ShardViews(ray.train.get_dataset_shard(split), self.cached[split])
+            for split in ("train", "val")
+        }
         if self.cfg.threads and worker.device.type == "cpu":
             torch.set_num_threads(self.cfg.threads)
-        return Ranker(ranker_config(self.cfg))
+        model = Ranker(ranker_config(self.cfg))
+        if self.cfg.init == "mae":  # a resumed training then loads its checkpoint over these weights
+            init_from_encoder(model, initial_encoder(self.meta))
+        return model
 
     def batches(self, epoch: int, worker: Worker) -> Iterable[dict[str, torch.Tensor]]:
-        """{"image": (B, S, S, 3) uint8, "visible": (B, n) int64, "scores": (B, n) float32} on the device,
-        through a seeded local shuffle (the table holds an image's views next to each other)."""
-        return self.train_shard.iter_torch_batches(
-            batch_size=self.cfg.batch_size,
-            device=worker.device,
-            local_shuffle_buffer_size=self.cfg.shuffle_buffer or None,
-            local_shuffle_seed=self.cfg.seed + epoch,
+        """Shuffled with a seed per epoch: the table holds an image's views next to each other."""
+        cfg = self.cfg
+        return self.views["train"].batches(
+            cfg.batch_size, worker.device, cfg.seed + epoch, cfg.shuffle_buffer
         )
 
     def loss(
@@ -208,7 +269,8 @@ class RankerTask(Task):
         return LOSSES[self.cfg.loss](s.float(), batch["scores"]), len(batch["scores"])
 
     def end_epoch(self, model: torch.nn.Module, epoch: int, worker: Worker) -> dict[str, float]:
-        return validate(model, self.val_shard, self.cfg, worker.device)
+        batches = self.views["val"].batches(self.cfg.batch_size, worker.device, None, 0)
+        return validate(model, batches, self.cfg, worker.device)
 
     def checkpoint_state(self, model: torch.nn.Module) -> dict:
         return {"ranker_config": asdict(model.cfg)}  # what `load_ranker` rebuilds it from
@@ -221,12 +283,15 @@ def load_ranker_checkpoint(checkpoint: ray.train.Checkpoint) -> Ranker:
 
 def fit(
     cfg: TrainConfig,
+    meta: dict,
     train_views: int,
+    val_views: int,
     tracking_uri: str | None = None,
     mlflow_run_id: str | None = None,
 ) -> ray.train.Result:
     """Trains on the current Ray cluster (checked inputs: `check_inputs`); returns Ray Train's result
-    (the last checkpoint and its metrics). Rank 0 logs each epoch to `mlflow_run_id` if given."""
+    (its checkpoints, scored by validation Kendall tau, and the last metrics). Rank 0 logs each epoch
+    to `mlflow_run_id` if given."""
     global_batch = cfg.batch_size * cfg.workers
     settings = trainer.TrainerConfig.of(
         cfg,
@@ -234,7 +299,14 @@ def fit(
         lr=cfg.lr or 1.5e-4 * global_batch / 256,  # the authors' rule
         tracking_uri=tracking_uri,
         mlflow_run_id=mlflow_run_id,
+        monitor=MONITOR,
     )
-    size = ranker_config(cfg).img_size
-    datasets = {split: views_dataset(cfg, split == "val", size) for split in ("train", "val")}
-    return trainer.fit(settings, RankerTask(cfg), datasets)
+    ranker = ranker_config(cfg)
+    datasets = {split: views_dataset(cfg, split == "val", ranker.img_size) for split in ("train", "val")}
+    n = visible_count(ranker.num_patches, meta["mask_ratio"])
+    view_bytes = ranker.img_size**2 * 3 + n * 12  # uint8 pixels, int64 positions, float32 scores
+    cached = {
+        split: math.ceil(views / cfg.workers) * view_bytes <= cfg.cache_mib * 2**20
+        for split, views in (("train", train_views), ("val", val_views))
+    }
+    return trainer.fit(settings, RankerTask(cfg, meta, cached), datasets)

@@ -9,8 +9,11 @@ logs besides the metrics. The loop owns what the jobs share:
 - AdamW (0.9, 0.95), weight decay on weight matrices only, the learning rate set every step (linear
   warm-up, then cosine);
 - bf16 autocast on CUDA (`Worker.autocast`, which the task wraps around its forward pass);
-- each epoch: the loss averaged over every worker's samples, a checkpoint written by rank 0 and
-  reported to Ray Train, and the metrics logged by rank 0 into the driver's MLflow run.
+- each epoch: the loss averaged over every worker's samples, and the metrics logged by rank 0 into the
+  driver's MLflow run; every `validate_every` epochs and after the last, the task's validation and a
+  checkpoint written by rank 0 and reported to Ray Train (scored by `monitor`, so the best one is
+  known);
+- early stopping: after `patience` validations without a better `monitor`, every worker stops.
 
 A checkpoint is a folder holding `state.pt` (weights, optimiser, progress) and `run.json`, the MLflow
 run the training logs to. Before a launch, the driver reads that run from the checkpoint Ray Train
@@ -79,6 +82,14 @@ class TrainerConfig:
     seed: int  # seed of the initialisation
     tracking_uri: str | None = None  # MLflow server rank 0 logs to; None: no logging
     mlflow_run_id: str | None = None  # the driver's run; recorded in every checkpoint
+    validate_every: int = 1  # the task's end-of-epoch metrics (and a checkpoint) every N epochs and last
+    monitor: str | None = None  # a metric of `Task.end_epoch` to maximise: the best checkpoint's measure
+    patience: int | None = None  # stop after N validations without a better `monitor` (None: never)
+
+    def validates(self, epoch: int) -> bool:
+        """Whether `epoch` ends with the task's metrics and a checkpoint: every `validate_every`-th
+        epoch and the last one."""
+        return (epoch + 1) % self.validate_every == 0 or epoch + 1 == self.epochs
 
     @classmethod
     def of(
@@ -89,9 +100,12 @@ class TrainerConfig:
         lr: float,
         tracking_uri: str | None = None,
         mlflow_run_id: str | None = None,
+        monitor: str | None = None,
     ) -> TrainerConfig:
         """A job's trainer settings: the fields both job configs share, `--device` resolved against
-        the Ray cluster this process is connected to (so call it after `runtime.start`)."""
+        the Ray cluster this process is connected to (so call it after `runtime.start`). A job with
+        `validate_every` and `patience` options (ranker training) passes the metric they watch as
+        `monitor`."""
         return cls(
             name=cfg.name,
             storage=cfg.storage,
@@ -107,6 +121,9 @@ class TrainerConfig:
             seed=cfg.seed,
             tracking_uri=tracking_uri,
             mlflow_run_id=mlflow_run_id,
+            validate_every=getattr(cfg, "validate_every", 1),
+            monitor=monitor,
+            patience=getattr(cfg, "patience", None),
         )
 
 
@@ -179,8 +196,9 @@ class Task:
         raise NotImplementedError
 
     def end_epoch(self, model: torch.nn.Module, epoch: int, worker: Worker) -> dict[str, float]:
-        """Metrics of the epoch besides the training loss (e.g. validation). Runs on every worker, so
-        it may all-reduce; rank 0's values are reported."""
+        """Metrics of the epoch besides the training loss (e.g. validation), on the epochs that
+        `TrainerConfig.validates`. Runs on every worker, so it may all-reduce; rank 0's values are
+        reported, and `TrainerConfig.monitor` names one of them."""
         return {}
 
     def checkpoint_state(self, model: torch.nn.Module) -> dict[str, Any]:
@@ -219,6 +237,24 @@ def all_gather_lists(items: list) -> list:
 
 
 # -- the loop, on every worker ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Best:
+    """Early stopping's record: the epoch of the best monitored value so far, and the validations since
+    that did not beat it. Every worker computes it from the same all-reduced metrics, so all stop
+    together."""
+
+    epoch: int = -1
+    value: float = float("-inf")
+    stale: int = 0
+
+    def after(self, epoch: int, value: float) -> Best:
+        # Better by more than float noise: a mean all-reduced over views read in another order
+        # differs in its last bits, and must not count as progress.
+        if value > self.value + 1e-6:
+            return Best(epoch, value, 0)
+        return Best(self.epoch, self.value, self.stale + 1)
+
+
 def train_loop(config: dict) -> None:
     """Ray Train's entry point on each worker (Ray hands over a dict): the typed loop."""
     run_loop(config["trainer"], config["task"])
@@ -235,16 +271,24 @@ def run_loop(cfg: TrainerConfig, task: Task) -> None:
     model = ray.train.torch.prepare_model(model)  # to the device, in DDP when there are several workers
     # After the move: loading the optimiser's state puts it on its parameters' device.
     optimizer = torch.optim.AdamW(param_groups(unwrap(model), cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
-    start_epoch, history = 0, []
+    start_epoch, history, best = 0, [], Best()
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, list(state.get("history", []))
+        best = Best(**state.get("best", {}))
     for epoch in range(start_epoch, cfg.epochs):
         metrics = {"epoch": epoch, "start_epoch": start_epoch}
         metrics |= _train_epoch(cfg, task, worker, model, optimizer, epoch)
-        metrics |= task.end_epoch(model, epoch, worker)
+        if cfg.validates(epoch):
+            metrics |= task.end_epoch(model, epoch, worker)
+            if cfg.monitor is not None:
+                best = best.after(epoch, metrics[cfg.monitor])
+                stop = cfg.patience is not None and best.stale >= cfg.patience
+                metrics |= {"best_epoch": best.epoch, "stopped_early": float(stop)}
         history.append(metrics["train_loss"])
-        _finish_epoch(cfg, task, worker, model, optimizer, metrics, history, first=epoch == start_epoch)
+        _finish_epoch(cfg, task, worker, model, optimizer, metrics, history, best, first=epoch == start_epoch)
+        if metrics.get("stopped_early"):
+            break
 
 
 def _restored_state() -> dict | None:
@@ -296,22 +340,25 @@ def _finish_epoch(
     optimizer: torch.optim.Optimizer,
     metrics: dict[str, float],
     history: list[float],
+    best: Best,
     first: bool,
 ) -> None:
-    """Rank 0 writes the checkpoint and logs the epoch; every worker reports (Ray Train's report is a
-    barrier, and only rank 0's checkpoint is kept)."""
+    """Rank 0 writes the checkpoint (on validation epochs) and logs the epoch; every worker reports (Ray
+    Train's report is a barrier, and only rank 0's checkpoint is kept)."""
     with tempfile.TemporaryDirectory() as folder:
         saved = None
         if worker.rank == 0:
-            inner = unwrap(model)
-            state = {
-                "model": inner.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": metrics["epoch"],
-                "history": history,  # train loss of every epoch so far
-                **task.checkpoint_state(inner),
-            }
-            saved = _write_checkpoint(Path(folder), state, cfg.mlflow_run_id)
+            if cfg.validates(metrics["epoch"]):
+                inner = unwrap(model)
+                state = {
+                    "model": inner.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": metrics["epoch"],
+                    "history": history,  # train loss of every epoch so far
+                    "best": dataclasses.asdict(best),
+                    **task.checkpoint_state(inner),
+                }
+                saved = _write_checkpoint(Path(folder), state, cfg.mlflow_run_id)
             print(f"epoch {metrics['epoch'] + 1}/{cfg.epochs}: " + _describe(metrics, task.unit), flush=True)
             if cfg.tracking_uri and cfg.mlflow_run_id:
                 run = RunLog(cfg.tracking_uri, cfg.mlflow_run_id)
@@ -409,6 +456,16 @@ def fit(cfg: TrainerConfig, task: Task, datasets: dict[str, ray.data.Dataset]) -
     return trainer.fit()
 
 
+def best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoint, dict]:
+    """The checkpoint of the epoch with the best monitored value so far (`best_epoch` of the last
+    metrics; the last checkpoint when nothing is monitored), and its metrics."""
+    epoch = result.metrics.get("best_epoch", result.metrics["epoch"])
+    for checkpoint, metrics in result.best_checkpoints:
+        if metrics["epoch"] == epoch:
+            return checkpoint, metrics
+    raise RuntimeError(f"{result.path} holds no checkpoint of epoch {epoch}, its best")
+
+
 def read_state(checkpoint: ray.train.Checkpoint) -> dict:
     """A checkpoint's training state (`state.pt`), on the CPU."""
     with checkpoint.as_directory() as folder:
@@ -433,9 +490,12 @@ def latest_checkpoint(storage: str, name: str) -> ray.train.Checkpoint | None:
 
 
 def finished_result(cfg: TrainerConfig) -> ray.train.Result | None:
-    """The result of a training in STORAGE/NAME that already reached `cfg.epochs`, None otherwise."""
+    """The result of a training in STORAGE/NAME that already reached `cfg.epochs` or stopped early,
+    None otherwise."""
     result = latest_result(cfg.storage, cfg.name)
-    if result is None or result.checkpoint is None or result.metrics["epoch"] + 1 < cfg.epochs:
+    if result is None or result.checkpoint is None:
+        return None
+    if result.metrics["epoch"] + 1 < cfg.epochs and not result.metrics.get("stopped_early"):
         return None
     return dataclasses.replace(result, metrics={**result.metrics, "start_epoch": cfg.epochs})
 

@@ -5,7 +5,15 @@ from conftest import fashion_mnist, png_bytes
 
 import ltrp
 from ltrp.core.losses import listmle
-from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig, keep_top, rank, scores_at
+from ltrp.core.ranker import (
+    RANKER_GEOMETRIES,
+    Ranker,
+    RankerConfig,
+    init_from_encoder,
+    keep_top,
+    rank,
+    scores_at,
+)
 from ltrp.data.images import center_crop, to_model_input
 
 MICRO = RANKER_GEOMETRIES["ltrp_vit_micro_patch8"]
@@ -92,3 +100,37 @@ def test_rank_and_keep_top() -> None:
     assert keep_top(scores, 0.001).shape == (3, 1)
     with pytest.raises(ValueError, match="keep ratio"):
         keep_top(scores, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("mae", "ranker"),
+    [
+        ("mae_vit_tiny_patch8", "ltrp_vit_micro_patch8"),
+        ("mae_vit_scenes_patch4", "ltrp_vit_scenes_mae_patch4"),
+    ],
+)
+def test_a_ranker_starts_from_an_mae_encoder_with_a_new_head(mae: str, ranker: str) -> None:
+    torch.manual_seed(0)
+    mae_model = ltrp.MAE(ltrp.GEOMETRIES[mae]).eval()
+    encoder = mae_model.state_dict()
+    model = Ranker(RANKER_GEOMETRIES[ranker]).eval()
+    head = {k: v.clone() for k, v in model.head.state_dict().items()}
+    init_from_encoder(model, encoder)
+    state = model.state_dict()
+    backbone = [k for k in state if not k.startswith("head.")]
+    assert backbone and all(torch.equal(state[k], encoder[k]) for k in backbone)
+    assert all(torch.equal(model.head.state_dict()[k], v) for k, v in head.items())  # the head stays new
+    imgs = torch.randn(2, 3, model.cfg.img_size, model.cfg.img_size)
+    with torch.no_grad():  # the MAE encoder's features, every patch seen
+        assert torch.equal(model.encode(imgs), mae_model.encode(imgs))
+
+
+def test_an_encoder_of_another_geometry_is_refused_and_nothing_copied() -> None:
+    torch.manual_seed(0)
+    model = Ranker(RANKER_GEOMETRIES["ltrp_vit_scenes_patch4"])  # 96 wide; the scenes MAE is 128
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"does not fit the ranker's backbone \(96 wide.*of another shape"):
+        init_from_encoder(model, ltrp.MAE(ltrp.GEOMETRIES["mae_vit_scenes_patch4"]).state_dict())
+    with pytest.raises(ValueError, match=r"tensor\(s\) missing \(e.g. blocks.0"):
+        init_from_encoder(model, {"cls_token": before["cls_token"]})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

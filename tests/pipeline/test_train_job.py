@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 import ltrp
 from jobs.train import main as train_main
 from ltrp.core.ranker import rank
+from ltrp.data.checkpoints import weights_sha256
 from ltrp.data.tables import JOB_FILE
 from ltrp.pipeline import trainer
 from ltrp.pipeline.configs import ScoreConfig
@@ -103,13 +104,15 @@ def _check_version_1(client: MlflowClient, mlflow_uri: str, score_table: str) ->
 def test_ddp_training_registers_and_a_relaunch_resumes(
     score_table: str, job_in_process: Path, mlflow_uri: str, capsys: pytest.CaptureFixture
 ) -> None:
-    """Two DDP workers train 1 epoch with a checkpoint on S3 and register version 1 as @candidate,
-    tagged and loadable. A re-launch with 2 epochs resumes after epoch 1 and registers version 2 in the
-    same MLflow run. One test, not one per property: each Ray Train launch costs ~25 s. (Workers lost
-    mid-training, the group restarted from the last checkpoint: test_cluster.py loses a whole node.)"""
+    """Two DDP workers train 1 epoch from the table's MAE encoder with a checkpoint on S3 and register
+    version 1 as @candidate, tagged and loadable. A re-launch with 2 epochs resumes after epoch 1 and
+    registers version 2 in the same MLflow run. A third, validating every 2 epochs at a learning rate
+    too small to move a weight, stops after its first validation (--patience 1) and registers the best
+    epoch's weights again. One test, not one per property: each Ray Train launch costs ~25 s. (Workers
+    lost mid-training, the group restarted from the last checkpoint: test_cluster.py loses a node.)"""
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.mkdir(CKPT_BUCKET)
-    extra = ("--workers", "2", "--model", "models:/ltrp-test", "--alias", "candidate")
+    extra = ("--workers", "2", "--model", "models:/ltrp-test", "--alias", "candidate", "--init", "mae")
     storage, name = f"s3://{CKPT_BUCKET}", "ddp"
 
     train_main(_train_args(score_table, storage, name, 1, *extra))
@@ -134,6 +137,20 @@ def test_ddp_training_registers_and_a_relaunch_resumes(
     assert first.run_id == second.run_id == run.info.run_id
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [0, 1]
     assert run.data.params["epochs"] == "1" and run.data.tags["relaunched_with.epochs"] == "2"
+
+    still = ("--validate-every", "2", "--patience", "1", "--lr", "1e-30")
+    train_main(_train_args(score_table, storage, name, 6, *extra, *still))
+    stopped = capsys.readouterr().out
+    assert _started_at(stopped) == 2 and "stopped early" in stopped
+    assert "registered ltrp-test version 3 as @candidate" in stopped
+    assert len(_checkpoints(fs, f"{CKPT_BUCKET}/{name}")) == 3  # epoch 3's: epoch 2 is not validated
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_kendall_tau")] == [0, 1, 3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [0, 1, 2, 3]
+    third = client.get_model_version("ltrp-test", "3")
+    assert third.tags["epoch"] == second.tags["epoch"] in ("0", "1")  # the best of epochs 0 and 1
+    ranker_2, _ = load_ranker_ref("models:/ltrp-test/2")
+    ranker_3, _ = load_ranker_ref("models:/ltrp-test/3")
+    assert weights_sha256(ranker_2) == weights_sha256(ranker_3)
 
 
 def test_a_missing_table_or_another_patch_grid_is_refused_up_front(

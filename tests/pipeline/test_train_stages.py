@@ -15,7 +15,7 @@ from ltrp.data.sources import read_many
 from ltrp.data.tables import SCORES_SCHEMA
 from ltrp.pipeline import training_data
 from ltrp.pipeline.configs import InputError, TrainConfig
-from ltrp.pipeline.trainer import claimed
+from ltrp.pipeline.trainer import Best, TrainerConfig, claimed
 from ltrp.pipeline.training_data import is_validation, load_views, select_split, split_counts
 
 
@@ -99,3 +99,21 @@ def test_load_views_replays_each_stored_view_with_one_read_per_image(
         render_view(Path(r["uri"]).read_bytes(), View(tuple(r["crop_box"]), r["flip"]), 64) for r in rows
     ]
     np.testing.assert_array_equal(loaded["image"], np.stack(expected))
+
+
+def test_early_stopping_keeps_the_first_best_and_counts_validations_since() -> None:
+    best = Best()
+    for epoch, tau in enumerate([0.2, 0.3, 0.3, 0.25, 0.31, 0.1]):
+        best = best.after(epoch, tau)
+        if epoch == 3:  # 0.3 at epoch 1; epoch 2 only equals it
+            assert (best.epoch, best.value, best.stale) == (1, 0.3, 2)
+    assert (best.epoch, best.value, best.stale) == (4, 0.31, 1)
+
+
+@pytest.mark.parametrize(("every", "validated"), [(1, [0, 1, 2, 3, 4]), (2, [1, 3, 4]), (10, [4])])
+def test_validation_every_n_epochs_and_after_the_last(every: int, validated: list[int]) -> None:
+    cfg = TrainerConfig(
+        name="n", storage="s", workers=1, worker_cpus=1, use_gpu=False, max_failures=0, epochs=5,
+        warmup_epochs=0, steps_per_epoch=1, lr=1e-3, weight_decay=0, seed=0, validate_every=every,
+    )  # fmt: skip
+    assert [e for e in range(5) if cfg.validates(e)] == validated
