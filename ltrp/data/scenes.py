@@ -454,14 +454,14 @@ MANIFEST = "manifest.parquet"
 
 def write_scenes(folder: Path, split: Split, count: int, cfg: SceneConfig = SceneConfig()) -> Path:
     """Writes scenes 0..count-1 of `split` as FOLDER/images/NNNNNN.png and FOLDER/manifest.parquet
-    (images already there are kept: they are the same scenes). Returns the manifest's path."""
+    (over any files of those names: a folder written with other settings holds other scenes). Returns
+    the manifest's path."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for index in range(count):
         scene = make_scene(cfg, split, index)
         uri = f"images/{index:06d}.png"
-        if not (folder / uri).exists():
-            Image.fromarray(scene.image).save(folder / uri)
+        Image.fromarray(scene.image).save(folder / uri)
         rows.append(_manifest_row(f"{split}-{index:06d}", uri, scene))
     metadata = {"ltrp_scenes": _describe(cfg, split, count)}
     pq.write_table(

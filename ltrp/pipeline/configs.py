@@ -411,9 +411,15 @@ class DataConfig(_Checked):
     train_images: int = 10000  # train split: the ranker's score table, the probes and classifiers
     test_images: int = 1000  # test split, held out (scenes: the bias test set: seen and unseen objects)
     mae: Literal["shipped", "pretrain"] = "shipped"  # shipped: the package's scenes MAE; or the pretrain step
+    #: scenes: the training split's background kinds, drawn evenly (name one twice to draw it twice as often)
+    backgrounds: tuple[Background, ...] = ("black", "texture", "clutter", "photo")
+    #: scenes: the held-out split's kinds; a kind not in `backgrounds` tests generalisation to it
+    test_backgrounds: tuple[Background, ...] = ("black", "texture", "clutter", "photo")
 
     def check(self) -> None:
         _at_least(self, 1, "train_images", "test_images")
+        _require(len(self.backgrounds) > 0, "backgrounds", "name at least one kind")
+        _require(len(self.test_backgrounds) > 0, "test_backgrounds", "name at least one kind")
         _require(
             self.mae == "pretrain" or self.dataset == "scenes",
             "mae",
@@ -468,9 +474,10 @@ SECTIONS: dict[str, type] = {
     "evaluate": EvaluateConfig,
     "promote": PromoteConfig,
 }
-#: Top-level keys of a config file besides the sections: the pipeline's output root, and any job option
-#: (it applies to every job that has it, e.g. seed).
-TOP_LEVEL = {"root"} | {f.name for cls in SECTIONS.values() for f in fields(cls)}
+#: Top-level keys of a config file besides the sections: the pipeline's output root and how many rankers
+#: it trains (seeds seed, seed + 1, ...), and any job option (it applies to every job that has it, e.g.
+#: seed).
+TOP_LEVEL = {"root", "ranker_seeds"} | {f.name for cls in SECTIONS.values() for f in fields(cls)}
 
 
 def read_config_file(path: str | Path, section: str) -> dict[str, Any]:

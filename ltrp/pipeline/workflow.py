@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -82,6 +83,15 @@ class Plan:
         if "root" not in spec:
             raise ConfigError(f"--config {config}: the pipeline needs a top-level 'root' (its output folder)")
         self.root = Path(spec["root"])
+        self.ranker_seeds = spec.get("ranker_seeds", 1)
+        if (
+            not isinstance(self.ranker_seeds, int)
+            or isinstance(self.ranker_seeds, bool)
+            or self.ranker_seeds < 1
+        ):
+            raise ConfigError(
+                f"--config {config}: ranker_seeds must be a positive integer, got {self.ranker_seeds!r}"
+            )
         values = {
             name: read_config_file(config, name)
             for name in ("data", "pretrain", "score", "score_test", "train", "evaluate")
@@ -130,6 +140,12 @@ class Plan:
                 "storage": checkpoints,
             }
         )
+        # The same recipe at other seeds, for the evaluation's seed spread (its --seed-models); the alias
+        # stays on the first, the ranker that is evaluated in full and may be promoted.
+        self.seed_trains = [
+            replace(self.train, seed=self.train.seed + i, name=f"{self.train.name}-seed{i}", alias=None)
+            for i in range(1, self.ranker_seeds)
+        ]
         self.model = registered_name(self.train.model)
         # The version is known once trained: until then the registered model's version 1 stands in.
         self.evaluate = EvaluateConfig(
@@ -149,9 +165,12 @@ class Plan:
         if not self.scenes:
             counts = {"train": self.data.train_images, "test": self.data.test_images}
             return {s: str(write_fashion_mnist(self.sources[s], s, counts[s])) for s in SPLITS}
-        bias_test = SceneConfig(require=(SEEN_CLASSES, UNSEEN_CLASSES))
+        train = SceneConfig(backgrounds=Counter(self.data.backgrounds))
+        bias_test = SceneConfig(
+            backgrounds=Counter(self.data.test_backgrounds), require=(SEEN_CLASSES, UNSEEN_CLASSES)
+        )
         return {
-            "train": str(write_scenes(self.sources["train"].parent, "train", self.data.train_images)),
+            "train": str(write_scenes(self.sources["train"].parent, "train", self.data.train_images, train)),
             "test": str(write_scenes(self.sources["test"].parent, "test", self.data.test_images, bias_test)),
         }
 
@@ -199,17 +218,32 @@ def run(plan: Plan) -> dict:
             lambda r, o=cfg.output: (Path(o) / "_SUCCESS").exists(),
         )
 
-    def train_step() -> dict:
-        summary = train_job.run(plan.train)
-        return {"version": summary.version, **summary.metrics}
+    def train_step(cfg: TrainConfig) -> dict:
+        summary = train_job.run(cfg)
+        return {
+            "version": summary.version,
+            "best_epoch": summary.best_epoch,
+            "epochs": summary.epochs,
+            **summary.metrics,
+        }
 
-    ranker = steps.run(
-        "train", plan.digests["train"], train_step, lambda r: _version_exists(plan.model, r["version"])
+    rankers = [
+        steps.run(
+            f"train-seed{i}" if i else "train",
+            plan.digests["train"],
+            lambda cfg=cfg: train_step(cfg),
+            lambda r: _version_exists(plan.model, r["version"]),
+        )
+        for i, cfg in enumerate([plan.train, *plan.seed_trains])
+    ]
+    ranker, versions = rankers[0], [r["version"] for r in rankers]
+    evaluate_cfg = replace(
+        plan.evaluate,
+        model=f"{plan.train.model}/{versions[0]}",
+        seed_models=tuple(f"{plan.train.model}/{v}" for v in versions[1:]),
     )
-
-    evaluate_cfg = replace(plan.evaluate, model=f"{plan.train.model}/{ranker['version']}")
     eval_digest = Steps.digest(
-        plan.digests["train"], ranker["version"], plan.digests["score-test"], plan.evaluate_values
+        plan.digests["train"], versions, plan.digests["score-test"], plan.evaluate_values
     )
     report_dir = plan.root / f"evaluation-{eval_digest}"
     evaluate_cfg = replace(evaluate_cfg, output=str(report_dir))
@@ -232,6 +266,7 @@ def run(plan: Plan) -> dict:
         "mae": mae,
         "tables": tables,
         "ranker": ranker,
+        "seed_versions": versions[1:],
         "evaluation": evaluation,
         "promotion": {
             "exit_code": promotion.exit_code,
@@ -287,9 +322,15 @@ def summary(results: dict, seconds: float) -> str:
             + (f" (final training loss {loss:.4f})" if loss is not None else ""),
             f"  score tables: {train_table['output']} ({train_table['rows']} rows), "
             f"{test_table['output']} ({test_table['rows']} rows)",
-            f"  ranker: version {ranker['version']}, validation Kendall tau "
+            f"  ranker: version {ranker['version']}, the best of {ranker['epochs']} epochs (epoch "
+            f"{ranker['best_epoch'] + 1}), validation Kendall tau "
             f"{ranker.get('val_kendall_tau', float('nan')):.3f} (seeing all patches: "
-            f"{ranker.get('val_full_kendall_tau', float('nan')):.3f})",
+            f"{ranker.get('val_full_kendall_tau', float('nan')):.3f})"
+            + (
+                f"; other seeds: versions {', '.join(results['seed_versions'])}"
+                if results["seed_versions"]
+                else ""
+            ),
             f"  promotion: {results['promotion']['reason']}; champion is version {champion}",
             f"  held-out test images, {round(100 * ev['keep_ratio'])}% of patches kept: {ev['headline']}",
             *rows,

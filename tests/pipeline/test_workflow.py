@@ -29,6 +29,7 @@ def _tiny_config(root: Path) -> dict:
     spec["data"].update(train_images=60, test_images=12)
     spec["score"].update(views=2, shard_size=40)
     spec["train"].update(epochs=1)
+    spec["ranker_seeds"] = 2  # the seed spread's path, at its smallest
     spec["evaluate"].update(max_train=40, probe_seeds=1, probe_epochs=1, supervised_epochs=1, resamples=50)
     return spec
 
@@ -54,14 +55,16 @@ def test_pipeline_end_to_end_then_reused(
     out = _run(config, capsys)
     assert "[pipeline] done in" in out and "object recall" in out, out[-2000:]
     state = json.loads((root / "_pipeline.json").read_text())
-    assert list(state) == ["data", "score-train", "score-test", "train", "evaluate"]  # the shipped MAE
+    # The shipped MAE: no pre-training; two rankers of the same recipe (seeds 0 and 1).
+    assert list(state) == ["data", "score-train", "score-test", "train", "train-seed1", "evaluate"]
 
     # The score tables: K = 2 views of each training scene; the oracle covers every test position.
     train_table = ltrp.read_scores(state["score-train"]["results"]["output"])
     test_table = ltrp.read_scores(state["score-test"]["results"]["output"])
     assert train_table.num_rows == 120 and set(train_table.column("view").to_pylist()) == {0, 1}
     assert {len(v) for v in test_table.column("visible").to_pylist()} == {19}  # 196 patches, 0.9 masked
-    assert test_table.num_rows == 12 * 11  # 11 disjoint sets of 19 cover 196 patches
+    rounds = yaml.safe_load(config.read_text())["score_test"]["cover"]
+    assert test_table.num_rows == 12 * 11 * rounds  # each round: 11 disjoint sets of 19 cover 196 patches
     meta = ltrp.read_job_metadata(state["score-test"]["results"]["output"])
     assert meta["mae_sha256"] == ltrp.load_mae(str(SHIPPED_MAE)).checkpoint.sha256
 
@@ -88,6 +91,7 @@ def test_pipeline_end_to_end_then_reused(
         "variance",
         "mae_attention",
         "supervised",
+        "ltrp_seed1",
     ):
         assert f"| {selector} |" in text
     assert all(c in text for c in (*SEEN_CLASSES, *UNSEEN_CLASSES))
@@ -97,5 +101,5 @@ def test_pipeline_end_to_end_then_reused(
 
     # A second run reuses every step: nothing retrained, no new model version.
     again = _run(config, capsys)
-    assert again.count("reusing the finished step") == 5, again[-2000:]
-    assert len(client.search_model_versions("name='ltrp-pipeline-test'")) == 1
+    assert again.count("reusing the finished step") == 6, again[-2000:]
+    assert len(client.search_model_versions("name='ltrp-pipeline-test'")) == 2
