@@ -34,7 +34,7 @@ from ltrp.data.scenes import SHIPPED_MAE, SceneConfig, write_scenes
 from ltrp.data.tables import read_job_metadata, read_scores
 from ltrp.evaluation import fidelity
 from ltrp.evaluation.protocol import interval
-from ltrp.pipeline import runtime, score_job, train_job, training_data
+from ltrp.pipeline import runtime, score_job, train_job, trainer, training_data
 from ltrp.pipeline.configs import ScoreConfig, TrainConfig
 
 AUTHORS_DRAWS = 400  # the authors draw a fresh visible set every step, for 400 epochs
@@ -128,12 +128,12 @@ def _train(args: FidelityArgs, scores: str, k: int, training: Training):
         ranker=args.ranker, training=training, views=k, epochs=max(1, args.passes // k), warmup_epochs=0,
         batch_size=args.batch_size, lr=args.lr, threads=args.threads, seed=args.seed,
     )  # fmt: skip
-    _, train_views = train_job.check_inputs(cfg)
     start = time.perf_counter()
-    result = train_job.fit(cfg, train_views)
-    metrics = {k: round(float(v), 4) for k, v in result.metrics.items() if k.startswith("val_")}
+    result = train_job.fit(cfg, *train_job.check_inputs(cfg))
+    checkpoint, best = trainer.best_checkpoint(result)
+    metrics = {k: round(float(v), 4) for k, v in best.items() if k.startswith("val_")}
     print(f"[fidelity] trained {cfg.name} in {time.perf_counter() - start:.0f} s: {metrics}", flush=True)
-    return train_job.load_ranker_checkpoint(result.checkpoint)
+    return train_job.load_ranker_checkpoint(checkpoint)
 
 
 def _table(results: dict, images: int, n: int, L: int) -> str:

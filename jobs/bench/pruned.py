@@ -40,7 +40,7 @@ from ltrp.evaluation import efficiency
 from ltrp.evaluation.efficiency import FitSettings, Method
 from ltrp.evaluation.protocol import LabelledImages, load_labelled
 from ltrp.evaluation.scene_eval import SceneSet, load_scene_set
-from ltrp.pipeline import pretrain_job, rank_job, runtime, score_job, train_job
+from ltrp.pipeline import pretrain_job, rank_job, runtime, score_job, train_job, trainer
 from ltrp.pipeline.configs import PretrainConfig, RankConfig, ScoreConfig, TrainConfig
 
 Dataset = Literal["scenes", "fashion_mnist"]
@@ -237,9 +237,9 @@ def _rankers(
             epochs=args.ranker_epochs, warmup_epochs=0, batch_size=64, lr=1e-3, threads=args.threads,
             seed=args.seed,
         )  # fmt: skip
-        _, views = train_job.check_inputs(train_cfg)
-        result = train_job.fit(train_cfg, views)
-        rankers[geometry] = train_job.load_ranker_checkpoint(result.checkpoint).eval()
+        result = train_job.fit(train_cfg, *train_job.check_inputs(train_cfg))
+        checkpoint, _ = trainer.best_checkpoint(result)
+        rankers[geometry] = train_job.load_ranker_checkpoint(checkpoint).eval()
         _progress(f"ranker {geometry}: {sum(p.numel() for p in rankers[geometry].parameters()):,} parameters")
     return rankers
 

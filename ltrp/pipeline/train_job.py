@@ -11,6 +11,7 @@ checkpoint every epoch under STORAGE/NAME; a failed worker group is restarted fr
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ import mlflow
 import ray
 import ray.train
 import torch
+from mlflow.tracking import MlflowClient
 
 from ltrp.core.losses import LOSSES, listmle_per_row
 from ltrp.core.masking import visible_count
@@ -30,7 +32,7 @@ from ltrp.data.tables import read_job_metadata
 from ltrp.pipeline import runtime, trainer
 from ltrp.pipeline.configs import InputError, TrainConfig, checking_inputs, registered_name
 from ltrp.pipeline.registry import register_ranker
-from ltrp.pipeline.trainer import Task, Worker, all_reduce_sum
+from ltrp.pipeline.trainer import RunLog, Task, Worker, all_reduce_sum
 from ltrp.pipeline.training_data import split_counts, views_dataset
 
 EXPERIMENT = "ltrp-train"
@@ -274,6 +276,40 @@ class RankerTask(Task):
 
     def checkpoint_state(self, model: torch.nn.Module) -> dict:
         return {"ranker_config": asdict(model.cfg)}  # what `load_ranker` rebuilds it from
+
+    def log_epoch(self, model: torch.nn.Module, epoch: int, first: bool, run: RunLog) -> None:
+        """After each validation: validation_curve.png, Kendall tau against the epochs so far (from the
+        run's metrics, so a resumed training's curve starts at its first epoch)."""
+        client = MlflowClient(run.tracking_uri)
+        curves = {
+            name: sorted((m.step, m.value) for m in client.get_metric_history(run.run_id, name))
+            for name in (MONITOR, "val_full_kendall_tau")
+        }
+        if curves[MONITOR] and curves[MONITOR][-1][0] == epoch:
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / "validation_curve.png"
+                validation_curve_png(curves, path)
+                run.artifact(path.name, path.read_bytes())
+
+
+def validation_curve_png(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    """Each metric's (epoch, value) points as a line, epochs counted from 1 (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    for name, points in curves.items():
+        ax.plot([e + 1 for e, _ in points], [v for _, v in points], marker="o", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("Kendall tau with the pseudo-scores")
+    ax.set_title("ranker validation")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def load_ranker_checkpoint(checkpoint: ray.train.Checkpoint) -> Ranker:

@@ -278,7 +278,7 @@ def run_loop(cfg: TrainerConfig, task: Task) -> None:
         best = Best(**state.get("best", {}))
     for epoch in range(start_epoch, cfg.epochs):
         metrics = {"epoch": epoch, "start_epoch": start_epoch}
-        metrics |= _train_epoch(cfg, task, worker, model, optimizer, epoch)
+        metrics |= train_epoch(cfg, task, worker, model, optimizer, epoch)
         if cfg.validates(epoch):
             metrics |= task.end_epoch(model, epoch, worker)
             if cfg.monitor is not None:
@@ -297,7 +297,7 @@ def _restored_state() -> dict | None:
     return None if checkpoint is None else read_state(checkpoint)
 
 
-def _train_epoch(
+def train_epoch(
     cfg: TrainerConfig,
     task: Task,
     worker: Worker,
