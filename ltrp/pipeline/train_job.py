@@ -141,6 +141,9 @@ def check_inputs(cfg: TrainConfig) -> tuple[dict, int, int]:
                 f"--val-fraction {cfg.val_fraction})"
             )
         if cfg.init == "mae":
+            # The workers read the MAE too, from another working directory: resolve a relative path
+            # here, where the driver checks it.
+            meta = {**meta, "mae_uri": trainer.absolute_uri(meta["mae_uri"])}
             try:
                 init_from_encoder(Ranker(ranker), initial_encoder(meta))
             except ValueError as err:
