@@ -32,7 +32,7 @@ from ltrp.data.tables import read_job_metadata
 from ltrp.pipeline import runtime, trainer
 from ltrp.pipeline.configs import InputError, TrainConfig, checking_inputs, registered_name
 from ltrp.pipeline.registry import register_ranker
-from ltrp.pipeline.trainer import RunLog, Task, Worker, all_reduce_sum
+from ltrp.pipeline.trainer import Task, Worker, all_reduce_sum
 from ltrp.pipeline.training_data import split_counts, views_dataset
 
 EXPERIMENT = "ltrp-train"
@@ -73,6 +73,7 @@ def run(cfg: TrainConfig) -> TrainSummary:
         tags = {"score_table": scores, "ray_train_run": cfg.name}
         with trainer.mlflow_run(EXPERIMENT, f"train {cfg.name}", resume, asdict(cfg), tags) as active:
             result = fit(cfg, meta, train_views, val_views, mlflow.get_tracking_uri(), active.info.run_id)
+            log_validation_curve(active.info.run_id)
             checkpoint, best = trainer.best_checkpoint(result)
             final = {k: float(v) for k, v in best.items() if k.startswith("val_")}
             mlflow.set_tags(
@@ -280,19 +281,20 @@ class RankerTask(Task):
     def checkpoint_state(self, model: torch.nn.Module) -> dict:
         return {"ranker_config": asdict(model.cfg)}  # what `load_ranker` rebuilds it from
 
-    def log_epoch(self, model: torch.nn.Module, epoch: int, first: bool, run: RunLog) -> None:
-        """After each validation: validation_curve.png, Kendall tau against the epochs so far (from the
-        run's metrics, so a resumed training's curve starts at its first epoch)."""
-        client = MlflowClient(run.tracking_uri)
-        curves = {
-            name: sorted((m.step, m.value) for m in client.get_metric_history(run.run_id, name))
-            for name in (MONITOR, "val_full_kendall_tau")
-        }
-        if curves[MONITOR] and curves[MONITOR][-1][0] == epoch:
-            with tempfile.TemporaryDirectory() as folder:
-                path = Path(folder) / "validation_curve.png"
-                validation_curve_png(curves, path)
-                run.artifact(path.name, path.read_bytes())
+
+def log_validation_curve(run_id: str) -> None:
+    """validation_curve.png into the training's run: Kendall tau against every validated epoch (from
+    the run's metrics, so a resumed training's curve holds every launch's epochs). Drawn once by the
+    driver, after training, so the workers spend nothing on it while a lost one could interrupt them."""
+    client = MlflowClient()
+    curves = {
+        name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
+        for name in (MONITOR, "val_full_kendall_tau")
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "validation_curve.png"
+        validation_curve_png(curves, path)
+        mlflow.log_artifact(str(path))
 
 
 def validation_curve_png(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:

@@ -352,7 +352,7 @@ def test_submitted_training_survives_losing_the_worker_node_checkpoints_to_s3_an
         cluster.address,
         f"jobs.train --scores {out} --storage s3://cluster/train --name run1 --ranker ltrp_vit_micro_patch8"
         " --epochs 2 --warmup-epochs 0 --batch-size 16 --worker-cpus 0.5 --model models:/ltrp-cluster"
-        " --alias candidate",
+        " --alias candidate --cache-mib 0",  # streamed every epoch: the second lasts long enough to lose
         settings,
     )
 

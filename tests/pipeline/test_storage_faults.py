@@ -102,7 +102,7 @@ def test_training_and_evaluation_through_faults(
         worker_cpus=0.5,
         model=f"models:/{name}",
     )
-    _, train_views = train_job.check_inputs(cfg)
+    _, train_views, _ = train_job.check_inputs(cfg)
     # Reading the table, Ray Train's checkpoints; MLflow's runs, metrics, registry and artifacts.
     with s3_proxy.faults(RATE) as s3, faulty_mlflow.faults(RATE, seed=1) as tracking:
         trained = train_job.run(cfg)
