@@ -8,7 +8,15 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 # The cluster image: one immutable tag per commit, so a node never runs older code under a reused tag.
 IMAGE := ghcr.io/ltrp/ltrp:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)-$(shell git rev-parse --short=12 HEAD)
 
-.PHONY: demo test test-faults test-docs pin image
+# Natural photographs for judge pre-training (issue 28): the photographs among Debian's MATE and KDE
+# Plasma wallpapers (installed offline; each package's copyright file gives its licence), fetched with
+# apt-get download and unpacked here, no root: `python -m jobs.scenes --photos data/photos ...`.
+PHOTOS := data/photos
+MATE_PHOTOS := Aqua Blinds Dune FreshFlower Garden GreenMeadow LadyBird RainDrops Storm TwoWings Wood YellowFlower
+PLASMA_PHOTOS := BytheWater ColdRipple ColorfulCups DarkestHour EveningGlow FallenLeaf Grey Kite MilkyWay \
+	OneStandsOut Path Volna summer_1am
+
+.PHONY: demo test test-faults test-docs pin image photos
 
 # Every package at the version of constraints.txt: what CI tests is what the cluster image installs.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -19,6 +27,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+photos: $(PHOTOS)/.fetched
+
+$(PHOTOS)/.fetched:
+	rm -rf $(PHOTOS) && mkdir -p $(PHOTOS)/debs
+	cd $(PHOTOS)/debs && apt-get download -qq mate-backgrounds plasma-workspace-wallpapers
+	for deb in $(PHOTOS)/debs/*.deb; do dpkg-deb -x $$deb $(PHOTOS)/debs/root; done
+	for name in $(MATE_PHOTOS); do cp $(PHOTOS)/debs/root/usr/share/backgrounds/mate/nature/$$name.jpg $(PHOTOS)/; done
+	for name in $(PLASMA_PHOTOS); do \
+		largest=$$(ls -S $(PHOTOS)/debs/root/usr/share/wallpapers/$$name/contents/images/* | head -1); \
+		cp "$$largest" $(PHOTOS)/$$name.$${largest##*.}; done
+	rm -rf $(PHOTOS)/debs
+	touch $@
 
 demo: $(VENV)/.installed $(FASHION_MNIST)
 	$(PY) -m jobs.pipeline

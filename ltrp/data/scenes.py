@@ -54,6 +54,7 @@ PHOTO_REGIONS: dict[str, tuple[tuple[int, int, int, int], ...]] = {
     "cell": ((0, 0, 550, 250), (0, 480, 550, 660), (0, 0, 320, 660)),
 }
 PHOTOS = tuple(PHOTO_REGIONS)
+PHOTO_SIDE = 512  # a folder photo's short side after scaling (scikit-image's photos are ~512 px)
 _SPLIT_CODES = {"train": 0, "test": 1}
 #: The bias test's groups: classes a supervised selector is trained on, and classes it never sees.
 #: Look-alikes stay together (Shirt with T-shirt; Sandal, Sneaker, Ankle boot together).
@@ -78,6 +79,9 @@ class SceneConfig:
         default_factory=lambda: {"black": 1.0, "texture": 1.0, "clutter": 1.0, "photo": 1.0}
     )
     photo_dim: float = 0.55  # photo crops are multiplied by this, so objects stay visible on them
+    #: a folder of photographs the photo kind crops anywhere in, instead of scikit-image's object-free
+    #: regions: for pre-training corpora (object masks do not mark what those photos hold)
+    photo_folder: str = ""
     #: on "faint" scenes an object's colour keeps this share of its difference from the mean background
     #: under its box: its outline's gradient falls from ~14x the texture's to ~2x (docs/scenes.md)
     faint_contrast: float = 0.15
@@ -104,6 +108,8 @@ class SceneConfig:
             raise ValueError(
                 f"require names {len(self.require)} groups but max_objects is {self.max_objects}"
             )
+        if self.photo_folder and not _folder_photos(self.photo_folder):
+            raise ValueError(f"photo_folder: no .jpg or .png image in {self.photo_folder}")
         if not 0 < self.faint_contrast <= 1:
             raise ValueError(f"need 0 < faint_contrast <= 1, got {self.faint_contrast}")
         if not 4 <= self.min_scale <= self.max_scale <= self.size:
@@ -281,7 +287,11 @@ def _clutter(rng: np.random.Generator, cfg: SceneConfig) -> np.ndarray:
 
 def _photo(rng: np.random.Generator, cfg: SceneConfig) -> np.ndarray:
     """A crop of a natural photograph at a random scale, from one of its object-free regions
-    (`PHOTO_REGIONS`), dimmed by `photo_dim`."""
+    (`PHOTO_REGIONS`), or from anywhere in a photo of `photo_folder`, dimmed by `photo_dim`."""
+    if cfg.photo_folder:
+        photos = _folder_photos(cfg.photo_folder)
+        photo = _random_crop(rng, _folder_photo(photos[rng.integers(len(photos))]), cfg.size)
+        return photo * cfg.photo_dim
     name = PHOTOS[rng.integers(len(PHOTOS))]
     regions = PHOTO_REGIONS[name]
     left, top, right, bottom = regions[rng.integers(len(regions))]
@@ -414,6 +424,21 @@ def _texture_image(name: str) -> np.ndarray:
 def _photo_image(name: str) -> np.ndarray:
     image = getattr(skimage.data, name)()
     return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
+
+
+@functools.cache
+def _folder_photos(folder: str) -> tuple[str, ...]:
+    """The .jpg and .png files of `folder`, sorted: a scene's draw indexes into this order."""
+    return tuple(sorted(str(p) for p in Path(folder).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"}))
+
+
+@functools.cache
+def _folder_photo(path: str) -> np.ndarray:
+    """A photo of a folder as (H, W, 3) uint8, its short side scaled to 512 px: crops then span the
+    scales they span on scikit-image's 512-px photos, whatever the file's resolution."""
+    image = Image.open(path).convert("RGB")
+    scale = PHOTO_SIDE / min(image.size)
+    return np.asarray(image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR))
 
 
 @functools.cache

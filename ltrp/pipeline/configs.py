@@ -439,6 +439,10 @@ class ScenesConfig(_Checked):
     min_objects: int = 1  # objects per scene, drawn evenly in [min_objects, max_objects]
     max_objects: int = 4  # (fewer when no room is left within the overlap bound)
     bias_test: bool = False  # every scene holds an object of a seen class and one of an unseen class
+    #: a folder of photographs (.jpg, .png) the photo kind crops anywhere in; default: scikit-image's
+    #: object-free regions. For pre-training corpora: object recall would count their objects as
+    #: background (`make photos` fetches 25 offline, docs/scenes.md)
+    photos: str = ""
     seed: int = 0  # scene seed: a scene is a pure function of (settings, split, index)
 
     def check(self) -> None:
@@ -449,6 +453,7 @@ class ScenesConfig(_Checked):
             f"must be at least --min-objects {self.min_objects}",
         )
         _require(len(self.backgrounds) > 0, "backgrounds", "name at least one kind")
+        _require(not self.photos or Path(self.photos).is_dir(), "photos", f"{self.photos} is not a folder")
 
     def scene(self) -> SceneConfig:
         """The generator's settings (each background kind weighted by how often it is named)."""
@@ -459,6 +464,7 @@ class ScenesConfig(_Checked):
             max_objects=self.max_objects,
             backgrounds=dict(Counter(self.backgrounds)),
             require=(SEEN_CLASSES, UNSEEN_CLASSES) if self.bias_test else (),
+            photo_folder=str(Path(self.photos).resolve()) if self.photos else "",
             seed=self.seed,
         )
 
@@ -470,6 +476,7 @@ SECTIONS: dict[str, type] = {
     "pretrain": PretrainConfig,
     "score": ScoreConfig,
     "score_test": ScoreConfig,  # the pipeline: what differs when scoring the held-out split
+    "rank": RankConfig,  # jobs.rank (the pipeline has no ranking step)
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "promote": PromoteConfig,

@@ -231,6 +231,21 @@ def test_photo_crops_come_only_from_the_object_free_regions(monkeypatch: pytest.
         assert (scene.image[outside] == int(255 * cfg.photo_dim)).all(), index
 
 
+def test_photo_folder_crops_come_from_its_photos_at_the_scaled_side(tmp_path) -> None:
+    """A folder's photos replace scikit-image's: two flat photos of different sizes and colours give
+    photo backgrounds of exactly those dimmed colours, both drawn; a folder without images is refused."""
+    Image.new("RGB", (2000, 1000), (200, 0, 0)).save(tmp_path / "red.jpg", quality=100)
+    Image.new("RGB", (300, 900), (0, 0, 200)).save(tmp_path / "blue.png")
+    assert scenes._folder_photo(str(tmp_path / "red.jpg")).shape == (scenes.PHOTO_SIDE, 1024, 3)
+    cfg = SceneConfig(backgrounds={"photo": 1.0}, photo_folder=str(tmp_path))
+    corners = {tuple(make_scene(cfg, "train", i).image[0, 0] // 20) for i in range(40)}
+    assert corners <= {(0, 0, int(200 * cfg.photo_dim) // 20), (int(200 * cfg.photo_dim) // 20, 0, 0)}
+    assert len(corners) == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .jpg or .png image in .*empty"):
+        SceneConfig(photo_folder=str(tmp_path / "empty"))
+
+
 def test_required_groups_each_have_an_object_in_every_scene() -> None:
     seen, unseen = ("T-shirt_top", "Pullover", "Coat"), ("Bag", "Sandal")
     cfg = SceneConfig(require=(seen, unseen), max_objects=3)

@@ -1,5 +1,6 @@
 """The launchers, run as users run them: `python -m jobs.<name>` in a subprocess."""
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from ltrp.pipeline.configs import (
     EvaluateConfig,
     PretrainConfig,
     PromoteConfig,
+    RankConfig,
+    ScenesConfig,
     ScoreConfig,
     TrainConfig,
     option,
@@ -100,6 +103,51 @@ def test_options_come_from_yaml_top_level_then_section_and_flags_win(tmp_path: P
         "random",
     ]
     assert parse(ScoreConfig, "score", flags, prog="score").scorers == 2
+
+
+#: every launcher that reads --config -> its config, its section of a config file, and values of its
+#: required options
+SECTION_OF = {
+    "jobs.scenes": (ScenesConfig, "scenes", {"output": "out"}),
+    "jobs.score": (ScoreConfig, "score", {"source": "src", "mae": "m.pth", "output": "out"}),
+    "jobs.rank": (RankConfig, "rank", {"source": "src", "model": "models:/m@champion", "output": "out"}),
+    "jobs.pretrain_mae": (PretrainConfig, "pretrain", {"source": "src", "output": "m.pth"}),
+    "jobs.train": (TrainConfig, "train", {"scores": "scores"}),
+    "jobs.evaluate": (
+        EvaluateConfig,
+        "evaluate",
+        {
+            "model": "models:/m@candidate",
+            "mae": "m.pth",
+            "scores": "s",
+            "train_source": "a",
+            "test_source": "b",
+        },
+    ),
+    "jobs.promote": (PromoteConfig, "promote", {"model": "models:/m", "candidate": "staging"}),
+}
+
+
+@pytest.mark.parametrize("module", list(SECTION_OF))
+def test_every_launcher_reads_its_section_and_names_a_bad_key(module: str, tmp_path: Path) -> None:
+    """Top-level keys give the required options, and the job's own section wins over them (its `seed`,
+    or promote's `candidate`): the launcher's config has them. A misspelt key in that section exits 2
+    naming it, before the job starts."""
+    cls, section, values = SECTION_OF[module]
+    assert set(values) >= {
+        f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+    }
+    key, top_value, own_value = (
+        ("candidate", "staging", "candidate") if module == "jobs.promote" else ("seed", 3, 5)
+    )
+    top = "".join(f"{name}: {json.dumps(value)}\n" for name, value in (values | {key: top_value}).items())
+    (tmp_path / "job.yaml").write_text(f"{top}{section}:\n  {key}: {json.dumps(own_value)}\n")
+    cfg = parse(cls, section, ["--config", str(tmp_path / "job.yaml")], prog=module)
+    assert getattr(cfg, key) == own_value
+    assert all(getattr(cfg, name) == value for name, value in values.items() if name != key)
+    (tmp_path / "bad.yaml").write_text(f"{top}{section}:\n  sede: 5\n")
+    proc = _launch(module, "--config", str(tmp_path / "bad.yaml"), cwd=tmp_path)
+    assert proc.returncode == 2 and "'sede'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize(
