@@ -410,7 +410,8 @@ class DataConfig(_Checked):
     dataset: Literal["scenes", "fashion_mnist"] = "scenes"  # scenes: several objects, masks (docs/scenes.md)
     train_images: int = 10000  # train split: the ranker's score table, the probes and classifiers
     test_images: int = 1000  # test split, held out (scenes: the bias test set: seen and unseen objects)
-    mae: Literal["shipped", "pretrain"] = "shipped"  # shipped: the package's scenes MAE; or the pretrain step
+    #: the judge: shipped (the package's scenes MAE), pretrain (the pretrain step), or an MAE checkpoint file
+    mae: str = "shipped"
     #: scenes: the training split's background kinds, drawn evenly (name one twice to draw it twice as often)
     backgrounds: tuple[Background, ...] = ("black", "texture", "clutter", "photo")
     #: scenes: the held-out split's kinds; a kind not in `backgrounds` tests generalisation to it
@@ -421,9 +422,14 @@ class DataConfig(_Checked):
         _require(len(self.backgrounds) > 0, "backgrounds", "name at least one kind")
         _require(len(self.test_backgrounds) > 0, "test_backgrounds", "name at least one kind")
         _require(
-            self.mae == "pretrain" or self.dataset == "scenes",
+            self.mae != "shipped" or self.dataset == "scenes",
             "mae",
-            "the shipped MAE is the scenes one (56 px); Fashion-MNIST needs mae: pretrain",
+            "the shipped MAE is the scenes one (56 px); Fashion-MNIST needs mae: pretrain (or a file)",
+        )
+        _require(
+            self.mae in ("shipped", "pretrain") or Path(self.mae).is_file(),
+            "mae",
+            f"{self.mae} is not a file; give shipped, pretrain or an MAE checkpoint file",
         )
 
 

@@ -101,14 +101,16 @@ class Plan:
         data = self.root / "data"
         # Scenes: a manifest per split (docs/scenes.md); Fashion-MNIST: an ImageFolder per split.
         self.sources = {s: data / s / MANIFEST if self.scenes else data / s for s in SPLITS}
-        self.digests = {"data": Steps.digest(values["data"])}
+        # The scenes do not depend on the judge: a step after them does, through the MAE's digest below.
+        self.digests = {"data": Steps.digest({k: v for k, v in values["data"].items() if k != "mae"})}
         self.digests["pretrain"] = Steps.digest(self.digests["data"], values["pretrain"])
-        shipped = self.data.mae == "shipped"
-        self.mae = SHIPPED_MAE if shipped else self.root / f"mae-{self.digests['pretrain']}.pth"
-        if shipped:
-            # The steps after it depend on the data and on the MAE's bytes.
-            shipped_sha = hashlib.sha256(SHIPPED_MAE.read_bytes()).hexdigest()
-            self.digests["pretrain"] = Steps.digest(self.digests["data"], shipped_sha)
+        if self.data.mae == "pretrain":
+            self.mae = self.root / f"mae-{self.digests['pretrain']}.pth"
+        else:  # a given judge: the steps after it depend on the data and on the MAE's bytes
+            self.mae = SHIPPED_MAE if self.data.mae == "shipped" else Path(self.data.mae).resolve()
+            self.digests["pretrain"] = Steps.digest(
+                self.digests["data"], hashlib.sha256(self.mae.read_bytes()).hexdigest()
+            )
         checkpoints = str(self.root / "checkpoints")
         self.pretrain = PretrainConfig(
             **{
@@ -192,7 +194,7 @@ def run(plan: Plan) -> dict:
         summary = pretrain_job.run(plan.pretrain)
         return {"mae": str(plan.mae), "final_loss": summary.history[-1]}
 
-    if plan.data.mae == "shipped":
+    if plan.data.mae != "pretrain":
         mae = {"mae": str(plan.mae), "final_loss": None}
     else:
         mae = steps.run("pretrain", plan.digests["pretrain"], pretrain_step, lambda r: plan.mae.exists())

@@ -8,6 +8,7 @@ import pytest
 from ltrp.pipeline.configs import (
     SECTIONS,
     ConfigError,
+    DataConfig,
     EvaluateConfig,
     PretrainConfig,
     PromoteConfig,
@@ -45,6 +46,8 @@ EVALUATE = {"model": "models:/r/1", "mae": "m", "scores": ("t",), "train_source"
         (PromoteConfig, {"model": "models:/r"}, "--candidate"),
         (PromoteConfig, {"model": "models:/r", "candidate": "1", "rollback": True}, "--candidate"),
         (PromoteConfig, {"model": "models:/r", "rollback": True, "dry_run": True}, "--dry-run"),
+        (DataConfig, {"mae": "nowhere/judge.pth"}, "--mae: nowhere/judge.pth is not a file"),
+        (DataConfig, {"dataset": "fashion_mnist"}, "--mae"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_option(cls: type, values: dict, named: str) -> None:
@@ -112,3 +115,25 @@ def test_the_shipped_pipeline_files_plan_every_step(name: str) -> None:
     scenes = plan.data.dataset == "scenes"
     assert plan.evaluate.test_source.endswith("manifest.parquet") is scenes
     assert (plan.score["test"].cover > 0) is scenes and plan.score["train"].cover == 0
+
+
+def test_a_judge_file_replaces_the_shipped_mae_and_names_the_steps_by_its_bytes(tmp_path: Path) -> None:
+    """data.mae: FILE scores with that file; the same bytes as the shipped MAE plan the same steps (the
+    shipped runs are reused), other bytes (the same weights stored in fp32) other ones."""
+    import torch
+
+    from ltrp.data.checkpoints import load_mae, save_mae
+    from ltrp.data.scenes import SHIPPED_MAE
+    from ltrp.pipeline.workflow import Plan
+
+    copy, fp32 = tmp_path / "copy.pth", tmp_path / "fp32.pth"
+    copy.write_bytes(SHIPPED_MAE.read_bytes())
+    save_mae(load_mae(str(SHIPPED_MAE)), str(fp32), dtype=torch.float32)
+    plans = {}
+    for name, mae in (("shipped", "shipped"), ("copy", str(copy)), ("fp32", str(fp32))):
+        (tmp_path / f"{name}.yaml").write_text(f"root: {tmp_path / 'run'}\ndata:\n  mae: {mae}\n")
+        plans[name] = Plan(tmp_path / f"{name}.yaml")
+    assert plans["fp32"].score["train"].mae == str(fp32)
+    assert plans["copy"].digests == plans["shipped"].digests
+    assert plans["fp32"].digests["score-train"] != plans["shipped"].digests["score-train"]
+    assert plans["fp32"].digests["data"] == plans["shipped"].digests["data"]  # the same scenes
