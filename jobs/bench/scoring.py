@@ -3,7 +3,7 @@
     python -m jobs.bench.scoring                       # CPU, MAE-B, batch 8, fp32
     python -m jobs.bench.scoring --device cuda --geometries mae_vit_base_patch16 mae_vit_large_patch16 \
         --batch-size 128 --precisions fp32 bf16 fp16 --compile
-    python -m jobs.bench.scoring --device cuda --mae ltrp/data/weights/mae_vit_scenes_patch4.pth \
+    python -m jobs.bench.scoring --device cuda --mae ltrp/data/weights/mae_vit_scenes_v2_patch4.pth \
         --batch-size 512 --precisions fp32 bf16 fp16 --compile   # tau on an MAE whose decoder is trained
 
 Random images; random weights unless --mae gives a checkpoint (speed does not depend on them; the Kendall
