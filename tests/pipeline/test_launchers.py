@@ -119,7 +119,7 @@ SECTION_OF = {
         {
             "model": "models:/m@candidate",
             "mae": "m.pth",
-            "scores": "s",
+            "scores": ("s",),
             "train_source": "a",
             "test_source": "b",
         },
