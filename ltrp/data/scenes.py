@@ -111,7 +111,7 @@ class SceneConfig:
             raise ValueError(
                 f"require names {len(self.require)} groups but max_objects is {self.max_objects}"
             )
-        if self.photo_folder and not _folder_photos(self.photo_folder):
+        if self.photo_folder and not folder_photos(self.photo_folder):
             raise ValueError(f"photo_folder: no .jpg or .png image in {self.photo_folder}")
         if not 0 < self.faint_contrast <= 1:
             raise ValueError(f"need 0 < faint_contrast <= 1, got {self.faint_contrast}")
@@ -292,7 +292,7 @@ def _photo(rng: np.random.Generator, cfg: SceneConfig) -> np.ndarray:
     """A crop of a natural photograph at a random scale, from one of its object-free regions
     (`PHOTO_REGIONS`), or from anywhere in a photo of `photo_folder`, dimmed by `photo_dim`."""
     if cfg.photo_folder:
-        photos = _folder_photos(cfg.photo_folder)
+        photos = folder_photos(cfg.photo_folder)
         photo = _random_crop(rng, _folder_photo(photos[rng.integers(len(photos))]), cfg.size)
         return photo * cfg.photo_dim
     name = PHOTOS[rng.integers(len(PHOTOS))]
@@ -430,15 +430,18 @@ def _photo_image(name: str) -> np.ndarray:
 
 
 @functools.cache
-def _folder_photos(folder: str) -> tuple[str, ...]:
-    """The .jpg and .png files of `folder`, sorted: a scene's draw indexes into this order."""
+def folder_photos(folder: str) -> tuple[str, ...]:
+    """The .jpg and .png files of `folder` (none if it is not a folder), sorted: a scene's draw indexes
+    into this order."""
+    if not Path(folder).is_dir():
+        return ()
     return tuple(sorted(str(p) for p in Path(folder).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"}))
 
 
 @functools.cache
 def _folder_photo(path: str) -> np.ndarray:
-    """A photo of a folder as (H, W, 3) uint8, its short side scaled to 512 px: crops then span the
-    scales they span on scikit-image's 512-px photos, whatever the file's resolution."""
+    """A photo of a folder as (H, W, 3) uint8, its short side scaled to `PHOTO_SIDE`: crops then span the
+    scales they span on scikit-image's ~512-px photos, whatever the file's resolution."""
     image = Image.open(path).convert("RGB")
     scale = PHOTO_SIDE / min(image.size)
     return np.asarray(image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR))

@@ -459,7 +459,12 @@ class ScenesConfig(_Checked):
             f"must be at least --min-objects {self.min_objects}",
         )
         _require(len(self.backgrounds) > 0, "backgrounds", "name at least one kind")
-        _require(not self.photos or Path(self.photos).is_dir(), "photos", f"{self.photos} is not a folder")
+        if self.photos:  # the generator's own rule, checked before any scene is drawn
+            from ltrp.data.scenes import folder_photos
+
+            _require(
+                bool(folder_photos(self.photos)), "photos", f"no .jpg or .png image in folder {self.photos}"
+            )
 
     def scene(self) -> SceneConfig:
         """The generator's settings (each background kind weighted by how often it is named)."""

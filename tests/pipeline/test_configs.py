@@ -13,6 +13,7 @@ from ltrp.pipeline.configs import (
     PretrainConfig,
     PromoteConfig,
     RankConfig,
+    ScenesConfig,
     ScoreConfig,
     TrainConfig,
     read_config_file,
@@ -48,6 +49,7 @@ EVALUATE = {"model": "models:/r/1", "mae": "m", "scores": ("t",), "train_source"
         (PromoteConfig, {"model": "models:/r", "rollback": True, "dry_run": True}, "--dry-run"),
         (DataConfig, {"mae": "nowhere/judge.pth"}, "--mae: nowhere/judge.pth is not a file"),
         (DataConfig, {"dataset": "fashion_mnist"}, "--mae"),
+        (ScenesConfig, {"output": "o", "photos": "tests"}, "--photos: no .jpg or .png image in folder tests"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_option(cls: type, values: dict, named: str) -> None:
