@@ -435,7 +435,8 @@ def folder_photos(folder: str) -> tuple[str, ...]:
     into this order."""
     if not Path(folder).is_dir():
         return ()
-    return tuple(sorted(str(p) for p in Path(folder).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"}))
+    suffixes = {".jpg", ".jpeg", ".png"}
+    return tuple(sorted(str(p) for p in Path(folder).iterdir() if p.suffix.lower() in suffixes))
 
 
 @functools.cache

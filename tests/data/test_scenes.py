@@ -242,7 +242,7 @@ def test_photo_folder_crops_come_from_its_photos_at_the_scaled_side(tmp_path) ->
     assert corners <= {(0, 0, int(200 * cfg.photo_dim) // 20), (int(200 * cfg.photo_dim) // 20, 0, 0)}
     assert len(corners) == 2
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no .jpg or .png image in .*empty"):
+    with pytest.raises(ValueError, match=r"no \.jpg or \.png image in .*empty"):
         SceneConfig(photo_folder=str(tmp_path / "empty"))
 
 
