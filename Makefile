@@ -16,7 +16,7 @@ MATE_PHOTOS := Aqua Blinds Dune FreshFlower Garden GreenMeadow LadyBird RainDrop
 PLASMA_PHOTOS := BytheWater ColdRipple ColorfulCups DarkestHour EveningGlow FallenLeaf Grey Kite MilkyWay \
 	OneStandsOut Path Volna summer_1am
 
-.PHONY: demo test test-faults test-docs pin image photos
+.PHONY: demo test test-quick test-faults test-docs pin image photos
 
 # Every package at the version of constraints.txt: what CI tests is what the cluster image installs.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -48,6 +48,13 @@ test: $(VENV)/.installed $(FASHION_MNIST)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -m "not gpu and not faults and not docs" --durations=15 -n 2 --dist loadfile
+
+# While working: `make test` without the tests marked slow (each more than a few seconds on a 2-core
+# CPU: real jobs, Ray clusters, trainings), for a check in minutes; `make test` before a commit.
+test-quick: $(VENV)/.installed $(FASHION_MNIST)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -m "not slow and not gpu and not faults and not docs" --durations=15 -n 2 --dist loadfile
 
 # The long fault runs: scoring and ranking jobs killed and re-run, the multi-node cluster with token
 # authentication losing its worker node mid-scoring and mid-training, and training and evaluation through

@@ -21,16 +21,10 @@ from ltrp.pipeline.configs import RankConfig
 
 def main(argv: list[str] | None = None):
     cfg = parse(RankConfig, "rank", sys.argv[1:] if argv is None else list(argv), prog="python -m jobs.rank")
-    from ltrp.data.sources import describe_passed_over
     from ltrp.pipeline import rank_job  # after parsing: --help and refusals need no torch or Ray
 
     summary = run_job(rank_job.run, cfg, "python -m jobs.rank")
-    print(
-        f"ranked {summary.images_ranked} images ({summary.rows_written} rows) and skipped "
-        f"{summary.shards_skipped} finished shards of {summary.shards}; {summary.errors} errors; "
-        f"{summary.seconds:.1f} s, {summary.images_per_second:.2f} img/s -> {summary.output}"
-        + (f"; {describe_passed_over(summary.passed_over)}" if summary.passed_over else "")
-    )
+    print(summary.describe())
     return summary
 
 

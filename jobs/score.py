@@ -38,7 +38,6 @@ def main(argv: list[str] | None = None):
         prog="python -m jobs.score",
         defaults=DEMO if demo else None,
     )
-    from ltrp.data.sources import describe_passed_over
     from ltrp.pipeline import score_job  # after parsing: --help and refusals need no torch or Ray
 
     if demo:
@@ -47,12 +46,7 @@ def main(argv: list[str] | None = None):
         write_sample_photos(Path(DEMO["source"]))
         write_demo_mae(Path(DEMO["mae"]))
     summary = run_job(score_job.run, cfg, "python -m jobs.score")
-    print(
-        f"scored {summary.images_scored} images ({summary.rows_written} rows) and skipped "
-        f"{summary.shards_skipped} finished shards of {summary.shards}; {summary.errors} errors; "
-        f"{summary.seconds:.1f} s, {summary.images_per_second:.2f} img/s -> {summary.output}"
-        + (f"; {describe_passed_over(summary.passed_over)}" if summary.passed_over else "")
-    )
+    print(summary.describe())
     return summary
 
 

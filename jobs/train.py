@@ -3,14 +3,14 @@
     python -m jobs.train --scores runs/demo/scores                       # defaults: ViT-S/16, 1 worker
     python -m jobs.train --scores s3://bucket/scores/run1 --storage s3://bucket/train --name run1 \\
         --workers 8 --device gpu --batch-size 512 --epochs 400 --warmup-epochs 40 \\
-        --model models:/ltrp-ranker --alias candidate
+        --register models:/ltrp-ranker --alias candidate
     python -m jobs.train --config jobs/pipeline.yaml --scores runs/pipeline/scores-train   # YAML; flags win
 
 Runs on a local Ray, or the cluster that RAY_ADDRESS names. A validation and a checkpoint every
 --validate-every epochs go to STORAGE/NAME; running again with the same name and storage resumes from
 the last one, in the same MLflow run (MLFLOW_TRACKING_URI, default sqlite:///mlflow.db; experiment
 ltrp-train), to which rank 0 logs each epoch. --patience stops the training when validation Kendall
-tau stops improving. The best epoch's ranker is registered as a new version of --model, tagged with
+tau stops improving. The best epoch's ranker is registered as a new version of --register, tagged with
 the score table and MAE it learned from.
 """
 

@@ -1,8 +1,11 @@
-"""The architecture as the README's layout table states it: what each subpackage may import."""
+"""The architecture as docs/layout.md's table states it: what each subpackage may import."""
 
+import ast
+import re
 import subprocess
 import sys
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +14,63 @@ from ltrp.core.losses import LOSSES
 from ltrp.core.mae import GEOMETRIES
 from ltrp.core.ranker import RANKER_GEOMETRIES
 
+ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("ray", "mlflow")
+#: The subpackages in the table's order: each may import what its row names and what the rows above
+#: it do ("+ ..."), and the subpackages up to itself.
+LAYERS = ("core", "data", "evaluation", "pipeline")
+#: The table names libraries as installed; a few import under another name.
+IMPORT_NAMES = {"scikit-image": "skimage"}
+
+
+def _allowed() -> dict[str, set[str]]:
+    """Per subpackage, the top-level packages its row of docs/layout.md's table allows, with the rows
+    above it: `| `ltrp/data/` | ... | + numpy, PIL, ... |`."""
+    text = (ROOT / "docs" / "layout.md").read_text()
+    allowed: dict[str, set[str]] = {}
+    above: set[str] = set()
+    for layer in LAYERS:
+        row = re.search(rf"^\| `ltrp/{layer}/` \|.*\| ([^|]*) \|$", text, re.MULTILINE)
+        assert row, f"docs/layout.md: no table row for ltrp/{layer}/"
+        names = {n.strip() for n in row[1].removeprefix("+").split(",") if n.strip()}
+        above |= {IMPORT_NAMES.get(n, n) for n in names}
+        allowed[layer] = set(above)
+    return allowed
+
+
+def _imports(layer: str) -> dict[str, set[str]]:
+    """Every absolute import of ltrp/LAYER's modules, wherever it stands (a function's lazy import
+    included): top-level package (`ltrp.SUBPACKAGE` for the library's own) -> the files importing it.
+    The standard library's are left out."""
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "ltrp" / layer).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                # `from ltrp import data` imports the subpackage `ltrp.data`
+                bare = node.module == "ltrp"
+                names = [f"ltrp.{alias.name}" for alias in node.names] if bare else [node.module]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] not in sys.stdlib_module_names:
+                    key = ".".join(parts[:2]) if parts[0] == "ltrp" else parts[0]
+                    found.setdefault(key, set()).add(path.relative_to(ROOT).as_posix())
+    return found
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_each_subpackage_imports_only_what_its_row_allows(layer: str) -> None:
+    """Every import statement of the subpackage against the table: third-party packages its row (or a
+    row above) names, and the library's subpackages up to itself. What those packages import in turn
+    is theirs (torch loads numpy, pyarrow.dataset pandas)."""
+    up_to = LAYERS[: LAYERS.index(layer) + 1]
+    table = _allowed()[layer]
+    own = {f"ltrp.{lay}" for lay in up_to}
+    outside = {k: sorted(v) for k, v in _imports(layer).items() if k not in table | own}
+    assert not outside, f"ltrp/{layer}/ imports what docs/layout.md's row does not allow: {outside}"
 
 
 def _imported_after(statement: str) -> set[str]:
@@ -21,9 +80,10 @@ def _imported_after(statement: str) -> set[str]:
     return set(out.split())
 
 
-def test_only_the_pipeline_imports_ray_or_mlflow() -> None:
+def test_only_the_pipeline_loads_ray_or_mlflow() -> None:
     """Every module of core, data and evaluation, imported in one fresh interpreter, leaves Ray and
-    MLflow out (one interpreter for all three: each start costs seconds)."""
+    MLflow out, even as what another library loads (one interpreter for all three: each start costs
+    seconds)."""
     code = (
         "import importlib, pkgutil, ltrp.core, ltrp.data, ltrp.evaluation; "
         "[importlib.import_module(m.name) for p in (ltrp.core, ltrp.data, ltrp.evaluation) "
@@ -34,10 +94,12 @@ def test_only_the_pipeline_imports_ray_or_mlflow() -> None:
     assert not loaded & set(HEAVY), loaded & set(HEAVY)
 
 
-def test_import_ltrp_and_the_configs_load_nothing_heavy() -> None:
-    """`import ltrp` exports lazily; the launchers' configs parse without torch, Ray or MLflow."""
+def test_import_ltrp_the_configs_and_the_local_services_load_nothing_heavy() -> None:
+    """`import ltrp` exports lazily; the launchers' configs parse, and the tests' and benchmarks' local
+    services (`ltrp.local`) start, without torch, Ray or MLflow."""
     assert not _imported_after("import ltrp") & {"torch", *HEAVY}
     assert not _imported_after("import ltrp.pipeline.configs, jobs._cli") & {"torch", *HEAVY}
+    assert not _imported_after("import ltrp.local") & {"torch", *HEAVY}
     assert "torch" in _imported_after("import ltrp; ltrp.MAE")  # the export still resolves
 
 

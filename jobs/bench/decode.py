@@ -1,4 +1,4 @@
-"""Benchmark: rendering K views of each JPEG, today's decode per view against one decode per image and
+"""Benchmark: rendering K views of each JPEG, today's `render_views` (one decode per image) against
 other decoders, side by side in one run on one core.
 
     python -m jobs.bench.decode                         # 21 JPEGs, 8 views of 224 px, 3 rounds
@@ -7,10 +7,11 @@ other decoders, side by side in one run on one core.
 The corpus is JPEGs at ImageNet-like sizes (longer side 500 px, quality 90), cut at random from
 scikit-image's colour photos; each image gets K random-crop + flip views (`view_geometry`). Per method:
 views per second of this process's CPU time (one thread: views/s per core, and other processes on the
-machine do not count), its ratio to today's `render_view` per view, and the max and mean absolute
-pixel difference from it over all views (0: identical). The methods alternate within each round and
+machine do not count), its ratio to today's `render_views`, and the max and mean absolute pixel
+difference from it over all views (0: identical). The methods alternate within each round and
 the median round is printed, so machine noise affects all alike. Optional decoders (simplejpeg,
-OpenCV) are timed when installed and reported "not installed" otherwise.
+OpenCV) are timed when installed and reported "not installed" otherwise. (A decode per view,
+`render_view` on each view alone, was measured beside these until commit d29cc9d: docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from PIL import Image, features
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from jobs.bench.jpegs import imagenet_sized_jpegs
-from ltrp.data.images import View, displayed_size, render_view, render_views, view_geometry
+from ltrp.data.images import View, displayed_size, render_views, view_geometry
 
 COLOUR_PHOTOS = (
     "astronaut",
@@ -42,13 +43,16 @@ COLOUR_PHOTOS = (
     "retina",
 )
 
+#: The method the others are measured against: what the decode stage does.
+TODAY = "render_views, one decode per reduction (today)"
+
 #: (image bytes, its views, output side) -> one (side, side, 3) uint8 RGB array per view.
 Method = Callable[[bytes, list[View], int], list[np.ndarray]]
 
 
 @dataclass
 class DecodeBenchConfig:
-    """K views of each JPEG: decode per view, one decode per image and other decoders, side by side."""
+    """K views of each JPEG: today's one decode per image and other decoders, side by side."""
 
     images: int = 21  # JPEGs in the corpus (3 cuts of each photo)
     views: int = 8  # random-crop + flip views per image (K)
@@ -61,11 +65,6 @@ def _box(view: View) -> tuple[int, int, int, int]:
     """The view's box in whole pixels (random crops are whole already) for decoders that slice arrays."""
     left, top, right, bottom = (round(c) for c in view.box)
     return left, top, right, bottom
-
-
-def per_view(data: bytes, views: list[View], size: int) -> list[np.ndarray]:
-    """Today's path: every view decodes the image again."""
-    return [render_view(data, view, size) for view in views]
 
 
 def torchvision_views(data: bytes, views: list[View], size: int) -> list[np.ndarray]:
@@ -141,8 +140,7 @@ def _opencv(interpolation_name: str) -> Method | None:
 def methods() -> dict[str, Method | None]:
     """Every method by name, today's path first; None: its package is not installed."""
     return {
-        "render_view per view (today)": per_view,
-        "render_views (one decode per image)": render_views,
+        TODAY: render_views,
         "torchvision decode_jpeg + interpolate bicubic aa": torchvision_views,
         "Pillow one full decode + BILINEAR": _pillow_full(Image.Resampling.BILINEAR),
         "Pillow one full decode + BICUBIC reducing_gap=1": _pillow_full(Image.Resampling.BICUBIC, 1.0),
@@ -195,8 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(cfg.rounds):
         for name, method in available.items():
             timings[name].append(total / cpu_seconds(method, work, cfg.size))
-    today = statistics.median(timings["render_view per view (today)"])
-    reference = [pixels for data, views in work for pixels in per_view(data, views, cfg.size)]
+    today = statistics.median(timings[TODAY])
+    reference = [pixels for data, views in work for pixels in render_views(data, views, cfg.size)]
     width = max(len(name) for name in methods())
     for name, method in methods().items():
         if method is None:

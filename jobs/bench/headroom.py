@@ -7,19 +7,19 @@ clusters of 1, 2 and 3 nodes on this one machine.
     python -m jobs.bench.headroom --images 8192 --node-cpus 8 --shard-size 256 --batch-size 256
 
 For each node count: a fresh cluster of `ray start --block` processes (a head and count - 1 workers,
-each with --node-cpus logical CPUs and a process group and temp dir of its own, stopped by killing
-those groups: `ray stop` would stop every other Ray on the machine too), one scoring actor per node
-(`scorers` = nodes, each on --scorer-threads torch threads), the library's `score_corpus` called from
-this process (the driver). Three jobs per cluster, each into a fresh output folder: a one-shard
-warm-up (its task workers and the driver's first-job costs then do not fall on the measured jobs;
-Ray Data starts the scoring actors anew for every job, so their start-up is in every figure), then N
-images, then 2N images (N = --images, the first 2N PNGs of Debian's Fashion-MNIST train split,
-repeated if 2N > 60,000). Random MAE weights: speed does not depend on them. The job's own output
+each with --node-cpus logical CPUs and a process group and temp dir of its own, stopped by killing those
+groups: `ray stop` would stop every other Ray on the machine too), one scoring actor per node (`scorers`
+= nodes, each on --scorer-threads torch threads), the library's scoring job (`ScoreJob(cfg).write()`,
+without MLflow) called from this process (the driver). Three jobs per cluster, each into a fresh output
+folder: a one-shard warm-up (its task workers and the driver's first-job costs then do not fall on the
+measured jobs; Ray Data starts the scoring actors anew for every job, so their start-up is in every
+figure), then N images, then 2N images (N = --images, the first 2N PNGs of Debian's Fashion-MNIST train
+split, repeated if 2N > 60,000). Random MAE weights: speed does not depend on them. The job's own output
 (a line per committed shard, Ray's logs) goes to stderr; the figures, one a line, to stdout:
 
-    end to end          rows written / wall seconds of `score_corpus` (planning, actor start-up, the
-                        final commit all included), for the N and the 2N job
-    driver CPU          time.process_time() of this process around `score_corpus` (all its threads:
+    end to end          rows written / wall seconds of the job (planning, actor start-up, the final
+                        commit all included), for the N and the 2N job
+    driver CPU          time.process_time() of this process around the job (all its threads:
                         Ray's core worker, Ray Data's executor, the commit bookkeeping), in seconds per
                         10,000 rows written
     marginal            the 2N job minus the N job: (rows_2N - rows_N) / (t_2N - t_N) rows/s, and
@@ -51,11 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,20 +60,18 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pyarrow.parquet as pq
 import ray
 import torch
 import tyro
 
 import ltrp
+from ltrp import local
 from ltrp.core.options import MAEGeometry
 from ltrp.data.datasets import read_fashion_mnist
 from ltrp.data.images import center_crop, png_bytes, to_model_input
-from ltrp.pipeline import score_job
 from ltrp.pipeline.configs import ScoreConfig
-
-BIN = Path(sys.executable).parent  # this venv's `ray`, whose nodes then run this venv's Python
+from ltrp.pipeline.score_job import ScoreJob
 
 
 @dataclass
@@ -161,79 +154,16 @@ def mae_b_seconds_per_view(cfg: HeadroomConfig) -> float:
         )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ports(*names: str) -> list[str]:
-    # Every port a node would otherwise take at a fixed default: other Rays may run on this machine.
-    return [f"--{name}={free_port()}" for name in names]
-
-
-def _node_env() -> dict[str, str]:
-    # None of the caller's RAY_* settings (a RAY_ADDRESS would make a head join another cluster).
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    # Token authentication off, said explicitly: unset, `ray start` turns it on whenever a
-    # ~/.ray/auth_token exists (a local `ray.init()` writes one), and a driver given an address, as this
-    # one, stays off and is refused. (On, it would need the token in this process's environment before
-    # Ray is first imported: Ray reads its auth mode once.)
-    env["RAY_AUTH_MODE"] = "disabled"
-    return env
-
-
-class LocalCluster:
-    """`nodes` Ray nodes of `ray start --block` on 127.0.0.1, each a process group with a temp dir of
-    its own (as separate machines; short paths, as Unix socket paths are capped), stopped by killing
-    those groups."""
+class LocalCluster(local.RayCluster):
+    """`nodes` Ray nodes on 127.0.0.1 (`ltrp.local.RayCluster`: a head and nodes - 1 workers, each
+    a process group with a temp dir of its own, stopped by killing those groups), token authentication
+    off, each node with `cpus` logical CPUs."""
 
     def __init__(self, nodes: int, cpus: int) -> None:
-        self.nodes: list[tuple[subprocess.Popen, str]] = []
-        gcs = free_port()
-        self.address = f"127.0.0.1:{gcs}"
-        try:
-            self._start(
-                [
-                    "--head",
-                    f"--port={gcs}",
-                    "--include-dashboard=false",
-                    *_ports("ray-client-server-port", "dashboard-port"),
-                ],
-                cpus,
-            )
-            _wait_for_port(gcs, self.nodes[0][0])
-            for _ in range(nodes - 1):
-                self._start([f"--address={self.address}"], cpus)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _start(self, args: list[str], cpus: int) -> None:
-        temp_dir = tempfile.mkdtemp(prefix="ltrp-hr-", dir="/tmp")
-        proc = subprocess.Popen(
-            [
-                BIN / "ray",
-                "start",
-                "--block",
-                "--node-ip-address=127.0.0.1",
-                f"--num-cpus={cpus}",
-                "--num-gpus=0",
-                "--object-store-memory=200000000",
-                f"--temp-dir={temp_dir}",
-                "--disable-usage-stats",
-                *_ports("node-manager-port", "object-manager-port", "runtime-env-agent-port"),
-                *_ports("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port"),
-                *args,
-            ],
-            env=_node_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
+        super().__init__(
+            nodes - 1, head_cpus=cpus, worker_cpus=cpus, env=local.ray_node_env(), temp_prefix="ltrp-hr-"
         )
-        self.nodes.append((proc, temp_dir))
+        self.address = self.gcs_address
 
     def wait_for_nodes(self, count: int, cpus: int, timeout: float = 120) -> None:
         """Until this (connected) driver sees `count` alive nodes and all their CPUs."""
@@ -245,38 +175,6 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(alive)} of {count} Ray nodes alive after {timeout} s")
             time.sleep(0.5)
-
-    def stop(self) -> None:
-        """SIGKILL to each node's process group, then to any process that left its group but names its
-        temp dir; then the temp dirs removed."""
-        for proc, _ in self.nodes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        marks = [temp_dir for _, temp_dir in self.nodes]
-        leftovers = [
-            p
-            for p in psutil.process_iter(["cmdline"])
-            if p.pid != os.getpid() and any(m in " ".join(p.info["cmdline"] or []) for m in marks)
-        ]
-        for p in leftovers:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(leftovers, timeout=10)
-        for temp_dir in marks:
-            shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the Ray head exited early with code {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"no Ray head listening on 127.0.0.1:{port} after {timeout} s")
 
 
 @ray.remote(num_cpus=0)
@@ -309,15 +207,15 @@ def run_job(source: Path, output: Path, mae: Path, scorers: int, cfg: HeadroomCo
         shard_size=cfg.shard_size,
         file_shards=1,  # a file per shard: its time is the shard's commit, which is what is measured
         batch_size=cfg.batch_size,
-        scorers=scorers,
-        scorer_cpus=cfg.scorer_cpus,
-        scorer_threads=cfg.scorer_threads,
+        workers=scorers,
+        worker_cpus=cfg.scorer_cpus,
+        threads=cfg.scorer_threads,
         device="cpu",
     )
     # The job's progress lines to stderr, so that stdout holds the figures only.
     with contextlib.redirect_stdout(sys.stderr):
         cpu, wall = time.process_time(), time.perf_counter()
-        summary = score_job.score_corpus(job)
+        summary = ScoreJob(job).write()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return JobFigures(summary.rows_written, wall, cpu)
 

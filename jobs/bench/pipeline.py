@@ -27,8 +27,8 @@ from ltrp.core.leave_one_out import AUTOCAST_DTYPES
 from ltrp.core.options import MAEGeometry, Precision
 from ltrp.data.datasets import SAMPLE_PHOTOS
 from ltrp.data.images import center_crop, to_model_input
-from ltrp.pipeline import score_job
 from ltrp.pipeline.configs import ScoreConfig
+from ltrp.pipeline.score_job import ScoreJob
 
 
 @dataclass
@@ -103,7 +103,7 @@ def main() -> None:
             shard_size=cfg.batch_size,
             file_shards=1,  # a file per shard: its time is the shard's commit, which is what is measured
         )
-        end_to_end = score_job.score_corpus(job).images_per_second
+        end_to_end = ScoreJob(job).write().images_per_second
         steady = steady_images_per_second(root / "out" / "scores")
         ray.shutdown()  # the kernel gets the machine to itself
         kernel = kernel_images_per_second(mae, paths, cfg)

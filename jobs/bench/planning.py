@@ -1,4 +1,4 @@
-"""Benchmark: planning an S3 corpus, the streaming planner against the full listing it replaced.
+"""Benchmark: planning an S3 corpus, a folder and a manifest, in time and memory.
 
     python -m jobs.bench.planning                      # 50,000 objects in 50 class folders, shards of 256
     python -m jobs.bench.planning --objects 100000 --classes 100    # over 5 minutes here
@@ -9,14 +9,14 @@ same N uris straight into moto's backend: uploads through moto's HTTP API ran at
 (10,000 in 96 s), 16 minutes for the default. Then it measures, each in a fresh interpreter (so that
 one does not reuse memory another freed), with s3fs talking to the server over HTTP:
 
-- folder, `sorted(fs.find(prefix))`: the listing the planner made before (baseline; it then built
-  tuples and shards on top of it, so it held more than this);
 - folder, `plan_corpus(prefix, shard_size)`: the streaming planner, shards and all;
-- manifest, the rows as Python tuples, sorted: what the planner did with a manifest before (baseline);
 - manifest, `plan_corpus(manifest, shard_size)`.
 
-Per method, after a warm-up on a 3-object corpus (lazy imports, the S3 client's service model), from
-one run with tracemalloc on (a second, untraced run would double the ~3 minutes):
+(The full listings the streaming planner replaced were measured beside it until commit d29cc9d; their
+figures are in docs/benchmarks.md.)
+
+Per source, after a warm-up on a 3-object corpus (lazy imports, the S3 client's service model), from
+one run with tracemalloc on (a second, untraced run would double the time):
 seconds, objects/s, peak Python memory (tracemalloc), the peak of Arrow's memory pool (which
 tracemalloc does not see), and RSS growth (resident memory after the run, its result still held, minus
 before), with tracemalloc's own memory for its traces at that point, which the RSS growth includes.
@@ -24,8 +24,8 @@ Then the seconds and peaks linearly extrapolated to 10^7 objects.
 
 Listing speed here is moto's, not S3's: moto scans its whole key set for every listing request (a page
 of up to 1,000 keys, or one folder), so a listing's time grows with N squared. At 100,000 objects
-`sorted(fs.find)` alone took 150 s, and the run passed 5 minutes: hence the default of 50,000. The
-memory figures are the planner's.
+a full listing (`sorted(fs.find)`) alone took 150 s: hence the default of 50,000. The memory figures
+are the planner's.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import multiprocessing
 import os
 import time
 import tracemalloc
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import fsspec
@@ -56,7 +55,7 @@ EXTRAPOLATE_TO = 10**7
 
 @dataclass
 class PlanningBenchConfig:
-    """Planning an S3 corpus: the streaming planner against the full listing it replaced."""
+    """Planning an S3 corpus, a folder and a manifest: seconds and memory."""
 
     objects: int = 50_000  # objects in the corpus (and rows in the manifest)
     classes: int = 50  # class folders they are spread over
@@ -107,38 +106,15 @@ def _store(cfg: PlanningBenchConfig) -> None:
         backend.put_object(BUCKET, f"{prefix}.parquet", buffer.getvalue())
 
 
-def _find_sorted(prefix: str, shard_size: int) -> list[str]:
-    """What the planner listed before (the shard size is not needed to list)."""
-    fs, base = fsspec.core.url_to_fs(prefix)
-    return sorted(fs.find(base))
-
-
-def _manifest_rows_as_before(manifest: str, shard_size: int) -> list[tuple[str, str, str | None]]:
-    """The old planner's manifest work up to its shards: every row a Python tuple, sorted (ids are
-    the uris here)."""
-    with fsspec.open(manifest, "rb") as f:
-        table = pq.read_table(f)
-    uris, labels = table.column("uri").to_pylist(), table.column("label").to_pylist()
-    return sorted(zip(uris, uris, labels, strict=True))
-
-
-METHODS: dict[str, Callable[[str, int], object]] = {
-    "find": _find_sorted,
-    "plan": plan_corpus,
-    "manifest_before": _manifest_rows_as_before,
-}
-
-
-def _measure(method: str, source: str, warmup: str, shard_size: int) -> Measure:
-    """Runs in a fresh interpreter: the method on `warmup` (lazy imports, the client's service model:
+def _measure(source: str, warmup: str, shard_size: int) -> Measure:
+    """Runs in a fresh interpreter: the planner on `warmup` (lazy imports, the client's service model:
     not the planner's memory), then once on `source`, measured, under tracemalloc."""
-    run = METHODS[method]
-    run(warmup, shard_size)
+    plan_corpus(warmup, shard_size)
     process = psutil.Process()
     rss_before = process.memory_info().rss
     tracemalloc.start()
     start = time.perf_counter()
-    result = run(source, shard_size)
+    result = plan_corpus(source, shard_size)
     seconds = time.perf_counter() - start
     _, peak = tracemalloc.get_traced_memory()
     rss_growth = process.memory_info().rss - rss_before
@@ -178,17 +154,15 @@ def main() -> None:
         folder, manifest = f"s3://{BUCKET}/corpus", f"s3://{BUCKET}/corpus.parquet"
         warm_folder, warm_manifest = f"s3://{BUCKET}/warmup", f"s3://{BUCKET}/warmup.parquet"
         runs = [
-            ("folder sorted(fs.find) [before]", "find", folder, warm_folder),
-            ("folder plan_corpus [streaming]", "plan", folder, warm_folder),
-            ("manifest sorted Python tuples [before]", "manifest_before", manifest, warm_manifest),
-            ("manifest plan_corpus [arrow]", "plan", manifest, warm_manifest),
+            ("folder plan_corpus [streaming]", folder, warm_folder),
+            ("manifest plan_corpus [arrow]", manifest, warm_manifest),
         ]
         tag = f"planning {cfg.objects} objects, {cfg.classes} folders, shard size {cfg.shard_size}"
-        # A fresh interpreter per method: RSS growth is then not memory another method freed.
+        # A fresh interpreter per source: RSS growth is then not memory another run freed.
         spawn = multiprocessing.get_context("spawn")
-        for label, method, source, warmup in runs:
+        for label, source, warmup in runs:
             with spawn.Pool(1) as pool:
-                measure = pool.apply(_measure, (method, source, warmup, cfg.shard_size))
+                measure = pool.apply(_measure, (source, warmup, cfg.shard_size))
             _report(f"{tag}: {label}", measure, cfg.objects)
     finally:
         moto.stop()

@@ -4,15 +4,15 @@
     python -m jobs.bench.train --batch-size 512      # on a GPU machine (bf16 autocast there)
 
 Prints images/s of: the asymmetric training step (CLS + 19 visible tokens, forward + backward + AdamW),
-the same step on all 196 tokens, and views/s of loading the training's views on one CPU core, three ways:
-    replay, a view at a time     read + decode + crop + resize each view alone (training before this change)
+the same step on all 196 tokens, and views/s of loading the training's views on one CPU core, two ways:
     replay, an image's views     `training_data.load_views`: an image's K views share one read and decode
     cached pixels                the same views rendered once, stored as uint8 in Parquet (zstd or none), read
                                  back (its bytes per view on disk are printed beside the JPEGs' per image;
                                  a cache also ties the table to one view size)
 and how many such cores keep the asymmetric step busy, so one can see whether the accelerator or the
 data is the bottleneck. K random views (RandomResizedCrop geometry, flips) of ImageNet-sized JPEGs.
-Random weights and data for the step: speed does not depend on them.
+Random weights and data for the step: speed does not depend on them. (Each view replayed alone, what
+training did before commit bb51ff2, was measured beside these until commit d29cc9d: docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ from ltrp.core.losses import listmle
 from ltrp.core.optim import param_groups
 from ltrp.core.options import RankerGeometry
 from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker
-from ltrp.data.images import View, displayed_size, render_view, view_geometry
-from ltrp.data.sources import read_many
+from ltrp.data.images import displayed_size, view_geometry
 from ltrp.data.tables import SCORES_SCHEMA
 from ltrp.pipeline.training_data import load_views
 
@@ -89,15 +88,6 @@ def views_per_second(load: Callable[[pa.Table], object], rows: pa.Table, batch: 
     return rows.num_rows / (time.perf_counter() - start)
 
 
-def one_at_a_time(rows: pa.Table, size: int) -> np.ndarray:
-    """Each view replayed alone: its image read and decoded once per view."""
-    boxes, flips = rows.column("crop_box").to_pylist(), rows.column("flip").to_pylist()
-    data = read_many(rows.column("uri").to_pylist())
-    return np.stack(
-        [render_view(d, View(tuple(b), f), size) for d, b, f in zip(data, boxes, flips, strict=True)]
-    )
-
-
 def cached_views_per_second(
     pixels: np.ndarray, batch: int, folder: Path, compression: Literal["zstd", "none"]
 ) -> tuple[float, float]:
@@ -144,9 +134,6 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = score_rows(Path(tmp), cfg.images, cfg.views)
         loading = {
-            "replay, a view at a time": views_per_second(
-                partial(one_at_a_time, size=size), rows, cfg.batch_size
-            ),
             "replay, an image's views": views_per_second(
                 partial(load_views, size=size), rows, cfg.batch_size
             ),

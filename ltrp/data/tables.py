@@ -34,8 +34,28 @@ RANKS_SCHEMA = pa.schema(
         ("order", pa.list_(pa.int16())),  # (L,) positions by score, best first (from the fp32 scores)
     ]
 )
+# The output folder of a corpus job, in one place: `ltrp.pipeline.shards` writes it, the readers here
+# read it. Folders and files whose names start with "_" are the job's bookkeeping, which readers and
+# query engines skip.
+#   SCORES/ or RANKS/  the rows, one part_file() per group of shards
+#   ERRORS/            images that could not be used (ERRORS_SCHEMA), likewise
+#   JOB_FILE           the job's metadata;  SUCCESS_FILE: written once every shard is committed
+#   SHARDS_DIR/        committed shards waiting for their group;  PARTS_DIR/: rows of incomplete shards
+SCORES, RANKS, ERRORS = "scores", "ranks", "errors"
 #: A job's metadata file at the root of its output.
 JOB_FILE = "_ltrp_job.json"
+SUCCESS_FILE = "_SUCCESS"
+SHARDS_DIR, PARTS_DIR = "_shards", "_parts"
+
+
+PART_FILES = "part-*.parquet"
+
+
+def part_file(group: int) -> str:
+    """The file of a group of shards in a table's folder (one of PART_FILES)."""
+    return f"part-{group:05d}.parquet"
+
+
 ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("reason", pa.string())])
 
 
@@ -47,7 +67,7 @@ def read_scores(uri: str, *, columns: list[str] | None = None, filters: list | N
         FileNotFoundError: `uri` is not a scoring job's output (it holds no `_ltrp_job.json`).
         ValueError: a file of the table lacks a column of the score table's schema.
     """
-    return _read_table(uri, "score", "scores", SCORES_SCHEMA, columns, filters)
+    return _read_table(uri, "score", SCORES, SCORES_SCHEMA, columns, filters)
 
 
 def read_errors(uri: str) -> pa.Table:
@@ -57,7 +77,7 @@ def read_errors(uri: str) -> pa.Table:
         FileNotFoundError: `uri` is not a job's output (it holds no `_ltrp_job.json`).
     """
     fs, root = _job_root(uri)
-    path = posixpath.join(root, "errors")
+    path = posixpath.join(root, ERRORS)
     if not fs.exists(path):
         return ERRORS_SCHEMA.empty_table()
     return pq.read_table(path, filesystem=fs, schema=ERRORS_SCHEMA)
@@ -71,7 +91,7 @@ def read_ranks(uri: str, *, columns: list[str] | None = None, filters: list | No
         FileNotFoundError: `uri` is not a ranking job's output (it holds no `_ltrp_job.json`).
         ValueError: a file of the table lacks a column of the rank table's schema.
     """
-    return _read_table(uri, "rank", "ranks", RANKS_SCHEMA, columns, filters)
+    return _read_table(uri, "rank", RANKS, RANKS_SCHEMA, columns, filters)
 
 
 def _read_table(

@@ -3,9 +3,13 @@ help (`python -m jobs.<job> --help` shows them, with defaults), and which checks
 
 A config is valid or cannot be built: `__post_init__` checks every value against its type (choices of a
 `Literal`, numbers that must be numbers) and the job's ranges and combinations, so a bad option fails
-here, before a job starts Ray, opens an MLflow run or writes anything. A field that only changes how
-fast a job runs, not what it computes, is marked `execution_only()`: every other field of the scoring
-job is part of its output's fingerprint, so a new setting cannot be left out of it.
+here, before a job starts Ray, opens an MLflow run or writes anything.
+
+One resume rule for every job that resumes (scoring, ranking, training, pre-training): a field a later
+launch may change is marked `may_change()` (how the job runs: workers, batch sizes, where it logs; and,
+for the trainings, how long and how fast they learn); every other field is the job's identity
+(`identity_fields`): a resume must agree on it, and it is the corpus jobs' output fingerprint. A new
+field is identity unless marked, so forgetting to mark one refuses a resume, never mixes results.
 
 Torch-, Ray- and MLflow-free, so that launchers parse and refuse quickly.
 """
@@ -49,17 +53,17 @@ if TYPE_CHECKING:
 REGISTERED_MODEL = re.compile(r"^models:/(?P<name>[^/@]+)$")
 #: models:/NAME/VERSION or models:/NAME@ALIAS, one registered version.
 MODEL_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
-_EXECUTION_ONLY = "execution_only"
+_MAY_CHANGE = "may_change"
 
 
-def execution_only(default: Any) -> Any:
-    """A field that changes how fast a job runs, not its results (left out of fingerprints)."""
-    return field(default=default, metadata={_EXECUTION_ONLY: True})
+def may_change(default: Any) -> Any:
+    """A field that a resumed job may take a new value of (left out of `identity_fields`)."""
+    return field(default=default, metadata={_MAY_CHANGE: True})
 
 
-def result_fields(cfg: object) -> dict[str, Any]:
-    """The fields of `cfg` that change what the job computes: all but the `execution_only()` ones."""
-    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if not f.metadata.get(_EXECUTION_ONLY)}
+def identity_fields(cfg: object) -> dict[str, Any]:
+    """The fields of `cfg` that a resume must agree on: all but the `may_change()` ones."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if not f.metadata.get(_MAY_CHANGE)}
 
 
 def option(name: str) -> str:
@@ -162,12 +166,12 @@ def _at_least(cfg: object, minimum: int, *names: str) -> None:
 
 
 def registered_name(uri: str) -> str:
-    """NAME of a checked `models:/NAME` option (train's and promote's --model)."""
+    """NAME of a checked `models:/NAME` option (train's --register, promote's --model)."""
     return REGISTERED_MODEL.match(uri)["name"]  # type: ignore[index]
 
 
-def _registered_model(uri: str) -> None:
-    _require(bool(REGISTERED_MODEL.match(uri)), "model", f"expected models:/NAME, got {uri!r}")
+def _registered_model(uri: str, name: str = "model") -> None:
+    _require(bool(REGISTERED_MODEL.match(uri)), name, f"expected models:/NAME, got {uri!r}")
 
 
 def _model_version_or_file(uri: str, name: str = "model") -> None:
@@ -183,40 +187,50 @@ def _mask_ratio(value: float) -> None:
     _require(0.0 <= value < 1.0, "mask_ratio", f"must be in [0, 1), got {value}")
 
 
-@dataclass
-class ScoreConfig(_Checked):
-    """Score an image corpus: leave-one-out MAE pseudo-scores of each view's visible patches."""
+@dataclass(kw_only=True)
+class CorpusConfig(_Checked):
+    """What every corpus job (an image corpus -> a table, `ltrp.pipeline.corpus_job`) takes: the corpus,
+    its views, the output's shards and files, and the model stage's workers."""
 
     source: str  # images: folder, s3:// prefix, .tar shard or .parquet/.csv manifest
-    mae: str = execution_only(MISSING)  # MAE checkpoint with a decoder, local or s3:// (its sha256 counts)
-    output: str = execution_only(MISSING)  # output folder or s3:// prefix; re-using one resumes that job
-    views: int = 1  # views per image; each has its own crop, flip and visible set
-    cover: int = (
-        0  # R > 0: the full-coverage oracle, R rounds of disjoint visible sets covering every patch of view 0
-    )
+    output: str = may_change(MISSING)  # output folder or s3:// prefix; re-using one resumes that job
+    views: int = 1  # views per image; each has its own crop and flip
     crop: Crop = "center"  # center: the central square; random: RandomResizedCrop geometry (scale 0.2-1)
     flip: bool = False  # mirror each view with probability 1/2
-    mask_ratio: float = 0.9  # fraction of patches hidden from the MAE (0.9 keeps 19 of 196)
-    seed: int = 0  # seed of crops, flips and visible sets
-    mode: Mode = "decoder"  # decoder: cut the patch out of the decoder (the paper); encoder: MAE-masked
-    metric: Metric = "l1"  # distance between reconstructions: l1 (the paper) or l2
-    precision: Precision = "fp32"  # scoring arithmetic; fp16/bf16 autocast need a GPU
-    batch_size: int = execution_only(32)  # views per scoring call
+    seed: int = 0  # seed of the views (crops, flips; the scoring job's visible sets too)
+    batch_size: int = may_change(64)  # views per model call
     shard_size: int = 256  # images per shard: the unit of commit and of resume
     file_shards: int = 256  # shards per output file: a file combines them once all are committed
-    scorers: int | None = execution_only(None)  # scoring actors (at least); None: one per GPU, else 1
-    max_scorers: int | None = execution_only(None)  # an autoscaling cluster grows the pool up to this
-    scorer_cpus: float = execution_only(1.0)  # CPUs reserved by each scoring actor
-    scorer_threads: int | None = execution_only(None)  # torch threads of a CPU scorer; None: its CPUs
-    device: Device = execution_only("auto")  # auto: GPU scorers when the cluster has GPUs
+    workers: int | None = may_change(None)  # model actors (at least); None: one per GPU, else 1
+    max_workers: int | None = may_change(None)  # an autoscaling cluster grows the pool up to this
+    worker_cpus: float = may_change(1.0)  # CPUs reserved by each model actor
+    threads: int | None = may_change(None)  # torch threads of a CPU model actor; None: its CPUs
+    device: Device = may_change("auto")  # auto: GPU model actors when the cluster has GPUs
     min_side: int = 16  # images with a shorter side below this (px) are recorded as errors
     max_pixels: int = 89_478_485  # images with more pixels are recorded as errors (decompression bombs)
 
     def check(self) -> None:
         _at_least(self, 1, "views", "batch_size", "shard_size", "file_shards")
-        _at_least(self, 1, "scorers", "scorer_threads", "min_side")
-        _at_least(self, self.scorers or 1, "max_scorers")
-        _positive(self, "scorer_cpus", "max_pixels")
+        _at_least(self, 1, "workers", "threads", "min_side")
+        _at_least(self, self.workers or 1, "max_workers")
+        _positive(self, "worker_cpus", "max_pixels")
+
+
+@dataclass(kw_only=True)
+class ScoreConfig(CorpusConfig):
+    """Score an image corpus: leave-one-out MAE pseudo-scores of each view's visible patches."""
+
+    mae: str = may_change(MISSING)  # MAE checkpoint with a decoder, local or s3:// (its sha256 counts)
+    #: R > 0: the full-coverage oracle, R rounds of disjoint visible sets covering every patch of view 0
+    cover: int = 0
+    mask_ratio: float = 0.9  # fraction of patches hidden from the MAE (0.9 keeps 19 of 196)
+    mode: Mode = "decoder"  # decoder: cut the patch out of the decoder (the paper); encoder: MAE-masked
+    metric: Metric = "l1"  # distance between reconstructions: l1 (the paper) or l2
+    precision: Precision = "fp32"  # scoring arithmetic; fp16/bf16 autocast need a GPU
+    batch_size: int = may_change(32)  # views per scoring call
+
+    def check(self) -> None:
+        super().check()
         _mask_ratio(self.mask_ratio)
         _at_least(self, 0, "cover")
         _require(
@@ -231,33 +245,14 @@ class ScoreConfig(_Checked):
         )
 
 
-@dataclass
-class RankConfig(_Checked):
+@dataclass(kw_only=True)
+class RankConfig(CorpusConfig):
     """Rank the patches of every image of a corpus with a trained ranker: a table of scores and order."""
 
-    source: str  # images: folder, s3:// prefix, .tar shard or .parquet/.csv manifest
-    model: str = execution_only(MISSING)  # ranker: models:/NAME@ALIAS, models:/NAME/VERSION or state.pt
-    output: str = execution_only(MISSING)  # output folder or s3:// prefix; re-using one resumes that job
-    views: int = 1  # views per image; each has its own crop and flip
-    crop: Crop = "center"  # center: the central square; random: RandomResizedCrop geometry (scale 0.2-1)
-    flip: bool = False  # mirror each view with probability 1/2
-    seed: int = 0  # seed of crops and flips
-    batch_size: int = execution_only(64)  # views per ranker call
-    shard_size: int = 256  # images per shard: the unit of commit and of resume
-    file_shards: int = 256  # shards per output file: a file combines them once all are committed
-    rankers: int | None = execution_only(None)  # ranking actors (at least); None: one per GPU, else 1
-    max_rankers: int | None = execution_only(None)  # an autoscaling cluster grows the pool up to this
-    ranker_cpus: float = execution_only(1.0)  # CPUs reserved by each ranking actor
-    ranker_threads: int | None = execution_only(None)  # torch threads of a CPU ranker; None: its CPUs
-    device: Device = execution_only("auto")  # auto: GPU rankers when the cluster has GPUs
-    min_side: int = 16  # images with a shorter side below this (px) are recorded as errors
-    max_pixels: int = 89_478_485  # images with more pixels are recorded as errors (decompression bombs)
+    model: str = may_change(MISSING)  # ranker: models:/NAME@ALIAS, models:/NAME/VERSION or state.pt
 
     def check(self) -> None:
-        _at_least(self, 1, "views", "batch_size", "shard_size", "file_shards")
-        _at_least(self, 1, "rankers", "ranker_threads", "min_side")
-        _at_least(self, self.rankers or 1, "max_rankers")
-        _positive(self, "ranker_cpus", "max_pixels")
+        super().check()
         _model_version_or_file(self.model)
 
 
@@ -266,30 +261,33 @@ class PretrainConfig(_Checked):
     """Pre-train an MAE with Ray Train (DDP) on any corpus the scoring job reads."""
 
     source: str  # images: folder, s3:// prefix, .tar shard or .parquet/.csv manifest
-    output: str  # where the final MAE goes (local or s3://), e.g. runs/mae.pth
-    name: str = "ltrp-mae"  # Ray Train run name: running again with the same name and storage resumes
-    storage: str = "runs/pretrain"  # checkpoints go to STORAGE/NAME (local or s3://)
+    output: str = may_change(MISSING)  # where the final MAE goes (local or s3://), e.g. runs/mae.pth
+    #: Ray Train run name: running again with the same name and storage resumes
+    name: str = may_change("ltrp-mae")
+    storage: str = may_change("runs/pretrain")  # checkpoints go to STORAGE/NAME (local or s3://)
     geometry: MAEGeometry = "mae_vit_base_patch16"  # MAE size and patch grid
     norm_pix: bool = False  # learn per-patch standardised pixels; default raw pixels, what LTRP scores in
     mask_ratio: float = 0.75  # fraction of patches hidden from the encoder
-    epochs: int = 10  # epochs
-    warmup_epochs: int = 1  # linear warm-up epochs before the cosine decay
-    batch_size: int = 64  # images per worker and step
-    lr: float | None = None  # peak learning rate; None: base_lr * global batch / 256, MAE's rule
-    base_lr: float = 1.5e-4  # learning rate per 256 images of global batch
-    weight_decay: float = 0.05  # AdamW weight decay (not on norms, biases and tokens)
+    epochs: int = may_change(10)  # epochs
+    warmup_epochs: int = may_change(1)  # linear warm-up epochs before the cosine decay
+    batch_size: int = may_change(64)  # images per worker and step
+    lr: float | None = may_change(None)  # peak learning rate; None: base_lr * global batch / 256, MAE's rule
+    base_lr: float = may_change(1.5e-4)  # learning rate per 256 images of global batch
+    weight_decay: float = may_change(0.05)  # AdamW weight decay (not on norms, biases and tokens)
     crop: Crop = "center"  # center: the largest central square; random: RandomResizedCrop, scale 0.2-1
     flip: bool = False  # mirror each view with probability 1/2
     max_images: int | None = None  # only the first N images of the source (in its sorted order)
     shard_size: int = 64  # images per read task
-    shuffle_buffer: int = 1024  # images in each worker's local shuffle buffer (0: none)
-    workers: int = 1  # DDP workers
-    device: Device = "auto"  # auto: one GPU per worker when the cluster has GPUs (NCCL), else CPU (gloo)
-    worker_cpus: float = 1.0  # CPUs reserved per worker
-    threads: int | None = None  # torch threads of a CPU worker; None: Ray's (one per reserved CPU)
-    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    shuffle_buffer: int = may_change(1024)  # images in each worker's local shuffle buffer (0: none)
+    workers: int = may_change(1)  # DDP workers
+    #: auto: one GPU per worker when the cluster has GPUs (NCCL), else CPU (gloo)
+    device: Device = may_change("auto")
+    worker_cpus: float = may_change(1.0)  # CPUs reserved per worker
+    #: torch threads of a CPU worker; None: Ray's (one per reserved CPU)
+    threads: int | None = may_change(None)
+    max_failures: int = may_change(2)  # worker-group restarts from the last checkpoint before the run fails
     seed: int = 0  # seed of the initialisation, views, masks and order
-    sample_images: int = 8  # fixed images in the reconstruction grid logged each epoch
+    sample_images: int = may_change(8)  # fixed images in the reconstruction grid logged each epoch
 
     def check(self) -> None:
         _at_least(self, 1, "epochs", "batch_size", "max_images", "shard_size", "workers", "threads")
@@ -304,38 +302,41 @@ class TrainConfig(_Checked):
     """Train the LTRP ranker on a score table with Ray Train (DDP) and register it in MLflow."""
 
     scores: str  # output of the scoring job (local or s3://)
-    name: str = "ltrp-ranker"  # Ray Train run name: running again with the same name and storage resumes
-    storage: str = "runs/train"  # checkpoints go to STORAGE/NAME (local or s3://)
+    #: Ray Train run name: running again with the same name and storage resumes
+    name: str = may_change("ltrp-ranker")
+    storage: str = may_change("runs/train")  # checkpoints go to STORAGE/NAME (local or s3://)
     ranker: RankerGeometry = "ltrp_vit_small_patch16"  # ranker size and patch grid (small: the paper's)
     head: Head = "cls"  # cls: a Linear on the CLS token scores every position (the paper); token: per token
     init: Init = "scratch"  # scratch, or mae: the backbone starts from the encoder of the table's MAE
     loss: Loss = "listmle"  # ranking loss (listmle: the paper's)
-    training: Training = (
-        "asymmetric"  # asymmetric: sees CLS + the n scored patches (the paper); symmetric: all L
-    )
-    epochs: int = 10  # epochs
-    warmup_epochs: int = 1  # linear warm-up epochs before the cosine decay
-    batch_size: int = 64  # views per worker and step
-    shuffle_buffer: int = (
-        1024  # views in each worker's local shuffle buffer (0: table order, an image's views together)
-    )
-    lr: float | None = None  # peak learning rate; None: 1.5e-4 * global batch / 256, the authors' rule
-    weight_decay: float = 0.06  # AdamW weight decay (not on norms, biases and tokens)
+    training: Training = "asymmetric"  # asymmetric: CLS + the n scored patches (the paper); symmetric: all L
+    epochs: int = may_change(10)  # epochs
+    warmup_epochs: int = may_change(1)  # linear warm-up epochs before the cosine decay
+    batch_size: int = may_change(64)  # views per worker and step
+    #: views in each worker's local shuffle buffer (0: table order, an image's views together)
+    shuffle_buffer: int = may_change(1024)
+    #: peak learning rate; None: 1.5e-4 * global batch / 256, the authors' rule
+    lr: float | None = may_change(None)
+    weight_decay: float = may_change(0.06)  # AdamW weight decay (not on norms, biases and tokens)
     val_fraction: float = 0.1  # fraction of images (by id hash) held out for validation
     views: int | None = None  # train on views 0 .. N-1 of each image only (None: every view in the table)
-    topk: int = 5  # k of NDCG@k and top-k overlap
-    validate_every: int = 1  # validate (and checkpoint) every N epochs, and after the last
-    patience: int | None = None  # stop after N validations without a better val_kendall_tau (None: never)
+    topk: int = may_change(5)  # k of NDCG@k and top-k overlap
+    validate_every: int = may_change(1)  # validate (and checkpoint) every N epochs, and after the last
+    #: stop after N validations without a better val_kendall_tau (None: never)
+    patience: int | None = may_change(None)
     #: hold each worker's decoded views in memory across epochs when they fit in this many MiB (0: never)
-    cache_mib: int = 4096
-    workers: int = 1  # DDP workers
-    device: Device = "auto"  # auto: one GPU per worker when the cluster has GPUs (NCCL), else CPU (gloo)
-    worker_cpus: float = 1.0  # CPUs reserved per worker
-    threads: int | None = None  # torch threads of a CPU worker; None: Ray's (one per reserved CPU)
-    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    cache_mib: int = may_change(4096)
+    workers: int = may_change(1)  # DDP workers
+    #: auto: one GPU per worker when the cluster has GPUs (NCCL), else CPU (gloo)
+    device: Device = may_change("auto")
+    worker_cpus: float = may_change(1.0)  # CPUs reserved per worker
+    #: torch threads of a CPU worker; None: Ray's (one per reserved CPU)
+    threads: int | None = may_change(None)
+    max_failures: int = may_change(2)  # worker-group restarts from the last checkpoint before the run fails
     seed: int = 0  # seed of the initialisation
-    model: str = "models:/ltrp-ranker"  # registered model (models:/NAME) that receives the new version
-    alias: str | None = None  # alias to set on the new version (e.g. candidate)
+    #: registered model (models:/NAME) that receives the new version
+    register: str = may_change("models:/ltrp-ranker")
+    alias: str | None = may_change(None)  # alias to set on the new version (e.g. candidate)
 
     def check(self) -> None:
         _at_least(self, 1, "epochs", "batch_size", "topk", "workers", "views", "threads")
@@ -343,7 +344,7 @@ class TrainConfig(_Checked):
         _at_least(self, 0, "warmup_epochs", "max_failures", "weight_decay", "shuffle_buffer", "cache_mib")
         _positive(self, "lr", "worker_cpus")
         _require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
-        _registered_model(self.model)
+        _registered_model(self.register, "register")
 
 
 @dataclass

@@ -50,7 +50,7 @@ from ltrp.data.images import (
 )
 from ltrp.data.sources import Shard, plan_corpus, plan_digest, read_shard
 from ltrp.pipeline import runtime, trainer, training_data
-from ltrp.pipeline.configs import InputError, PretrainConfig
+from ltrp.pipeline.configs import InputError, PretrainConfig, identity_fields
 from ltrp.pipeline.trainer import RunLog, Task, Worker, all_gather_lists, unwrap
 
 EXPERIMENT = "ltrp-pretrain"
@@ -113,9 +113,8 @@ def run(cfg: PretrainConfig) -> PretrainSummary:
 
 def _inputs(cfg: PretrainConfig, shards: list[Shard]) -> dict:
     """What a pre-training learns from and what it learns: a re-launch of its name must agree."""
-    settings = ("geometry", "norm_pix", "mask_ratio", "crop", "max_images", "seed")
     source = {"source": trainer.absolute_uri(cfg.source), "plan_digest": plan_digest(shards)}
-    return source | {k: getattr(cfg, k) for k in settings}
+    return identity_fields(cfg) | source
 
 
 def mae_config(cfg: PretrainConfig) -> MAEConfig:

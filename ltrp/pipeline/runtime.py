@@ -53,23 +53,6 @@ def track(experiment: str | None = None) -> None:
         mlflow.set_experiment(experiment)
 
 
-def actor_pool(actors: int | None, max_actors: int | None, gpu: bool) -> ray.data.ActorPoolStrategy:
-    """A model stage's pool: `actors` (None: one per GPU of the cluster, or 1 without GPUs), which an
-    autoscaling cluster may grow up to `max_actors` as it adds nodes (never below the pool's size)."""
-    size = actors or max(1, cluster_gpus() if gpu else 1)
-    return ray.data.ActorPoolStrategy(min_size=size, max_size=max(size, max_actors or size))
-
-
-def actor_threads(gpu: bool, cpus: float, threads: int | None) -> dict:
-    """A CPU model actor's Ray options for its torch threads: `threads`, else the CPUs it reserves (not
-    the cores of the machine that submits the job, which may be a laptop beside a cluster). Set as
-    OMP_NUM_THREADS when the worker starts: torch.set_num_threads later ran slower (0.27-0.33 img/s
-    against 0.61 scoring on 2 cores)."""
-    if gpu:
-        return {}
-    return {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads or max(1, math.ceil(cpus)))}}}
-
-
 def cluster_gpus() -> int:
     """GPUs in the Ray cluster this process is connected to (0 when not connected)."""
     return int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0

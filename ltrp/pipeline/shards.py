@@ -34,7 +34,7 @@ import posixpath
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import fsspec
 import numpy as np
@@ -54,18 +54,22 @@ from ltrp.data.images import (
     view_geometry,
 )
 from ltrp.data.sources import Shard, SourceImage, read_shard
-from ltrp.data.tables import ERRORS_SCHEMA, JOB_FILE, SCORES_SCHEMA
+from ltrp.data.tables import (
+    ERRORS,
+    ERRORS_SCHEMA,
+    JOB_FILE,
+    PART_FILES,
+    PARTS_DIR,
+    SCORES_SCHEMA,
+    SHARDS_DIR,
+    SUCCESS_FILE,
+    part_file,
+)
 from ltrp.pipeline.lease import Lease, check_holder
-
-if TYPE_CHECKING:
-    import ray
+from ltrp.pipeline.stages import Stage
 
 #: The view columns every job's table starts with (the score table's first six).
 VIEW_COLUMNS = list(SCORES_SCHEMA)[:6]
-#: The folder of the staged parts of incomplete shards.
-PARTS = "_parts"
-#: The folder of the committed shards of incomplete file groups.
-SHARDS = "_shards"
 #: What the commit stage sends the driver: one row per shard it committed.
 MANIFEST_SCHEMA = pa.schema(
     [("shard", pa.int32()), ("images", pa.int64()), ("rows", pa.int64()), ("errors", pa.int64())]
@@ -204,20 +208,35 @@ def whole_shard(rows: pa.Table, shard_rows: int) -> pa.Table | None:
     return rows.take(first) if len(first) == shard_rows else None
 
 
-def commit_stage(
-    ds: ray.data.Dataset, out: ShardedOutput, metadata: dict, lease_token: str, shard_rows: int
-) -> ray.data.Dataset:
-    """The commit stage wired after a job's model stage: tasks of a quarter CPU (they wait on storage,
-    and must never hold back decoding or scoring), each taking a shard's worth of rows (`shard_rows`),
-    so that a shard is staged in a few parts, not in one per model call. The task that combines a
-    group holds the group's rows once: at the defaults (256 shards of 256 images), 14 MB of Arrow per
-    view of each image, measured on the rows `jobs.bench.files` makes (19 scored positions each)."""
-    return ds.map_batches(
+def decode_stage(
+    image_rows: Callable[[SourceImage], list[dict]], columns: Sequence[pa.Field], shard_pixels: int
+) -> Stage:
+    """The decode stage: CPU tasks, a shard each (`shard_pixels`: the bytes of its views' pixels). A
+    task holds the libraries (~0.6 GB measured, torch included) and the shard's pixels twice, while it
+    builds the table: telling Ray keeps it from running more decodes than memory allows and, as the
+    options then differ from the model stage's, from fusing decoding into the model's actors (decoding
+    must scale on its own CPUs)."""
+    return Stage(
+        decode_shards,
+        batch_size=1,
+        batch_format="numpy",
+        kwargs={"image_rows": image_rows, "schema": stage_schema(*columns)},
+        cpus=1,
+        memory=3 * 2**28 + 2 * shard_pixels,
+    )
+
+
+def commit_stage(out: ShardedOutput, metadata: dict, lease_token: str, shard_rows: int) -> Stage:
+    """The commit stage: tasks of a quarter CPU (they wait on storage, and must never hold back decoding
+    or the model), each taking a shard's worth of rows (`shard_rows`), so that a shard is staged in a
+    few parts, not in one per model call. The task that combines a group holds the group's rows once:
+    at the defaults (256 shards of 256 images), 14 MB of Arrow per view of each image, measured on the
+    rows `jobs.bench.files` makes (19 scored positions each)."""
+    return Stage(
         commit_shards,
-        fn_kwargs={"out": out, "metadata": metadata, "lease_token": lease_token},
         batch_size=shard_rows,
-        batch_format="pyarrow",
-        num_cpus=0.25,
+        kwargs={"out": out, "metadata": metadata, "lease_token": lease_token},
+        cpus=0.25,
     )
 
 
@@ -286,19 +305,19 @@ class ShardedOutput:
         """The shards committed: those waiting for their group, then (so that a group combined in
         between is seen) those of the groups combined."""
         self.fs.invalidate_cache()  # s3fs caches listings; other processes commit meanwhile
-        waiting = self.fs.glob(self._path(SHARDS, "*", self.table, "*.parquet"))
+        waiting = self.fs.glob(self._path(SHARDS_DIR, "*", self.table, "*.parquet"))
         return {_number(name) for name in waiting} | self._combined_shards()
 
     def _combined_shards(self) -> set[int]:
         self.fs.invalidate_cache()  # s3fs caches listings; other processes commit meanwhile
-        files = self.fs.glob(self._path(self.table, "part-*.parquet"))
+        files = self.fs.glob(self._path(self.table, PART_FILES))
         return {index for name in files for index in self.groups.members(_number(name))}
 
     def _group_file(self, kind: str, group: int) -> str:
-        return self._path(kind, f"part-{group:05d}.parquet")
+        return self._path(kind, part_file(group))
 
     def _shard_file(self, kind: str, index: int) -> str:
-        return self._path(SHARDS, f"{self.groups.of(index):05d}", kind, f"{index:05d}.parquet")
+        return self._path(SHARDS_DIR, f"{self.groups.of(index):05d}", kind, f"{index:05d}.parquet")
 
     def _is_committed(self, index: int) -> bool:
         group_file = self._group_file(self.table, self.groups.of(index))
@@ -308,13 +327,13 @@ class ShardedOutput:
         """Stages some rows of shard `index` as a part named by their count and their row numbers."""
         numbers = np.sort(part.column("shard_row").to_numpy()).astype("<i4")
         name = f"{part.num_rows}-{hashlib.sha256(numbers.tobytes()).hexdigest()[:24]}.arrow"
-        self._write(self._path(PARTS, f"{index:05d}", name), part)
+        self._write(self._path(PARTS_DIR, f"{index:05d}", name), part)
 
     def staged_shard(self, index: int, shard_rows: int) -> pa.Table | None:
         """Shard `index`'s rows, each once, if all `shard_rows` are staged and it is not committed yet;
         else None. (Parts may overlap when Ray delivered a row twice in different batches; their names'
         counts then add up to more than the shard holds, and the rows themselves decide.)"""
-        folder = self._path(PARTS, f"{index:05d}")
+        folder = self._path(PARTS_DIR, f"{index:05d}")
         self.fs.invalidate_cache(folder)
         try:
             names = [posixpath.basename(p) for p in self.fs.ls(folder, detail=False)]
@@ -327,11 +346,11 @@ class ShardedOutput:
         return whole_shard(pa.concat_tables(parts), shard_rows)
 
     def drop_staged(self, index: int) -> None:
-        self._remove(self._path(PARTS, f"{index:05d}"))
+        self._remove(self._path(PARTS_DIR, f"{index:05d}"))
 
     def drop_all_staged(self) -> None:
         """Removes every staged part: an interrupted run's, whose shards a re-run redoes whole."""
-        self._remove(self._path(PARTS))
+        self._remove(self._path(PARTS_DIR))
 
     def _remove(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -347,7 +366,7 @@ class ShardedOutput:
         kv = {"ltrp": json.dumps(metadata)}
         group = self.groups.of(index)
         alone = len(self.groups.members(group)) == 1
-        for kind, data, schema in (("errors", errors, ERRORS_SCHEMA), (self.table, rows, self.schema)):
+        for kind, data, schema in ((ERRORS, errors, ERRORS_SCHEMA), (self.table, rows, self.schema)):
             path = self._group_file(kind, group) if alone else self._shard_file(kind, index)
             self._write(path, data.cast(schema.with_metadata(kv)))
         return rows, errors
@@ -359,7 +378,7 @@ class ShardedOutput:
         members = self.groups.members(group)
         if len(members) == 1:
             return
-        folder = self._path(SHARDS, f"{group:05d}")
+        folder = self._path(SHARDS_DIR, f"{group:05d}")
         try:
             self.fs.invalidate_cache(folder)
             names = self.fs.ls(posixpath.join(folder, self.table), detail=False)
@@ -367,7 +386,7 @@ class ShardedOutput:
                 return
             tables = {
                 kind: pa.concat_tables([self._read_shard(self._shard_file(kind, i)) for i in members])
-                for kind in ("errors", self.table)
+                for kind in (ERRORS, self.table)
             }
         except FileNotFoundError:  # nothing committed yet, or another call combined them
             return
@@ -379,7 +398,7 @@ class ShardedOutput:
         """Combines the complete groups an interrupted run left uncombined (it died between a shard's
         commit and its group's) and removes shards a crash left behind a combined group's file."""
         self.fs.invalidate_cache()
-        for folder in self.fs.glob(self._path(SHARDS, "*")):
+        for folder in self.fs.glob(self._path(SHARDS_DIR, "*")):
             group = _number(folder)
             if self.fs.exists(self._group_file(self.table, group)):
                 self._remove(folder)
@@ -394,8 +413,8 @@ class ShardedOutput:
         if len(done) != shards:
             raise RuntimeError(f"{self.uri}: {shards - len(done)} of {shards} shards are not committed")
         self.drop_all_staged()  # leftovers of rows delivered twice after their shard was committed
-        self._remove(self._path(SHARDS))  # every group is combined: what is left there is in its file
-        self.fs.pipe_file(self._path("_SUCCESS"), b"")
+        self._remove(self._path(SHARDS_DIR))  # every group is combined: what is left there is in its file
+        self.fs.pipe_file(self._path(SUCCESS_FILE), b"")
 
     def _read_shard(self, path: str) -> pa.Table:
         with self.fs.open(path, "rb") as f:

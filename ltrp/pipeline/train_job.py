@@ -30,7 +30,7 @@ from ltrp.data.checkpoints import load_mae, load_ranker
 from ltrp.data.images import to_model_input
 from ltrp.data.tables import read_job_metadata
 from ltrp.pipeline import runtime, trainer
-from ltrp.pipeline.configs import InputError, TrainConfig, checking_inputs, registered_name
+from ltrp.pipeline.configs import InputError, TrainConfig, checking_inputs, identity_fields, registered_name
 from ltrp.pipeline.registry import register_ranker
 from ltrp.pipeline.trainer import Task, Worker, all_reduce_sum
 from ltrp.pipeline.training_data import split_counts, views_dataset
@@ -58,14 +58,14 @@ class TrainSummary:
 def run(cfg: TrainConfig) -> TrainSummary:
     """The training job: checks the score table, joins (or starts) Ray, trains inside the training's
     MLflow run (experiment ltrp-train; reopened when resuming) with the options as params, then
-    registers the ranker as a new version of `cfg.model`, tagged with the table and MAE it learned from.
+    registers the ranker as a new version of `cfg.register`, tagged with the table and MAE it learned from.
 
     Raises:
         InputError: the score table is missing, or scores another patch grid than the ranker's, or
             holds no training views (before Ray starts or MLflow is touched).
     """
     meta, train_views, val_views = check_inputs(cfg)
-    name = registered_name(cfg.model)
+    name = registered_name(cfg.register)
     scores = trainer.absolute_uri(cfg.scores)
     with trainer.claimed(cfg.storage, cfg.name, "jobs.train", _inputs(cfg, meta, scores)) as lease:
         runtime.start(EXPERIMENT, workers=cfg.workers, worker_cpus=cfg.worker_cpus)
@@ -107,11 +107,9 @@ def run(cfg: TrainConfig) -> TrainSummary:
 
 def _inputs(cfg: TrainConfig, meta: dict, scores: str) -> dict:
     """What a training learns from and what it learns: a re-launch of its name must agree on these
-    (more epochs, another batch size or learning rate may resume it)."""
+    (its identity fields; more epochs, another batch size or learning rate may resume it)."""
     table = {k: meta.get(k) for k in meta.get("fingerprint", [])}  # what decides the table's scores
-    model = ("ranker", "head", "init", "loss", "training", "val_fraction", "views", "seed")
-    data = {"scores": scores, "score_table": table}
-    return data | {k: getattr(cfg, k) for k in model}
+    return identity_fields(cfg) | {"scores": scores, "score_table": table}
 
 
 def check_inputs(cfg: TrainConfig) -> tuple[dict, int, int]:

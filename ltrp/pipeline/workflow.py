@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from ltrp.data.datasets import write_fashion_mnist
 from ltrp.data.scenes import MANIFEST, SEEN_CLASSES, SHIPPED_MAE, UNSEEN_CLASSES, SceneConfig, write_scenes
+from ltrp.data.tables import SUCCESS_FILE
 from ltrp.evaluation.measures import metric_key
 from ltrp.evaluation.protocol import EvaluationResult
 from ltrp.evaluation.scene_eval import SceneEvaluation, primary_ratio
@@ -148,12 +149,12 @@ class Plan:
             replace(self.train, seed=self.train.seed + i, name=f"{self.train.name}-seed{i}", alias=None)
             for i in range(1, self.ranker_seeds)
         ]
-        self.model = registered_name(self.train.model)
+        self.model = registered_name(self.train.register)
         # The version is known once trained: until then the registered model's version 1 stands in.
         self.evaluate = EvaluateConfig(
             **{
                 **values["evaluate"],
-                "model": f"{self.train.model}/1",
+                "model": f"{self.train.register}/1",
                 "mae": str(self.mae),
                 "scores": (self.score["test"].output,),
                 "train_source": str(self.sources["train"]),
@@ -207,7 +208,7 @@ def run(plan: Plan) -> dict:
             s = score_job.run(cfg)
             return {
                 "output": cfg.output,
-                "images": s.images_scored,
+                "images": s.images,
                 "rows": s.rows_written,
                 "errors": s.errors,
                 "seconds": round(s.seconds, 1),
@@ -217,7 +218,7 @@ def run(plan: Plan) -> dict:
             f"score-{split}",
             plan.digests[f"score-{split}"],
             score_step,
-            lambda r, o=cfg.output: (Path(o) / "_SUCCESS").exists(),
+            lambda r, o=cfg.output: (Path(o) / SUCCESS_FILE).exists(),
         )
 
     def train_step(cfg: TrainConfig) -> dict:
@@ -241,8 +242,8 @@ def run(plan: Plan) -> dict:
     ranker, versions = rankers[0], [r["version"] for r in rankers]
     evaluate_cfg = replace(
         plan.evaluate,
-        model=f"{plan.train.model}/{versions[0]}",
-        seed_models=tuple(f"{plan.train.model}/{v}" for v in versions[1:]),
+        model=f"{plan.train.register}/{versions[0]}",
+        seed_models=tuple(f"{plan.train.register}/{v}" for v in versions[1:]),
     )
     eval_digest = Steps.digest(
         plan.digests["train"], versions, plan.digests["score-test"], plan.evaluate_values
@@ -261,7 +262,7 @@ def run(plan: Plan) -> dict:
     evaluation = steps.run(
         "evaluate", eval_digest, evaluate_step, lambda r: (report_dir / "report.md").exists()
     )
-    promotion = promote_job.run(PromoteConfig(model=plan.train.model, candidate=ranker["version"]))
+    promotion = promote_job.run(PromoteConfig(model=plan.train.register, candidate=ranker["version"]))
     print(promote_job.describe(promotion), flush=True)
     champion = MlflowClient().get_registered_model(plan.model).aliases.get("champion")
     return {

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import fashion_mnist, png_bytes
+from support import fashion_mnist, png_bytes
 
 import ltrp
 from ltrp.core.losses import listmle

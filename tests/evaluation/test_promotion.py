@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import PRIMARY, evaluation
+from support import PRIMARY, evaluation
 
 from ltrp.evaluation.measures import Estimate
 from ltrp.evaluation.promotion import Decision, Policy, decide

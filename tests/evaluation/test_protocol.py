@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_MAE, SMALL_RANKER, fashion_mnist, png_bytes, score_rows, write_folder, write_table
 from PIL import Image
+from support import SMALL_MAE, SMALL_RANKER, fashion_mnist, png_bytes, score_rows, write_folder, write_table
 
 import ltrp
 from ltrp.core.classifier import ClassifierConfig, fit_classifier, predict

@@ -11,112 +11,69 @@ import contextlib
 import dataclasses
 import os
 import secrets
-import shutil
-import signal
 import string
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
 import yaml
-from conftest import BIN, fashion_mnist_pngs, free_port, wait_for_port
 from mlflow.tracking import MlflowClient
+from support import fashion_mnist_pngs
 from test_cluster_files import ROOT, RUNTIME_ENV, SETTINGS
 
 import ltrp
+from ltrp import local
 from ltrp.data.sources import plan_corpus
-from ltrp.pipeline import runtime, score_job, trainer
+from ltrp.pipeline import runtime, score_stages, trainer
 from ltrp.pipeline.configs import ScoreConfig
-from ltrp.pipeline.shards import decode_shards
+from ltrp.pipeline.shards import decode_shards, stage_schema
 
 TOKEN = secrets.token_hex(32)  # this cluster's token: its nodes have it, and so does an allowed submitter
 AUTH = {"Authorization": f"Bearer {TOKEN}"}  # what `ray job submit` sends with RAY_AUTH_TOKEN set
 
 
-def _node_env(head: bool) -> dict:
+def _node_env() -> dict[str, str]:
     """The environment of the Ray nodes: none of the settings, so that a job only has them if they
     travelled in its runtime env, as on a real cluster; token authentication on, as cluster/ sets it
     (RAY_AUTH_TOKEN here; the launcher mounts the token file, KubeRay takes it from a Secret)."""
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS and not k.startswith("RAY_")}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in an entrypoint: this venv's
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    env["RAY_AUTH_MODE"] = "token"
-    env["RAY_AUTH_TOKEN"] = TOKEN
+    env = local.ray_node_env(token=TOKEN, drop=SETTINGS)
     env[runtime.PARQUET_FOOTER_READERS] = "4"  # as many as the worker node's CPUs, not Ray Data's 32
-    if head:  # a lost node declared dead after ~3 s of failed health checks, not Ray's default ~15 s
-        env |= {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
     return env
 
 
-def _ports(*names: str) -> list[str]:
-    """Flags for the ports a node would otherwise take at fixed defaults (other Rays may run here)."""
-    return [f"--{name}={free_port()}" for name in names]
+#: The head's own settings: a lost node declared dead after ~3 s of failed health checks, not Ray's
+#: default ~15 s.
+HEAD_ENV = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
 
-class LocalCluster:
-    """A Ray cluster of `ray start` processes on 127.0.0.1 with ports of their own: a head (GCS,
-    dashboard and job server) with no CPUs, as cluster/ starts it, so every task and actor of a job runs
-    on the worker node, which can be lost and replaced mid-job as a cloud machine can.
-
-    Each node is one process group (`ray start --block` and every process it starts), so it can be
-    stopped without touching any other Ray on this machine (which `ray stop` would), and has a temp dir
-    of its own, as on separate machines: nodes that share one unpack a job's working dir into the same
-    folder and delete it under each other. Short paths: Unix sockets are capped."""
+class LocalCluster(local.RayCluster):
+    """A two-node Ray cluster on 127.0.0.1 (`ltrp.local.RayCluster`): a head (GCS, dashboard and job
+    server) with no CPUs, as cluster/ starts it, so every task and actor of a job runs on the worker
+    node, which can be lost and replaced mid-job as a cloud machine can."""
 
     def __init__(self) -> None:
-        self.gcs, dashboard = free_port(), free_port()
-        self.address = f"http://127.0.0.1:{dashboard}"  # the Jobs API
-        self.head = self._start(
-            [
-                "--head",
-                "--num-cpus=0",
-                f"--port={self.gcs}",
-                "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dashboard}",
-                *_ports("ray-client-server-port"),
-            ],
-        )
-        wait_for_port(self.gcs, self.head[0], timeout=60)
-        self.worker = self._start_worker()
-        wait_for_port(dashboard, self.head[0], timeout=60)
-        self.wait_for_nodes(2)
-
-    def _start(self, args: list[str]) -> tuple[subprocess.Popen, str]:
-        temp_dir = tempfile.mkdtemp(prefix="ltrp-ray-", dir="/tmp")
-        proc = subprocess.Popen(
-            [
-                BIN / "ray",
-                "start",
-                "--block",
-                "--node-ip-address=127.0.0.1",
-                "--num-gpus=0",
-                "--object-store-memory=200000000",
-                f"--temp-dir={temp_dir}",
-                "--disable-usage-stats",
-                *_ports("node-manager-port", "object-manager-port", "runtime-env-agent-port"),
-                *_ports("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port"),
-                *args,
-            ],
-            env=_node_env(head="--head" in args),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        return proc, temp_dir
-
-    def _start_worker(self) -> tuple[subprocess.Popen, str]:
         # 4 logical CPUs on the machine's 2 cores keep Ray Data's read tasks from waiting on the actors.
-        return self._start([f"--address=127.0.0.1:{self.gcs}", "--num-cpus=4"])
+        super().__init__(
+            1,
+            head_cpus=0,
+            worker_cpus=4,
+            env=_node_env(),
+            head_env=HEAD_ENV,
+            dashboard=True,
+            temp_prefix="ltrp-ray-",
+        )
+        self.address = self.dashboard_url  # the Jobs API
+        try:
+            self.wait_for_nodes(2)
+        except BaseException:
+            self.stop()
+            raise
 
     def alive_nodes(self) -> list:
         from ray.util.state import StateApiClient
@@ -140,34 +97,10 @@ class LocalCluster:
     def replace_worker(self) -> None:
         """The worker node lost, as a machine is (SIGKILL to all its processes: no goodbye to the GCS),
         and a fresh one started in its place, as an autoscaler would."""
-        _kill([self.worker])
+        self.kill_worker(self.workers[0])
         self.wait_for_nodes(1)
-        self.worker = self._start_worker()
+        self.add_worker()
         self.wait_for_nodes(2)
-
-    def stop(self) -> None:
-        """SIGKILL to both nodes (a throwaway cluster needs no graceful stop, which took 20 s)."""
-        _kill([self.worker, self.head])
-
-
-def _kill(nodes: list[tuple[subprocess.Popen, str]]) -> None:
-    """SIGKILL to each node's process group, then to whatever else names its temp dir (a process that
-    left the group), then its temp dir removed."""
-    for proc, _ in nodes:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    marks = [temp_dir for _, temp_dir in nodes]
-    leftovers = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if any(m in " ".join(p.info["cmdline"] or []) for m in marks) and p.pid != os.getpid()
-    ]
-    for p in leftovers:
-        p.kill()
-    psutil.wait_procs(leftovers, timeout=10)
-    for temp_dir in marks:
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +191,7 @@ SCORING = ScoreConfig(
     views=2,
     mask_ratio=0.75,
     shard_size=8,
-    scorer_cpus=0.5,
+    worker_cpus=0.5,
 )
 
 
@@ -277,7 +210,7 @@ def scored(cluster: LocalCluster, settings: dict[str, str], tmp_path_factory) ->
     fs.put_file(mae, "cluster/mae.pth")
     command = f"jobs.score --source {SCORING.source} --mae {SCORING.mae} --output {SCORING.output}"
     command += f" --views {SCORING.views} --mask-ratio {SCORING.mask_ratio} --shard-size {SCORING.shard_size}"
-    command += f" --scorer-cpus {SCORING.scorer_cpus}"
+    command += f" --worker-cpus {SCORING.worker_cpus}"
     job = Submitted(cluster.address, command, settings)
     # While the decode tasks run and the scorer actor starts (~30 s here; scoring itself takes ~3 s).
     job.wait_for(lambda: _actor_started(cluster, "MapWorker(MapBatches(ShardScorer))"), "a scorer")
@@ -293,10 +226,10 @@ def _fault_free_table(mae: str) -> pa.Table:
     shards = plan_corpus(cfg.source, cfg.shard_size).shards
     decoded = decode_shards(
         {"shard": np.array([s.to_json() for s in shards])},
-        image_rows=partial(score_job.image_rows, cfg=cfg, size=64, grid=8),
-        schema=score_job.STAGE_SCHEMA,
+        image_rows=partial(score_stages.image_rows, cfg=cfg, size=64, grid=8),
+        schema=stage_schema(*score_stages.COLUMNS),
     )
-    return score_job.ShardScorer(cfg, ltrp.load_mae(mae).checkpoint.sha256, gpu=False)(decoded)
+    return score_stages.ShardScorer(cfg, ltrp.load_mae(mae).checkpoint.sha256, gpu=False)(decoded)
 
 
 @pytest.mark.faults
@@ -338,7 +271,7 @@ def test_submitted_scoring_job_loses_its_node_and_writes_the_fault_free_table(
         [client.get_experiment_by_name("ltrp-score").experiment_id],
         filter_string=f"tags.output_uri = '{out}'",
     )
-    assert run.data.metrics["images_scored"] == 64 and run.data.params["mae"] == "s3://cluster/mae.pth"
+    assert run.data.metrics["images"] == 64 and run.data.params["mae"] == "s3://cluster/mae.pth"
 
 
 @pytest.mark.faults
@@ -351,7 +284,7 @@ def test_submitted_training_survives_losing_the_worker_node_checkpoints_to_s3_an
     job = Submitted(
         cluster.address,
         f"jobs.train --scores {out} --storage s3://cluster/train --name run1 --ranker ltrp_vit_micro_patch8"
-        " --epochs 2 --warmup-epochs 0 --batch-size 16 --worker-cpus 0.5 --model models:/ltrp-cluster"
+        " --epochs 2 --warmup-epochs 0 --batch-size 16 --worker-cpus 0.5 --register models:/ltrp-cluster"
         " --alias candidate --cache-mib 0",  # streamed every epoch: the second lasts long enough to lose
         settings,
     )

@@ -14,8 +14,8 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_MAE, SMALL_RANKER, fashion_mnist, score_rows, write_folder, write_table
 from mlflow.tracking import MlflowClient
+from support import SMALL_MAE, SMALL_RANKER, fashion_mnist, score_rows, write_folder, write_table
 
 import ltrp
 from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import fashion_mnist, fashion_mnist_pngs, png_bytes
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from support import fashion_mnist, fashion_mnist_pngs, png_bytes
 
 import ltrp
 from ltrp.core.mae import random_visible

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import PRIMARY, evaluation
 from mlflow.tracking import MlflowClient
+from support import PRIMARY, evaluation
 
 from jobs.promote import main
 from ltrp.evaluation.measures import to_tags

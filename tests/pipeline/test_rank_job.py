@@ -3,11 +3,6 @@ a moto S3 server, the MLflow registry, Fashion-MNIST), killed and resumed."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -18,8 +13,8 @@ import pyarrow as pa
 import pytest
 import s3fs
 import torch
-from conftest import committed_files, committed_shards, fashion_mnist, fashion_mnist_pngs, holds_rows
 from mlflow.tracking import MlflowClient
+from support import fashion_mnist, fashion_mnist_pngs
 
 import ltrp
 from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, keep_top
@@ -29,13 +24,12 @@ from ltrp.data.sources import Shard, read_bytes
 from ltrp.data.tables import RANKS_SCHEMA, read_errors, read_job_metadata, read_ranks, top_k
 from ltrp.pipeline import rank_job
 from ltrp.pipeline.configs import ConfigError, InputError, RankConfig
+from ltrp.pipeline.rank_stages import ShardRanker, image_rows
 from ltrp.pipeline.registry import register_ranker
-from ltrp.pipeline.shards import FileGroups, decode_shards
+from ltrp.pipeline.shards import decode_shards, stage_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 GEOMETRY = "ltrp_vit_fmnist_patch4"  # 32 px, an 8 x 8 grid
-#: The killed job's output files: 8 shards of 6 images, in groups of 3 shards per file.
-GROUPS = FileGroups(size=3, shards=8)
 
 
 def _ranker(geometry: str = GEOMETRY, seed: int = 0) -> Ranker:
@@ -49,10 +43,10 @@ def _save(ranker: Ranker, path: Path) -> str:
     return str(path)
 
 
-def _stage(ranker: Ranker, weights: dict | None = None) -> rank_job.ShardRanker:
+def _stage(ranker: Ranker, weights: dict | None = None) -> ShardRanker:
     """The ranking stage as the job builds it (weights and geometry, checked against the digest)."""
     config = asdict(ranker.cfg)
-    return rank_job.ShardRanker(config, weights or ranker.state_dict(), weights_sha256(ranker), gpu=False)
+    return ShardRanker(config, weights or ranker.state_dict(), weights_sha256(ranker), gpu=False)
 
 
 def _replayed(rows: list[dict], size: int) -> torch.Tensor:
@@ -75,7 +69,7 @@ def test_the_ranking_stage_gives_the_library_rank_of_each_view(tmp_path: Path) -
     cfg = RankConfig(source=str(folder), model="unused", output=str(tmp_path / "out"), views=2, crop="random")
     ranker = _ranker()
     batch = {"shard": np.array([shard.to_json()], dtype=object)}
-    decoded = decode_shards(batch, partial(rank_job.image_rows, cfg=cfg, size=32), rank_job.STAGE_SCHEMA)
+    decoded = decode_shards(batch, partial(image_rows, cfg=cfg, size=32), stage_schema())
     stage = _stage(ranker)
     out = pa.concat_tables([stage(decoded.slice(0, 5)), stage(decoded.slice(5))])  # batches split images
     rows = out.to_pylist()
@@ -199,7 +193,7 @@ def test_ranks_a_corpus_from_s3_with_the_registry_champion(
     (run,) = client.search_runs(
         [client.get_experiment_by_name("ltrp-rank").experiment_id], filter_string=f"tags.output_uri = '{out}'"
     )
-    assert run.data.metrics["images_ranked"] == 60 and run.data.metrics["errors"] == 1
+    assert run.data.metrics["images"] == 60 and run.data.metrics["errors"] == 1
     assert run.data.tags["model_version"] == str(version.version) and run.data.tags["model_name"] == name
 
     main([*args, "--views", "2", "--crop", "random", "--flip", "--shard-size", "16"])  # again: all done
@@ -207,59 +201,3 @@ def test_ranks_a_corpus_from_s3_with_the_registry_champion(
     with pytest.raises(SystemExit):  # the same output with other settings: refused, naming them
         main([*args, "--views", "1", "--shard-size", "16"])
     assert "differs in: crop, flip, views" in capsys.readouterr().err
-
-
-@pytest.mark.faults
-def test_killed_job_resumes_without_duplicates_or_gaps(
-    tmp_path: Path, ray_address: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    for name, png in fashion_mnist_pngs(48).items():
-        (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "images" / name).write_bytes(png)
-    _, labels = fashion_mnist(48)
-    # A ViT-Ti/16-sized ranker at 224 px: long enough a job to be killed part-way, cheap enough for CI.
-    model = _save(_ranker("ltrp_vit_tiny_patch16"), tmp_path / "state.pt")
-    out = tmp_path / "out"
-    # fmt: off
-    args = ["--source", str(tmp_path / "images"), "--model", model, "--output", str(out), "--views", "2",
-            "--shard-size", "6", "--file-shards", "3", "--batch-size", "12"]
-    # fmt: on
-    env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.rank", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    while len(committed_shards(out, "ranks", GROUPS)) < 3:
-        assert proc.poll() is None, "the job ended before it could be interrupted"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "_SUCCESS").exists()
-    done, first = committed_shards(out, "ranks", GROUPS), committed_files(out, "ranks")
-    assert 3 <= len(done) < 8
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
-    monkeypatch.chdir(tmp_path)
-    from jobs.rank import main
-
-    main(args)  # the re-run, in this process
-    assert f"skipped {len(done)} finished shards of 8" in capsys.readouterr().out
-    # Finished shards were not redone: a combined group's file is as it was, a waiting shard's rows
-    # are in its group's file now.
-    final = committed_files(out, "ranks")
-    assert all(final[p].equals(rows) for p, rows in first.items() if p.parent == out / "ranks")
-    combined = pa.concat_tables(final.values())
-    assert all(holds_rows(combined, rows) for p, rows in first.items() if p.parent != out / "ranks")
-    assert not (out / "_shards").exists()
-    table = read_ranks(str(out), columns=["image_id", "view", "order"])
-    keys = list(zip(table.column("image_id").to_pylist(), table.column("view").to_pylist(), strict=True))
-    expected = {(f"{label}/{i:04d}.png", v) for i, label in enumerate(labels) for v in (0, 1)}
-    assert len(keys) == len(set(keys)) and set(keys) == expected
-    assert {len(o) for o in table.column("order").to_pylist()} == {196}
-    assert (out / "_SUCCESS").exists() and not list(out.rglob(".*.tmp"))

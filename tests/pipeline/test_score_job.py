@@ -4,41 +4,33 @@ Fashion-MNIST and scikit-image photos."""
 import hashlib
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
 import skimage.data
 import torch
-from conftest import committed_files, committed_shards, fashion_mnist, fashion_mnist_pngs, holds_rows
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from support import fashion_mnist, fashion_mnist_pngs
 
 import ltrp
 from ltrp.data.checkpoints import CheckpointError
 from ltrp.data.images import View, render_view, to_model_input
 from ltrp.data.sources import read_bytes
 from ltrp.data.tables import JOB_FILE, SCORES_SCHEMA, read_errors, read_scores
-from ltrp.pipeline import score_job
 from ltrp.pipeline.configs import InputError, ScoreConfig
+from ltrp.pipeline.corpus_job import CorpusSummary
 from ltrp.pipeline.lease import Lease, LeaseHeld
-from ltrp.pipeline.shards import FileGroups
+from ltrp.pipeline.score_job import ScoreJob
 from ltrp.pipeline.training_data import read_scores_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
-#: The killed job's output files: 8 shards of 6 images, in groups of 3 shards per file.
-GROUPS = FileGroups(size=3, shards=8)
 
 
 def _encode(arr: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
@@ -69,6 +61,11 @@ def _save_tiny(path: Path, geometry: str = "mae_vit_tiny_patch8") -> str:
     torch.manual_seed(0)
     ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES[geometry]), str(path))
     return str(path)
+
+
+def _write(cfg: ScoreConfig) -> CorpusSummary:
+    """The scoring job without MLflow, on the session's Ray cluster."""
+    return ScoreJob(cfg).write()
 
 
 def _job(*args: str, capsys: pytest.CaptureFixture) -> str:
@@ -104,7 +101,7 @@ def test_scores_a_real_corpus_from_s3_to_s3(
     # Shards of 64 rows in scoring batches of 24 over two actors: each shard's rows are committed
     # by the workers from parts staged on S3.
     args = ("--source", s3_corpus, "--mae", checkpoint, "--output", out, "--shard-size", "64")
-    stdout = _job(*args, "--batch-size", "24", "--scorers", "2", capsys=capsys)
+    stdout = _job(*args, "--batch-size", "24", "--workers", "2", capsys=capsys)
     assert "scored 205 images (205 rows)" in stdout and "0 errors" in stdout
 
     table = pq.read_table("s3://scores/run1/scores")  # plain pyarrow, through AWS_ENDPOINT_URL_S3
@@ -145,73 +142,8 @@ def test_scores_a_real_corpus_from_s3_to_s3(
         [client.get_experiment_by_name("ltrp-score").experiment_id],
         filter_string="tags.output_uri = 's3://scores/run1'",
     )
-    assert run.data.metrics["images_scored"] == 205 and run.data.metrics["errors"] == 0
+    assert run.data.metrics["images"] == 205 and run.data.metrics["errors"] == 0
     assert run.data.metrics["images_per_second"] > 0 and run.data.params["source"] == s3_corpus
-
-
-@pytest.mark.faults
-def test_killed_job_resumes_without_duplicates_or_gaps(
-    tmp_path: Path, ray_address: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    for name, png in fashion_mnist_pngs(48).items():
-        (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "images" / name).write_bytes(png)
-    _, labels = fashion_mnist(48)
-    # The 224-px demo geometry, so that the job runs long enough to be killed part-way.
-    mae = _save_tiny(tmp_path / "demo.pth", "mae_vit_demo_patch16")
-    out = tmp_path / "out"
-    args = [
-        "--source",
-        str(tmp_path / "images"),
-        "--mae",
-        mae,
-        "--output",
-        str(out),
-        "--views",
-        "2",
-        "--shard-size",
-        "6",
-        "--file-shards",
-        "3",
-        "--batch-size",
-        "12",
-    ]
-    env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.score", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    while len(committed_shards(out, "scores", GROUPS)) < 3:
-        assert proc.poll() is None, "the job ended before it could be interrupted"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "_SUCCESS").exists()
-    done, first = committed_shards(out, "scores", GROUPS), committed_files(out, "scores")
-    assert 3 <= len(done) < 8
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
-    monkeypatch.chdir(tmp_path)
-    stdout = _job(*args, capsys=capsys)  # the re-run, in this process
-    assert f"skipped {len(done)} finished shards of 8" in stdout
-    # Finished shards were not redone: a combined group's file is as it was, a waiting shard's rows
-    # are in its group's file now.
-    final = committed_files(out, "scores")
-    assert all(final[p].equals(rows) for p, rows in first.items() if p.parent == out / "scores")
-    combined = pa.concat_tables(final.values())
-    assert all(holds_rows(combined, rows) for p, rows in first.items() if p.parent != out / "scores")
-    assert not (out / "_shards").exists()
-    table = read_scores(str(out))
-    keys = list(zip(table.column("image_id").to_pylist(), table.column("view").to_pylist(), strict=True))
-    expected = {(f"{label}/{i:04d}.png", v) for i, label in enumerate(labels) for v in (0, 1)}
-    assert len(keys) == len(set(keys)) and set(keys) == expected
-    assert not list(out.rglob(".*.tmp"))
 
 
 def test_bad_and_odd_files_are_recorded_or_scored(tmp_path: Path, ray_address: str, checkpoint: str) -> None:
@@ -232,9 +164,7 @@ def test_bad_and_odd_files_are_recorded_or_scored(tmp_path: Path, ray_address: s
         (folder / name).write_bytes(data)
     Image.new("1", (12000, 12000)).save(folder / "bomb.png")  # 144 Mpx in a few kB
     out = tmp_path / "out"
-    summary = score_job.score_corpus(
-        ScoreConfig(source=str(folder), mae=checkpoint, output=str(out), shard_size=4)
-    )
+    summary = _write(ScoreConfig(source=str(folder), mae=checkpoint, output=str(out), shard_size=4))
     errors = {r["image_id"]: r["reason"] for r in read_errors(str(out)).to_pylist()}
     assert set(errors) == {"truncated.jpg", "empty.jpg", "text.jpg", "tiny.png", "bomb.png"}
     assert "empty" in errors["empty.jpg"] and "too small" in errors["tiny.png"]
@@ -242,7 +172,7 @@ def test_bad_and_odd_files_are_recorded_or_scored(tmp_path: Path, ray_address: s
     assert "truncated" in errors["truncated.jpg"]
     scored = read_scores(str(out))
     assert sorted(scored.column("image_id").to_pylist()) == ["cmyk.jpg", "good.jpg", "gray16.png", "rgba.png"]
-    assert summary.errors == 5 and summary.images_scored == 4 and (out / "_SUCCESS").exists()
+    assert summary.errors == 5 and summary.images == 4 and (out / "_SUCCESS").exists()
 
 
 @pytest.mark.slow
@@ -266,12 +196,12 @@ def test_same_seed_same_table_other_seed_refused(tmp_path: Path, ray_address: st
             seed=3,
             shard_size=2,
         )
-        score_job.score_corpus(cfg)
+        _write(cfg)
         runs[name] = read_scores(cfg.output).sort_by([("image_id", "ascending"), ("view", "ascending")])
     assert runs["a"].num_rows == 15 and runs["a"].equals(runs["b"])
     assert {f for f in runs["a"].column("flip").to_pylist()} == {True, False}
     with pytest.raises(InputError, match="differs in: seed"):
-        score_job.score_corpus(replace(cfg, seed=1))
+        _write(replace(cfg, seed=1))
 
 
 def test_an_output_another_job_is_writing_is_refused_before_any_work(tmp_path: Path, checkpoint: str) -> None:
@@ -281,7 +211,7 @@ def test_an_output_another_job_is_writing_is_refused_before_any_work(tmp_path: P
     out = tmp_path / "out"
     cfg = ScoreConfig(source=str(folder), mae=checkpoint, output=str(out))
     with Lease(str(out), "jobs.score"), pytest.raises(LeaseHeld, match=r"is being written by jobs\.score"):
-        score_job.score_corpus(cfg)  # a second job started on the same output
+        _write(cfg)  # a second job started on the same output
     assert not (out / JOB_FILE).exists() and not (out / "scores").exists()
 
 
@@ -290,7 +220,7 @@ def test_bad_checkpoint_fails_before_any_work(tmp_path: Path, checkpoint: str) -
     folder.mkdir()
     Image.fromarray(skimage.data.chelsea()).save(folder / "chelsea.png")
     with pytest.raises(InputError, match=r"missing\.pth") as missing:
-        score_job.score_corpus(
+        _write(
             ScoreConfig(source=str(folder), mae=str(tmp_path / "missing.pth"), output=str(tmp_path / "out"))
         )
     assert isinstance(missing.value.__cause__, FileNotFoundError)
@@ -298,7 +228,7 @@ def test_bad_checkpoint_fails_before_any_work(tmp_path: Path, checkpoint: str) -
     encoder_only = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token"))}
     torch.save({"model": encoder_only}, tmp_path / "mae_pretrain_vit_tiny.pth")
     with pytest.raises(InputError, match="encoder only") as refused:
-        score_job.score_corpus(
+        _write(
             ScoreConfig(
                 source=str(folder),
                 mae=str(tmp_path / "mae_pretrain_vit_tiny.pth"),

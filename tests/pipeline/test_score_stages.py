@@ -23,22 +23,20 @@ import ltrp
 from ltrp.data.images import View, png_bytes, render_view, to_model_input, view_geometry
 from ltrp.data.sources import Shard, plan_corpus, plan_digest
 from ltrp.data.tables import ERRORS_SCHEMA, SCORES_SCHEMA
-from ltrp.pipeline import runtime
-from ltrp.pipeline.configs import ConfigError, ScoreConfig, result_fields
+from ltrp.pipeline.configs import ConfigError, InputError, ScoreConfig, identity_fields
 from ltrp.pipeline.lease import Lease, LeaseHeld
-from ltrp.pipeline.score_job import STAGE_SCHEMA, ShardScorer, image_rows, job_metadata, score_output
-from ltrp.pipeline.shards import FileGroups, ShardedOutput, commit_shards, decode_shards
+from ltrp.pipeline.score_job import ScoreJob
+from ltrp.pipeline.score_stages import COLUMNS, ShardScorer, image_rows
+from ltrp.pipeline.shards import FileGroups, ShardedOutput, commit_shards, decode_shards, stage_schema
 
 SIZE, GRID = 64, 8  # the tiny MAE's image size and patch grid
 #: A file per shard, as far as the tests of one shard's commit are concerned (shards 0-3).
 GROUPS = FileGroups(size=1, shards=4)
-#: The fields of ScoreConfig that change only how fast the job runs: all others must be fingerprinted.
-EXECUTION_ONLY = {
-    *("mae", "output", "batch_size", "scorers", "max_scorers", "scorer_cpus", "scorer_threads", "device")
-}
-#: A different value for every result field, each of which must make a resume refuse.
+#: The fields of ScoreConfig that a resume may change: all others must be fingerprinted.
+MAY_CHANGE = {*("mae", "output", "batch_size", "workers", "max_workers", "worker_cpus", "threads", "device")}
+#: A different value for every identity field, each of which must make a resume refuse.
 RESULT_CHANGES = {
-    "source": "elsewhere",
+    "source": "elsewhere",  # a copy of the corpus
     "views": 2,
     "cover": 1,
     "crop": "random",
@@ -72,13 +70,17 @@ def _shard(folder: Path, index: int, files: dict[str, bytes | None]) -> Shard:
 
 
 def _cfg(tmp_path: Path, mae: str = "unused.pth", **changes: object) -> ScoreConfig:
-    return ScoreConfig(source=str(tmp_path), mae=mae, output=str(tmp_path / "out"), **changes)
+    return ScoreConfig(**{"source": str(tmp_path), "mae": mae, "output": str(tmp_path / "out"), **changes})
 
 
 def _decode(cfg: ScoreConfig, *shards: Shard) -> pa.Table:
     # As Ray's numpy batches hold it: one shard descriptor per row, as an object array of str.
     batch = {"shard": np.array([s.to_json() for s in shards], dtype=object)}
-    return decode_shards(batch, partial(image_rows, cfg=cfg, size=SIZE, grid=GRID), STAGE_SCHEMA)
+    return decode_shards(batch, partial(image_rows, cfg=cfg, size=SIZE, grid=GRID), stage_schema(*COLUMNS))
+
+
+def score_output(uri: str, groups: FileGroups) -> ShardedOutput:
+    return ShardedOutput(uri, "scores", SCORES_SCHEMA, groups)
 
 
 def _pixels(row: dict) -> np.ndarray:
@@ -292,7 +294,7 @@ def scored(
     shard = _shard(images, 3, files)
     table = ShardScorer(cfg, mae.checkpoint.sha256, gpu=False)(_decode(cfg, shard))
     table = table.take([3, 0, 4, 2, 1])  # a0, b0, a1, z, b1
-    return job_metadata(cfg, mae, [shard]), table, images
+    return _metadata(cfg), table, images
 
 
 @pytest.fixture
@@ -641,93 +643,89 @@ def test_a_combine_that_finds_the_shards_gone_does_nothing(
     assert (Path(output) / "scores" / "part-00000.parquet").read_bytes() == before
 
 
-# -- the model stage's pool --------------------------------------------------------------------------
-
-POOLS = [(None, None, (1, 1)), (2, None, (2, 2)), (2, 5, (2, 5)), (3, 2, (3, 3))]
-
-
-@pytest.mark.parametrize(("actors", "max_actors", "sizes"), POOLS)
-def test_the_actor_pool_grows_from_its_size_up_to_the_maximum(
-    actors: int | None, max_actors: int | None, sizes: tuple[int, int]
-) -> None:
-    pool = runtime.actor_pool(actors, max_actors, gpu=False)  # no Ray connected: no GPUs
-    assert (pool.min_size, pool.max_size) == sizes
-
-
-@pytest.mark.parametrize(("cpus", "threads", "omp"), [(0.5, None, "1"), (3.0, None, "3"), (3.0, 2, "2")])
-def test_a_cpu_actors_threads_follow_the_cpus_it_reserves(cpus: float, threads: int | None, omp: str) -> None:
-    expected = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": omp}}}
-    assert runtime.actor_threads(False, cpus, threads) == expected
-    assert runtime.actor_threads(True, cpus, threads) == {}  # a GPU actor's threads are Ray's default
-
-
 # -- the job's fingerprint --------------------------------------------------------------------------
 
 
-def test_the_fingerprint_holds_every_result_field_and_what_is_derived(
+def _corpus(tmp_path: Path) -> Path:
+    _shard(tmp_path / "corpus", 0, {"a.png": _image(0, 20, 20), "b.png": _image(1, 20, 20)})
+    return tmp_path / "corpus"
+
+
+def _metadata(cfg: ScoreConfig) -> dict:
+    """The metadata a job of `cfg` records, planned on an output of its own."""
+    return ScoreJob(dataclasses.replace(cfg, output=cfg.output + "-planned")).metadata
+
+
+def _scores(cfg: ScoreConfig) -> ShardedOutput:
+    return score_output(cfg.output, GROUPS)
+
+
+def test_the_fingerprint_holds_every_identity_field_and_what_is_derived(
     tmp_path: Path, mae_path: str, mae: ltrp.MAE
 ) -> None:
-    _shard(tmp_path / "corpus", 0, {"a.png": _image(0, 20, 20), "b.png": _image(1, 20, 20)})
-    cfg = ScoreConfig(
-        source=str(tmp_path / "corpus"), mae=mae_path, output=str(tmp_path / "out"), shard_size=1
-    )
+    cfg = ScoreConfig(source=str(_corpus(tmp_path)), mae=mae_path, output=str(tmp_path / "out"), shard_size=1)
     shards = plan_corpus(cfg.source, cfg.shard_size).shards
-    metadata = job_metadata(cfg, mae, shards)
+    metadata = _metadata(cfg)
 
     names = {f.name for f in dataclasses.fields(ScoreConfig)}
-    assert names >= EXECUTION_ONLY and set(result_fields(cfg)) == names - EXECUTION_ONLY
+    assert names >= MAY_CHANGE and set(identity_fields(cfg)) == names - MAY_CHANGE
     derived = {"plan_digest", "mae_sha256", "mae_config"}
-    assert metadata["fingerprint"] == sorted((names - EXECUTION_ONLY) | derived)
-    assert not EXECUTION_ONLY & set(metadata["fingerprint"])
-    assert all(metadata[name] == getattr(cfg, name) for name in names - EXECUTION_ONLY)
+    assert metadata["fingerprint"] == sorted((names - MAY_CHANGE) | derived)
+    assert all(metadata[name] == getattr(cfg, name) for name in names - MAY_CHANGE)
     assert metadata["plan_digest"] == plan_digest(shards) != plan_digest(shards[:1])
     assert metadata["mae_sha256"] == mae.checkpoint.sha256 and metadata["mae_uri"] == mae_path
     assert metadata["mae_config"] == dataclasses.asdict(mae.cfg)
     assert json.loads(json.dumps(metadata)) == metadata  # what a resume compares, after the JSON file
 
 
-def test_every_result_field_is_covered_here(tmp_path: Path) -> None:
-    assert set(RESULT_CHANGES) == set(result_fields(_cfg(tmp_path)))
+def test_every_identity_field_is_covered_here(tmp_path: Path) -> None:
+    assert set(RESULT_CHANGES) == set(identity_fields(_cfg(tmp_path)))
 
 
 @pytest.mark.parametrize("field", sorted(RESULT_CHANGES))
-def test_a_resume_with_another_result_setting_is_refused(
-    tmp_path: Path, mae_path: str, mae: ltrp.MAE, field: str
-) -> None:
-    cfg = _cfg(tmp_path, mae_path)
-    shards = [_shard(tmp_path, 0, {"a.png": _image(0, 20, 20)})]
-    score_output(cfg.output, GROUPS).claim(job_metadata(cfg, mae, shards))
-    other = job_metadata(dataclasses.replace(cfg, **{field: RESULT_CHANGES[field]}), mae, shards)
-    differs = "encoder_slot, mode" if field == "mode" else field  # encoder mode records its slot
+def test_a_resume_with_another_identity_setting_is_refused(tmp_path: Path, mae_path: str, field: str) -> None:
+    cfg = _cfg(tmp_path, mae_path, source=str(_corpus(tmp_path)))
+    _scores(cfg).claim(_metadata(cfg))
+    value = RESULT_CHANGES[field]
+    if field == "source":
+        value = str(shutil.copytree(cfg.source, tmp_path / value))
+    # encoder mode records its slot; the plan names the images' URIs and cuts the shards
+    derived = {
+        "mode": "encoder_slot, mode",
+        "source": "plan_digest, source",
+        "shard_size": "plan_digest, shard_size",
+    }
+    differs = derived.get(field, field)
     with pytest.raises(ValueError, match=rf"differs in: {differs}\)"):
-        score_output(cfg.output, GROUPS).check(other)
+        _scores(cfg).check(_metadata(dataclasses.replace(cfg, **{field: value})))
 
 
-def test_an_encoder_mode_table_of_the_dropped_slot_kind_is_not_resumed(
-    tmp_path: Path, mae_path: str, mae: ltrp.MAE
-) -> None:
-    cfg = _cfg(tmp_path, mae_path, mode="encoder")
-    shards = [_shard(tmp_path, 0, {"a.png": _image(0, 20, 20)})]
-    metadata = job_metadata(cfg, mae, shards)
+def test_a_job_on_an_output_of_another_is_refused_before_any_work(tmp_path: Path, mae_path: str) -> None:
+    cfg = _cfg(tmp_path, mae_path, source=str(_corpus(tmp_path)))
+    ScoreJob(cfg).out.claim(ScoreJob(cfg).metadata)
+    with pytest.raises(InputError, match=r"differs in: seed\)"):
+        ScoreJob(dataclasses.replace(cfg, seed=1))
+
+
+def test_an_encoder_mode_table_of_the_dropped_slot_kind_is_not_resumed(tmp_path: Path, mae_path: str) -> None:
+    cfg = _cfg(tmp_path, mae_path, mode="encoder", source=str(_corpus(tmp_path)))
+    metadata = _metadata(cfg)
     assert metadata["encoder_slot"] == "mask_token" and "encoder_slot" in metadata["fingerprint"]
-    decoder = job_metadata(dataclasses.replace(cfg, mode="decoder"), mae, shards)
+    decoder = _metadata(dataclasses.replace(cfg, mode="decoder"))
     assert "encoder_slot" not in decoder  # decoder mode is unchanged: its older tables still resume
     # An encoder-mode table written before v's slot held the mask token: the same, without the key.
     older = {k: v for k, v in metadata.items() if k != "encoder_slot"}
     older["fingerprint"] = [k for k in metadata["fingerprint"] if k != "encoder_slot"]
-    score_output(cfg.output, GROUPS).claim(older)
+    _scores(cfg).claim(older)
     with pytest.raises(ValueError, match=r"differs in: encoder_slot\)"):
-        score_output(cfg.output, GROUPS).check(metadata)
+        _scores(cfg).check(metadata)
 
 
-def test_a_resume_with_other_execution_settings_is_the_same_job(
-    tmp_path: Path, mae_path: str, mae: ltrp.MAE
-) -> None:
-    cfg = _cfg(tmp_path, mae_path)
-    shards = [_shard(tmp_path, 0, {"a.png": _image(0, 20, 20)})]
-    score_output(cfg.output, GROUPS).claim(job_metadata(cfg, mae, shards))
+def test_a_resume_with_other_execution_settings_is_the_same_job(tmp_path: Path, mae_path: str) -> None:
+    cfg = _cfg(tmp_path, mae_path, source=str(_corpus(tmp_path)))
+    _scores(cfg).claim(_metadata(cfg))
     moved = str(tmp_path / "moved.pth")
     shutil.copy(mae_path, moved)  # the same bytes elsewhere
-    execution = {"scorers": 3, "max_scorers": 5, "scorer_cpus": 2.0, "scorer_threads": 1, "device": "cpu"}
+    execution = {"workers": 3, "max_workers": 5, "worker_cpus": 2.0, "threads": 1, "device": "cpu"}
     faster = dataclasses.replace(cfg, mae=moved, batch_size=7, **execution)
-    assert score_output(cfg.output, GROUPS).check(job_metadata(faster, ltrp.load_mae(moved), shards)) is True
+    assert _scores(cfg).check(_metadata(faster)) is True

@@ -13,16 +13,17 @@ import pyarrow.compute as pc
 import pytest
 import s3fs
 import torch
-from conftest import fashion_mnist_pngs
 from fault_proxy import FAULTS, FaultProxy
 from mlflow.tracking import MlflowClient
+from support import fashion_mnist_pngs
 
 import ltrp
 from ltrp.data.tables import read_scores
-from ltrp.pipeline import evaluate_job, score_job, train_job, trainer
+from ltrp.pipeline import evaluate_job, train_job, trainer
 from ltrp.pipeline.configs import EvaluateConfig, ScoreConfig, TrainConfig
 from ltrp.pipeline.lease import Lease
 from ltrp.pipeline.registry import load_ranker_ref
+from ltrp.pipeline.score_job import ScoreJob
 
 pytestmark = pytest.mark.slow
 RATE = 0.2  # a fifth of all requests fail: far more than a store under load, so that every kind is hit
@@ -40,7 +41,7 @@ def corpus(s3_endpoint: str, ray_address: str, tmp_path_factory: pytest.TempPath
     mae = tmp_path_factory.mktemp("mae") / "tiny.pth"
     ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"]), str(mae))
     fs.put_file(str(mae), "faults/mae.pth")
-    score_job.score_corpus(_score_config("s3://faults", "clean"))
+    ScoreJob(_score_config("s3://faults", "clean")).write()
     return "s3://faults"
 
 
@@ -78,9 +79,9 @@ def test_the_lease_holds_through_faults(s3_bucket: str, s3_proxy: FaultProxy) ->
 
 def test_scoring_through_faults_writes_the_fault_free_table(corpus: str, s3_proxy: FaultProxy) -> None:
     with s3_proxy.faults(RATE) as proxy:  # the driver's listing, lease and commits; the workers' reads
-        faults = score_job.score_corpus(_score_config(corpus, "scored-through-faults"))
+        faults = ScoreJob(_score_config(corpus, "scored-through-faults")).write()
     assert set(proxy.injected) == set(FAULTS) and sum(proxy.injected.values()) >= 20
-    assert (faults.images_scored, faults.rows_written, faults.errors) == (IMAGES, IMAGES, 0)
+    assert (faults.images, faults.rows_written, faults.errors) == (IMAGES, IMAGES, 0)
     expected, got = _table(f"{corpus}/clean"), _table(f"{corpus}/scored-through-faults")
     assert got.num_rows == IMAGES and got.equals(expected)
     assert pc.count_distinct(got.column("image_id")).as_py() == IMAGES
@@ -100,7 +101,7 @@ def test_training_and_evaluation_through_faults(
         warmup_epochs=0,
         batch_size=8,
         worker_cpus=0.5,
-        model=f"models:/{name}",
+        register=f"models:/{name}",
     )
     _, train_views, _ = train_job.check_inputs(cfg)
     # Reading the table, Ray Train's checkpoints; MLflow's runs, metrics, registry and artifacts.

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
-from conftest import fashion_mnist_pngs, score_in_process
 from mlflow.tracking import MlflowClient
+from support import fashion_mnist_pngs, score_in_process
 
 import ltrp
 from jobs.train import main as train_main
@@ -112,7 +112,7 @@ def test_ddp_training_registers_and_a_relaunch_resumes(
     lost mid-training, the group restarted from the last checkpoint: test_cluster.py loses a node.)"""
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.mkdir(CKPT_BUCKET)
-    extra = ("--workers", "2", "--model", "models:/ltrp-test", "--alias", "candidate", "--init", "mae")
+    extra = ("--workers", "2", "--register", "models:/ltrp-test", "--alias", "candidate", "--init", "mae")
     storage, name = f"s3://{CKPT_BUCKET}", "ddp"
 
     train_main(_train_args(score_table, storage, name, 1, *extra))

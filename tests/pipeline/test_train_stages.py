@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import write_table
+from support import write_table
 
 from jobs.bench.jpegs import imagenet_sized_jpegs
 from ltrp.data.images import View, displayed_size, render_view, view_geometry

@@ -25,7 +25,7 @@ def _tiny_config(root: Path) -> dict:
     """jobs/pipeline.yaml, shrunk: the shipped file's own keys, so the test breaks if they drift."""
     spec = yaml.safe_load((REPO / "jobs" / "pipeline.yaml").read_text())
     spec["root"] = str(root)
-    spec["train"]["model"] = "models:/ltrp-pipeline-test"
+    spec["train"]["register"] = "models:/ltrp-pipeline-test"
     spec["data"].update(train_images=60, test_images=12)
     spec["score"].update(views=2, shard_size=40)
     spec["train"].update(epochs=1)

@@ -1,13 +1,13 @@
-"""Benchmark: cheaper vision transformers. A timm ViT's accuracy against its measured throughput on this
+"""Experiment: cheaper vision transformers. A timm ViT's accuracy against its measured throughput on this
 machine, when it runs on the top-k patches of LTRP rankers of two sizes (their forward counted in the
 cost), random, the centre prior, patch variance and FOLK, or merges tokens with ToMe; off the shelf
 (trained on all tokens) and fine-tuned on the kept tokens. On scenes (multi-label mAP; the shipped MAE
 scores the rankers' table) and on Fashion-MNIST (top-1 accuracy; an MAE pre-trained here scores it).
 Also the ranking job's images/s next to the ranker kernel's on the same machine.
 
-    python -m jobs.bench.pruned                                  # scenes (runs/bench-pruned-scenes/)
-    python -m jobs.bench.pruned --dataset fashion_mnist          # Fashion-MNIST
-    python -m jobs.bench.pruned --train-images 300 --test-images 100 --epochs 1 --fine-tune-epochs 1
+    python -m jobs.experiments.pruned                            # scenes (runs/bench-pruned-scenes/)
+    python -m jobs.experiments.pruned --dataset fashion_mnist    # Fashion-MNIST
+    python -m jobs.experiments.pruned --train-images 300 --test-images 100 --epochs 1 --fine-tune-epochs 1
 
 Self-contained and reusing what exists under --root: the images, the MAE, a score table of the rankers'
 training images (--views views each), the rankers trained on it, the ViT. Logs the table, the figure
@@ -40,15 +40,17 @@ from ltrp.evaluation import efficiency
 from ltrp.evaluation.efficiency import FitSettings, Method
 from ltrp.evaluation.protocol import LabelledImages, load_labelled
 from ltrp.evaluation.scene_eval import SceneSet, load_scene_set
-from ltrp.pipeline import pretrain_job, rank_job, runtime, score_job, train_job, trainer
+from ltrp.pipeline import pretrain_job, runtime, train_job, trainer
 from ltrp.pipeline.configs import PretrainConfig, RankConfig, ScoreConfig, TrainConfig
+from ltrp.pipeline.rank_job import RankJob
+from ltrp.pipeline.score_job import ScoreJob
 
 Dataset = Literal["scenes", "fashion_mnist"]
 
 
 @dataclass(frozen=True)
 class DatasetSetting:
-    """What the benchmark fixes per dataset: the input, the two ranker sizes, ToMe's r values."""
+    """What the experiment fixes per dataset: the input, the two ranker sizes, ToMe's r values."""
 
     size: int  # input side in pixels (4-px patches)
     rankers: tuple[str, str]  # the ranker geometries for that grid, large and tiny
@@ -95,7 +97,7 @@ class PrunedArgs:
 
 @dataclass
 class Data:
-    """The benchmark's images: model inputs (N, 3, S, S), targets (N,) classes or (N, C) multi-hot."""
+    """The experiment's images: model inputs (N, 3, S, S), targets (N,) classes or (N, C) multi-hot."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -229,7 +231,7 @@ def _rankers(
         source=source, mae=str(mae), output=str(root / "scores-train"), views=args.views, flip=True,
         mask_ratio=setting.mask_ratio, batch_size=64, seed=args.seed,
     )  # fmt: skip
-    score_job.score_corpus(cfg)
+    ScoreJob(cfg).write()
     rankers = {}
     for geometry in setting.rankers:
         train_cfg = TrainConfig(
@@ -275,10 +277,8 @@ def _ranking_job_rates(
     checkpoint = root / f"{name}.state.pt"
     torch.save({"model": ranker.state_dict(), "ranker_config": asdict(ranker.cfg)}, checkpoint)
     out = root / f"ranks-{os.getpid()}"  # a fresh output: the job's full cost, nothing resumed
-    summary = rank_job.execute(
-        rank_job.plan(RankConfig(source=corpus, model=str(checkpoint), output=str(out), batch_size=256)),
-        progress=lambda _: None,
-    )
+    job = RankJob(RankConfig(source=corpus, model=str(checkpoint), output=str(out), batch_size=256))
+    summary = job.write(progress=lambda _: None)
     kernel = efficiency.throughputs({"kernel": partial(rank, ranker)}, images, rounds=args.rounds)
     return summary.images_per_second, kernel["kernel"]
 

@@ -1,6 +1,6 @@
-"""Benchmark: is the ranker trained to convergence? Object recall against training epochs and scenes.
+"""Experiment: is the ranker trained to convergence? Object recall against training epochs and scenes.
 
-    python -m jobs.bench.convergence --scores runs/benchmark/scores-train-XXXX \\
+    python -m jobs.experiments.convergence --scores runs/benchmark/scores-train-XXXX \\
         --test runs/benchmark/data/test/manifest.parquet --mae ltrp/data/weights/mae_vit_scenes_patch4.pth
     # with the oracle's line: --oracle runs/benchmark/scores-test-cover-XXXX; a quick look:
     # --scenes 500 1000 --epochs 10 --every 2
@@ -55,7 +55,7 @@ from ltrp.pipeline.training_data import load_views, select_split
 
 EXPERIMENT = "ltrp-bench"
 RESAMPLES = 1000  # bootstrap resamples of each pooled recall's interval
-#: The options this bench shares with the training job (ltrp.pipeline.configs.TrainConfig).
+#: The options this experiment shares with the training job (ltrp.pipeline.configs.TrainConfig).
 TRAINING_OPTIONS = ("scores", "ranker", "init", "epochs", "warmup_epochs", "batch_size", "lr", "weight_decay")
 TRAINING_OPTIONS += ("val_fraction", "views", "seed", "threads")
 Views = dict[str, torch.Tensor]  # load_views' arrays as tensors: image, visible, scores
@@ -98,7 +98,8 @@ class Decoded:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = tyro.cli(ConvergenceConfig, args=argv, prog="python -m jobs.bench.convergence", description=__doc__)
+    prog = "python -m jobs.experiments.convergence"
+    cfg = tyro.cli(ConvergenceConfig, args=argv, prog=prog, description=__doc__)
     torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The training job's options, so that its RankerTask and trainer settings serve here unchanged.

@@ -1,6 +1,6 @@
-"""Benchmark: which judge MAE teaches best? The full-coverage oracle's object recall, for each candidate.
+"""Experiment: which judge MAE teaches best? The full-coverage oracle's object recall, for each candidate.
 
-    python -m jobs.bench.judge --test runs/benchmark/data/test/manifest.parquet \\
+    python -m jobs.experiments.judge --test runs/benchmark/data/test/manifest.parquet \\
         --maes ltrp/data/weights/mae_vit_scenes_patch4.pth runs/judge/pt/mix-a runs/judge/pt/mix-b
     # a quick look: --scenes 60 --rounds 2; names for the table: --labels shipped mix-a mix-b
 
@@ -39,7 +39,7 @@ The ablation of issue 28 (the training mix, two seeds each, a curve against epoc
         --output runs/judge/mix-a-s0.pth --storage runs/judge/pt --name mix-a-s0 \\
         --geometry mae_vit_scenes_patch4 --epochs 8 --batch-size 128 --lr 1.5e-3 --flip --seed 0
     # ... the same with --seed 1 --name mix-a-s1, and with scenes-b as mix-b-s0 and mix-b-s1
-    python -m jobs.bench.judge --test runs/benchmark/data/test/manifest.parquet \\
+    python -m jobs.experiments.judge --test runs/benchmark/data/test/manifest.parquet \\
         --maes ltrp/data/weights/mae_vit_scenes_patch4.pth runs/judge/pt/mix-a-s0 runs/judge/pt/mix-a-s1 \\
         runs/judge/pt/mix-b-s0 runs/judge/pt/mix-b-s1 --rounds 8 --tracking
 """
@@ -120,7 +120,7 @@ class Candidate:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = tyro.cli(JudgeConfig, args=argv, prog="python -m jobs.bench.judge", description=__doc__)
+    cfg = tyro.cli(JudgeConfig, args=argv, prog="python -m jobs.experiments.judge", description=__doc__)
     torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     candidates = list_candidates(cfg.maes, cfg.labels)

@@ -1,7 +1,7 @@
-"""Benchmark: how faithful are cheap pseudo-scores and the ranker to the full-coverage oracle, on scenes?
+"""Experiment: how faithful are cheap pseudo-scores and the ranker to the full-coverage oracle, on scenes?
 
-    python -m jobs.bench.fidelity                                   # the table of docs/fidelity.md
-    python -m jobs.bench.fidelity --train-scenes 200 --test-scenes 40 --views 1 4 --passes 4   # a quick look
+    python -m jobs.experiments.fidelity                             # the table of docs/fidelity.md
+    python -m jobs.experiments.fidelity --train-scenes 200 --test-scenes 40 --views 1 4 --passes 4  # quick
 
 On held-out scenes, per image, Kendall tau against the full-coverage oracle (`--cover` rounds of
 disjoint visible sets: one score per position) of:
@@ -34,8 +34,9 @@ from ltrp.data.scenes import SHIPPED_MAE, SceneConfig, write_scenes
 from ltrp.data.tables import read_job_metadata, read_scores
 from ltrp.evaluation import fidelity
 from ltrp.evaluation.protocol import interval
-from ltrp.pipeline import runtime, score_job, train_job, trainer, training_data
+from ltrp.pipeline import runtime, train_job, trainer, training_data
 from ltrp.pipeline.configs import ScoreConfig, TrainConfig
+from ltrp.pipeline.score_job import ScoreJob
 
 AUTHORS_DRAWS = 400  # the authors draw a fresh visible set every step, for 400 epochs
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
             source=str(source), mae=args.mae, output=str(root / name), mask_ratio=args.mask_ratio,
             seed=args.seed, batch_size=64, **settings,
         )  # fmt: skip
-        summary = score_job.score_corpus(cfg)
+        summary = ScoreJob(cfg).write()
         print(f"[fidelity] {name}: {summary.rows_written} rows in {summary.seconds:.0f} s", flush=True)
         return cfg.output, summary.seconds / max(summary.rows_written, 1)
 

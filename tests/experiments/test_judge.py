@@ -1,4 +1,4 @@
-"""The judge benchmark, on 6 held-out scenes and a 2-round oracle, in this process."""
+"""The judge experiment, on 6 held-out scenes and a 2-round oracle, in this process."""
 
 import json
 from dataclasses import asdict, replace
@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import score_in_process
+from support import score_in_process
 
-from jobs.bench import judge
+from jobs.experiments import judge
 from ltrp.core.mae import GEOMETRIES, MAE
 from ltrp.data.checkpoints import save_mae
 from ltrp.data.scenes import SHIPPED_MAE, SceneConfig, write_scenes
@@ -44,7 +44,7 @@ def test_judge_measures_each_candidates_oracle_as_the_scoring_job_builds_it(
     torch.manual_seed(0)
     save_mae(MAE(SMALL), str(tmp_path / "random.pth"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    covers = []  # each candidate's cover table, kept as the bench builds it
+    covers = []  # each candidate's cover table, kept as the experiment builds it
     build = judge.cover_table
     monkeypatch.setattr(judge, "cover_table", lambda *args: covers.append(build(*args)) or covers[-1])
     out = tmp_path / "out"

@@ -1,13 +1,13 @@
-"""The convergence benchmark, on a tiny score table and held-out scenes, in this process."""
+"""The convergence experiment, on a tiny score table and held-out scenes, in this process."""
 
 import json
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import score_in_process
+from support import score_in_process
 
-from jobs.bench import convergence
+from jobs.experiments import convergence
 from ltrp.data.scenes import SEEN_CLASSES, SHIPPED_MAE, UNSEEN_CLASSES, SceneConfig, write_scenes
 from ltrp.pipeline.configs import ScoreConfig
 

@@ -1,0 +1,74 @@
+"""Stages (ltrp/pipeline/stages.py): what a model stage's pool and threads follow, and what a worker
+loads to run the stages of a real job."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import torch
+from support import fashion_mnist_pngs
+
+import ltrp
+from ltrp.pipeline.configs import ScoreConfig
+from ltrp.pipeline.score_job import ScoreJob
+from ltrp.pipeline.stages import Pool, Stage, cpu_threads, model_pool
+
+POOLS = [
+    (None, None, 0, (1, 1)),
+    (2, None, 0, (2, 2)),
+    (2, 5, 0, (2, 5)),
+    (3, 2, 0, (3, 3)),
+    (None, None, 4, (4, 4)),
+]
+
+
+@pytest.mark.parametrize(("workers", "max_workers", "gpus", "sizes"), POOLS)
+def test_the_pool_grows_from_its_size_up_to_the_maximum(
+    workers: int | None, max_workers: int | None, gpus: int, sizes: tuple[int, int]
+) -> None:
+    assert model_pool(workers, max_workers, gpus) == Pool(*sizes)
+
+
+@pytest.mark.parametrize(("cpus", "threads", "expected"), [(0.5, None, 1), (3.0, None, 3), (3.0, 2, 2)])
+def test_a_cpu_actors_threads_follow_the_cpus_it_reserves(
+    cpus: float, threads: int | None, expected: int
+) -> None:
+    assert cpu_threads(False, cpus, threads) == expected
+    assert cpu_threads(True, cpus, threads) is None  # a GPU actor's threads are Ray's default
+
+
+def test_a_class_needs_a_pool_and_a_function_none() -> None:
+    with pytest.raises(ValueError, match="stage ShardScorer: a class runs in an actor pool"):
+        Stage(ltrp.pipeline.score_stages.ShardScorer, batch_size=1)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="stage len: a class runs in an actor pool"):
+        Stage(len, batch_size=1, pool=Pool(1, 1))
+
+
+def test_a_worker_running_a_jobs_stages_loads_neither_mlflow_nor_the_jobs(tmp_path: Path) -> None:
+    """The scoring job's stages, pickled as Ray ships them to workers, unpickled in a fresh
+    interpreter: the decode, scoring and commit functions and their arguments import no MLflow, no
+    driver-side job module and no launcher."""
+    (tmp_path / "images").mkdir()
+    for name, png in list(fashion_mnist_pngs(2).items()):
+        (tmp_path / "images" / Path(name).name).write_bytes(png)
+    torch.manual_seed(0)
+    ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"]), str(tmp_path / "mae.pth"))
+    cfg = ScoreConfig(
+        source=str(tmp_path / "images"), mae=str(tmp_path / "mae.pth"), output=str(tmp_path / "out")
+    )
+    stages = ScoreJob(cfg).stages("token", gpu=False)
+    (tmp_path / "stages.pkl").write_bytes(cloudpickle.dumps([(s.fn, s.kwargs) for s in stages]))
+    code = (
+        "import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read()); "
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'jobs') "
+        "or m.endswith('_job'))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "stages.pkl")], capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.split() == []
+    assert {s.name for s in stages} == {"decode_shards", "ShardScorer", "commit_shards"}

@@ -1,0 +1,164 @@
+"""Helpers shared by the tests (and nothing else: fixtures and hooks live in conftest.py).
+
+Tests import them as `from support import ...`: pytest puts tests/ on sys.path for its rootdir conftest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import ltrp
+from ltrp.core.ranker import RankerConfig
+from ltrp.data.datasets import read_fashion_mnist
+from ltrp.data.images import center_crop, center_view, displayed_size, png_bytes, to_model_input
+from ltrp.data.sources import plan_corpus, read_shard
+from ltrp.data.tables import SCORES_SCHEMA
+from ltrp.evaluation.measures import KEEP_RATIOS, Estimate, metric_key, vs_random
+from ltrp.local import BIN, free_port, wait_for_port
+
+if TYPE_CHECKING:
+    from ltrp.pipeline.configs import ScoreConfig
+    from ltrp.pipeline.shards import FileGroups
+
+__all__ = [
+    "BIN",
+    "PRIMARY",
+    "SMALL_MAE",
+    "SMALL_RANKER",
+    "committed_files",
+    "committed_shards",
+    "evaluation",
+    "fashion_mnist",
+    "fashion_mnist_pngs",
+    "free_port",
+    "holds_rows",
+    "png_bytes",
+    "score_in_process",
+    "score_rows",
+    "wait_for_port",
+    "write_folder",
+    "write_table",
+]
+
+
+def fashion_mnist(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` test images (count, 28, 28) uint8 and labels, from Debian's package."""
+    try:
+        images, labels = read_fashion_mnist("test")
+    except FileNotFoundError as err:
+        pytest.fail(f"{err} (.ci/run installs it)")
+    return images[:count], labels[:count]
+
+
+def fashion_mnist_pngs(count: int) -> dict[str, bytes]:
+    """The first `count` test images as PNGs in ImageFolder layout: {"LABEL/IIII.png": bytes}."""
+    images, labels = fashion_mnist(count)
+    return {f"{y}/{i:04d}.png": png_bytes(x) for i, (x, y) in enumerate(zip(images, labels, strict=True))}
+
+
+# Promotion: evaluations as a model version's eval.* tags hold them.
+PRIMARY = "reconstruction_error.keep25"
+
+
+def evaluation(recon: float = 0.040, acc: float = 0.80, width: float = 0.002, **overrides: float) -> dict:
+    """Every key the default policy needs without masks: reconstruction_error (lower is better) and
+    accuracy (higher) at every keep ratio, and the floor's ranker-minus-random difference on the primary,
+    mean +/- `width`; `overrides` set single keys' means, e.g. accuracy_keep50=0.7."""
+    means = {metric_key("reconstruction_error", r): recon for r in KEEP_RATIOS}
+    means |= {metric_key("accuracy", r): acc for r in KEEP_RATIOS}
+    means |= {k.replace("_keep", ".keep"): v for k, v in overrides.items()}
+    # The floor: the ranker minus random on the primary, clearly below 0 (lower error is better).
+    means[vs_random(PRIMARY)] = -0.01
+    return {k: Estimate(m, m - width, m + width) for k, m in means.items()}
+
+
+# Evaluation inputs: labelled folders and score tables as the scoring job writes them.
+# A 32 px MAE and ranker on the 8x8 grid of "mae_vit_fmnist_patch4", small enough for tests.
+SMALL_MAE = ltrp.MAEConfig(
+    img_size=32,
+    patch_size=4,
+    embed_dim=32,
+    depth=1,
+    num_heads=2,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=2,
+)
+SMALL_RANKER = RankerConfig(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+
+
+def write_folder(root: Path, images: np.ndarray, labels: np.ndarray, first: int = 0) -> Path:
+    """Images as PNGs in ImageFolder layout: root/LABEL/NNNN.png, numbered from `first`."""
+    for i, (x, y) in enumerate(zip(images, labels, strict=True)):
+        path = root / str(y) / f"{first + i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png_bytes(x))
+    return root
+
+
+def score_rows(source: Path, mae: ltrp.MAE, mask_ratio: float = 0.75) -> list[dict]:
+    """Score-table rows for a folder's central squares, as the scoring job writes them."""
+    items = [img for shard in plan_corpus(str(source), 1 << 20).shards for img in read_shard(shard)]
+    pixels = np.stack([center_crop(img.data, mae.cfg.img_size) for img in items])
+    visible = ltrp.visible_sets([img.image_id for img in items], grid=mae.cfg.grid, mask_ratio=mask_ratio)
+    with torch.inference_mode():
+        scores = ltrp.loo_scores(mae, to_model_input(pixels), visible)
+    return [
+        {
+            "image_id": img.image_id,
+            "uri": img.uri,
+            "label": img.label,
+            "view": 0,
+            "crop_box": list(center_view(*displayed_size(img.data)).box),
+            "flip": False,
+            "visible": vis.tolist(),
+            "scores": sc.tolist(),
+        }
+        for img, vis, sc in zip(items, visible, scores, strict=True)
+    ]
+
+
+def score_in_process(cfg: ScoreConfig) -> None:
+    """The scoring job's table, by its own stages run in this process (`stages.run_in_process`): what
+    `score_job.run(cfg)` writes, without Ray Data's workers (~50 s here) or an MLflow run, for tests
+    that only need a table (the job itself: test_score_job.py)."""
+    # Imported here: the pipeline loads Ray, which the core, data and evaluation tests do without.
+    from ltrp.pipeline.score_job import ScoreJob
+    from ltrp.pipeline.stages import run_in_process
+
+    ScoreJob(cfg).write(run_in_process, progress=lambda _: None)
+
+
+def write_table(root: Path, rows: list[dict]) -> Path:
+    """A score table as the scoring job lays it out: root/_ltrp_job.json, root/scores/part-00000.parquet."""
+    (root / "scores").mkdir(parents=True, exist_ok=True)
+    (root / "_ltrp_job.json").write_text(json.dumps({"fingerprint": []}))
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCORES_SCHEMA), root / "scores" / "part-00000.parquet")
+    return root
+
+
+def committed_shards(out: Path, table: str, groups: FileGroups) -> set[int]:
+    """The shards a scoring or ranking job's local output holds, read from its files: the members of
+    each combined group's file, and the shards under `_shards/` waiting for their group."""
+    combined = {i for p in (out / table).glob("part-*.parquet") for i in groups.members(int(p.stem[5:]))}
+    return combined | {int(p.stem) for p in out.glob(f"_shards/*/{table}/*.parquet")}
+
+
+def committed_files(out: Path, table: str) -> dict[Path, pa.Table]:
+    """The committed rows of a local job output, by file: combined groups' and waiting shards'."""
+    paths = [*(out / table).glob("part-*.parquet"), *out.glob(f"_shards/*/{table}/*.parquet")]
+    return {p: pq.read_table(p) for p in paths}
+
+
+def holds_rows(table: pa.Table, rows: pa.Table) -> bool:
+    """Whether every row of `rows` is a row of `table`, values and all."""
+    held = table.to_pylist()
+    return all(row in held for row in rows.to_pylist())
