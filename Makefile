@@ -56,9 +56,9 @@ test-quick: $(VENV)/.installed $(FASHION_MNIST)
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -m "not slow and not gpu and not faults and not docs" --durations=15 -n 2 --dist loadfile
 
-# The long fault runs: scoring and ranking jobs killed and re-run, the multi-node cluster with token
-# authentication losing its worker node mid-scoring and mid-training, and training and evaluation through
-# S3 and MLflow faults. CI runs them after `make test`.
+# The long fault runs: scoring and ranking jobs killed and re-run, a DDP training relaunched and
+# resumed, the multi-node cluster with token authentication losing its worker node mid-scoring and
+# mid-training, and training and evaluation through S3 and MLflow faults. CI runs them after `make test`.
 test-faults: $(VENV)/.installed $(FASHION_MNIST)
 	$(PY) -m pytest -m "faults and not gpu" --durations=5 -n 2 --dist loadfile
 

@@ -101,6 +101,7 @@ def _check_version_1(client: MlflowClient, mlflow_uri: str, score_table: str) ->
     assert np.asarray(pyfunc.predict(images.numpy())).shape == (2, 64)
 
 
+@pytest.mark.faults  # 5 minutes of relaunches: with the other re-runs, so that make test stays under 12
 def test_ddp_training_registers_and_a_relaunch_resumes(
     score_table: str, job_in_process: Path, mlflow_uri: str, capsys: pytest.CaptureFixture
 ) -> None:
