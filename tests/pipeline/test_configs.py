@@ -1,6 +1,5 @@
 """The job configs check themselves: types, choices, ranges, combinations, and the config files."""
 
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from ltrp.pipeline.configs import (
     ScenesConfig,
     ScoreConfig,
     TrainConfig,
-    identity_fields,
     read_config_file,
     registered_name,
 )
@@ -68,15 +66,6 @@ def test_good_values_pass_and_yaml_lists_become_tuples() -> None:
         registered_name(PromoteConfig(model="models:/ltrp-ranker", candidate="candidate").model)
         == "ltrp-ranker"
     )
-
-
-def test_the_score_fingerprint_is_every_field_but_the_execution_only_ones() -> None:
-    cfg = ScoreConfig(**SCORE)
-    result = set(identity_fields(cfg))
-    execution = {
-        *("mae", "output", "batch_size", "workers", "max_workers", "worker_cpus", "threads", "device")
-    }
-    assert result == {f.name for f in fields(ScoreConfig)} - execution
 
 
 def test_config_files_name_the_unknown_key(tmp_path: Path) -> None:
