@@ -35,12 +35,12 @@ def main(argv: list[str] | None = None) -> dict:
     from ltrp.pipeline import workflow  # after parsing: --help needs no torch, Ray or MLflow
 
     try:
-        plan = workflow.Plan(args.config)  # every step's config, checked before anything runs
+        pipeline = workflow.Pipeline(args.config)  # every step's config, checked before anything runs
     except ConfigError as err:
         print(f"python -m jobs.pipeline: error: {err}", file=sys.stderr)
         sys.exit(2)
     start = time.perf_counter()
-    results = workflow.run(plan)
+    results = workflow.run(pipeline)
     print(workflow.summary(results, time.perf_counter() - start))
     return results
 

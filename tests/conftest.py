@@ -138,3 +138,18 @@ def job_in_process(
 def tiny_mae() -> ltrp.MAE:
     torch.manual_seed(0)
     return ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"]).eval()
+
+
+@pytest.fixture(scope="module")
+def mae_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny MAE ("mae_vit_tiny_patch8", seed 0) saved as a checkpoint, once per test module: its path."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("mae") / "tiny.pth"
+    ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"]), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def mae(mae_path: str) -> ltrp.MAE:
+    """The MAE of `mae_path`, loaded as a job loads it (with its checkpoint's sha256)."""
+    return ltrp.load_mae(mae_path)

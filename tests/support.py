@@ -5,7 +5,9 @@ Tests import them as `from support import ...`: pytest puts tests/ on sys.path f
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,32 +21,41 @@ import ltrp
 from ltrp.core.ranker import RankerConfig
 from ltrp.data.datasets import read_fashion_mnist
 from ltrp.data.images import center_crop, center_view, displayed_size, png_bytes, to_model_input
-from ltrp.data.sources import plan_corpus, read_shard
+from ltrp.data.sources import Shard, plan_corpus, read_shard
 from ltrp.data.tables import SCORES_SCHEMA
 from ltrp.evaluation.measures import KEEP_RATIOS, Estimate, metric_key, vs_random
 from ltrp.local import BIN, free_port, wait_for_port
 
 if TYPE_CHECKING:
     from ltrp.pipeline.configs import ScoreConfig
-    from ltrp.pipeline.shards import FileGroups
+    from ltrp.pipeline.shards import FileGroups, ShardedOutput
 
 __all__ = [
     "BIN",
     "PRIMARY",
     "SMALL_MAE",
     "SMALL_RANKER",
+    "TINY_GRID",
+    "TINY_SIZE",
     "committed_files",
     "committed_shards",
+    "decode",
     "evaluation",
     "fashion_mnist",
     "fashion_mnist_pngs",
     "free_port",
     "holds_rows",
+    "image",
+    "job_metadata",
+    "pixels",
     "png_bytes",
+    "score_config",
     "score_in_process",
+    "score_output",
     "score_rows",
     "wait_for_port",
     "write_folder",
+    "write_shard",
     "write_table",
 ]
 
@@ -143,6 +154,65 @@ def write_table(root: Path, rows: list[dict]) -> Path:
     (root / "_ltrp_job.json").write_text(json.dumps({"fingerprint": []}))
     pq.write_table(pa.Table.from_pylist(rows, schema=SCORES_SCHEMA), root / "scores" / "part-00000.parquet")
     return root
+
+
+# The scoring job's stages on the tiny MAE ("mae_vit_tiny_patch8"), without Ray: test_score_stages.py and
+# test_shards.py. The pipeline is imported in the functions: it loads Ray, which other tests do without.
+TINY_SIZE, TINY_GRID = 64, 8  # the tiny MAE's image size and patch grid
+
+
+def image(seed: int, height: int, width: int, gray: bool = False) -> bytes:
+    """A PNG of random pixels from `seed`, height x width, RGB or `gray`."""
+    rng = np.random.default_rng(seed)
+    shape = (height, width) if gray else (height, width, 3)
+    return png_bytes(rng.integers(0, 256, shape, dtype=np.uint8))
+
+
+def write_shard(folder: Path, index: int, files: dict[str, bytes | None]) -> Shard:
+    """A shard of the named files, written under `folder` (None: a file that does not exist)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        if data is not None:
+            (folder / name).write_bytes(data)
+    names = list(files)
+    return Shard(index, tuple(names), tuple(str(folder / n) for n in names), tuple(f"L{n[0]}" for n in names))
+
+
+def score_config(tmp_path: Path, mae: str = "unused.pth", **changes: object) -> ScoreConfig:
+    """A ScoreConfig of the corpus at `tmp_path`, writing to tmp_path/out, with `changes`."""
+    from ltrp.pipeline.configs import ScoreConfig
+
+    return ScoreConfig(**{"source": str(tmp_path), "mae": mae, "output": str(tmp_path / "out"), **changes})
+
+
+def decode(cfg: ScoreConfig, *shards: Shard) -> pa.Table:
+    """The scoring job's decode stage's rows of `shards`, at the tiny MAE's size and grid."""
+    from ltrp.pipeline.score_stages import COLUMNS, image_rows
+    from ltrp.pipeline.shards import decode_shards, stage_schema
+
+    # As Ray's numpy batches hold it: one shard descriptor per row, as an object array of str.
+    batch = {"shard": np.array([s.to_json() for s in shards], dtype=object)}
+    rows = partial(image_rows, cfg=cfg, size=TINY_SIZE, grid=TINY_GRID)
+    return decode_shards(batch, rows, stage_schema(*COLUMNS))
+
+
+def pixels(row: dict) -> np.ndarray:
+    """A decoded row's pixels as an image: (TINY_SIZE, TINY_SIZE, 3) uint8."""
+    return np.frombuffer(row["pixels"], np.uint8).reshape(TINY_SIZE, TINY_SIZE, 3)
+
+
+def score_output(uri: str, groups: FileGroups) -> ShardedOutput:
+    """The scoring job's output folder at `uri`, its shards' files grouped by `groups`."""
+    from ltrp.pipeline.shards import ShardedOutput
+
+    return ShardedOutput(uri, "scores", SCORES_SCHEMA, groups)
+
+
+def job_metadata(cfg: ScoreConfig) -> dict:
+    """The metadata a job of `cfg` records, planned on an output of its own."""
+    from ltrp.pipeline.score_job import ScoreJob
+
+    return ScoreJob(dataclasses.replace(cfg, output=cfg.output + "-planned")).metadata
 
 
 def committed_shards(out: Path, table: str, groups: FileGroups) -> set[int]:

@@ -9,7 +9,7 @@ clusters of 1, 2 and 3 nodes on this one machine.
 For each node count: a fresh cluster of `ray start --block` processes (a head and count - 1 workers,
 each with --node-cpus logical CPUs and a process group and temp dir of its own, stopped by killing those
 groups: `ray stop` would stop every other Ray on the machine too), one scoring actor per node (`scorers`
-= nodes, each on --scorer-threads torch threads), the library's scoring job (`ScoreJob(cfg).write()`,
+= nodes, each on --threads torch threads), the library's scoring job (`ScoreJob(cfg).write()`,
 without MLflow) called from this process (the driver). Three jobs per cluster, each into a fresh output
 folder: a one-shard warm-up (its task workers and the driver's first-job costs then do not fall on the
 measured jobs; Ray Data starts the scoring actors anew for every job, so their start-up is in every
@@ -33,7 +33,7 @@ split, repeated if 2N > 60,000). Random MAE weights: speed does not depend on th
                         first commit to its last (the files' times): no actor start-up in it, but
                         when decoding finished during the start-up, the scorers and commits alone
     scorer per view     `ltrp.loo_scores` alone on one batch of --batch-size views of the same PNGs
-                        (decoded and on the device beforehand), on --scorer-threads torch threads,
+                        (decoded and on the device beforehand), on --threads torch threads,
                         before any cluster starts: seconds per view of the cheap scorer, t_cheap
     MAE-B per view      the same for mae_vit_base_patch16 on 8 random 224 px images, fp32, t_B
                         (--no-mae-b skips it)
@@ -85,8 +85,8 @@ class HeadroomConfig:
     shard_size: int = 64  # images per shard (the unit of decode and commit)
     batch_size: int = 64  # views per scoring call
     node_cpus: int = 2  # logical CPUs of each node, the head's included
-    scorer_cpus: float = 1.0  # CPUs each scoring actor reserves (one actor per node)
-    scorer_threads: int = 1  # torch threads of each scoring actor, and of the per-view timings
+    worker_cpus: float = 1.0  # CPUs each scoring actor reserves (one actor per node)
+    threads: int = 1  # torch threads of each scoring actor, and of the per-view timings
     kernel_repeats: int = 20  # timed batches of the cheap scorer alone
     mae_b: bool = True  # time MAE-B per view too (--no-mae-b skips it: ~40 s at 1 thread on this CPU)
     mae_b_repeats: int = 1  # timed batches of 8 MAE-B views
@@ -135,7 +135,7 @@ def cheap_seconds_per_view(mae: ltrp.MAE, folder: Path, cfg: HeadroomConfig) -> 
     pixels = np.stack([center_crop(p.read_bytes(), mae.cfg.img_size) for p in paths])
     images = to_model_input(torch.from_numpy(pixels))
     visible = ltrp.visible_sets([p.stem for p in paths], grid=mae.cfg.grid)
-    with torch.no_grad(), torch_threads(cfg.scorer_threads):
+    with torch.no_grad(), torch_threads(cfg.threads):
         batch = partial(ltrp.loo_scores, mae, images, visible)
         return seconds_per_view(batch, len(paths), cfg.kernel_repeats, warm_up=batch)
 
@@ -146,7 +146,7 @@ def mae_b_seconds_per_view(cfg: HeadroomConfig) -> float:
     size, grid = mae.cfg.img_size, mae.cfg.grid
     images = torch.randn(8, 3, size, size)
     visible = ltrp.visible_sets(range(8), grid=grid)
-    with torch.no_grad(), torch_threads(cfg.scorer_threads):
+    with torch.no_grad(), torch_threads(cfg.threads):
         # Warmed up on one view: a whole batch would add ~30 s at 1 thread here for no better figure.
         one = partial(ltrp.loo_scores, mae, images[:1], visible[:1])
         return seconds_per_view(
@@ -208,8 +208,8 @@ def run_job(source: Path, output: Path, mae: Path, scorers: int, cfg: HeadroomCo
         file_shards=1,  # a file per shard: its time is the shard's commit, which is what is measured
         batch_size=cfg.batch_size,
         workers=scorers,
-        worker_cpus=cfg.scorer_cpus,
-        threads=cfg.scorer_threads,
+        worker_cpus=cfg.worker_cpus,
+        threads=cfg.threads,
         device="cpu",
     )
     # The job's progress lines to stderr, so that stdout holds the figures only.
@@ -240,7 +240,7 @@ def bench_nodes(
     when the 2N job took no longer than the N job (noise: no steady rate can be told)."""
     tag = (
         f"headroom {cfg.geometry} nodes={nodes} scorers={nodes} node_cpus={cfg.node_cpus} "
-        f"threads={cfg.scorer_threads} views={cfg.views} shard={cfg.shard_size} batch={cfg.batch_size}"
+        f"threads={cfg.threads} views={cfg.views} shard={cfg.shard_size} batch={cfg.batch_size}"
     )
     cluster = LocalCluster(nodes, cfg.node_cpus)
     try:
@@ -296,14 +296,14 @@ def main() -> None:
         # Before any cluster starts: the machine to the kernels alone.
         cheap = cheap_seconds_per_view(mae, corpora["N"], cfg)
         print(
-            f"headroom {cfg.geometry} scorer alone threads={cfg.scorer_threads} batch={cfg.batch_size}: "
+            f"headroom {cfg.geometry} scorer alone threads={cfg.threads} batch={cfg.batch_size}: "
             f"{cheap * 1e3:.3f} ms per view",
             flush=True,
         )
         mae_b = mae_b_seconds_per_view(cfg) if cfg.mae_b else None
         if mae_b is not None:
             print(
-                f"headroom mae_vit_base_patch16 scorer alone threads={cfg.scorer_threads} batch=8 fp32: "
+                f"headroom mae_vit_base_patch16 scorer alone threads={cfg.threads} batch=8 fp32: "
                 f"{mae_b:.3f} s per view",
                 flush=True,
             )

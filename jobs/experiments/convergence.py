@@ -7,7 +7,7 @@
 
 For each count N of --scenes, a ranker trains on the first N images of the score table (by image id; the
 images whose id hashes into --val-fraction are held out, as the training job holds them out), in this
-process, no Ray: RankerTask's loss, batches and validation, the trainer's epoch (AdamW, its schedule per
+process, no Ray: RankerTask's loss, batches and validation, the training loop's epoch (AdamW, its schedule per
 step over --epochs). The views are decoded once, for every count. Every --every epochs and after the
 last: validation Kendall tau, and object recall at 25% keep on the held-out scenes (pooled, with its 95%
 bootstrap interval, and per background kind). Reference lines, measured once on the same scenes: random,
@@ -50,8 +50,8 @@ from ltrp.evaluation.scene_eval import PRIMARY_RATIO, SceneSet, kind_order, load
 from ltrp.pipeline import runtime, trainer
 from ltrp.pipeline.configs import TrainConfig
 from ltrp.pipeline.train_job import MONITOR, RankerTask, ShardViews, ranker_config
-from ltrp.pipeline.trainer import Worker
 from ltrp.pipeline.training_data import load_views, select_split
+from ltrp.pipeline.training_loop import Worker, train_epoch
 
 EXPERIMENT = "ltrp-bench"
 RESAMPLES = 1000  # bootstrap resamples of each pooled recall's interval
@@ -186,14 +186,14 @@ def train_and_measure(
     would validate (`TrainerConfig.validates`). Returns the run's points (one per measurement) and its
     training rate."""
     device = x_test.device
-    torch.manual_seed(cfg.seed)  # as the trainer seeds before the task builds the model
+    torch.manual_seed(cfg.seed)  # as the training loop seeds before the task builds the model
     model = Ranker(ranker_config(train_cfg))
     if encoder is not None:
         init_from_encoder(model, encoder)
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     count = len(train["scores"])
-    settings = trainer.TrainerConfig.of(
+    settings = trainer.settings(
         train_cfg, steps_per_epoch=max(1, math.ceil(count / cfg.batch_size)), lr=cfg.lr
     )
     task = RankerTask(train_cfg, {}, {"train": True, "val": True})
@@ -201,7 +201,7 @@ def train_and_measure(
     worker, seconds, points = Worker(0, 1, device), 0.0, []
     for epoch in range(cfg.epochs):
         started = time.perf_counter()
-        metrics = trainer.train_epoch(settings, task, worker, model, optimizer, epoch)  # the job's epoch
+        metrics = train_epoch(settings, task, worker, model, optimizer, epoch)  # the job's epoch
         seconds += time.perf_counter() - started
         if not settings.validates(epoch):
             continue
@@ -339,10 +339,7 @@ def _kind_row(name: str, recall: dict, kinds: list[str]) -> str:
 def plot(result: dict, path: Path) -> None:
     """Left: object recall against epochs, a line per scenes count; right: each count's best recall
     (95% interval) against the scenes it trained on. The references as dashed lines on both."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from jobs.experiments.figures import plt, save
 
     fig, (by_epoch, by_scenes) = plt.subplots(1, 2, figsize=(12, 4.8))
     runs = result["runs"]
@@ -360,12 +357,7 @@ def plot(result: dict, path: Path) -> None:
     ylabel = "object recall at 25% keep (higher is better)"
     by_epoch.set(xlabel="epoch", ylabel=ylabel, title=f"{result['test_scenes']} held-out scenes, by epoch")
     by_scenes.set(xscale="log", xlabel="training scenes (log)", ylabel=ylabel, title="best epoch, by scenes")
-    for ax in (by_epoch, by_scenes):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, (by_epoch, by_scenes), path)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ The ablation of issue 28 (the training mix, two seeds each, a curve against epoc
         --backgrounds black texture clutter shapes faint photo
     python -m jobs.pretrain_mae --source runs/judge/scenes-a/manifest.parquet \\
         --output runs/judge/mix-a-s0.pth --storage runs/judge/pt --name mix-a-s0 \\
-        --geometry mae_vit_scenes_patch4 --epochs 8 --batch-size 128 --lr 1.5e-3 --flip --seed 0
+        --geometry mae_vit_scenes_patch4 --epochs 8 --batch-size 128 --lr 1.5e-3 --flip --seed 0 \\
+        --keep-checkpoints 8  # every epoch's checkpoint, for the curve
     # ... the same with --seed 1 --name mix-a-s1, and with scenes-b as mix-b-s0 and mix-b-s1
     python -m jobs.experiments.judge --test runs/benchmark/data/test/manifest.parquet \\
         --maes ltrp/data/weights/mae_vit_scenes_patch4.pth runs/judge/pt/mix-a-s0 runs/judge/pt/mix-a-s1 \\
@@ -84,7 +85,7 @@ from ltrp.evaluation.scene_eval import (
 )
 from ltrp.pipeline import runtime
 from ltrp.pipeline.pretrain_job import load_pretrained
-from ltrp.pipeline.trainer import STATE_FILE
+from ltrp.pipeline.training_loop import STATE_FILE
 
 EXPERIMENT = "ltrp-bench"
 RESAMPLES = 1000  # bootstrap resamples of each interval
@@ -434,10 +435,7 @@ def plot(result: dict, path: Path) -> None:
     """Left: pooled oracle recall (95% band) against epochs, a line per pre-training run; files as
     dash-dotted lines, the references dashed. Right: recall per kind and pooled, a bar (95% interval) per
     `bar_candidates`, variance's recall as black ticks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from jobs.experiments.figures import plt, save
 
     fig, (by_epoch, by_kind) = plt.subplots(1, 2, figsize=(13, 4.8))
     candidates, colours = result["candidates"], iter(plt.cm.tab10.colors)
@@ -475,12 +473,7 @@ def plot(result: dict, path: Path) -> None:
     title = f"{result['test_scenes']} held-out scenes, {result['args']['rounds']}-round oracle"
     by_epoch.set(xlabel="pre-training epochs", ylabel=ylabel, title=f"{title}, by epoch")
     by_kind.set(xticks=np.arange(len(groups)), xticklabels=groups, ylabel=ylabel, title=f"{title}, by kind")
-    for ax in (by_epoch, by_kind):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, (by_epoch, by_kind), path)
 
 
 if __name__ == "__main__":

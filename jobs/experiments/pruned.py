@@ -23,15 +23,12 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
-import matplotlib
 import mlflow
 import torch
 import tyro
 from timm.models.vision_transformer import VisionTransformer
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
+from jobs.experiments.figures import plt, save
 from ltrp.core.baselines import CenterScorer, FolkRComScorer, RankerScorer, VarianceScorer
 from ltrp.core.ranker import Ranker, rank
 from ltrp.data.datasets import write_fashion_mnist
@@ -335,11 +332,7 @@ def _figure(result: dict, path: Path) -> None:
     ax.set_xlabel("images/s on this machine, selector included (higher is better)")
     ax.set_ylabel(f"{measure} on held-out {result['dataset']} images (higher is better)")
     ax.set_title(f"{result['dataset']}: accuracy against throughput, top-k patches and ToMe")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, [ax], path, legend_columns=2)
 
 
 def _log(result: dict, root: Path) -> None:

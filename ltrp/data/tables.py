@@ -41,7 +41,12 @@ RANKS_SCHEMA = pa.schema(
 #   ERRORS/            images that could not be used (ERRORS_SCHEMA), likewise
 #   JOB_FILE           the job's metadata;  SUCCESS_FILE: written once every shard is committed
 #   SHARDS_DIR/        committed shards waiting for their group;  PARTS_DIR/: rows of incomplete shards
-SCORES, RANKS, ERRORS = "scores", "ranks", "errors"
+# Everything but the table starts with "_", which Parquet readers skip (pyarrow, pandas, Polars, Ray Data,
+# Spark): reading the root itself gives the table's rows.
+SCORES, RANKS, ERRORS = "scores", "ranks", "_errors"
+#: The version of this layout, a fingerprint key of every corpus job: an output written with another
+#: (before 2, errors/ sat beside the table and a read of the root mixed them in) is not resumed.
+OUTPUT_LAYOUT = 2
 #: A job's metadata file at the root of its output.
 JOB_FILE = "_ltrp_job.json"
 SUCCESS_FILE = "_SUCCESS"

@@ -196,39 +196,53 @@ def decide(
         The decision; refusals name the metrics or datasets that caused them.
     """
     policy = policy.resolved(candidate)
-    required = policy.required_keys
-    primary = policy.primary_key
-    missing = [k for k in required if k not in candidate]
-    if missing:
-        return Decision(
-            False,
-            f"candidate lacks metrics {', '.join(missing)}: evaluate it (python -m jobs.evaluate) first",
-            _evidence(candidate, champion, required, primary),
-        )
-    if policy.beat_random:
-        refused = _below_the_floor(candidate, primary)
-        if refused:
-            return Decision(False, refused, _evidence(candidate, champion, required, primary))
+    required, primary = policy.required_keys, policy.primary_key
+    evidence = _evidence(candidate, champion, required, primary)
+    if refused := _candidate_refusal(candidate, policy):
+        return Decision(False, refused, evidence)
     if champion is None:
-        return Decision(
-            True, "first model: there is no champion yet", _evidence(candidate, None, required, primary)
-        )
+        return Decision(True, "first model: there is no champion yet", evidence)
+    if refused := _champion_refusal(champion, required, candidate_dataset, champion_dataset):
+        return Decision(False, refused, evidence)
+    return _verdict(evidence, required, primary)
+
+
+def _candidate_refusal(candidate: Mapping[str, Estimate], policy: Policy) -> str | None:
+    """Why the candidate cannot become champion whatever the champion's figures, or None: it lacks a
+    metric the (resolved) policy names, or it is below the floor."""
+    missing = [k for k in policy.required_keys if k not in candidate]
+    if missing:
+        return f"candidate lacks metrics {', '.join(missing)}: evaluate it (python -m jobs.evaluate) first"
+    if policy.beat_random:
+        return _below_the_floor(candidate, policy.primary_key)
+    return None
+
+
+def _champion_refusal(
+    champion: Mapping[str, Estimate],
+    required: list[str],
+    candidate_dataset: str | None,
+    champion_dataset: str | None,
+) -> str | None:
+    """Why the two versions cannot be compared, or None: other datasets, or a champion that lacks one
+    of the `required` keys."""
     if not candidate_dataset or candidate_dataset != champion_dataset:
-        return Decision(
-            False,
+        return (
             f"not comparable: candidate evaluated on dataset {candidate_dataset or '(none)'}, champion on "
-            f"{champion_dataset or '(none)'}; re-evaluate the champion on the candidate's dataset",
-            _evidence(candidate, champion, required, primary),
+            f"{champion_dataset or '(none)'}; re-evaluate the champion on the candidate's dataset"
         )
     missing = [k for k in required if k not in champion]
     if missing:
-        return Decision(
-            False,
+        return (
             f"champion lacks metrics {', '.join(missing)}: re-evaluate the champion (python -m "
-            "jobs.evaluate) on the candidate's dataset before promoting",
-            _evidence(candidate, champion, required, primary),
+            "jobs.evaluate) on the candidate's dataset before promoting"
         )
-    evidence = _evidence(candidate, champion, required, primary)
+    return None
+
+
+def _verdict(evidence: dict[str, dict[str, Any]], required: list[str], primary: str) -> Decision:
+    """The decision between two comparable versions, from the `_evidence` of every `required` key:
+    promote only if the primary key beats the champion and no guarded key is worse."""
     failures = []
     if not evidence[primary]["ok"]:
         failures.append(f"not better than the champion's 95% interval on {primary}")

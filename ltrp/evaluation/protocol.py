@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -307,11 +307,7 @@ def evaluate(
         settings: keep ratios, sizes, seeds.
         progress: called with a line per step.
     """
-    if ranker.cfg.grid != mae.cfg.grid or ranker.cfg.img_size != mae.cfg.img_size:
-        raise ValueError(
-            f"ranker ({ranker.cfg.img_size} px, {ranker.cfg.grid}x{ranker.cfg.grid}) and MAE "
-            f"({mae.cfg.img_size} px, {mae.cfg.grid}x{mae.cfg.grid}) must share the image size and grid"
-        )
+    _check_geometry(ranker, mae)
     cls_cfg = _classifier_geometry(settings.classifier, mae)
     ratios, seed, p = settings.keep_ratios, settings.seed, mae.cfg.patch_size
     seen_names = list(settings.seen_classes or classes[: len(classes) // 2])
@@ -329,7 +325,7 @@ def evaluate(
     test_scores["oracle"] = oracle_scores(visible, pseudo, mae.cfg.num_patches)
     names = ["ltrp", "oracle", *[n for n in scorers if n != "ltrp"]]
 
-    per_image: dict[str, dict[str, np.ndarray]] = {n: {} for n in names}
+    per_image: dict[str, dict[str, np.ndarray]] = {}
     seen_mask = np.isin(test.labels, seen)
     for name in names:
         progress(f"measuring {name}")
@@ -338,34 +334,18 @@ def evaluate(
             keep = keep_top(test_scores[name], r)
             values[metric_key("reconstruction_error", r)] = reconstruction_error(mae, x_test, keep)
             if name in train_scores:  # the oracle has no pseudo-scores for the training images
-                correct = kept_accuracy(
-                    train, keep_top(train_scores[name], r), test, keep, len(classes), cls_cfg, seed
-                ).numpy()
-                values[metric_key("accuracy", r)] = correct
-                for measure, mask in (("accuracy_seen", seen_mask), ("accuracy_unseen", ~seen_mask)):
-                    if mask.any():  # a held-out set without unseen (or seen) classes has no such figure
-                        values[metric_key(measure, r)] = correct[mask]
+                train_keep = keep_top(train_scores[name], r)
+                correct = kept_accuracy(train, train_keep, test, keep, len(classes), cls_cfg, seed)
+                values |= _accuracies(correct.numpy(), seen_mask, r)
         per_image[name] = {k: np.asarray(v) for k, v in values.items()}
 
     progress("bootstrap intervals")
-    estimates = {
-        n: {k: interval(v, settings.resamples, seed) for k, v in per_image[n].items()} for n in names
-    }
-    paired = {
-        n: {
-            k: interval(per_image["ltrp"][k] - v, settings.resamples, seed)
-            for k, v in per_image[n].items()
-            if k in per_image["ltrp"]
-        }
-        for n in names
-        if n != "ltrp"
-    }
     figure_ratio = 0.25 if 0.25 in ratios else ratios[0]
     shown = _examples(test.labels, settings.examples)
     return EvaluationResult(
         scorers=names,
-        estimates=estimates,
-        paired=paired,
+        estimates=_estimates(per_image, settings),
+        paired=_paired_with_ranker(per_image, settings),
         classes=classes,
         seen_classes=seen_names,
         test_images=len(test.pixels),
@@ -377,6 +357,53 @@ def evaluate(
         figure_ratio=figure_ratio,
         patch_size=p,
     )
+
+
+def _check_geometry(ranker: Ranker, mae: MAE) -> None:
+    """Raises ValueError unless the ranker and the MAE share the image size and the patch grid."""
+    if ranker.cfg.grid != mae.cfg.grid or ranker.cfg.img_size != mae.cfg.img_size:
+        raise ValueError(
+            f"ranker ({ranker.cfg.img_size} px, {ranker.cfg.grid}x{ranker.cfg.grid}) and MAE "
+            f"({mae.cfg.img_size} px, {mae.cfg.grid}x{mae.cfg.grid}) must share the image size and grid"
+        )
+
+
+def _accuracies(correct: np.ndarray, seen: np.ndarray, ratio: float) -> dict[str, np.ndarray]:
+    """Measures 3 and 4 at `ratio` from correct (N,) (1.0 where a test image is classified right) and
+    seen (N,) bool (its class is one the supervised selector was trained on): metric key -> the images'
+    values, on every image, then on the seen and the unseen classes' images."""
+    out = {metric_key("accuracy", ratio): correct}
+    for measure, mask in (("accuracy_seen", seen), ("accuracy_unseen", ~seen)):
+        if mask.any():  # a held-out set without unseen (or seen) classes has no such figure
+            out[metric_key(measure, ratio)] = correct[mask]
+    return out
+
+
+def _estimates(
+    per_image: Mapping[str, Mapping[str, np.ndarray]], settings: EvalSettings
+) -> dict[str, dict[str, Estimate]]:
+    """Scorer -> metric key -> mean over images [95% bootstrap interval] of its (N,) per-image values."""
+    return {
+        n: {k: interval(v, settings.resamples, settings.seed) for k, v in values.items()}
+        for n, values in per_image.items()
+    }
+
+
+def _paired_with_ranker(
+    per_image: Mapping[str, Mapping[str, np.ndarray]], settings: EvalSettings
+) -> dict[str, dict[str, Estimate]]:
+    """Scorer (but the ranker) -> metric key -> the ranker minus the scorer, paired per image on their
+    (N,) per-image values, for every key the ranker has too."""
+    ours = per_image["ltrp"]
+    return {
+        n: {
+            k: interval(ours[k] - v, settings.resamples, settings.seed)
+            for k, v in values.items()
+            if k in ours
+        }
+        for n, values in per_image.items()
+        if n != "ltrp"
+    }
 
 
 def _examples(labels: np.ndarray, count: int) -> list[int]:

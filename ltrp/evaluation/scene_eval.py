@@ -217,12 +217,76 @@ def evaluate_scenes(
     """
     if test.objects is None:
         raise ValueError("the scene evaluation needs object masks in the test manifest")
-    p, seed = mae.cfg.patch_size, settings.seed
     x_train, x_test = train.inputs(), test.inputs()
-    seen_idx = [train.classes.index(c) for c in settings.seen]
+    scorers, val_history = _selectors(ranker, mae, train, settings, progress)
+    test_scores = {name: score_all(s, x_test) for name, s in scorers.items()}
+    if oracle is not None:
+        test_scores["oracle"] = torch.as_tensor(oracle, dtype=torch.float32)
+    names = list(test_scores)
 
-    progress(f"supervised selector: fine-tuning the MAE encoder on the {len(seen_idx)} seen classes")
-    supervised, val_history = _supervised_selector(mae, train, seen_idx, settings)
+    per_image: dict[str, dict[str, np.ndarray]] = {}
+    objects: dict[str, dict[float, ObjectMeasures]] = {}
+    for name, scores in test_scores.items():
+        progress(f"measuring {name}")
+        against = None if name == "oracle" else oracle  # the oracle's agreement with itself says nothing
+        per_image[name], objects[name] = _measure_selector(scores, against, mae, x_test, test, settings)
+    main_recall = {r: objects["ltrp"][r].recall for r in settings.keep_ratios}
+    seed_recall = _seed_recalls(seed_rankers, main_recall, x_test, test, settings, progress)
+    for name in [n for n in seed_recall if n != "ltrp"]:
+        per_image[name] = {metric_key("object_recall", r): v for r, v in seed_recall[name].items()}
+
+    progress(f"probes: from the MAE encoder, on each selector's kept tokens, {settings.probe_seeds} seeds")
+    probe_map, probe_estimates = _probes(scorers, mae, train, test, x_train, x_test, test_scores, settings)
+
+    progress("bootstrap intervals")
+    ratio = primary_ratio(settings.keep_ratios)
+    primary = {n: objects[n][ratio] for n in names}
+    recall = {n: primary[n].recall for n in names} | {n: v[ratio] for n, v in seed_recall.items()}
+    kinds = np.asarray(test.backgrounds)
+    seeds = {n: v[ratio] for n, v in seed_recall.items() if n != SEED_MEAN}
+    shown = list(range(min(settings.examples, len(test.pixels))))
+    return SceneEvaluation(
+        selectors=names,
+        estimates=_estimates(per_image, probe_estimates, settings),
+        paired=_paired_with_ranker(per_image, names, settings),
+        bias_did=_bias_did(objects, settings),
+        class_recall=_class_recall(primary, settings),
+        background_recall=_background_recall(recall, kinds, settings),
+        kind_paired=_kind_paired(recall, kinds, settings),
+        gain_share=_gain_shares(recall, kinds, settings),
+        probe_map=probe_map,
+        supervised_val_map=val_history,
+        keep_ratios=tuple(settings.keep_ratios),
+        seen=tuple(settings.seen),
+        unseen=tuple(settings.unseen),
+        test_images=len(test.pixels),
+        train_images=len(train.pixels),
+        dataset=_digest(train, test, oracle, mae, settings),
+        examples=test.pixels[shown],
+        example_masks=[test.masks[i] for i in shown] if test.masks else [[] for _ in shown],
+        example_keep={n: keep_top(test_scores[n][shown], ratio).numpy() for n in names},
+        patch_size=mae.cfg.patch_size,
+        kind_scenes={k: int(np.sum(kinds == k)) for k in kind_order(kinds)},
+        split_half=split_half,
+        seed_selectors=[n for n in seed_recall if n not in ("ltrp", SEED_MEAN)],
+        seed_spread=seed_spread(seeds, settings.resamples, settings.seed) if seeds else None,
+    )
+
+
+def primary_ratio(keep_ratios: Sequence[float]) -> float:
+    """The keep ratio of the primary results: 25% when evaluated, else the first one."""
+    return PRIMARY_RATIO if PRIMARY_RATIO in keep_ratios else keep_ratios[0]
+
+
+def _selectors(
+    ranker: Ranker, mae: MAE, train: SceneSet, settings: SceneEvalSettings, progress: Callable[[str], None]
+) -> tuple[dict[str, Scorer], list[float]]:
+    """Every selector but the oracle, by name in report order, and the supervised selector's validation
+    mAP after each epoch (it is fine-tuned here, from the MAE's encoder on the seen classes' labels)."""
+    p, seed = mae.cfg.patch_size, settings.seed
+    seen = [train.classes.index(c) for c in settings.seen]
+    progress(f"supervised selector: fine-tuning the MAE encoder on the {len(seen)} seen classes")
+    supervised, val_history = _supervised_selector(mae, train, seen, settings)
     scorers: dict[str, Scorer] = {
         "ltrp": RankerScorer(ranker),
         "random": RandomScorer(p, seed),
@@ -234,137 +298,50 @@ def evaluate_scenes(
         "mae_attention": mae.cls_attention,
         "supervised": supervised.cls_attention,
     }
-    test_scores = {name: score_all(s, x_test) for name, s in scorers.items()}
+    return scorers, val_history
+
+
+def _measure_selector(
+    scores: torch.Tensor,
+    oracle: np.ndarray | None,
+    mae: MAE,
+    x_test: torch.Tensor,
+    test: SceneSet,
+    settings: SceneEvalSettings,
+) -> tuple[dict[str, np.ndarray], dict[float, ObjectMeasures]]:
+    """One selector's measures on every test scene, at every keep ratio.
+
+    Args:
+        scores: (N, L) the selector's position scores of the test scenes.
+        oracle: (N, L) the oracle's scores to measure agreement with, or None (no agreement figures).
+        mae: the MAE whose reconstruction error from the kept patches is measured.
+        x_test: (N, 3, S, S) the test scenes as model inputs.
+        test: the test scenes, with their objects.
+        settings: the keep ratios and the class groups.
+
+    Returns:
+        (values, objects): metric key -> (N,) per-scene values, and keep ratio -> the object measures.
+    """
+    values: dict[str, np.ndarray] = {}
+    objects: dict[float, ObjectMeasures] = {}
+    for r in settings.keep_ratios:
+        keep = keep_top(scores, r)
+        m = objects[r] = measure(test.objects, keep.numpy(), settings.seen, settings.unseen)
+        values[metric_key("object_recall", r)] = m.recall
+        values[metric_key("background_share", r)] = m.background_share
+        values[metric_key("recall_seen", r)] = m.seen_recall
+        values[metric_key("recall_unseen", r)] = m.unseen_recall
+        values[metric_key("bias_gap", r)] = m.bias_gap
+        values[metric_key("reconstruction_error", r)] = reconstruction_error(mae, x_test, keep).numpy()
+        if oracle is not None:
+            k = max(1, round(r * oracle.shape[1]))
+            gains = torch.as_tensor(oracle, dtype=torch.float32)
+            values[metric_key("oracle_ndcg", r)] = ndcg_at_k(scores, gains, k).numpy()
     if oracle is not None:
-        test_scores["oracle"] = torch.as_tensor(oracle, dtype=torch.float32)
-    names = list(test_scores)
-    figure_ratio = primary_ratio(settings.keep_ratios)
-    estimates_probe: dict[str, dict[str, Estimate]] = {}
-
-    per_image: dict[str, dict[str, np.ndarray]] = {n: {} for n in names}
-    objects: dict[str, dict[float, ObjectMeasures]] = {n: {} for n in names}
-    for name in names:
-        progress(f"measuring {name}")
-        for r in settings.keep_ratios:
-            keep = keep_top(test_scores[name], r)
-            m = measure(test.objects, keep.numpy(), settings.seen, settings.unseen)
-            objects[name][r] = m
-            per_image[name][metric_key("object_recall", r)] = m.recall
-            per_image[name][metric_key("background_share", r)] = m.background_share
-            per_image[name][metric_key("recall_seen", r)] = m.seen_recall
-            per_image[name][metric_key("recall_unseen", r)] = m.unseen_recall
-            per_image[name][metric_key("bias_gap", r)] = m.bias_gap
-            per_image[name][metric_key("reconstruction_error", r)] = reconstruction_error(
-                mae, x_test, keep
-            ).numpy()
-            if oracle is not None and name != "oracle":
-                k = max(1, round(r * oracle.shape[1]))
-                gains = torch.as_tensor(oracle, dtype=torch.float32)
-                per_image[name][metric_key("oracle_ndcg", r)] = ndcg_at_k(test_scores[name], gains, k).numpy()
-        if oracle is not None and name != "oracle":
-            per_image[name]["oracle_tau"] = kendall_tau(
-                test_scores[name].double(), torch.as_tensor(oracle, dtype=torch.float64)
-            ).numpy()
-
-    main_recall = {r: objects["ltrp"][r].recall for r in settings.keep_ratios}
-    seed_recall = _seed_recalls(seed_rankers, main_recall, x_test, test, settings, progress)
-    seed_names = [n for n in seed_recall if n not in ("ltrp", SEED_MEAN)]
-    for name in [n for n in seed_recall if n != "ltrp"]:
-        per_image[name] = {metric_key("object_recall", r): v for r, v in seed_recall[name].items()}
-
-    progress(f"probes: from the MAE encoder, on each selector's kept tokens, {settings.probe_seeds} seeds")
-    probe_map: dict[str, list[float]] = {}
-    for n in names:
-        if n == "oracle":  # the oracle has no scores for the training scenes
-            continue
-        predictions = _probe_predictions(n, scorers[n], mae, train, x_train, x_test, test_scores[n], settings)
-        probe_map[n] = [mean_average_precision(pred, test.labels) for pred in predictions]
-        per_seed_key = metric_key("probe_map", figure_ratio)
-        estimates_probe[n] = {per_seed_key: _map_interval(predictions, test.labels, settings)}
-
-    progress("bootstrap intervals")
-    estimates = {
-        n: {k: interval(v[~np.isnan(v)], settings.resamples, seed) for k, v in per_image[n].items()}
-        | estimates_probe.get(n, {})
-        for n in per_image
-    }
-    paired = {
-        n: {
-            k: interval(_paired(per_image["ltrp"][k], v), settings.resamples, seed)
-            for k, v in per_image[n].items()
-            if k in per_image["ltrp"]
-        }
-        for n in names
-        if n != "ltrp"
-    }
-    bias_did = {
-        n: {
-            r: interval(
-                difference_in_differences(objects[n][r], objects["random"][r]), settings.resamples, seed
-            )
-            for r in settings.keep_ratios
-        }
-        for n in names
-    }
-    primary = {n: objects[n][figure_ratio] for n in names}
-    class_recall = {
-        n: {
-            c: interval(np.asarray(v), settings.resamples, seed)
-            for c, v in sorted(primary[n].class_recalls.items())
-        }
-        for n in names
-    }
-    kinds = np.asarray(test.backgrounds)
-    recall = {n: primary[n].recall for n in names} | {n: v[figure_ratio] for n, v in seed_recall.items()}
-    background_recall = {
-        n: {str(b): interval(recall[n][kinds == b], settings.resamples, seed) for b in sorted(set(kinds))}
-        for n in recall
-    }
-    rankers = {"ltrp": KIND_COMPARED} | ({SEED_MEAN: EDGE_BASELINES} if seed_recall else {})
-    kind_paired = {
-        ours: paired_by_kind(
-            recall[ours], {n: recall[n] for n in compared if n in recall}, kinds, settings.resamples, seed
-        )
-        for ours, compared in rankers.items()
-    }
-    shares = (
-        oracle_gain_share(recall["ltrp"], recall["random"], recall["oracle"], kinds, settings.resamples, seed)
-        if "oracle" in recall
-        else {}
-    )
-    seeds = {n: v[figure_ratio] for n, v in seed_recall.items() if n != SEED_MEAN}
-    shown = list(range(min(settings.examples, len(test.pixels))))
-    return SceneEvaluation(
-        selectors=names,
-        estimates=estimates,
-        paired=paired,
-        bias_did=bias_did,
-        class_recall=class_recall,
-        background_recall=background_recall,
-        probe_map=probe_map,
-        supervised_val_map=val_history,
-        keep_ratios=tuple(settings.keep_ratios),
-        seen=tuple(settings.seen),
-        unseen=tuple(settings.unseen),
-        test_images=len(test.pixels),
-        train_images=len(train.pixels),
-        dataset=_digest(train, test, oracle, mae, settings),
-        examples=test.pixels[shown],
-        example_masks=[test.masks[i] for i in shown] if test.masks else [[] for _ in shown],
-        example_keep={n: keep_top(test_scores[n][shown], figure_ratio).numpy() for n in names},
-        patch_size=p,
-        kind_paired=kind_paired,
-        kind_scenes={k: int(np.sum(kinds == k)) for k in kind_order(kinds)},
-        gain_share=shares,
-        split_half=split_half,
-        seed_selectors=seed_names,
-        seed_spread=seed_spread(seeds, settings.resamples, seed) if seeds else None,
-    )
-
-
-def primary_ratio(keep_ratios: Sequence[float]) -> float:
-    """The keep ratio of the primary results: 25% when evaluated, else the first one."""
-    return PRIMARY_RATIO if PRIMARY_RATIO in keep_ratios else keep_ratios[0]
+        values["oracle_tau"] = kendall_tau(
+            scores.double(), torch.as_tensor(oracle, dtype=torch.float64)
+        ).numpy()
+    return values, objects
 
 
 def _seed_recalls(
@@ -391,9 +368,139 @@ def _seed_recalls(
     return recalls | {SEED_MEAN: mean}
 
 
+def _probes(
+    scorers: Mapping[str, Scorer],
+    mae: MAE,
+    train: SceneSet,
+    test: SceneSet,
+    x_train: torch.Tensor,
+    x_test: torch.Tensor,
+    test_scores: Mapping[str, torch.Tensor],
+    settings: SceneEvalSettings,
+) -> tuple[dict[str, list[float]], dict[str, dict[str, Estimate]]]:
+    """The probe of every selector but the oracle (it has no scores for the training scenes).
+
+    Returns:
+        (probe_map, estimates): selector -> the probe's test mAP per seed, and selector -> {the
+        primary ratio's probe_map key: mean over seeds [95% interval over seeds and scenes]}.
+    """
+    key = metric_key("probe_map", primary_ratio(settings.keep_ratios))
+    probe_map: dict[str, list[float]] = {}
+    estimates: dict[str, dict[str, Estimate]] = {}
+    for name, scorer in scorers.items():
+        predictions = _probe_predictions(
+            name, scorer, mae, train, x_train, x_test, test_scores[name], settings
+        )
+        probe_map[name] = [mean_average_precision(pred, test.labels) for pred in predictions]
+        estimates[name] = {key: _map_interval(predictions, test.labels, settings)}
+    return probe_map, estimates
+
+
+def _estimates(
+    per_image: Mapping[str, Mapping[str, np.ndarray]],
+    probe: Mapping[str, dict[str, Estimate]],
+    settings: SceneEvalSettings,
+) -> dict[str, dict[str, Estimate]]:
+    """Selector -> metric key -> mean over scenes [95% interval]: of each (N,) per-scene measure in
+    `per_image` (NaN scenes left out: a measure a scene has no figure for), then the probe's `probe`."""
+    return {
+        n: {k: interval(v[~np.isnan(v)], settings.resamples, settings.seed) for k, v in values.items()}
+        | probe.get(n, {})
+        for n, values in per_image.items()
+    }
+
+
+def _paired_with_ranker(
+    per_image: Mapping[str, Mapping[str, np.ndarray]], names: Sequence[str], settings: SceneEvalSettings
+) -> dict[str, dict[str, Estimate]]:
+    """Selector (of `names`, but the ranker) -> metric key -> the ranker minus the selector, paired per
+    scene on the (N,) per-scene measures in `per_image`, for every key the ranker has too."""
+    ours = per_image["ltrp"]
+    return {
+        n: {
+            k: interval(_paired(ours[k], v), settings.resamples, settings.seed)
+            for k, v in per_image[n].items()
+            if k in ours
+        }
+        for n in names
+        if n != "ltrp"
+    }
+
+
 def _paired(ltrp_values: np.ndarray, other: np.ndarray) -> np.ndarray:
     diff = ltrp_values - other
     return diff[~np.isnan(diff)]
+
+
+def _bias_did(
+    objects: Mapping[str, Mapping[float, ObjectMeasures]], settings: SceneEvalSettings
+) -> dict[str, dict[float, Estimate]]:
+    """Selector -> keep ratio -> its bias gap minus random's, a difference in differences per scene."""
+    return {
+        n: {
+            r: interval(
+                difference_in_differences(per_ratio[r], objects["random"][r]),
+                settings.resamples,
+                settings.seed,
+            )
+            for r in settings.keep_ratios
+        }
+        for n, per_ratio in objects.items()
+    }
+
+
+def _class_recall(
+    primary: Mapping[str, ObjectMeasures], settings: SceneEvalSettings
+) -> dict[str, dict[str, Estimate]]:
+    """Selector -> class (alphabetical) -> its objects' recall, from the measures at the primary ratio."""
+    return {
+        n: {
+            c: interval(np.asarray(v), settings.resamples, settings.seed)
+            for c, v in sorted(m.class_recalls.items())
+        }
+        for n, m in primary.items()
+    }
+
+
+def _background_recall(
+    recall: Mapping[str, np.ndarray], kinds: np.ndarray, settings: SceneEvalSettings
+) -> dict[str, dict[str, Estimate]]:
+    """Selector -> background kind (alphabetical) -> object recall over the kind's scenes, from each
+    selector's (N,) per-scene `recall` and the scenes' (N,) `kinds`."""
+    return {
+        n: {str(b): interval(v[kinds == b], settings.resamples, settings.seed) for b in sorted(set(kinds))}
+        for n, v in recall.items()
+    }
+
+
+def _kind_paired(
+    recall: Mapping[str, np.ndarray], kinds: np.ndarray, settings: SceneEvalSettings
+) -> dict[str, dict[str, dict[str, Estimate]]]:
+    """`paired_by_kind` of the ranker against `KIND_COMPARED`, and of the seed mean (where `recall` has
+    it) against the edge baselines, from each selector's (N,) per-scene `recall` at the primary ratio."""
+    rankers = {"ltrp": KIND_COMPARED} | ({SEED_MEAN: EDGE_BASELINES} if SEED_MEAN in recall else {})
+    return {
+        ours: paired_by_kind(
+            recall[ours],
+            {n: recall[n] for n in compared if n in recall},
+            kinds,
+            settings.resamples,
+            settings.seed,
+        )
+        for ours, compared in rankers.items()
+    }
+
+
+def _gain_shares(
+    recall: Mapping[str, np.ndarray], kinds: np.ndarray, settings: SceneEvalSettings
+) -> dict[str, Estimate]:
+    """`oracle_gain_share` of the ranker from each selector's (N,) per-scene `recall` at the primary
+    ratio; empty without an oracle."""
+    if "oracle" not in recall:
+        return {}
+    return oracle_gain_share(
+        recall["ltrp"], recall["random"], recall["oracle"], kinds, settings.resamples, settings.seed
+    )
 
 
 def kind_order(kinds: Iterable[str]) -> list[str]:

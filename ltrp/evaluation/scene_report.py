@@ -228,9 +228,29 @@ def _names(names: list[str]) -> str:
 
 
 def markdown(result: SceneEvaluation, title: str, provenance: Mapping[str, str]) -> str:
+    """report.md: the verdict, the primary results and the paired differences at the primary ratio, the
+    per-kind, oracle and every-ratio tables, the secondary measures and breakdowns, the provenance."""
     r = _primary_ratio(result)
-    est, ratios = result.estimates, result.keep_ratios
-    lines = [
+    sections = [
+        _head(result, title),
+        _primary_results(result, r),
+        _paired_results(result, r),
+        _kind_paired(result, r),
+        _gain_shares(result, r),
+        _reliability(result),
+        _every_ratio(result, "object_recall"),
+        _every_ratio(result, "background_share"),
+        _bias_every_ratio(result),
+        _secondary(result, r),
+        _breakdowns(result, r),
+        _provenance(result, provenance),
+    ]
+    return "\n".join(line for section in sections for line in section)
+
+
+def _head(result: SceneEvaluation, title: str) -> list[str]:
+    """The title, the verdict and what the figures are measured on."""
+    return [
         f"# {title}",
         "",
         "## Verdict",
@@ -242,20 +262,33 @@ def markdown(result: SceneEvaluation, title: str, provenance: Mapping[str, str])
         f"Seen classes: {', '.join(result.seen)}; unseen: {', '.join(result.unseen)}. Each cell: mean over "
         "scenes [95% bootstrap interval]. The primary measures were fixed before any result was seen "
         "(docs/evaluation.md).",
+    ]
+
+
+def _primary_results(result: SceneEvaluation, r: float) -> list[str]:
+    """The primary measures of every selector at the primary ratio, led (with seed models) by the seed
+    mean's recall."""
+    est = result.estimates
+    lines = [
         "",
         f"## Primary results at {_pct(r)} keep",
         "",
         "| selector | object recall (higher is better) | bias gap minus random's (closer to 0 is better) "
         "| background share (lower is better) |",
         "| --- | --- | --- | --- |",
+        *_seed_headline(result),
     ]
-    lines += _seed_headline(result)
     for s in result.selectors:
         lines.append(
             f"| {s} | {_cell(est[s].get(metric_key('object_recall', r)))} | {_cell(result.bias_did[s][r])} "
             f"| {_cell(est[s].get(metric_key('background_share', r)))} |"
         )
-    lines += [
+    return lines
+
+
+def _paired_results(result: SceneEvaluation, r: float) -> list[str]:
+    """The ranker minus each selector on the primary measures, paired per scene."""
+    lines = [
         "",
         f"## The ranker minus each selector, paired on the same scenes ({_pct(r)} keep)",
         "",
@@ -271,31 +304,64 @@ def markdown(result: SceneEvaluation, title: str, provenance: Mapping[str, str])
             _cell(diffs.get(metric_key(m, r))) for m in ("object_recall", "background_share", "bias_gap")
         ]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    lines += _kind_paired(result, r) + _gain_shares(result, r) + _reliability(result)
-    for m in ("object_recall", "background_share"):
-        lines += ["", f"## {m.replace('_', ' ')} at every keep ratio ({direction(m)})", ""]
-        lines += ["| selector | " + " | ".join(f"keep {_pct(x)}" for x in ratios) + " |"]
-        lines += ["| --- |" + " --- |" * len(ratios)]
-        rows = result.selectors + (_seed_rows(result) if m == "object_recall" else [])
-        lines += [
-            f"| {s} | " + " | ".join(_cell(est[s].get(metric_key(m, x))) for x in ratios) + " |" for s in rows
-        ]
-    lines += ["", "## bias gap minus random's at every keep ratio (closer to 0 is better)", ""]
-    lines += [
+    return lines
+
+
+def _ratio_columns(ratios: Sequence[float]) -> list[str]:
+    """The header and separator rows of a table with a column per keep ratio."""
+    return [
         "| selector | " + " | ".join(f"keep {_pct(x)}" for x in ratios) + " |",
         "| --- |" + " --- |" * len(ratios),
     ]
-    lines += [
-        f"| {s} | " + " | ".join(_cell(result.bias_did[s][x]) for x in ratios) + " |"
-        for s in result.selectors
+
+
+def _every_ratio(result: SceneEvaluation, m: str) -> list[str]:
+    """Measure `m` of every selector (and, for object recall, the seed rankers) at every keep ratio."""
+    ratios = result.keep_ratios
+    rows = result.selectors + (_seed_rows(result) if m == "object_recall" else [])
+    return [
+        "",
+        f"## {m.replace('_', ' ')} at every keep ratio ({direction(m)})",
+        "",
+        *_ratio_columns(ratios),
+        *(
+            f"| {s} | " + " | ".join(_cell(result.estimates[s].get(metric_key(m, x))) for x in ratios) + " |"
+            for s in rows
+        ),
     ]
-    lines += _secondary(result, r)
-    lines += _breakdowns(result, r)
-    lines += ["", "## Provenance", ""] + [f"- {k}: {v}" for k, v in provenance.items()]
-    lines += [f"- evaluation set digest: `{result.dataset}`", ""]
-    lines += [f"![measures against keep ratio]({CURVES})", "", f"![per-class recall]({CLASSES})", ""]
-    lines += [f"![kept patches]({KEPT})", ""]
-    return "\n".join(lines)
+
+
+def _bias_every_ratio(result: SceneEvaluation) -> list[str]:
+    """Every selector's bias gap minus random's at every keep ratio."""
+    ratios = result.keep_ratios
+    return [
+        "",
+        "## bias gap minus random's at every keep ratio (closer to 0 is better)",
+        "",
+        *_ratio_columns(ratios),
+        *(
+            f"| {s} | " + " | ".join(_cell(result.bias_did[s][x]) for x in ratios) + " |"
+            for s in result.selectors
+        ),
+    ]
+
+
+def _provenance(result: SceneEvaluation, provenance: Mapping[str, str]) -> list[str]:
+    """Where the figures come from, the evaluation set's digest, and the three figures."""
+    return [
+        "",
+        "## Provenance",
+        "",
+        *(f"- {k}: {v}" for k, v in provenance.items()),
+        f"- evaluation set digest: `{result.dataset}`",
+        "",
+        f"![measures against keep ratio]({CURVES})",
+        "",
+        f"![per-class recall]({CLASSES})",
+        "",
+        f"![kept patches]({KEPT})",
+        "",
+    ]
 
 
 def _seed_rows(result: SceneEvaluation) -> list[str]:

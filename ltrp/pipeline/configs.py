@@ -286,11 +286,13 @@ class PretrainConfig(_Checked):
     #: torch threads of a CPU worker; None: Ray's (one per reserved CPU)
     threads: int | None = may_change(None)
     max_failures: int = may_change(2)  # worker-group restarts from the last checkpoint before the run fails
+    keep_checkpoints: int = may_change(2)  # checkpoints kept in STORAGE/NAME: the last N
     seed: int = 0  # seed of the initialisation, views, masks and order
     sample_images: int = may_change(8)  # fixed images in the reconstruction grid logged each epoch
 
     def check(self) -> None:
         _at_least(self, 1, "epochs", "batch_size", "max_images", "shard_size", "workers", "threads")
+        _at_least(self, 1, "keep_checkpoints")
         _at_least(self, 0, "warmup_epochs", "shuffle_buffer", "max_failures", "sample_images")
         _positive(self, "lr", "base_lr", "worker_cpus")
         _at_least(self, 0, "weight_decay")
@@ -333,6 +335,8 @@ class TrainConfig(_Checked):
     #: torch threads of a CPU worker; None: Ray's (one per reserved CPU)
     threads: int | None = may_change(None)
     max_failures: int = may_change(2)  # worker-group restarts from the last checkpoint before the run fails
+    #: checkpoints kept in STORAGE/NAME, beside the latest: the best N by validation tau (ranker)
+    keep_checkpoints: int = may_change(2)
     seed: int = 0  # seed of the initialisation
     #: registered model (models:/NAME) that receives the new version
     register: str = may_change("models:/ltrp-ranker")
@@ -340,7 +344,7 @@ class TrainConfig(_Checked):
 
     def check(self) -> None:
         _at_least(self, 1, "epochs", "batch_size", "topk", "workers", "views", "threads")
-        _at_least(self, 1, "validate_every", "patience")
+        _at_least(self, 1, "validate_every", "patience", "keep_checkpoints")
         _at_least(self, 0, "warmup_epochs", "max_failures", "weight_decay", "shuffle_buffer", "cache_mib")
         _positive(self, "lr", "worker_cpus")
         _require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")

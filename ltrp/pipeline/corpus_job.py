@@ -10,7 +10,7 @@ the MLflow run (`run`); the summary and its printed line.
 Output under OUTPUT (local path or s3://...; the layout is `ltrp.data.tables`'s):
     TABLE/part-00000.parquet ...   one row per (image, view), TABLE the job's (scores/, ranks/);
                                    a file per --file-shards shards (`_shards/`: those waiting for theirs)
-    errors/part-00000.parquet ...  images that could not be used: image_id, uri, reason
+    _errors/part-00000.parquet ... images that could not be used: image_id, uri, reason
     _ltrp_job.json                 the job's metadata, also in every file's Parquet key-value metadata
     _SUCCESS                       written once every shard is committed
 """
@@ -30,6 +30,7 @@ import pyarrow as pa
 import torch
 
 from ltrp.data.sources import SourceImage, plan_corpus, plan_digest
+from ltrp.data.tables import OUTPUT_LAYOUT
 from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import CorpusConfig, checking_inputs, identity_fields
 from ltrp.pipeline.shards import FileGroups, ShardedOutput, commit_all, commit_stage, decode_stage
@@ -106,6 +107,7 @@ class CorpusJob(ABC, Generic[C]):
             fingerprint = {
                 **identity_fields(cfg),
                 "plan_digest": plan_digest(self.corpus.shards),
+                "layout": OUTPUT_LAYOUT,
                 **self.model_keys(),
             }
             self.metadata = {

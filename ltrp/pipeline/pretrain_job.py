@@ -8,7 +8,7 @@ Images that cannot be decoded are skipped, counted and listed; they never stop t
 
 Training follows MAE: random masking (75% by default), MSE on the masked patches, raw-pixel targets
 (what LTRP scores in) or norm-pix ones, AdamW (0.9, 0.95), warm-up then cosine, lr = base * batch / 256.
-The loop is `ltrp.pipeline.trainer`'s, shared with ranker training; `MAETask` is what differs: the MAE,
+The loop is `ltrp.pipeline.training_loop`'s, shared with ranker training; `MAETask` is what differs: the MAE,
 the masking and loss of a batch, the skipped images, and the reconstruction grid logged each epoch.
 
 Fault tolerance: a checkpoint every epoch under STORAGE/NAME; a failed worker group is restarted from
@@ -49,9 +49,9 @@ from ltrp.data.images import (
     view_geometry,
 )
 from ltrp.data.sources import Shard, plan_corpus, plan_digest, read_shard
-from ltrp.pipeline import runtime, trainer, training_data
+from ltrp.pipeline import runtime, trainer, training_data, training_loop
 from ltrp.pipeline.configs import InputError, PretrainConfig, identity_fields
-from ltrp.pipeline.trainer import RunLog, Task, Worker, all_gather_lists, unwrap
+from ltrp.pipeline.training_loop import RunLog, Task, Worker, all_gather_lists, unwrap
 
 EXPERIMENT = "ltrp-pretrain"
 
@@ -127,10 +127,10 @@ def _count_images(shard_json: str) -> int:
     return sum(1 for _ in read_shard(Shard.from_json(shard_json)))
 
 
-def plan_reads(cfg: PretrainConfig, shards: list[Shard] | None = None) -> tuple[list[dict], int]:
+def read_tasks(cfg: PretrainConfig, shards: list[Shard] | None = None) -> tuple[list[dict], int]:
     """The read tasks of the source and how many images they hold (counting a tar's takes Ray).
 
-    `--max-images` keeps the first N images of the sorted plan (files, then tar shards in order). The
+    `--max-images` keeps the first N images of the sorted corpus (files, then tar shards in order). The
     kept files are then dealt into read tasks in a seeded random order, so that no task holds a single
     class of an ImageFolder; tar shards stay whole (WebDataset shards are shuffled when written).
 
@@ -341,7 +341,7 @@ class MAETask(Task):
 
 def load_pretrained(checkpoint: ray.train.Checkpoint) -> tuple[MAE, list[float]]:
     """A training checkpoint -> (the MAE in eval mode, train loss of every epoch so far)."""
-    state = trainer.read_state(checkpoint)
+    state = training_loop.read_state(checkpoint)
     mae = MAE(MAEConfig(**state["mae_config"]))
     mae.load_state_dict(state["model"])
     return mae.eval(), state["history"]
@@ -359,12 +359,12 @@ def fit(
     Args:
         shards: `plan_corpus(cfg.source, cfg.shard_size).shards`, if already listed.
     """
-    reads, count = plan_reads(cfg, shards)
+    reads, count = read_tasks(cfg, shards)
     if count == 0:
         raise InputError(f"--source {cfg.source}: no images to train on")
     sample_ids, samples = sample_images(reads, cfg.sample_images, mae_config(cfg).img_size)
     global_batch = cfg.batch_size * cfg.workers
-    settings = trainer.TrainerConfig.of(
+    settings = trainer.settings(
         cfg,
         steps_per_epoch=max(1, math.ceil(count / global_batch)),
         lr=cfg.lr or cfg.base_lr * global_batch / 256,  # MAE's rule

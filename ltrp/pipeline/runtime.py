@@ -4,24 +4,69 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import sys
+from urllib.parse import urlsplit
 
 import mlflow
 import ray
+import ray.data
 
 from ltrp.core.options import Device
+from ltrp.pipeline.configs import InputError
 
+TRACKING_URI = "MLFLOW_TRACKING_URI"
+#: Set by Ray in the entrypoint process of a submitted job (its runtime env and metadata, as JSON).
+SUBMITTED_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 #: Ray Data's number of Parquet footer-reader actors per read (its default: 32).
 PARQUET_FOOTER_READERS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 
 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, default a SQLite file here; a relative SQLite path is made absolute,
-    because Ray workers, which log too, run in other working directories."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    because Ray workers, which log too, run in other working directories.
+
+    Raises:
+        InputError: the variable is set but blank (a template that rendered an unset variable as ""), or
+            the job runs on a remote Ray cluster or as a submitted Ray job and the store is local (unset,
+            sqlite: or a file path): runs and models would go to a file on one node, lost with it.
+    """
+    uri = os.environ.get(TRACKING_URI)
+    if uri is not None and not uri.strip():
+        raise InputError(
+            f"{TRACKING_URI} is set but empty (a template that rendered an unset variable?): set it to "
+            "the tracking server's URI, or unset it for a SQLite file in this folder"
+        )
+    uri = uri or "sqlite:///mlflow.db"
+    cluster = remote_cluster()
+    if cluster and _local_store(uri):
+        raise InputError(
+            f"{TRACKING_URI} is {os.environ.get(TRACKING_URI, 'unset')!r}, a store on this node, and the job "
+            f"runs {cluster}: its runs and models would be lost with the node. Set {TRACKING_URI} to the "
+            "tracking server (e.g. http://mlflow:5000)"
+        )
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
         uri = prefix + os.path.abspath(uri[len(prefix) :])
     return uri
+
+
+def remote_cluster() -> str | None:
+    """Where the job runs, if not on this machine alone: as a submitted Ray job (`ray job submit`, a
+    KubeRay RayJob) or on the cluster a non-local RAY_ADDRESS names; None otherwise."""
+    if SUBMITTED_JOB in os.environ:
+        return "as a submitted Ray job"
+    address = os.environ.get("RAY_ADDRESS", "")
+    host = urlsplit(address if "://" in address else f"ray://{address}").hostname or ""
+    if host and host not in {"auto", "local", "localhost", "127.0.0.1", socket.gethostname()}:
+        return f"on the Ray cluster at RAY_ADDRESS={address}"
+    return None
+
+
+def _local_store(uri: str) -> bool:
+    """Whether an MLflow tracking URI is a file on this machine (a SQLite database or a file store)."""
+    scheme = urlsplit(uri).scheme
+    return scheme in {"", "file", "sqlite"}
 
 
 def local_resources(workers: int, worker_cpus: float) -> dict:
@@ -43,6 +88,9 @@ def start(experiment: str | None = None, *, workers: int = 1, worker_cpus: float
     then `track(experiment)`."""
     if not ray.is_initialized():
         ray.init(**local_resources(workers, worker_cpus))
+    # Off a terminal (a submitted job's log, a file), Ray Data's progress bars become ~7 log lines every
+    # 10 s; the jobs print their own line per committed shard or epoch instead.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     track(experiment)
 
 

@@ -18,10 +18,10 @@ while a group is being combined or after a crash in the middle of it.
 
 Output under OUTPUT (local path or s3://...):
     TABLE/part-00000.parquet ...   the job's rows (TABLE: "scores", "ranks"), one file per group of shards
-    errors/part-00000.parquet ...  images that could not be used: image_id, uri, reason (likewise)
+    _errors/part-00000.parquet ... images that could not be used: image_id, uri, reason (likewise)
     _ltrp_job.json                 the job's metadata, also in every file's Parquet key-value metadata
     _SUCCESS                       written once every shard is committed and every group combined
-    _shards/00000/TABLE/00017.parquet  a committed shard of an incomplete group (and errors/ beside it)
+    _shards/00000/TABLE/00017.parquet  a committed shard of an incomplete group (and _errors/ beside it)
     _parts/00017/ROWS-DIGEST.arrow  a shard's rows while it is incomplete (removed when committed)
 """
 

@@ -2,7 +2,7 @@
 
 Data: the score table's views, split by image id (`ltrp.pipeline.training_data`).
 
-The loop is `ltrp.pipeline.trainer`'s, shared with MAE pre-training; `RankerTask` is what differs: the
+The loop is `ltrp.pipeline.training_loop`'s, shared with MAE pre-training; `RankerTask` is what differs: the
 ranker, the ranking loss of a batch, and validation at the end of each epoch. Fault tolerance: a
 checkpoint every epoch under STORAGE/NAME; a failed worker group is restarted from the last one
 (`max_failures`), and launching again with the same name and storage resumes it, in the same MLflow run.
@@ -29,11 +29,11 @@ from ltrp.core.ranking_metrics import kendall_tau, ndcg_at_k, spearman, topk_ove
 from ltrp.data.checkpoints import load_mae, load_ranker
 from ltrp.data.images import to_model_input
 from ltrp.data.tables import read_job_metadata
-from ltrp.pipeline import runtime, trainer
+from ltrp.pipeline import runtime, trainer, training_loop
 from ltrp.pipeline.configs import InputError, TrainConfig, checking_inputs, identity_fields, registered_name
 from ltrp.pipeline.registry import register_ranker
-from ltrp.pipeline.trainer import Task, Worker, all_reduce_sum
 from ltrp.pipeline.training_data import split_counts, views_dataset
+from ltrp.pipeline.training_loop import Task, Worker, all_reduce_sum
 
 EXPERIMENT = "ltrp-train"
 #: What early stopping watches and the registered checkpoint is the best of.
@@ -317,7 +317,7 @@ def validation_curve_png(curves: dict[str, list[tuple[int, float]]], path: Path)
 
 def load_ranker_checkpoint(checkpoint: ray.train.Checkpoint) -> Ranker:
     with checkpoint.as_directory() as folder:
-        return load_ranker(str(Path(folder) / trainer.STATE_FILE))
+        return load_ranker(str(Path(folder) / training_loop.STATE_FILE))
 
 
 def fit(
@@ -332,7 +332,7 @@ def fit(
     (its checkpoints, scored by validation Kendall tau, and the last metrics). Rank 0 logs each epoch
     to `mlflow_run_id` if given."""
     global_batch = cfg.batch_size * cfg.workers
-    settings = trainer.TrainerConfig.of(
+    settings = trainer.settings(
         cfg,
         steps_per_epoch=max(1, math.ceil(train_views / global_batch)),
         lr=cfg.lr or 1.5e-4 * global_batch / 256,  # the authors' rule

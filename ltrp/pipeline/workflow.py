@@ -75,7 +75,7 @@ class Steps:
         return results
 
 
-class Plan:
+class Pipeline:
     """Every step's config, built from the file (and so checked) before anything runs, and the digests
     that name each step's outputs (a changed setting redoes that step and the ones after it)."""
 
@@ -84,15 +84,7 @@ class Plan:
         if "root" not in spec:
             raise ConfigError(f"--config {config}: the pipeline needs a top-level 'root' (its output folder)")
         self.root = Path(spec["root"])
-        self.ranker_seeds = spec.get("ranker_seeds", 1)
-        if (
-            not isinstance(self.ranker_seeds, int)
-            or isinstance(self.ranker_seeds, bool)
-            or self.ranker_seeds < 1
-        ):
-            raise ConfigError(
-                f"--config {config}: ranker_seeds must be a positive integer, got {self.ranker_seeds!r}"
-            )
+        self.ranker_seeds = _ranker_seeds(spec, config)
         values = {
             name: read_config_file(config, name)
             for name in ("data", "pretrain", "score", "score_test", "train", "evaluate")
@@ -102,16 +94,9 @@ class Plan:
         data = self.root / "data"
         # Scenes: a manifest per split (docs/scenes.md); Fashion-MNIST: an ImageFolder per split.
         self.sources = {s: data / s / MANIFEST if self.scenes else data / s for s in SPLITS}
-        # The scenes do not depend on the judge: a step after them does, through the MAE's digest below.
+        # The scenes do not depend on the judge: a step after them does, through the MAE's digest.
         self.digests = {"data": Steps.digest({k: v for k, v in values["data"].items() if k != "mae"})}
-        self.digests["pretrain"] = Steps.digest(self.digests["data"], values["pretrain"])
-        if self.data.mae == "pretrain":
-            self.mae = self.root / f"mae-{self.digests['pretrain']}.pth"
-        else:  # a given judge: the steps after it depend on the data and on the MAE's bytes
-            self.mae = SHIPPED_MAE if self.data.mae == "shipped" else Path(self.data.mae).resolve()
-            self.digests["pretrain"] = Steps.digest(
-                self.digests["data"], hashlib.sha256(self.mae.read_bytes()).hexdigest()
-            )
+        self.mae = self._judge(values["pretrain"])
         checkpoints = str(self.root / "checkpoints")
         self.pretrain = PretrainConfig(
             **{
@@ -122,18 +107,7 @@ class Plan:
                 "storage": checkpoints,
             }
         )
-        self.score = {}
-        for split in SPLITS:
-            settings = values["score"] | (values["score_test"] if split == "test" else {})
-            digest = self.digests[f"score-{split}"] = Steps.digest(self.digests["pretrain"], settings, split)
-            self.score[split] = ScoreConfig(
-                **{
-                    **settings,
-                    "source": str(self.sources[split]),
-                    "mae": str(self.mae),
-                    "output": str(self.root / f"scores-{split}-{digest}"),
-                }
-            )
+        self.score = {split: self._score(values, split) for split in SPLITS}
         self.digests["train"] = Steps.digest(self.digests["score-train"], values["train"])
         self.train = TrainConfig(
             **{
@@ -163,6 +137,30 @@ class Plan:
         )
         self.evaluate_values = values["evaluate"]
 
+    def _judge(self, pretrain_values: dict) -> Path:
+        """The MAE's path; sets the digest the steps after it depend on (its settings, or its bytes)."""
+        self.digests["pretrain"] = Steps.digest(self.digests["data"], pretrain_values)
+        if self.data.mae == "pretrain":
+            return self.root / f"mae-{self.digests['pretrain']}.pth"
+        mae = SHIPPED_MAE if self.data.mae == "shipped" else Path(self.data.mae).resolve()
+        self.digests["pretrain"] = Steps.digest(
+            self.digests["data"], hashlib.sha256(mae.read_bytes()).hexdigest()
+        )
+        return mae
+
+    def _score(self, values: dict, split: str) -> ScoreConfig:
+        """The split's scoring config (`score_test` over `score` for the test split); sets its digest."""
+        settings = values["score"] | (values["score_test"] if split == "test" else {})
+        digest = self.digests[f"score-{split}"] = Steps.digest(self.digests["pretrain"], settings, split)
+        return ScoreConfig(
+            **{
+                **settings,
+                "source": str(self.sources[split]),
+                "mae": str(self.mae),
+                "output": str(self.root / f"scores-{split}-{digest}"),
+            }
+        )
+
     def write_data(self) -> dict:
         """The data step: both splits written where `sources` points."""
         if not self.scenes:
@@ -178,97 +176,29 @@ class Plan:
         }
 
 
-def run(plan: Plan) -> dict:
-    """Runs (or reuses) every step of the pipeline `plan`; returns what each made."""
-    plan.root.mkdir(parents=True, exist_ok=True)
-    runtime.start(workers=max(plan.pretrain.workers, plan.train.workers))
-    steps = Steps(plan.root)
-
+def run(pipeline: Pipeline) -> dict:
+    """Runs (or reuses) every step of `pipeline`; returns what each made."""
+    pipeline.root.mkdir(parents=True, exist_ok=True)
+    runtime.start(workers=max(pipeline.pretrain.workers, pipeline.train.workers))
+    steps = Steps(pipeline.root)
     steps.run(
         "data",
-        plan.digests["data"],
-        plan.write_data,
-        lambda r: all(p.exists() for p in plan.sources.values()),
+        pipeline.digests["data"],
+        pipeline.write_data,
+        lambda r: all(p.exists() for p in pipeline.sources.values()),
     )
-
-    def pretrain_step() -> dict:
-        summary = pretrain_job.run(plan.pretrain)
-        return {"mae": str(plan.mae), "final_loss": summary.history[-1]}
-
-    if plan.data.mae != "pretrain":
-        mae = {"mae": str(plan.mae), "final_loss": None}
-    else:
-        mae = steps.run("pretrain", plan.digests["pretrain"], pretrain_step, lambda r: plan.mae.exists())
-
-    tables = {}
-    for split in SPLITS:
-        cfg = plan.score[split]
-
-        def score_step(cfg: ScoreConfig = cfg) -> dict:
-            s = score_job.run(cfg)
-            return {
-                "output": cfg.output,
-                "images": s.images,
-                "rows": s.rows_written,
-                "errors": s.errors,
-                "seconds": round(s.seconds, 1),
-            }
-
-        tables[split] = steps.run(
-            f"score-{split}",
-            plan.digests[f"score-{split}"],
-            score_step,
-            lambda r, o=cfg.output: (Path(o) / SUCCESS_FILE).exists(),
-        )
-
-    def train_step(cfg: TrainConfig) -> dict:
-        summary = train_job.run(cfg)
-        return {
-            "version": summary.version,
-            "best_epoch": summary.best_epoch,
-            "epochs": summary.epochs,
-            **summary.metrics,
-        }
-
-    rankers = [
-        steps.run(
-            f"train-seed{i}" if i else "train",
-            plan.digests["train"],
-            lambda cfg=cfg: train_step(cfg),
-            lambda r: _version_exists(plan.model, r["version"]),
-        )
-        for i, cfg in enumerate([plan.train, *plan.seed_trains])
-    ]
-    ranker, versions = rankers[0], [r["version"] for r in rankers]
-    evaluate_cfg = replace(
-        plan.evaluate,
-        model=f"{plan.train.register}/{versions[0]}",
-        seed_models=tuple(f"{plan.train.register}/{v}" for v in versions[1:]),
-    )
-    eval_digest = Steps.digest(
-        plan.digests["train"], versions, plan.digests["score-test"], plan.evaluate_values
-    )
-    report_dir = plan.root / f"evaluation-{eval_digest}"
-    evaluate_cfg = replace(evaluate_cfg, output=str(report_dir))
-
-    def evaluate_step() -> dict:
-        result = evaluate_job.run(evaluate_cfg).result
-        return {
-            "report": str(report_dir / "report.md"),
-            "headline": evaluate_job.headline(result),
-            **_table(result),
-        }
-
-    evaluation = steps.run(
-        "evaluate", eval_digest, evaluate_step, lambda r: (report_dir / "report.md").exists()
-    )
-    promotion = promote_job.run(PromoteConfig(model=plan.train.register, candidate=ranker["version"]))
+    mae = _judge(pipeline, steps)
+    tables = {split: _score_table(pipeline, steps, split) for split in SPLITS}
+    rankers = _train_rankers(pipeline, steps)
+    versions = [r["version"] for r in rankers]
+    evaluation = _evaluate(pipeline, steps, versions)
+    promotion = promote_job.run(PromoteConfig(model=pipeline.train.register, candidate=versions[0]))
     print(promote_job.describe(promotion), flush=True)
-    champion = MlflowClient().get_registered_model(plan.model).aliases.get("champion")
+    champion = MlflowClient().get_registered_model(pipeline.model).aliases.get("champion")
     return {
         "mae": mae,
         "tables": tables,
-        "ranker": ranker,
+        "ranker": rankers[0],
         "seed_versions": versions[1:],
         "evaluation": evaluation,
         "promotion": {
@@ -277,6 +207,91 @@ def run(plan: Plan) -> dict:
             "reason": promotion.promotion.decision.reason,
         },
     }
+
+
+def _judge(pipeline: Pipeline, steps: Steps) -> dict:
+    """The MAE that scores: pre-trained here (a step), or the given one."""
+    if pipeline.data.mae != "pretrain":
+        return {"mae": str(pipeline.mae), "final_loss": None}
+
+    def pretrain() -> dict:
+        summary = pretrain_job.run(pipeline.pretrain)
+        return {"mae": str(pipeline.mae), "final_loss": summary.history[-1]}
+
+    return steps.run("pretrain", pipeline.digests["pretrain"], pretrain, lambda r: pipeline.mae.exists())
+
+
+def _score_table(pipeline: Pipeline, steps: Steps, split: str) -> dict:
+    """The split's score table: K views a training image, the full-coverage oracle on the test split."""
+    cfg = pipeline.score[split]
+
+    def score() -> dict:
+        s = score_job.run(cfg)
+        return {
+            "output": cfg.output,
+            "images": s.images,
+            "rows": s.rows_written,
+            "errors": s.errors,
+            "seconds": round(s.seconds, 1),
+        }
+
+    finished = Path(cfg.output) / SUCCESS_FILE
+    return steps.run(f"score-{split}", pipeline.digests[f"score-{split}"], score, lambda r: finished.exists())
+
+
+def _train_rankers(pipeline: Pipeline, steps: Steps) -> list[dict]:
+    """The ranker, then the same recipe at the other seeds; each is a registered version."""
+
+    def train(cfg: TrainConfig) -> dict:
+        summary = train_job.run(cfg)
+        return {
+            "version": summary.version,
+            "best_epoch": summary.best_epoch,
+            "epochs": summary.epochs,
+            **summary.metrics,
+        }
+
+    return [
+        steps.run(
+            f"train-seed{i}" if i else "train",
+            pipeline.digests["train"],
+            lambda cfg=cfg: train(cfg),
+            lambda r: _version_exists(pipeline.model, r["version"]),
+        )
+        for i, cfg in enumerate([pipeline.train, *pipeline.seed_trains])
+    ]
+
+
+def _evaluate(pipeline: Pipeline, steps: Steps, versions: list[str]) -> dict:
+    """The evaluation of the first version, with the others as its seed spread; its headline table."""
+    digest = Steps.digest(
+        pipeline.digests["train"], versions, pipeline.digests["score-test"], pipeline.evaluate_values
+    )
+    report_dir = pipeline.root / f"evaluation-{digest}"
+    cfg = replace(
+        pipeline.evaluate,
+        model=f"{pipeline.train.register}/{versions[0]}",
+        seed_models=tuple(f"{pipeline.train.register}/{v}" for v in versions[1:]),
+        output=str(report_dir),
+    )
+
+    def evaluate() -> dict:
+        result = evaluate_job.run(cfg).result
+        return {
+            "report": str(report_dir / "report.md"),
+            "headline": evaluate_job.headline(result),
+            **_table(result),
+        }
+
+    return steps.run("evaluate", digest, evaluate, lambda r: (report_dir / "report.md").exists())
+
+
+def _ranker_seeds(spec: dict, config: Path) -> int:
+    """The file's `ranker_seeds`: how many rankers of the one recipe train (default 1)."""
+    seeds = spec.get("ranker_seeds", 1)
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise ConfigError(f"--config {config}: ranker_seeds must be a positive integer, got {seeds!r}")
+    return seeds
 
 
 def _table(result: EvaluationResult | SceneEvaluation) -> dict:

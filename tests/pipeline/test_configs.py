@@ -95,7 +95,7 @@ PIPELINE_FILES = ("pipeline.yaml", "pipeline-fmnist.yaml", "benchmark.yaml")
 
 def _paths(path: Path) -> dict[str, dict[str, Any]]:
     """Per section, the values a config file leaves to the pipeline or the command line (paths, the
-    model): required fields as `ltrp.pipeline.workflow.Plan` derives them from the file's root, and a
+    model): required fields as `ltrp.pipeline.workflow.Pipeline` derives them from the file's root, and a
     promotion's candidate, which the pipeline gives once the ranker is registered."""
     root = Path(yaml.safe_load(path.read_text())["root"])
     scenes = read_config_file(path, "data").get("dataset", "scenes") == "scenes"
@@ -164,14 +164,14 @@ def test_a_bad_value_in_a_pipeline_file_fails_its_section(
 
 
 @pytest.mark.parametrize("name", PIPELINE_FILES)
-def test_the_shipped_pipeline_files_plan_every_step(name: str) -> None:
+def test_the_shipped_pipeline_files_configure_every_step(name: str) -> None:
     """Every step's config is built, and so checked, as `python -m jobs.pipeline --config` would."""
-    from ltrp.pipeline.workflow import Plan
+    from ltrp.pipeline.workflow import Pipeline
 
-    plan = Plan(ROOT / "jobs" / name)
-    scenes = plan.data.dataset == "scenes"
-    assert plan.evaluate.test_source.endswith("manifest.parquet") is scenes
-    assert (plan.score["test"].cover > 0) is scenes and plan.score["train"].cover == 0
+    pipeline = Pipeline(ROOT / "jobs" / name)
+    scenes = pipeline.data.dataset == "scenes"
+    assert pipeline.evaluate.test_source.endswith("manifest.parquet") is scenes
+    assert (pipeline.score["test"].cover > 0) is scenes and pipeline.score["train"].cover == 0
 
 
 def test_a_judge_file_replaces_the_shipped_mae_and_names_the_steps_by_its_bytes(tmp_path: Path) -> None:
@@ -181,16 +181,16 @@ def test_a_judge_file_replaces_the_shipped_mae_and_names_the_steps_by_its_bytes(
 
     from ltrp.data.checkpoints import load_mae, save_mae
     from ltrp.data.scenes import SHIPPED_MAE
-    from ltrp.pipeline.workflow import Plan
+    from ltrp.pipeline.workflow import Pipeline
 
     copy, fp32 = tmp_path / "copy.pth", tmp_path / "fp32.pth"
     copy.write_bytes(SHIPPED_MAE.read_bytes())
     save_mae(load_mae(str(SHIPPED_MAE)), str(fp32), dtype=torch.float32)
-    plans = {}
+    pipelines = {}
     for name, mae in (("shipped", "shipped"), ("copy", str(copy)), ("fp32", str(fp32))):
         (tmp_path / f"{name}.yaml").write_text(f"root: {tmp_path / 'run'}\ndata:\n  mae: {mae}\n")
-        plans[name] = Plan(tmp_path / f"{name}.yaml")
-    assert plans["fp32"].score["train"].mae == str(fp32)
-    assert plans["copy"].digests == plans["shipped"].digests
-    assert plans["fp32"].digests["score-train"] != plans["shipped"].digests["score-train"]
-    assert plans["fp32"].digests["data"] == plans["shipped"].digests["data"]  # the same scenes
+        pipelines[name] = Pipeline(tmp_path / f"{name}.yaml")
+    assert pipelines["fp32"].score["train"].mae == str(fp32)
+    assert pipelines["copy"].digests == pipelines["shipped"].digests
+    assert pipelines["fp32"].digests["score-train"] != pipelines["shipped"].digests["score-train"]
+    assert pipelines["fp32"].digests["data"] == pipelines["shipped"].digests["data"]  # the same scenes

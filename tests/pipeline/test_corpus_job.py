@@ -13,11 +13,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import ray.cloudpickle
+import ray.data
 import torch
 from support import committed_files, committed_shards, fashion_mnist, fashion_mnist_pngs, holds_rows
 
@@ -98,7 +100,15 @@ def test_a_toy_job_on_the_frame_writes_resumes_and_records_its_errors(tmp_path: 
     assert summary.describe().startswith("measured 10 images (20 rows) and skipped 0 finished shards of 3")
     table = _brightness(tmp_path / "out")
     assert table.num_rows == 20 and pc.min(table.column("brightness")).as_py() < 0  # ImageNet-normalised
-    assert pq.read_table(tmp_path / "out" / "errors").column("image_id").to_pylist() == ["broken.png"]
+    out = tmp_path / "out"
+    assert pq.read_table(out / "_errors").column("image_id").to_pylist() == ["broken.png"]
+    # The root reads as the table: the errors, job files and staging folders are hidden by their "_".
+    key = ["image_id", "view", "brightness"]
+    for root_rows in (pq.read_table(out), pa.Table.from_pandas(pd.read_parquet(out))):
+        assert (
+            root_rows.select(key).sort_by([(k, "ascending") for k in key[:2]]).to_pylist()
+            == table.select(key).to_pylist()
+        )
     again = BrightnessJob(cfg).write(run_in_process, progress=lambda _: None)
     assert (again.shards_skipped, again.rows_written) == (3, 0)
     with pytest.raises(ValueError, match=r"differs in: gain\)"):  # the fingerprint holds the new field
@@ -116,6 +126,13 @@ def test_the_stages_give_the_same_table_in_process_and_on_ray(tmp_path: Path, ra
         BrightnessJob(cfg).write(runner, progress=lambda _: None)
         tables[name] = _brightness(tmp_path / name)
     assert tables["in-process"].num_rows == 24 and tables["in-process"].equals(tables["ray"])
+    read_by_ray = ray.data.read_parquet(
+        str(tmp_path / "ray")
+    ).to_arrow_refs()  # the root, as Ray Data reads it
+    rows = pa.concat_tables(ray.get(read_by_ray)).select(BRIGHTNESS_SCHEMA.names)
+    assert rows.sort_by([("image_id", "ascending"), ("view", "ascending")]).equals(
+        tables["ray"].select(BRIGHTNESS_SCHEMA.names)
+    )
 
 
 # -- every corpus job, killed and resumed ------------------------------------------------------------

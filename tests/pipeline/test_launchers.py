@@ -11,8 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs._cli import parse
+from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import (
     EvaluateConfig,
+    InputError,
     PretrainConfig,
     PromoteConfig,
     RankConfig,
@@ -32,9 +34,12 @@ LAUNCHERS = {
 }
 
 
-def _launch(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Runs a launcher on its embedded defaults: no tracking URI from the test session's environment."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+def _launch(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs a launcher on its embedded defaults (no tracking URI or Ray address from the test session's
+    environment), plus `env`."""
+    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "RAY_ADDRESS"}} | (
+        env or {}
+    )
     env["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
@@ -51,8 +56,11 @@ def _run(*args: str, cwd: Path = ROOT) -> str:
 def test_score_job_demo_runs_from_nothing(
     tmp_path: Path, ray_address: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    stdout = _run("jobs.score", "--demo", cwd=tmp_path)  # in an empty folder: a local Ray, SQLite MLflow
-    assert "scored 7 images (7 rows)" in stdout
+    proc = _launch("jobs.score", "--demo", cwd=tmp_path)  # in an empty folder: a local Ray, SQLite MLflow
+    assert proc.returncode == 0, proc.stderr
+    assert "scored 7 images (7 rows)" in proc.stdout
+    # Off a terminal: the job's own progress lines, not Ray Data's progress bars logged every 10 s.
+    assert "committed shard 0" in proc.stdout and "Progress will be logged" not in proc.stderr
     assert pq.read_table(tmp_path / "runs/demo/scores/scores").num_rows == 7
     assert (tmp_path / "mlflow.db").exists()
 
@@ -195,6 +203,68 @@ def test_missing_inputs_are_refused_before_ray_and_mlflow(tmp_path: Path) -> Non
     )
     assert proc.returncode == 2 and "missing.pth" in proc.stderr and "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no mlflow.db, no output
+
+
+def test_a_blank_tracking_uri_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """envsubst renders an unset variable as "": exit 2 naming it, nothing written (no SQLite file)."""
+    env = {"MLFLOW_TRACKING_URI": ""}
+    proc = _launch(
+        "jobs.score", "--source", "src", "--mae", "m.pth", "--output", "out", cwd=tmp_path, env=env
+    )
+    assert proc.returncode == 2 and "MLFLOW_TRACKING_URI" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == []
+
+
+def _tracking_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"MLFLOW_TRACKING_URI": " "},
+        {"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"},  # a submitted Ray job, the store left to its default
+        {"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}", "MLFLOW_TRACKING_URI": "sqlite:////data/mlflow.db"},
+        {"RAY_ADDRESS": "10.255.255.1:6379", "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"},
+        {"RAY_ADDRESS": "ray://head.example:10001", "MLFLOW_TRACKING_URI": "file:///tmp/mlruns"},
+        {"RAY_ADDRESS": "http://head.example:8265", "MLFLOW_TRACKING_URI": "/tmp/mlruns"},
+    ],
+    ids=["blank", "submitted-default", "submitted-sqlite", "remote-sqlite", "client-file", "dashboard-path"],
+)
+def test_a_store_that_would_be_lost_with_the_node_is_refused(
+    env: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _tracking_env(monkeypatch, env)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="MLFLOW_TRACKING_URI"):
+        runtime.tracking_uri()
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "sqlite:///{cwd}/mlflow.db"),  # the embedded default, here
+        ({"RAY_ADDRESS": "127.0.0.1:6379"}, "sqlite:///{cwd}/mlflow.db"),  # a cluster on this machine
+        (
+            {"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}", "MLFLOW_TRACKING_URI": "http://mlflow:5000"},
+            "http://mlflow:5000",
+        ),
+        (
+            {"RAY_ADDRESS": "10.0.0.7:6379", "MLFLOW_TRACKING_URI": "postgresql://db/mlflow"},
+            "postgresql://db/mlflow",
+        ),
+    ],
+    ids=["default", "local-cluster", "submitted-server", "remote-database"],
+)
+def test_a_store_that_outlives_the_node_is_used(
+    env: dict, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _tracking_env(monkeypatch, env)
+    monkeypatch.chdir(tmp_path)
+    assert runtime.tracking_uri() == expected.format(cwd=tmp_path)
 
 
 def test_required_options_are_required(tmp_path: Path) -> None:

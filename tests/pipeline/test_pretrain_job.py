@@ -20,7 +20,7 @@ from ltrp.core.optim import param_groups
 from ltrp.data.images import to_model_input
 from ltrp.data.sources import Shard
 from ltrp.pipeline.configs import PretrainConfig
-from ltrp.pipeline.pretrain_job import ViewBatches, mae_config, plan_reads
+from ltrp.pipeline.pretrain_job import ViewBatches, mae_config, read_tasks
 from ltrp.pipeline.training_data import read_images
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,7 +112,7 @@ def test_max_images_takes_the_first_images_of_the_sorted_source_then_tar_members
             info.size = len(pngs[name])
             tar.addfile(info, io.BytesIO(pngs[name]))
     cfg = PretrainConfig(source=str(tmp_path), output="unused", shard_size=4, max_images=12)
-    reads, count = plan_reads(cfg)
+    reads, count = read_tasks(cfg)
     tables = [read_images({k: np.array([v]) for k, v in read.items()}) for read in reads]
     rows = [row for table in tables for row in table.to_pylist()]
     assert count == 12 == len(rows)
@@ -120,8 +120,8 @@ def test_max_images_takes_the_first_images_of_the_sorted_source_then_tar_members
     assert [r["image_id"] for r in rows[:10]] != names[:10]
     assert [r["image_id"] for r in rows[10:]] == ["000", "001"]  # then the tar's first members
     assert Shard.from_json(reads[-1]["shard"]).tar is not None and reads[-1]["limit"] == 2
-    assert plan_reads(cfg) == (reads, count)  # deterministic
-    everything, total = plan_reads(replace(cfg, max_images=None))
+    assert read_tasks(cfg) == (reads, count)  # deterministic
+    everything, total = read_tasks(replace(cfg, max_images=None))
     assert total == 15 and everything[-1]["limit"] == 5
 
 
@@ -131,7 +131,7 @@ def test_norm_pix_is_recorded_in_the_saved_mae(tmp_path: Path) -> None:
     assert ltrp.load_mae(str(tmp_path / "mae.pth")).cfg == cfg and cfg.norm_pix
 
 
-def _pretrain(tmp_path: Path, capsys: pytest.CaptureFixture, epochs: int) -> str:
+def _pretrain(tmp_path: Path, capsys: pytest.CaptureFixture, epochs: int, *extra: str) -> str:
     """`python -m jobs.pretrain_mae ...`'s main, in this process: on the session's Ray cluster, without
     paying a new interpreter's imports for each of the three launches (the CLI's exit codes are tested
     in subprocesses elsewhere). Returns what it printed."""
@@ -142,7 +142,7 @@ def _pretrain(tmp_path: Path, capsys: pytest.CaptureFixture, epochs: int) -> str
         "--source", str(tmp_path / "images"), "--output", str(tmp_path / "mae.pth"),
         "--storage", str(tmp_path / "ckpt"), "--name", "fmnist", "--geometry", "mae_vit_tiny_patch8",
         "--epochs", str(epochs), "--batch-size", "32", "--lr", "1e-3", "--crop", "random", "--flip",
-        "--sample-images", "4",
+        "--sample-images", "4", *extra,
     ])
     # fmt: on
     return capsys.readouterr().out
@@ -184,8 +184,12 @@ def test_the_job_pretrains_checkpoints_logs_and_resumes(
     skipped = json.loads(Path(client.download_artifacts(run.info.run_id, "skipped_images.json")).read_text())
     assert [Path(s["uri"]).name for s in skipped] == ["9999.png"] and "cannot decode" in skipped[0]["reason"]
 
-    again = _pretrain(tmp_path, capsys, epochs=2)  # same name: resumes after the finished epoch
+    checkpoints = tmp_path / "ckpt" / "fmnist"
+    assert len([p for p in checkpoints.glob("checkpoint_*") if p.is_dir()]) == 1
+    again = _pretrain(tmp_path, capsys, 2, "--keep-checkpoints", "1")  # same name: resumes after epoch 0
     assert "this run started at epoch 1" in again
+    (kept,) = [p for p in checkpoints.glob("checkpoint_*") if p.is_dir()]  # epoch 0's pruned, the latest kept
+    assert torch.load(kept / "state.pt", weights_only=False)["epoch"] == 1
     # ... in the same MLflow run: one training, one run, its history continued.
     (rerun,) = client.search_runs([experiment.experiment_id], f"tags.output = '{tmp_path / 'mae.pth'}'")
     assert rerun.info.run_id == run.info.run_id and rerun.info.status == "FINISHED"

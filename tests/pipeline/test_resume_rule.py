@@ -23,7 +23,16 @@ CORPUS_IDENTITY = {
     "max_pixels",
 }
 CORPUS_MAY_CHANGE = {"output", "batch_size", "workers", "max_workers", "worker_cpus", "threads", "device"}
-RUNNING = {"name", "storage", "workers", "device", "worker_cpus", "threads", "max_failures"}
+RUNNING = {
+    "name",
+    "storage",
+    "workers",
+    "device",
+    "worker_cpus",
+    "threads",
+    "max_failures",
+    "keep_checkpoints",
+}
 #: Per resumable config: (its identity fields, the fields a resume may change).
 DECISIONS = {
     ScoreConfig: (

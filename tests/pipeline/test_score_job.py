@@ -179,7 +179,7 @@ def test_bad_and_odd_files_are_recorded_or_scored(tmp_path: Path, ray_address: s
 def test_same_seed_same_table_other_seed_refused(tmp_path: Path, ray_address: str, checkpoint: str) -> None:
     """Two runs with one seed write equal tables, views and scores; a run with another seed on a
     finished output is refused, since it would resume it. (That another seed draws other crops, flips
-    and visible sets: test_score_stages, on the decode stage, without two more Ray jobs.)"""
+    and visible sets: test_shards.py, on the decode stage, without two more Ray jobs.)"""
     folder = tmp_path / "photos"
     folder.mkdir()
     for name in PHOTOS:

@@ -15,8 +15,9 @@ from ltrp.data.sources import read_many
 from ltrp.data.tables import SCORES_SCHEMA
 from ltrp.pipeline import training_data
 from ltrp.pipeline.configs import InputError, TrainConfig
-from ltrp.pipeline.trainer import Best, TrainerConfig, claimed
+from ltrp.pipeline.trainer import claimed
 from ltrp.pipeline.training_data import is_validation, load_views, select_split, split_counts
+from ltrp.pipeline.training_loop import Best, TrainerConfig
 
 
 def _rows(images: int, views: int) -> list[dict]:
@@ -115,5 +116,6 @@ def test_validation_every_n_epochs_and_after_the_last(every: int, validated: lis
     cfg = TrainerConfig(
         name="n", storage="s", workers=1, worker_cpus=1, use_gpu=False, max_failures=0, epochs=5,
         warmup_epochs=0, steps_per_epoch=1, lr=1e-3, weight_decay=0, seed=0, validate_every=every,
+        keep_checkpoints=1,
     )  # fmt: skip
     assert [e for e in range(5) if cfg.validates(e)] == validated
