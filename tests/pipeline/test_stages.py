@@ -51,7 +51,8 @@ def test_a_class_needs_a_pool_and_a_function_none() -> None:
 def test_a_worker_running_a_jobs_stages_loads_neither_mlflow_nor_the_jobs(tmp_path: Path) -> None:
     """The scoring job's stages, pickled as Ray ships them to workers, unpickled in a fresh
     interpreter: the decode, scoring and commit functions and their arguments import no MLflow, no
-    driver-side job module and no launcher."""
+    driver-side job module and no launcher, nor what only the evaluation uses (scikit-image, scipy,
+    matplotlib)."""
     (tmp_path / "images").mkdir()
     for name, png in list(fashion_mnist_pngs(2).items()):
         (tmp_path / "images" / Path(name).name).write_bytes(png)
@@ -64,7 +65,8 @@ def test_a_worker_running_a_jobs_stages_loads_neither_mlflow_nor_the_jobs(tmp_pa
     (tmp_path / "stages.pkl").write_bytes(cloudpickle.dumps([(s.fn, s.kwargs) for s in stages]))
     code = (
         "import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read()); "
-        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'jobs') "
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'jobs', 'skimage', "
+        "'matplotlib', 'scipy') "
         "or m.endswith('_job'))))"
     )
     loaded = subprocess.run(
