@@ -24,6 +24,7 @@ import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
@@ -48,7 +49,7 @@ from ltrp.evaluation.scene_eval import (
     primary_ratio,
     split_half_reliability,
 )
-from ltrp.pipeline import runtime
+from ltrp.pipeline import lineage, runtime
 from ltrp.pipeline.configs import EvaluateConfig, InputError, checking_inputs
 from ltrp.pipeline.registry import load_ranker_ref
 
@@ -93,6 +94,8 @@ def run(cfg: EvaluateConfig, progress=print) -> EvaluateSummary:
     with mlflow.start_run(run_name=f"evaluate {cfg.model}") as run, tempfile.TemporaryDirectory() as tmp:
         mlflow.log_params({k: str(v)[:500] for k, v in asdict(cfg).items()})
         mlflow.set_tags({"eval.dataset": result.dataset, "output_uri": cfg.output, "model_uri": cfg.model})
+        held_out = lineage.dataset(cfg.test_source, "held-out", result.dataset)
+        mlflow.log_input(held_out, context="evaluation")
         mlflow.log_metrics(
             {f"{s}.{k}": e.mean for s, keys in result.estimates.items() for k, e in keys.items()}
             | _seed_metrics(result)
@@ -119,6 +122,7 @@ def run(cfg: EvaluateConfig, progress=print) -> EvaluateSummary:
         fs.put([str(p) for p in folder.iterdir()], root.rstrip("/") + "/")
         if version is not None:
             _tag_version(version, result, run.info.run_id, cfg.output, cfg.seed_models)
+            _log_model_metrics(version, result, held_out)
     return EvaluateSummary(result, run.info.run_id)
 
 
@@ -260,6 +264,22 @@ def _seed_metrics(result: EvaluationResult | SceneEvaluation) -> dict[str, float
         return {}
     key = f"seed_spread.{metric_key('object_recall', primary_ratio(result.keep_ratios))}"
     return {f"{key}.min": spread.low, f"{key}.max": spread.high, f"{key}.std": spread.std}
+
+
+def _log_model_metrics(
+    version: ModelVersion, result: EvaluationResult | SceneEvaluation, held_out: MetaDataset
+) -> None:
+    """The ranker's figures (mean and 95% interval) and its paired difference from random, as metrics of
+    the version's logged model on the held-out dataset: what the MLflow UI compares versions by, and
+    `mlflow.search_logged_models` filters on (e.g. "metrics.`object_recall.keep25.mean` > 0.6")."""
+    # MLflow 3 names the logged model in the version's source (models:/m-...); its model_id field is
+    # left empty by log_model(registered_model_name=...).
+    model_id = version.model_id or version.source.removeprefix("models:/")
+    if not model_id.startswith("m-"):  # registered from a run's artifacts, not from a logged model
+        return
+    estimates = result.estimates["ltrp"] | {vs_random(k): e for k, e in result.paired["random"].items()}
+    metrics = {f"{k}.{part}": getattr(e, part) for k, e in estimates.items() for part in ("mean", "lo", "hi")}
+    mlflow.log_metrics(metrics, model_id=model_id, dataset=held_out)
 
 
 def _tag_version(

@@ -1,78 +1,156 @@
 """Logging a trained ranker to MLflow and registering it as a model version; loading one back by
 reference; promoting a version to the `champion` alias under ltrp.evaluation.promotion's policy, and
-rolling that back."""
+rolling that back.
+
+A registered ranker is its weights (safetensors) and geometry (JSON), never a pickle, plus a pyfunc
+flavour that serves it: `mlflow.pyfunc.load_model(...).predict(frame)` takes a pandas DataFrame with a
+column `image` (encoded image bytes) or `uri` (a path or fsspec URL), preprocesses each image exactly
+as the scoring and ranking jobs do for their (default) centre view, and returns each row's patch
+`scores` and `kept` positions. The
+flavour's loader is this module, and the model carries the sources of the ltrp that logged it
+(`code_paths`): a serving environment installs only public packages (the requirements pin them at the
+versions that logged the model), and loading the pyfunc imports that copy of ltrp from the artifact
+store (in a process that has not imported ltrp already). The artifact store is thus trusted with code,
+as for any pyfunc model; `load_ranker_ref` still reads the files only and runs none of it.
+"""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
+import pyarrow as pa
 import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model, infer_signature
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-from ltrp.core.ranker import Ranker, rank
+from ltrp.core.ranker import Ranker, keep_top, rank
 from ltrp.data.checkpoints import load_ranker, load_ranker_files, save_ranker_files, weights_sha256
+from ltrp.data.images import ImageDecodeError, center_crop, png_bytes, to_model_input
+from ltrp.data.sources import read_bytes
 from ltrp.evaluation.measures import from_tags
 from ltrp.evaluation.promotion import Decision, Policy, decide
-from ltrp.pipeline.configs import MODEL_VERSION
 
 CHAMPION = "champion"
 WEIGHTS_TAG = "weights_sha256"  # the registered weights' digest, checked on every load
-#: Pinned, at the versions installed, in every logged ranker: what loading it needs (ltrp: the loader).
-_REQUIREMENTS = ("ltrp", "torch", "timm", "safetensors", "numpy", "mlflow")
+#: Beside the weights in the logged model: their digest at registration, which the pyfunc loader checks
+#: (it is handed the model's files only, not the registry version and its tag).
+DIGEST_FILE = "ranker.sha256"
+#: The pyfunc's predict parameter, and its default: the fraction of patches kept.
+KEEP_RATIO = 0.25
+#: Pinned, at the versions installed, in every logged ranker: the public packages its loader imports,
+#: and s3fs, which fsspec imports for an s3:// `uri`. Not ltrp: the model carries its sources
+#: (`code_paths`), and no index holds this project (an `ltrp` there would be someone else's, installed
+#: into the serving environment).
+_REQUIREMENTS = (
+    "torch", "timm", "safetensors", "numpy", "pillow", "pandas", "pyarrow", "pyyaml", "fsspec", "s3fs",
+    "mlflow",
+)  # fmt: skip
+#: What the pyfunc accepts, quoted by every input error.
+ACCEPTED = (
+    "expected a DataFrame with one column, `image` (encoded image bytes, any format PIL reads) or `uri` "
+    "(a local path or fsspec URL); arrays are not accepted: encode them as PNG bytes "
+    "(ltrp.data.images.png_bytes)"
+)
+#: The pyfunc's signature. MLflow casts any input to a DataFrame of these columns before the model sees
+#: it (which is also how the scoring server decodes base64 `image` values in a JSON request); an image
+#: array cannot be cast, so MLflow refuses it itself (its message quotes the array, unless the
+#: environment sets MLFLOW_DISABLE_SCHEMA_DETAILS=true).
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "uri", required=False)]),
+    outputs=Schema([ColSpec(Array("float"), "scores"), ColSpec(Array("long"), "kept")]),
+    params=ParamSchema([ParamSpec("keep_ratio", "double", KEEP_RATIO)]),
+)
+_BATCH = 64  # images decoded and ranked at a time: bounds the pixels held, whatever the request's size
 
 
 def register_ranker(
     model: Ranker, name: str, *, tags: dict[str, str], alias: str | None = None
 ) -> ModelVersion:
-    """Logs `model` to the active MLflow run as weights and geometry (`save_ranker_files`: no pickle),
-    a pyfunc flavour whose loader is this module of the installed ltrp (so loading runs no code from
-    the artifact store), with an input example, the signature inferred from it and the requirements it
-    was trained with pinned; registers it as a new version of `name`, tagged with `tags` and the
-    weights' digest (`weights_sha256`, checked on every load), under `alias` if given."""
-    size = model.cfg.img_size
-    example = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-    output = rank(model, torch.from_numpy(example)).numpy()
+    """Logs `model` to the active MLflow run and registers it as a new version of `name`, tagged with
+    `tags` and the weights' digest (`weights_sha256`), under `alias` if given.
+
+    The logged model holds the weights and geometry (`save_ranker_files`: no pickle) and their digest
+    (`DIGEST_FILE`), the sources of this ltrp (`code_paths`, for the pyfunc flavour's loader, this
+    module), `SIGNATURE`, an input example (a small PNG) and the public packages the loader imports,
+    pinned at the installed versions. `load_ranker_ref` checks the digest against the version's tag,
+    the pyfunc loader against the file."""
+    digest = weights_sha256(model)
     with tempfile.TemporaryDirectory() as folder:
-        save_ranker_files(model, folder)
+        data = Path(folder, "ranker")
+        save_ranker_files(model, str(data))
+        (data / DIGEST_FILE).write_text(f"{digest}\n")
         info = mlflow.pyfunc.log_model(
             name="ranker",
             loader_module=__name__,
-            data_path=folder,
-            input_example=example,
-            signature=infer_signature(example, output),  # MLflow infers none for a loader_module
+            data_path=str(data),
+            code_paths=[_package_sources(Path(folder, "code"))],
+            signature=SIGNATURE,
+            input_example=_frame({"image": [png_bytes(_example_pixels(model.cfg.img_size))]}),
             registered_model_name=name,
             pip_requirements=[f"{p}=={metadata.version(p)}" for p in _REQUIREMENTS],
+            metadata={WEIGHTS_TAG: digest},
         )
     client = MlflowClient()
     registered = str(info.registered_model_version)
-    for key, value in {**tags, WEIGHTS_TAG: weights_sha256(model)}.items():
+    for key, value in {**tags, WEIGHTS_TAG: digest}.items():
         client.set_model_version_tag(name, registered, key, value)
     if alias:
         client.set_registered_model_alias(name, alias, registered)
     return client.get_model_version(name, registered)
 
 
+def _package_sources(folder: Path) -> str:
+    """A copy of the imported ltrp package's Python sources under FOLDER/ltrp, its path: what the model
+    needs to load, without the shipped MAE weights and caches beside them."""
+
+    def _not_sources(directory: str, names: list[str]) -> list[str]:
+        def skipped(name: str) -> bool:
+            if name in ("__pycache__", "weights"):
+                return True
+            return not name.endswith(".py") and not Path(directory, name).is_dir()
+
+        return [n for n in names if skipped(n)]
+
+    target = folder / "ltrp"
+    shutil.copytree(Path(__file__).resolve().parents[1], target, ignore=_not_sources)  # ltrp/pipeline/..
+    return str(target)
+
+
+def _example_pixels(size: int) -> np.ndarray:
+    """A (size, 3/2 size, 3) uint8 colour gradient: a real image, wider than square (so that it shows the
+    centre crop), that compresses to a small PNG."""
+    y, x = np.mgrid[0:size, 0 : size * 3 // 2]
+    return np.stack([255 * x // x.max(), 255 * y // y.max(), 255 - 255 * x // x.max()], -1).astype(np.uint8)
+
+
 def load_ranker_ref(uri: str) -> tuple[Ranker, ModelVersion | None]:
     """A ranker by reference: from the registry (models:/NAME/VERSION or models:/NAME@ALIAS, with its
     version) or from a training checkpoint file (no version), in eval mode on the CPU. A registered
-    ranker is read from its weights and geometry files only, and must have the digest its version was
-    tagged with at registration.
+    ranker is read from its weights and geometry files only (none of the code it carries runs), and
+    must have the digest its version was tagged with at registration.
 
     Raises:
         ValueError: not in the registry, not an ltrp ranker, weights changed since registration, or not
             a ranker checkpoint (named in the message).
         FileNotFoundError: the checkpoint file does not exist.
     """
+    # Here, not at the top: the configs need tyro, which a serving environment (this module is the
+    # pyfunc's loader) does not install.
+    from ltrp.pipeline.configs import MODEL_VERSION
+
     match = MODEL_VERSION.match(uri)
     if not match:
         if uri.startswith("models:/"):
@@ -108,18 +186,125 @@ def load_ranker_ref(uri: str) -> tuple[Ranker, ModelVersion | None]:
 
 
 class _PyfuncRanker:
-    """The pyfunc flavour's model: (N, 3, S, S) float32 normalised images -> (N, L) patch scores."""
+    """The pyfunc flavour's model: a DataFrame of images, one column of `image` bytes or of `uri`s ->
+    a DataFrame of `scores` (the L patch scores, list of float) and `kept` (the positions `keep_top`
+    keeps at the `keep_ratio` parameter, list of int), one row per input row, in order. Each image is
+    decoded, centre-cropped and resized to the ranker's size (`center_crop`) and normalised
+    (`to_model_input`), as the scoring and ranking jobs do; arrays are refused (`ACCEPTED`)."""
 
     def __init__(self, model: Ranker) -> None:
         self.model = model
 
-    def predict(self, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
-        return rank(self.model, torch.as_tensor(np.asarray(model_input, dtype=np.float32))).numpy()
+    def predict(self, model_input: Any, params: dict | None = None) -> Any:
+        ratio = _keep_ratio(params)
+        column, values = _input_column(model_input)
+        scores, kept = [], []
+        for start in range(0, len(values), _BATCH):
+            rows = range(start, min(start + _BATCH, len(values)))
+            pixels = np.stack([self._pixels(column, i, values[i]) for i in rows])
+            batch = rank(self.model, to_model_input(pixels))
+            scores += batch.tolist()
+            kept += keep_top(batch, ratio).tolist()
+        return _frame(
+            {"scores": scores, "kept": kept},
+            {"scores": pa.list_(pa.float32()), "kept": pa.list_(pa.int64())},
+        )
+
+    def _pixels(self, column: str, row: int, value: object) -> np.ndarray:
+        """Row `row`'s image as the jobs' centre view, (S, S, 3) uint8; a short error naming the row."""
+        where = f"row {row}" + (f" ({_clip(value, 120)})" if column == "uri" else "")
+        if column == "uri":
+            if not isinstance(value, str) or not value:
+                raise _input_error(f"{where}: `uri` must be a non-empty string, got {_describe(value)}")
+            try:
+                value = read_bytes(value)
+            except FileNotFoundError:  # (its message would repeat the uri)
+                raise _input_error(f"{where}: not found") from None
+            except Exception as err:  # any store's failure: fsspec's errors are the protocol's own
+                raise _input_error(f"{where}: cannot read it: {type(err).__name__}: {_clip(err)}") from None
+        elif not isinstance(value, bytes | bytearray):
+            raise _input_error(f"{where}: `image` must be encoded image bytes, got {_describe(value)}")
+        try:
+            return center_crop(bytes(value), self.model.cfg.img_size)
+        except ImageDecodeError as err:
+            raise _input_error(f"{where}: {_clip(err)}") from None
 
 
 def _load_pyfunc(data_path: str) -> _PyfuncRanker:
-    """MLflow's entry point for `mlflow.pyfunc.load_model` (loader_module): the ranker files only."""
-    return _PyfuncRanker(load_ranker_files(data_path))
+    """MLflow's entry point for `mlflow.pyfunc.load_model` (loader_module): the ranker files, refused
+    unless their weights have the digest recorded beside them at registration.
+
+    Raises:
+        ValueError: the weights' digest is not the recorded one (the artifact was changed), or none
+            was recorded (a model registered by an older ltrp: register it again).
+    """
+    model = load_ranker_files(data_path)
+    recorded = Path(data_path, DIGEST_FILE)
+    if not recorded.is_file():
+        raise ValueError(
+            f"{data_path}: no {DIGEST_FILE} beside the weights: not registered by this ltrp (register it "
+            "again); refusing weights whose digest cannot be checked"
+        )
+    expected, found = recorded.read_text().strip(), weights_sha256(model)
+    if found != expected:
+        raise ValueError(
+            f"{data_path}: its weights' sha256 is {found}, not the {expected} recorded at registration: "
+            "the artifact was changed; refusing it"
+        )
+    return _PyfuncRanker(model)
+
+
+def _keep_ratio(params: dict | None) -> float:
+    """The `keep_ratio` parameter (MLflow has checked its type against `SIGNATURE`), in (0, 1]."""
+    ratio = (params or {}).get("keep_ratio", KEEP_RATIO)
+    if not isinstance(ratio, int | float) or not 0.0 < ratio <= 1.0:
+        raise MlflowException.invalid_parameter_value(f"keep_ratio must be in (0, 1], got {ratio!r}")
+    return float(ratio)
+
+
+def _input_column(model_input: Any) -> tuple[str, list]:
+    """("image" or "uri", that column's values) of a DataFrame with exactly one of them."""
+    columns = getattr(model_input, "columns", None)
+    if columns is None:
+        raise _input_error(f"got {_describe(model_input)}")
+    present = [c for c in ("image", "uri") if c in columns]
+    if len(present) != 1:
+        # (MLflow has dropped the columns its signature does not name: there is no more to say.)
+        which = "both `image` and `uri`" if present else "neither `image` nor `uri`"
+        raise _input_error(f"got a DataFrame with {which}")
+    return present[0], model_input[present[0]].tolist()
+
+
+def _input_error(problem: str) -> MlflowException:
+    """A wrong input's error: the problem and what is accepted, short (never the data itself), as a
+    400 Bad Request from the scoring server (which turns other exceptions into a 500 and a trace)."""
+    return MlflowException.invalid_parameter_value(f"{problem}; {ACCEPTED}")
+
+
+def _describe(value: object) -> str:
+    """A value's type, and an array's dtype and shape, without its contents."""
+    if isinstance(value, np.ndarray | torch.Tensor):
+        return f"a {type(value).__name__} of {value.dtype} {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _clip(err: object, limit: int = 160) -> str:
+    """An error's message on one line, at most `limit` characters, without the repr of the in-memory
+    file that PIL names (an address, of no use to the caller)."""
+    text = " ".join(re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err)).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _frame(columns: dict[str, list], types: dict[str, pa.DataType] | None = None) -> Any:
+    """A pandas DataFrame of `columns`, list cells as Python lists. Built through pyarrow: this layer
+    imports pyarrow, not pandas (docs/layout.md), and pandas frames are what MLflow passes and takes."""
+    types = types or {}
+    table = pa.table({k: pa.array(v, types.get(k)) for k, v in columns.items()})
+    frame = table.to_pandas()
+    for name, kind in types.items():
+        if pa.types.is_list(kind):
+            frame[name] = frame[name].map(np.ndarray.tolist)
+    return frame
 
 
 class PromotionError(RuntimeError):

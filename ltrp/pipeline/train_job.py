@@ -29,7 +29,7 @@ from ltrp.core.ranking_metrics import kendall_tau, ndcg_at_k, spearman, topk_ove
 from ltrp.data.checkpoints import load_mae, load_ranker
 from ltrp.data.images import to_model_input
 from ltrp.data.tables import read_job_metadata
-from ltrp.pipeline import runtime, trainer, training_loop
+from ltrp.pipeline import lineage, runtime, trainer, training_loop
 from ltrp.pipeline.configs import InputError, TrainConfig, checking_inputs, identity_fields, registered_name
 from ltrp.pipeline.registry import register_ranker
 from ltrp.pipeline.training_data import split_counts, views_dataset
@@ -72,6 +72,8 @@ def run(cfg: TrainConfig) -> TrainSummary:
         resume = trainer.resumed_run_id(cfg.storage, cfg.name)
         tags = {"score_table": scores, "ray_train_run": cfg.name}
         with trainer.mlflow_run(EXPERIMENT, f"train {cfg.name}", resume, asdict(cfg), tags) as active:
+            table = lineage.dataset(scores, "score table", lineage.table_digest(meta))
+            mlflow.log_input(table, context="training")  # lineage: what the registered ranker learned from
             result = fit(cfg, meta, train_views, val_views, mlflow.get_tracking_uri(), active.info.run_id)
             log_validation_curve(active.info.run_id)
             checkpoint, best = trainer.best_checkpoint(result)

@@ -153,6 +153,25 @@ def test_evaluate_job_tags_the_version_and_promotion_follows(
     assert run.data.metrics["oracle.kendall_tau"] == pytest.approx(1.0)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert artifacts >= {REPORT, CURVES, KEPT, "estimates.json"}
+    (held_out,) = [i.dataset for i in run.inputs.dataset_inputs]
+    assert (held_out.name, held_out.digest) == ("held-out", tags["eval.dataset"][:36])
+    # The figures are the logged model's metrics on that dataset: what versions are compared and
+    # searched by in the MLflow UI.
+    model_id = client.get_model_version(name, "1").source.removeprefix("models:/")
+    model = mlflow.get_logged_model(model_id)
+    logged = {m.key: m for m in model.metrics}
+    key = "reconstruction_error.keep25.mean"
+    assert logged[key].value == pytest.approx(
+        estimates["ltrp"]["reconstruction_error.keep25"]["mean"], rel=1e-6
+    )
+    assert logged[key].dataset_name == "held-out" and logged[key].dataset_digest == held_out.digest
+    for bound, holds in ((logged[key].value - 1e-6, True), (logged[key].value + 1e-6, False)):
+        found = mlflow.search_logged_models(
+            experiment_ids=[model.experiment_id],
+            filter_string=f"metrics.`{key}` > {bound}",
+            output_format="list",
+        )
+        assert (model_id in {m.model_id for m in found}) is holds, (bound, found)
     carried = from_tags(tags)
     assert set(Policy().resolved(carried).required_keys) <= set(carried)
     assert {"kendall_tau", "spearman", "vs_random.reconstruction_error.keep25"} <= set(carried)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import s3fs
@@ -19,6 +20,7 @@ import ltrp
 from jobs.train import main as train_main
 from ltrp.core.ranker import rank
 from ltrp.data.checkpoints import weights_sha256
+from ltrp.data.images import png_bytes
 from ltrp.data.tables import JOB_FILE
 from ltrp.pipeline import trainer
 from ltrp.pipeline.configs import ScoreConfig
@@ -91,14 +93,18 @@ def _check_version_1(client: MlflowClient, mlflow_uri: str, score_table: str) ->
 
     mlflow.set_tracking_uri(mlflow_uri)
     signature = mlflow.models.get_model_info("models:/ltrp-test@candidate").signature
-    assert tuple(signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 3, 64, 64)
+    assert signature.inputs.input_names() == ["image", "uri"]
     by_alias, _ = load_ranker_ref("models:/ltrp-test@candidate")
     by_version, _ = load_ranker_ref("models:/ltrp-test/1")
     images = torch.randn(2, 3, 64, 64)
     scores = rank(by_alias, images)
     assert scores.shape == (2, 64) and torch.equal(scores, rank(by_version, images))
     pyfunc = mlflow.pyfunc.load_model("models:/ltrp-test@candidate")
-    assert np.asarray(pyfunc.predict(images.numpy())).shape == (2, 64)
+    frame = pd.DataFrame({"image": [png_bytes(np.zeros((64, 64, 3), np.uint8))] * 2})
+    assert [len(s) for s in pyfunc.predict(frame)["scores"]] == [64, 64]
+    run = client.get_run(version.run_id)
+    (table,) = [i.dataset for i in run.inputs.dataset_inputs]  # lineage: what it learned from
+    assert table.name == "score table" and re.fullmatch(r"[0-9a-f]{16}", table.digest)
 
 
 @pytest.mark.faults  # 5 minutes of relaunches: with the other re-runs, so that make test stays under 12
@@ -114,6 +120,7 @@ def test_ddp_training_registers_and_a_relaunch_resumes(
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.mkdir(CKPT_BUCKET)
     extra = ("--workers", "2", "--register", "models:/ltrp-test", "--alias", "candidate", "--init", "mae")
+    extra += ("--keep-checkpoints", "3")  # each launch's checkpoints are counted below
     storage, name = f"s3://{CKPT_BUCKET}", "ddp"
 
     train_main(_train_args(score_table, storage, name, 1, *extra))
