@@ -97,6 +97,7 @@ def test_top_k_from_the_table_is_keep_top_of_the_scores(ratio: float) -> None:
     order = scores.argsort(dim=1, descending=True).tolist()
     table = pa.table({"order": pa.array(order, pa.list_(pa.int16()))})
     np.testing.assert_array_equal(top_k(table, ratio), keep_top(scores, ratio).numpy())
+    assert (ltrp.top_k, ltrp.read_ranks) == (top_k, read_ranks)  # the package's names for them
 
 
 def test_a_ranker_whose_weights_changed_on_the_way_is_refused() -> None:
