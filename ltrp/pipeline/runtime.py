@@ -58,9 +58,26 @@ def remote_cluster() -> str | None:
         return "as a submitted Ray job"
     address = os.environ.get("RAY_ADDRESS", "")
     host = urlsplit(address if "://" in address else f"ray://{address}").hostname or ""
-    if host and host not in {"auto", "local", "localhost", "127.0.0.1", socket.gethostname()}:
+    if host and host not in {"auto", "local"} and not _this_machine(host):
         return f"on the Ray cluster at RAY_ADDRESS={address}"
     return None
+
+
+def _this_machine(host: str) -> bool:
+    """Whether `host` names this machine: an address a socket here can bind to (a local Ray's GCS
+    address is this node's IP, not 127.0.0.1)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+    except OSError:  # not resolvable here: not this machine
+        return False
+    for family, kind, _, _, address in infos:
+        with socket.socket(family, kind) as probe:
+            try:
+                probe.bind((address[0], 0))
+            except OSError:
+                continue
+            return True
+    return False
 
 
 def _local_store(uri: str) -> bool:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import MISSING, fields
@@ -248,6 +249,7 @@ def test_a_store_that_would_be_lost_with_the_node_is_refused(
     [
         ({}, "sqlite:///{cwd}/mlflow.db"),  # the embedded default, here
         ({"RAY_ADDRESS": "127.0.0.1:6379"}, "sqlite:///{cwd}/mlflow.db"),  # a cluster on this machine
+        ({"RAY_ADDRESS": f"{socket.gethostname()}:6379"}, "sqlite:///{cwd}/mlflow.db"),  # by its name
         (
             {"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}", "MLFLOW_TRACKING_URI": "http://mlflow:5000"},
             "http://mlflow:5000",
@@ -257,7 +259,7 @@ def test_a_store_that_would_be_lost_with_the_node_is_refused(
             "postgresql://db/mlflow",
         ),
     ],
-    ids=["default", "local-cluster", "submitted-server", "remote-database"],
+    ids=["default", "local-cluster", "local-by-name", "submitted-server", "remote-database"],
 )
 def test_a_store_that_outlives_the_node_is_used(
     env: dict, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

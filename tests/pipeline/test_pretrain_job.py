@@ -148,7 +148,7 @@ def _pretrain(tmp_path: Path, capsys: pytest.CaptureFixture, epochs: int, *extra
     return capsys.readouterr().out
 
 
-@pytest.mark.slow  # two trainings and a finished one launched again: about a minute on 2 cores
+@pytest.mark.faults  # three launches, one a relaunch (~3 min): with the other re-runs, outside make test
 def test_the_job_pretrains_checkpoints_logs_and_resumes(
     job_in_process: Path, mlflow_uri: str, capsys: pytest.CaptureFixture
 ) -> None:
