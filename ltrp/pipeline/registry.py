@@ -177,12 +177,18 @@ def load_ranker_ref(uri: str) -> tuple[Ranker, ModelVersion | None]:
         local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=folder)
         data = Model.load(local).flavors["python_function"].get("data", "")
         model = load_ranker_files(str(Path(local) / data))
-    if (digest := weights_sha256(model)) != version.tags[WEIGHTS_TAG]:
+    return _as_registered(model, version.tags[WEIGHTS_TAG], f"{uri} (version {version.version})"), version
+
+
+def _as_registered(model: Ranker, expected: str, source: str) -> Ranker:
+    """`model`, refused unless its weights have the digest `expected` recorded at registration (every
+    load path checks it: `load_ranker_ref` against the version's tag, the pyfunc loader against the file)."""
+    if (found := weights_sha256(model)) != expected:
         raise ValueError(
-            f"{uri} (version {version.version}): its weights' sha256 is {digest}, not the {WEIGHTS_TAG} "
-            f"{version.tags[WEIGHTS_TAG]} recorded at registration: the artifact was changed; refusing it"
+            f"{source}: its weights' sha256 is {found}, not the {expected} recorded at registration: "
+            "the artifact was changed; refusing it"
         )
-    return model, version
+    return model
 
 
 class _PyfuncRanker:
@@ -245,13 +251,7 @@ def _load_pyfunc(data_path: str) -> _PyfuncRanker:
             f"{data_path}: no {DIGEST_FILE} beside the weights: not registered by this ltrp (register it "
             "again); refusing weights whose digest cannot be checked"
         )
-    expected, found = recorded.read_text().strip(), weights_sha256(model)
-    if found != expected:
-        raise ValueError(
-            f"{data_path}: its weights' sha256 is {found}, not the {expected} recorded at registration: "
-            "the artifact was changed; refusing it"
-        )
-    return _PyfuncRanker(model)
+    return _PyfuncRanker(_as_registered(model, recorded.read_text().strip(), data_path))
 
 
 def _keep_ratio(params: dict | None) -> float:
