@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The training job's options, so that its RankerTask and trainer settings serve here unchanged.
     train_cfg = TrainConfig(**{k: getattr(cfg, k) for k in TRAINING_OPTIONS}, validate_every=cfg.every)
-    geometry = ranker_config(train_cfg)
-    mae = read_job_metadata(cfg.scores)["mae_config"]
+    meta = read_job_metadata(cfg.scores)
+    geometry, mae = ranker_config(train_cfg, meta), meta["mae_config"]
     if mae["img_size"] // mae["patch_size"] != geometry.grid:
         raise SystemExit(f"--ranker {cfg.ranker}: not the patch grid that --scores {cfg.scores} scores")
     encoder = load_mae(cfg.mae).state_dict() if cfg.init == "mae" else None
@@ -143,7 +143,15 @@ def main(argv: list[str] | None = None) -> dict:
         for n in counts:
             rows = torch.as_tensor(order < n)
             run = train_and_measure(
-                cfg, train_cfg, encoder, {k: v[rows] for k, v in train.items()}, val, test, x_test, n
+                cfg,
+                train_cfg,
+                geometry,
+                encoder,
+                {k: v[rows] for k, v in train.items()},
+                val,
+                test,
+                x_test,
+                n,
             )
             run["train_scenes"] = len(np.unique(order[order < n]))
             result["runs"].append(run)
@@ -175,6 +183,7 @@ def decoded_split(
 def train_and_measure(
     cfg: ConvergenceConfig,
     train_cfg: TrainConfig,
+    geometry: RankerConfig,
     encoder: dict[str, torch.Tensor] | None,
     train: Views,
     val: Views,
@@ -187,7 +196,7 @@ def train_and_measure(
     training rate."""
     device = x_test.device
     torch.manual_seed(cfg.seed)  # as the training loop seeds before the task builds the model
-    model = Ranker(ranker_config(train_cfg))
+    model = Ranker(geometry)
     if encoder is not None:
         init_from_encoder(model, encoder)
     model.to(device)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ltrp.core.options import ROUNDS
 from ltrp.core.ranker import Ranker, rank
 
 
@@ -143,12 +144,12 @@ class FolkRComScorer:
 
 
 class RankerScorer:
-    """The LTRP ranker: every patch seen, one forward pass."""
+    """The LTRP ranker (`ltrp.core.ranker.rank`: in sets of n over `rounds`, or in one pass)."""
 
     name = "ltrp"
 
-    def __init__(self, model: Ranker) -> None:
-        self.model = model
+    def __init__(self, model: Ranker, rounds: int = ROUNDS) -> None:
+        self.model, self.rounds = model, rounds
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return rank(self.model, images)
+        return rank(self.model, images, self.rounds)

@@ -51,5 +51,8 @@ Training = Literal["asymmetric", "symmetric"]
 #: non-object clutter, an object-free photo crop, object-scale distractor shapes, or faint objects on a
 #: texture. New kinds go last: a scene draws its kind from this order, so old scenes stay the same.
 Background = Literal["black", "texture", "clutter", "photo", "shapes", "faint"]
+#: Rounds of a ranker's set inference (`ltrp.core.ranker.rank`; 0: one pass seeing every patch): the
+#: full-coverage oracle's rounds on the benchmark (cover 8); docs/method.md gives recall against rounds.
+ROUNDS = 8
 #: A data split: which Fashion-MNIST images a scene's objects come from.
 Split = Literal["train", "test"]

@@ -1,9 +1,12 @@
-"""The LTRP ranker: a ViT that scores every patch position of an image in one forward pass, no MAE.
+"""The LTRP ranker: a ViT that scores every patch position of an image, no MAE.
 
 The authors' head is one Linear(D -> L) on the final CLS token: a score per patch *position*. The
 per-token variant scores each token from its own output. The authors' training is asymmetric: the
 ranker sees only CLS + the n scored visible patches, while at inference it sees all L patches; the
 symmetric variant trains as it infers, on all L patches with the loss at the n scored positions.
+Beyond the paper, an asymmetric ranker can also rank as it trained (`rank`): in random sets of n
+patches, the scores standardised per set and averaged over rounds, as the full-coverage oracle averages
+its leave-one-out rounds (docs/method.md).
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ltrp.core.options import Head, Training
-from ltrp.core.vit import PatchGrid, ViTEncoder
+from ltrp.core.options import ROUNDS, Head, Training
+from ltrp.core.vit import PatchGrid, ViTEncoder, gather_tokens
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,9 @@ class RankerConfig(PatchGrid):
     num_heads: int = 6
     mlp_ratio: float = 4.0
     head: Head = "cls"
+    #: The patches per view it learned to order (asymmetric training: the score table's n, 19 of 196 at
+    #: mask ratio 0.9): it then ranks in sets of that size. None: it ranks seeing every patch at once.
+    set_size: int | None = None
 
 
 #: ViT-S/16 (the paper's ranker, ~21M parameters) and small ones for tests and demos.
@@ -77,7 +83,13 @@ class Ranker(ViTEncoder):
         Returns:
             (B, n) scores aligned with `visible`, or (B, L) in raster order when `visible` is None.
         """
-        out = self.encode(imgs, visible)  # (B, 1 + n, D)
+        tokens = self.embed_patches(imgs)
+        return self.score_seen(tokens if visible is None else gather_tokens(tokens, visible), visible)
+
+    def score_seen(self, tokens: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` from the embedded patches it sees: tokens (B, n, D) at positions `visible` (B, n), or
+        (B, L, D) in raster order with `visible` None -> (B, n) or (B, L) scores."""
+        out = self.encode_tokens(tokens)  # (B, 1 + n, D)
         if self.cfg.head == "token":
             return self.head(out[:, 1:]).squeeze(-1)
         scores = self.head(out[:, 0])  # (B, L): one per position, from the CLS token alone
@@ -129,14 +141,64 @@ def scores_at(
     return model(imgs).gather(1, visible)
 
 
-def rank(model: Ranker, images: torch.Tensor) -> torch.Tensor:
-    """images: (B, 3, S, S) normalised -> (B, L) patch scores, every patch seen (inference mode)."""
+def rank(model: Ranker, images: torch.Tensor, rounds: int = ROUNDS) -> torch.Tensor:
+    """Patch scores of whole images (inference mode); larger = keep.
+
+    A ranker that learned to order sets of n patches (`cfg.set_size`, asymmetric training) ranks as it
+    learned: each of `rounds` rounds splits the L positions into sets of n at random (`partitions`), the
+    ranker scores each set seeing CLS and those n patches only, each set's scores are standardised (the
+    ranking loss fixes neither their level nor their scale), and a position's score is its mean over the
+    sets that held it. Otherwise (`set_size` None, or `rounds` 0) one pass seeing every patch, the
+    paper's inference.
+
+    Args:
+        images: (B, 3, S, S), normalised like the MAE's inputs.
+        rounds: random partitions averaged; each costs about one forward pass of L tokens.
+
+    Returns:
+        (B, L) scores in raster order.
+    """
+    if rounds < 0:
+        raise ValueError(f"rounds must be >= 0, got {rounds}")
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        scores = model(images)
+        if model.cfg.set_size is None or rounds == 0:
+            scores = model(images)
+        else:
+            scores = _rank_in_sets(
+                model, images, partitions(model.cfg.num_patches, model.cfg.set_size, rounds)
+            )
     model.train(was_training)
     return scores
+
+
+def partitions(num_patches: int, set_size: int, rounds: int, seed: int = 0) -> torch.Tensor:
+    """(rounds, S, n) sets of positions: each round a random order of the L positions cut into
+    S = ceil(L / n) sets of n, the last set the order's final n (so it repeats a few positions). Fixed
+    by `seed`, the same for every image: an image's ranks do not depend on its batch."""
+    if not 2 <= set_size <= num_patches:  # one patch has no order to learn or to standardise
+        raise ValueError(f"set_size must be in [2, {num_patches}], got {set_size}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = [*range(0, num_patches - set_size, set_size), num_patches - set_size]
+    orders = [torch.randperm(num_patches, generator=generator) for _ in range(rounds)]
+    return torch.stack([torch.stack([o[s : s + set_size].sort().values for s in starts]) for o in orders])
+
+
+def _rank_in_sets(model: Ranker, images: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+    """images (B, 3, S, S), sets (R, S', n) -> (B, L): each position's mean standardised score."""
+    b, (_, count, n) = len(images), sets.shape
+    tokens = model.embed_patches(images)  # (B, L, D): embedded once for every set
+    total = torch.zeros(b, model.cfg.num_patches, device=images.device)
+    times = torch.zeros(model.cfg.num_patches, device=images.device)
+    for round_sets in sets.to(images.device):  # one round at a time bounds the memory: B * S' sequences
+        seen = gather_tokens(tokens, round_sets.flatten().expand(b, -1)).view(b * count, n, -1)
+        visible = round_sets.repeat(b, 1)  # (B * S', n): image i's sets are rows i * S' .. (i + 1) * S' - 1
+        scores = model.score_seen(seen, visible).float()
+        scores = (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp_min(1e-6)
+        total.scatter_add_(1, visible.view(b, count * n), scores.view(b, count * n))
+        times.scatter_add_(0, round_sets.flatten(), torch.ones(count * n, device=images.device))
+    return total / times
 
 
 def keep_top(scores: torch.Tensor, ratio: float) -> torch.Tensor:

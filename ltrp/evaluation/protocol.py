@@ -34,6 +34,7 @@ from ltrp.core.baselines import (
 )
 from ltrp.core.classifier import ClassifierConfig, PatchClassifier, fit_classifier, predict
 from ltrp.core.mae import MAE
+from ltrp.core.options import ROUNDS
 from ltrp.core.ranker import Ranker, keep_top
 from ltrp.core.ranking_metrics import kendall_tau, ndcg_at_k, spearman, topk_overlap
 from ltrp.data.images import ImageDecodeError, center_crop, center_view, displayed_size, to_model_input
@@ -54,6 +55,7 @@ class EvalSettings:
     resamples: int = 1000  # bootstrap resamples
     examples: int = 8  # images in the kept-patches figure, one per class first
     seed: int = 0
+    rounds: int = ROUNDS  # the ranker's set-inference rounds (0: one pass seeing every patch)
 
 
 @dataclass
@@ -316,7 +318,7 @@ def evaluate(
 
     progress(f"supervised selector: training on {len(seen)} of {len(classes)} classes")
     scorers: dict[str, Scorer] = {
-        "ltrp": RankerScorer(ranker),
+        "ltrp": RankerScorer(ranker, settings.rounds),
         **baseline_scorers(p, seed),
         "supervised": supervised_selector(train, seen, len(classes), cls_cfg, seed),
     }

@@ -41,6 +41,7 @@ from ltrp.core.baselines import (
     VarianceScorer,
 )
 from ltrp.core.mae import MAE
+from ltrp.core.options import ROUNDS
 from ltrp.core.probe import KeepSets, ProbeSettings, fit_probe, mean_average_precision, predict_probe
 from ltrp.core.ranker import Ranker, keep_top
 from ltrp.core.ranking_metrics import kendall_tau, ndcg_at_k
@@ -79,6 +80,7 @@ class SceneEvalSettings:
     resamples: int = 1000
     examples: int = 6
     seed: int = 0
+    rounds: int = ROUNDS  # the ranker's set-inference rounds (0: one pass seeing every patch)
 
 
 @dataclass
@@ -288,7 +290,7 @@ def _selectors(
     progress(f"supervised selector: fine-tuning the MAE encoder on the {len(seen)} seen classes")
     supervised, val_history = _supervised_selector(mae, train, seen, settings)
     scorers: dict[str, Scorer] = {
-        "ltrp": RankerScorer(ranker),
+        "ltrp": RankerScorer(ranker, settings.rounds),
         "random": RandomScorer(p, seed),
         "stratified_random": StratifiedRandomScorer(p, seed),
         "center": CenterScorer(p),
@@ -359,7 +361,7 @@ def _seed_recalls(
     recalls = {"ltrp": main}
     for i, model in enumerate(seed_rankers, start=1):
         progress(f"measuring ltrp_seed{i}")
-        scores = score_all(RankerScorer(model), x_test)
+        scores = score_all(RankerScorer(model, settings.rounds), x_test)
         recalls[f"ltrp_seed{i}"] = {
             r: measure(test.objects, keep_top(scores, r).numpy(), settings.seen, settings.unseen).recall
             for r in settings.keep_ratios

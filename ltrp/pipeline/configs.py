@@ -30,6 +30,7 @@ import tyro
 import yaml
 
 from ltrp.core.options import (
+    ROUNDS,
     Background,
     Crop,
     Device,
@@ -250,9 +251,13 @@ class RankConfig(CorpusConfig):
     """Rank the patches of every image of a corpus with a trained ranker: a table of scores and order."""
 
     model: str = may_change(MISSING)  # ranker: models:/NAME@ALIAS, models:/NAME/VERSION or state.pt
+    #: a ranker trained on sets of n patches ranks in such sets: random partitions averaged, each about
+    #: one forward pass (0: one pass seeing every patch, the paper's inference)
+    rounds: int = ROUNDS
 
     def check(self) -> None:
         super().check()
+        _at_least(self, 0, "rounds")
         _model_version_or_file(self.model)
 
 
@@ -377,8 +382,12 @@ class EvaluateConfig(_Checked):
     supervised_epochs: int = 20  # scenes: most epochs of the supervised selector (likewise)
     resamples: int = 1000  # bootstrap resamples of each interval
     seed: int = 0  # seed of the classifiers, the random scorer and the bootstrap
+    #: a ranker trained on sets of n patches ranks in such sets: random partitions averaged (0: one pass
+    #: seeing every patch, the paper's inference)
+    rounds: int = ROUNDS
 
     def check(self) -> None:
+        _at_least(self, 0, "rounds")
         _at_least(self, 1, "max_train", "max_test", "classifier_depth", "classifier_epochs", "resamples")
         _at_least(self, 1, "probe_seeds", "probe_epochs", "supervised_epochs")
         _at_least(self, 4, "classifier_dim")

@@ -72,6 +72,7 @@ def settings(cfg: EvaluateConfig) -> EvalSettings:
         ),
         resamples=cfg.resamples,
         seed=cfg.seed,
+        rounds=cfg.rounds,
     )
 
 
@@ -253,6 +254,7 @@ def scene_settings(cfg: EvaluateConfig) -> SceneEvalSettings:
         supervised=ProbeSettings(epochs=cfg.supervised_epochs, patience=3),
         resamples=cfg.resamples,
         seed=cfg.seed,
+        rounds=cfg.rounds,
     )
 
 

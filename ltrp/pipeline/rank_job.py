@@ -72,6 +72,7 @@ class RankJob(corpus_job.CorpusJob[RankConfig]):
                 "ranker_config": asdict(self.ranker.cfg),
                 "weights": self.ranker.state_dict(),
                 "sha256": self.metadata["model_sha256"],
+                "rounds": cfg.rounds,
                 "gpu": gpu,
             },
             **self.actor_resources(gpu),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
-from ltrp.core.ranker import Ranker, RankerConfig
+from ltrp.core.ranker import Ranker, RankerConfig, rank
 from ltrp.data.checkpoints import weights_sha256
 from ltrp.data.sources import SourceImage
 from ltrp.pipeline.configs import RankConfig
@@ -25,13 +25,13 @@ class ShardRanker:
     ranker's scores (fp16) and positions in ranked order (int16). The ranker travels as weights and
     geometry, not as the registry's artifact: every actor checks the weights' digest."""
 
-    def __init__(self, ranker_config: dict, weights: dict, sha256: str, gpu: bool) -> None:
+    def __init__(self, ranker_config: dict, weights: dict, sha256: str, rounds: int, gpu: bool) -> None:
         self.device = torch.device("cuda" if gpu else "cpu")
         ranker = Ranker(RankerConfig(**ranker_config))
         ranker.load_state_dict(weights)  # strict: the geometry and the weights must agree
         if weights_sha256(ranker) != sha256:
             raise RuntimeError(f"the ranker's weights arrived changed (sha256 is not {sha256[:12]}...)")
-        self.ranker = ranker.to(self.device).eval()
+        self.ranker, self.rounds = ranker.to(self.device).eval(), rounds
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -39,7 +39,7 @@ class ShardRanker:
         scores: list[list[float] | None] = [None] * batch.num_rows
         order: list[list[int] | None] = [None] * batch.num_rows
         if len(ok):
-            values = self.ranker(images).float()  # (B, L)
+            values = rank(self.ranker, images, self.rounds).float()  # (B, L)
             ranked = values.argsort(dim=1, descending=True, stable=True)
             for i, row, positions in zip(ok, values.cpu().tolist(), ranked.cpu().tolist(), strict=True):
                 scores[i], order[i] = row, positions

@@ -36,6 +36,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
+from ltrp.core.options import ROUNDS
 from ltrp.core.ranker import Ranker, keep_top, rank
 from ltrp.data.checkpoints import load_ranker, load_ranker_files, save_ranker_files, weights_sha256
 from ltrp.data.images import ImageDecodeError, center_crop, png_bytes, to_model_input
@@ -71,7 +72,7 @@ ACCEPTED = (
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "uri", required=False)]),
     outputs=Schema([ColSpec(Array("float"), "scores"), ColSpec(Array("long"), "kept")]),
-    params=ParamSchema([ParamSpec("keep_ratio", "double", KEEP_RATIO)]),
+    params=ParamSchema([ParamSpec("keep_ratio", "double", KEEP_RATIO), ParamSpec("rounds", "long", ROUNDS)]),
 )
 _BATCH = 64  # images decoded and ranked at a time: bounds the pixels held, whatever the request's size
 
@@ -194,7 +195,8 @@ def _as_registered(model: Ranker, expected: str, source: str) -> Ranker:
 class _PyfuncRanker:
     """The pyfunc flavour's model: a DataFrame of images, one column of `image` bytes or of `uri`s ->
     a DataFrame of `scores` (the L patch scores, list of float) and `kept` (the positions `keep_top`
-    keeps at the `keep_ratio` parameter, list of int), one row per input row, in order. Each image is
+    keeps at the `keep_ratio` parameter, list of int), one row per input row, in order; `rounds` is
+    `rank`'s (a ranker trained on sets of n ranks in such sets; 0: one pass seeing every patch). Each image is
     decoded, centre-cropped and resized to the ranker's size (`center_crop`) and normalised
     (`to_model_input`), as the scoring and ranking jobs do; arrays are refused (`ACCEPTED`)."""
 
@@ -202,13 +204,13 @@ class _PyfuncRanker:
         self.model = model
 
     def predict(self, model_input: Any, params: dict | None = None) -> Any:
-        ratio = _keep_ratio(params)
+        ratio, rounds = _keep_ratio(params), _rounds(params)
         column, values = _input_column(model_input)
         scores, kept = [], []
         for start in range(0, len(values), _BATCH):
             rows = range(start, min(start + _BATCH, len(values)))
             pixels = np.stack([self._pixels(column, i, values[i]) for i in rows])
-            batch = rank(self.model, to_model_input(pixels))
+            batch = rank(self.model, to_model_input(pixels), rounds)
             scores += batch.tolist()
             kept += keep_top(batch, ratio).tolist()
         return _frame(
@@ -260,6 +262,14 @@ def _keep_ratio(params: dict | None) -> float:
     if not isinstance(ratio, int | float) or not 0.0 < ratio <= 1.0:
         raise MlflowException.invalid_parameter_value(f"keep_ratio must be in (0, 1], got {ratio!r}")
     return float(ratio)
+
+
+def _rounds(params: dict | None) -> int:
+    """The `rounds` parameter (MLflow has checked its type against `SIGNATURE`), >= 0."""
+    rounds = (params or {}).get("rounds", ROUNDS)
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
+        raise MlflowException.invalid_parameter_value(f"rounds must be an integer >= 0, got {rounds!r}")
+    return rounds
 
 
 def _input_column(model_input: Any) -> tuple[str, list]:

@@ -129,7 +129,7 @@ def check_inputs(cfg: TrainConfig) -> tuple[dict, int, int]:
                 f"--scores {cfg.scores}: no _ltrp_job.json there: not the output of a scoring job"
             ) from None
         mae = meta["mae_config"]
-        grid, ranker = mae["img_size"] // mae["patch_size"], ranker_config(cfg)
+        grid, ranker = mae["img_size"] // mae["patch_size"], ranker_config(cfg, meta)
         if grid != ranker.grid:
             raise InputError(
                 f"--ranker {cfg.ranker} has a {ranker.grid}x{ranker.grid} patch grid, but --scores "
@@ -163,8 +163,13 @@ def initial_encoder(meta: dict) -> dict[str, torch.Tensor]:
     return mae.state_dict()
 
 
-def ranker_config(cfg: TrainConfig) -> RankerConfig:
-    return replace(RANKER_GEOMETRIES[cfg.ranker], head=cfg.head)
+def ranker_config(cfg: TrainConfig, meta: dict) -> RankerConfig:
+    """The ranker's geometry and head; trained asymmetric, the table's n is its set size: it then ranks
+    in sets of n, as it learned (`ltrp.core.ranker.rank`)."""
+    ranker = replace(RANKER_GEOMETRIES[cfg.ranker], head=cfg.head)
+    if cfg.training == "symmetric":
+        return ranker
+    return replace(ranker, set_size=visible_count(ranker.num_patches, meta["mask_ratio"]))
 
 
 # -- training -----------------------------------------------------------------------------------------
@@ -253,7 +258,7 @@ class RankerTask(Task):
         }
         if self.cfg.threads and worker.device.type == "cpu":
             torch.set_num_threads(self.cfg.threads)
-        model = Ranker(ranker_config(self.cfg))
+        model = Ranker(ranker_config(self.cfg, self.meta))
         if self.cfg.init == "mae":  # a resumed training then loads its checkpoint over these weights
             init_from_encoder(model, initial_encoder(self.meta))
         return model
@@ -342,7 +347,7 @@ def fit(
         mlflow_run_id=mlflow_run_id,
         monitor=MONITOR,
     )
-    ranker = ranker_config(cfg)
+    ranker = ranker_config(cfg, meta)
     datasets = {split: views_dataset(cfg, split == "val", ranker.img_size) for split in ("train", "val")}
     n = visible_count(ranker.num_patches, meta["mask_ratio"])
     view_bytes = ranker.img_size**2 * 3 + n * 12  # uint8 pixels, int64 positions, float32 scores

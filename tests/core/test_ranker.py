@@ -11,6 +11,7 @@ from ltrp.core.ranker import (
     RankerConfig,
     init_from_encoder,
     keep_top,
+    partitions,
     rank,
     scores_at,
 )
@@ -100,6 +101,56 @@ def test_rank_and_keep_top() -> None:
     assert keep_top(scores, 0.001).shape == (3, 1)
     with pytest.raises(ValueError, match="keep ratio"):
         keep_top(scores, 0.0)
+
+
+@pytest.mark.parametrize(("patches", "n"), [(64, 16), (196, 19), (10, 10)])
+def test_each_round_splits_every_position_into_sets_of_n(patches: int, n: int) -> None:
+    sets = partitions(patches, n, rounds=3)
+    assert sets.shape == (3, -(-patches // n), n)
+    for round_sets in sets:
+        assert set(round_sets.flatten().tolist()) == set(range(patches))
+        assert all(len(set(s)) == n and s == sorted(s) for s in round_sets.tolist())
+    assert torch.equal(sets, partitions(patches, n, rounds=3))  # fixed: an image's ranks never vary
+    if n < patches:
+        assert not torch.equal(sets, partitions(patches, n, rounds=3, seed=1))
+    with pytest.raises(ValueError, match="set_size"):
+        partitions(patches, 1, rounds=1)
+
+
+def test_a_ranker_trained_on_sets_ranks_in_sets_as_a_per_set_loop_does() -> None:
+    """`rank` against a reference that scores one image and one set at a time: the ranker sees CLS and
+    the set's patches only, the set's scores are standardised, each position averages its sets."""
+    torch.manual_seed(0)
+    model = Ranker(RankerConfig(**{**MICRO.__dict__, "set_size": 12}))
+    images = torch.randn(3, 3, 64, 64)
+    expected = torch.zeros(3, 64)
+    with torch.no_grad():
+        for i, image in enumerate(images):
+            total, times = torch.zeros(64), torch.zeros(64)
+            for visible in partitions(64, 12, rounds=2).flatten(0, 1):
+                s = model.eval()(image[None], visible[None])[0]
+                total[visible] += (s - s.mean()) / s.std()
+                times[visible] += 1
+            expected[i] = total / times
+    scores = rank(model, images, rounds=2)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rank(model, images[1:2], rounds=2), scores[1:2])  # not batch-dependent
+    assert not torch.allclose(rank(model, images, rounds=3), scores, atol=1e-3)  # a third round counts
+
+
+def test_without_sets_the_ranker_ranks_in_one_pass_seeing_every_patch() -> None:
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    one_pass = Ranker(MICRO).eval()  # set_size None: trained symmetric, or by an older ltrp
+    in_sets = Ranker(RankerConfig(**{**MICRO.__dict__, "set_size": 16})).eval()
+    in_sets.load_state_dict(one_pass.state_dict())
+    with torch.no_grad():
+        full = one_pass(images)
+    assert torch.equal(rank(one_pass, images), full)
+    assert torch.equal(rank(in_sets, images, rounds=0), full)
+    assert not torch.allclose(rank(in_sets, images), full, atol=1e-3)
+    with pytest.raises(ValueError, match="rounds"):
+        rank(in_sets, images, rounds=-1)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 from support import image
 
+from ltrp.core.options import ROUNDS
 from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, keep_top, rank
 from ltrp.data.images import png_bytes
 from ltrp.data.sources import SourceImage
@@ -54,6 +55,7 @@ print(json.dumps({
     "bytes": model.predict(images).to_dict(orient="list"),
     "uris": model.predict(pd.DataFrame({"uri": uris})).to_dict(orient="list"),
     "half": model.predict(images, params={"keep_ratio": 0.5}).to_dict(orient="list"),
+    "one_pass": model.predict(images, params={"rounds": 0}).to_dict(orient="list"),
 }))
 """
 
@@ -68,7 +70,7 @@ class Served:
     def encoded(self) -> list[bytes]:
         return [Path(u.removeprefix("file://")).read_bytes() for u in self.uris]
 
-    def scores(self) -> torch.Tensor:
+    def scores(self, rounds: int = ROUNDS) -> torch.Tensor:
         """The ranker's scores of the images as the ranking job computes them: its decode stage's
         centre view, then its model stage's input."""
         cfg = RankConfig(source="unused", output="unused", model=MODEL)
@@ -76,7 +78,7 @@ class Served:
         rows = [r for u, data in zip(self.uris, self.encoded(), strict=True)
                 for r in image_rows(SourceImage(u, u, None, data), cfg, size)]  # fmt: skip
         _, images = usable_images(pa.Table.from_pylist(rows), size, torch.device("cpu"))
-        return rank(self.ranker, images)
+        return rank(self.ranker, images, rounds)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +98,8 @@ def served(mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Served:
     uris = [str(folder / n) for n in files]
     uris[1] = f"file://{uris[1]}"
     torch.manual_seed(0)
-    ranker = Ranker(RANKER_GEOMETRIES["ltrp_vit_micro_patch8"])
+    # As the training job builds it from a table scored at mask ratio 0.75: it ranks in sets of 16.
+    ranker = Ranker(replace(RANKER_GEOMETRIES["ltrp_vit_micro_patch8"], set_size=16))
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
         mlflow.set_tracking_uri(mlflow_uri)
@@ -128,6 +131,9 @@ def test_a_fresh_interpreter_loads_the_model_and_ranks_images_as_the_ranking_job
     assert out["bytes"]["kept"] == out["uris"]["kept"] == keep_top(expected, 0.25).tolist()
     assert out["half"]["kept"] == keep_top(expected, 0.5).tolist()
     assert len(out["bytes"]["kept"][0]) == 16 and len(out["half"]["kept"][0]) == 32  # of 64 patches
+    one_pass = np.array(out["one_pass"]["scores"])  # rounds=0: the paper's inference, every patch seen
+    np.testing.assert_allclose(one_pass, served.scores(0).numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(one_pass, expected.numpy(), atol=1e-3)
 
 
 @pytest.mark.slow
@@ -204,6 +210,8 @@ def test_wrong_inputs_get_a_short_error_naming_what_is_accepted(
     for ratio in (0.0, 1.5):
         with pytest.raises(MlflowException, match=rf"keep_ratio must be in \(0, 1\], got {ratio}"):
             model.predict(pd.DataFrame({"image": encoded}), params={"keep_ratio": ratio})
+    with pytest.raises(MlflowException, match="rounds must be an integer >= 0, got -1"):
+        model.predict(pd.DataFrame({"image": encoded}), params={"rounds": -1})
 
     # Arrays: MLflow casts every input to the signature's DataFrame before the model sees it, and
     # refuses an image array itself (never ranking it, as 0-1 floats once were); handed one without

@@ -96,6 +96,7 @@ def _check_version_1(client: MlflowClient, mlflow_uri: str, score_table: str) ->
     assert signature.inputs.input_names() == ["image", "uri"]
     by_alias, _ = load_ranker_ref("models:/ltrp-test@candidate")
     by_version, _ = load_ranker_ref("models:/ltrp-test/1")
+    assert by_alias.cfg.set_size == 16  # the table's n (mask ratio 0.75 of 64): it ranks in such sets
     images = torch.randn(2, 3, 64, 64)
     scores = rank(by_alias, images)
     assert scores.shape == (2, 64) and torch.equal(scores, rank(by_version, images))

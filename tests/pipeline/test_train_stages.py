@@ -15,6 +15,7 @@ from ltrp.data.sources import read_many
 from ltrp.data.tables import SCORES_SCHEMA
 from ltrp.pipeline import training_data
 from ltrp.pipeline.configs import InputError, TrainConfig
+from ltrp.pipeline.train_job import ranker_config
 from ltrp.pipeline.trainer import claimed
 from ltrp.pipeline.training_data import is_validation, load_views, select_split, split_counts
 from ltrp.pipeline.training_loop import Best, TrainerConfig
@@ -119,3 +120,13 @@ def test_validation_every_n_epochs_and_after_the_last(every: int, validated: lis
         keep_checkpoints=1,
     )  # fmt: skip
     assert [e for e in range(5) if cfg.validates(e)] == validated
+
+
+@pytest.mark.parametrize(("training", "set_size"), [("asymmetric", 16), ("symmetric", None)])
+def test_a_ranker_trained_on_the_scored_patches_ranks_in_sets_of_their_count(
+    training: str, set_size: int | None
+) -> None:
+    """The table's n (64 patches at mask ratio 0.75: 16) is what an asymmetric ranker learned to order,
+    so it ranks in sets of n; a symmetric one learned from every patch, and ranks seeing them all."""
+    cfg = TrainConfig(scores="s", ranker="ltrp_vit_micro_patch8", training=training)
+    assert ranker_config(cfg, {"mask_ratio": 0.75}).set_size == set_size
