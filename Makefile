@@ -1,9 +1,25 @@
 # The two commands of the README. Both build .venv from pyproject.toml first (again when it changes).
 VENV := .venv
 PY := $(VENV)/bin/python
-# Real images for the demo and the tests: Debian's Fashion-MNIST (70,000 labelled 28x28 images, installed offline).
-FASHION_MNIST := /usr/share/datasets/fashion-mnist
-SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+# Real images for the demo and the tests: Fashion-MNIST (70,000 labelled 28x28 images). First choice,
+# Debian's package (installed with apt-get as root or with sudo); where it is absent and apt-get is out of
+# reach, Zalando's files downloaded into data/fashion-mnist, sha256 checked. The targets that need it run
+# with LTRP_FASHION_MNIST naming its folder; set it yourself to use another one (make then installs nothing).
+DEBIAN_FASHION_MNIST := /usr/share/datasets/fashion-mnist
+DOWNLOADED_FASHION_MNIST := $(CURDIR)/data/fashion-mnist
+APT_GET := $(shell command -v apt-get >/dev/null && \
+	if [ "$$(id -u)" -eq 0 ]; then echo apt-get; elif command -v sudo >/dev/null; then echo sudo apt-get; fi)
+ifdef LTRP_FASHION_MNIST
+FASHION_MNIST := $(LTRP_FASHION_MNIST)
+FASHION_MNIST_READY :=
+else ifneq ($(wildcard $(DEBIAN_FASHION_MNIST))$(APT_GET),)
+FASHION_MNIST := $(DEBIAN_FASHION_MNIST)
+FASHION_MNIST_READY := $(DEBIAN_FASHION_MNIST)
+else
+FASHION_MNIST := $(DOWNLOADED_FASHION_MNIST)
+FASHION_MNIST_READY := $(DOWNLOADED_FASHION_MNIST)/.fetched
+endif
+export LTRP_FASHION_MNIST := $(FASHION_MNIST)
 
 # The cluster image: one immutable tag per commit, so a node never runs older code under a reused tag.
 IMAGE := ghcr.io/ltrp/ltrp:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)-$(shell git rev-parse --short=12 HEAD)
@@ -16,7 +32,7 @@ MATE_PHOTOS := Aqua Blinds Dune FreshFlower Garden GreenMeadow LadyBird RainDrop
 PLASMA_PHOTOS := BytheWater ColdRipple ColorfulCups DarkestHour EveningGlow FallenLeaf Grey Kite MilkyWay \
 	OneStandsOut Path Volna summer_1am
 
-.PHONY: demo test test-quick test-faults test-docs pin image photos
+.PHONY: demo test test-quick test-faults test-docs pin image photos fashion-mnist
 
 # Every package at the version of constraints.txt: what CI tests is what the cluster image installs.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -24,9 +40,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
-$(FASHION_MNIST):
-	$(SUDO) apt-get update -qq
-	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+fashion-mnist: $(FASHION_MNIST_READY)
+
+$(DEBIAN_FASHION_MNIST):
+	$(APT_GET) update -qq
+	$(APT_GET) install -y -qq dataset-fashion-mnist
+
+$(DOWNLOADED_FASHION_MNIST)/.fetched: $(VENV)/.installed
+	$(PY) -m ltrp.data.datasets $(@D)
+	touch $@
 
 photos: $(PHOTOS)/.fetched
 
@@ -41,17 +63,17 @@ $(PHOTOS)/.fetched:
 	rm -rf $(PHOTOS)/debs
 	touch $@
 
-demo: $(VENV)/.installed $(FASHION_MNIST)
+demo: $(VENV)/.installed fashion-mnist
 	$(PY) -m jobs.pipeline
 
-test: $(VENV)/.installed $(FASHION_MNIST)
+test: $(VENV)/.installed fashion-mnist
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -m "not gpu and not faults and not docs" --durations=15 -n 2 --dist loadfile
 
 # While working: `make test` without the tests marked slow (each more than a few seconds on a 2-core
 # CPU: real jobs, Ray clusters, trainings), for a check in minutes; `make test` before a commit.
-test-quick: $(VENV)/.installed $(FASHION_MNIST)
+test-quick: $(VENV)/.installed fashion-mnist
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -m "not slow and not gpu and not faults and not docs" --durations=15 -n 2 --dist loadfile
@@ -59,12 +81,12 @@ test-quick: $(VENV)/.installed $(FASHION_MNIST)
 # The long fault runs: scoring and ranking jobs killed and re-run, a DDP training relaunched and
 # resumed, the multi-node cluster with token authentication losing its worker node mid-scoring and
 # mid-training, and training and evaluation through S3 and MLflow faults. CI runs them after `make test`.
-test-faults: $(VENV)/.installed $(FASHION_MNIST)
+test-faults: $(VENV)/.installed fashion-mnist
 	$(PY) -m pytest -m "faults and not gpu" --durations=5 -n 2 --dist loadfile
 
 # Every command and code block of README.md and docs/*.md, run as written against a tiny pipeline run
 # (tests/test_docs.py; the blocks marked check-only are checked for syntax and flags in `make test`).
-test-docs: $(VENV)/.installed $(FASHION_MNIST)
+test-docs: $(VENV)/.installed fashion-mnist
 	$(PY) -m pytest -m "docs and not gpu" --durations=5 tests/test_docs.py
 
 # After a dependency change in pyproject.toml: re-pin constraints.txt to what the fresh .venv resolved.
