@@ -5,8 +5,9 @@ measures at several keep ratios with bootstrap intervals, a Markdown report and 
         --scores runs/scores-test --train-source data/train --test-source data/test --output runs/eval
     python -m jobs.evaluate --config pipeline.yaml --model runs/train/run1/checkpoint_000009/state.pt ...
 
---model is a registered version (models:/NAME/VERSION or models:/NAME@ALIAS), whose tags then receive
-the ranker's figures (what `python -m jobs.promote` compares), or a training checkpoint file. The
+--model is a registered version (models:/NAME/VERSION or models:/NAME@ALIAS), whose logged model then
+receives the ranker's figures as metrics (what `python -m jobs.promote` compares) and whose tags a
+summary of them, or a training checkpoint file. The
 score table must hold the central square of each held-out image (score --test-source with --crop
 center): it gives the pseudo-scores of measure 1 and the oracle. MLFLOW_TRACKING_URI as for every job.
 """

@@ -6,8 +6,9 @@
     python -m jobs.promote --model models:/ltrp-ranker --candidate 7 --policy my-policy.yaml
     python -m jobs.promote --model models:/ltrp-ranker --rollback  # champion back to its predecessor
 
-The candidate and the champion are compared on the `eval.*` tags that python -m jobs.evaluate puts on
-a version (ltrp.evaluation.measures), under the policy of ltrp.evaluation.promotion. Its defaults: the
+The candidate and the champion are compared on the metrics that python -m jobs.evaluate logs on a
+version's logged model (ltrp.evaluation.measures; the version's `eval.*` tags are a summary, not read),
+under the policy of ltrp.evaluation.promotion. Its defaults: the
 floor first (the candidate's paired difference from random on the primary measure must exclude 0 on
 the good side, or it never becomes champion, the first one included); then better than the champion's
 95% interval on the primary measure at keep 0.25 and no worse on the guarded ones at any keep ratio,
@@ -26,7 +27,8 @@ tagged on the candidate (promotion.*), in a dry run too. MLFLOW_TRACKING_URI nam
 
 Exit codes, for CI to branch on:
     0  promoted; or a dry run that would promote; or already champion; or rolled back
-    1  error: unknown model, version or alias, unreadable policy, nothing to roll back to
+    1  error: unknown model, version or alias, unreadable policy, nothing to roll back to, a candidate
+       or champion without evaluation metrics (evaluate it first)
     2  usage error
     3  refused (or a dry run that would refuse): champion unchanged
 """

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BIN",
     "PRIMARY",
+    "SCENE_PRIMARY",
     "SMALL_MAE",
     "SMALL_RANKER",
     "TINY_GRID",
@@ -49,6 +50,7 @@ __all__ = [
     "job_metadata",
     "pixels",
     "png_bytes",
+    "scene_evaluation",
     "score_config",
     "score_in_process",
     "score_output",
@@ -75,8 +77,9 @@ def fashion_mnist_pngs(count: int) -> dict[str, bytes]:
     return {f"{y}/{i:04d}.png": png_bytes(x) for i, (x, y) in enumerate(zip(images, labels, strict=True))}
 
 
-# Promotion: evaluations as a model version's eval.* tags hold them.
-PRIMARY = "reconstruction_error.keep25"
+# Promotion: evaluations as a model version's logged model holds them, {metric key: Estimate}.
+PRIMARY = "reconstruction_error.keep25"  # the default policy's primary key without masks
+SCENE_PRIMARY = "object_recall.keep25"  # ... and on scenes with object masks
 
 
 def evaluation(recon: float = 0.040, acc: float = 0.80, width: float = 0.002, **overrides: float) -> dict:
@@ -85,9 +88,27 @@ def evaluation(recon: float = 0.040, acc: float = 0.80, width: float = 0.002, **
     mean +/- `width`; `overrides` set single keys' means, e.g. accuracy_keep50=0.7."""
     means = {metric_key("reconstruction_error", r): recon for r in KEEP_RATIOS}
     means |= {metric_key("accuracy", r): acc for r in KEEP_RATIOS}
-    means |= {k.replace("_keep", ".keep"): v for k, v in overrides.items()}
     # The floor: the ranker minus random on the primary, clearly below 0 (lower error is better).
-    means[vs_random(PRIMARY)] = -0.01
+    return _estimates(means | {vs_random(PRIMARY): -0.01}, width, overrides)
+
+
+def scene_evaluation(
+    recall: float = 0.6, background: float = 0.2, width: float = 0.01, **overrides: float
+) -> dict:
+    """Every key the default policy needs on scenes with object masks: object_recall (higher is better)
+    and background_share (lower) at every keep ratio, and the floor's ranker-minus-random difference on
+    object recall at 25%, mean +/- `width`; `overrides` set single keys' means, e.g.
+    object_recall_keep25=0.7."""
+    means = {metric_key("object_recall", r): recall for r in KEEP_RATIOS}
+    means |= {metric_key("background_share", r): background for r in KEEP_RATIOS}
+    # The floor: the ranker minus random on object recall, clearly above 0.
+    return _estimates(means | {vs_random(SCENE_PRIMARY): 0.3}, width, overrides)
+
+
+def _estimates(means: dict[str, float], width: float, overrides: dict[str, float]) -> dict:
+    """{key: Estimate(mean, mean - width, mean + width)}, `overrides` (accuracy_keep50=...) replacing
+    single means."""
+    means = means | {k.replace("_keep", ".keep"): v for k, v in overrides.items()}
     return {k: Estimate(m, m - width, m + width) for k, m in means.items()}
 
 

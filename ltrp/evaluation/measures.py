@@ -1,15 +1,17 @@
 """The evaluation's measures: their names, which way is better, and how a model version carries them.
 
-An evaluated model version holds, for each measure (and keep ratio, for the measures that have one),
-the mean over the held-out images and its 95% bootstrap interval, as three tags:
+An evaluated model version's logged model holds, for each measure (and keep ratio, for the measures
+that have one), the mean over the held-out images and its 95% bootstrap interval, as three metrics on
+the held-out dataset (`to_metrics`; its digest says which images, MAE and settings: two versions are
+comparable only when it is the same):
 
-    eval.reconstruction_error.keep25.mean = "0.0412"
-    eval.reconstruction_error.keep25.lo   = "0.0398"
-    eval.reconstruction_error.keep25.hi   = "0.0427"
+    reconstruction_error.keep25.mean = 0.0412
+    reconstruction_error.keep25.lo   = 0.0398
+    reconstruction_error.keep25.hi   = 0.0427
 
-plus `eval.run_id` (the MLflow run of the evaluation) and `eval.dataset` (a digest of the held-out and
-training images, the pseudo-scores, the MAE and the settings: two versions are comparable only when it
-is the same).
+which is what promotion compares (`from_metrics`). The version's tags repeat them for people
+(`to_tags`: `eval.reconstruction_error.keep25.mean` = "0.0412", ...), beside `eval.run_id` (the MLflow
+run of the evaluation) and `eval.dataset` (that digest).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ MEASURES: dict[str, bool | None] = {
 RATIO_FREE = ("kendall_tau", "spearman", "oracle_tau")
 KEEP_RATIOS: tuple[float, ...] = (0.10, 0.25, 0.50, 0.75)
 TAG_PREFIX = "eval."
+#: The three figures of an Estimate, each a metric `KEY.PART` (`to_metrics`).
+PARTS = ("mean", "lo", "hi")
 #: Prefix of a metric key for the paired difference ranker minus random (the promotion floor).
 VS_RANDOM = "vs_random."
 
@@ -86,23 +90,25 @@ def direction(key: str) -> str:
     ]
 
 
-def to_tags(estimates: Mapping[str, Estimate]) -> dict[str, str]:
-    """{metric key: Estimate} -> model version tags (see the module docstring)."""
-    tags = {}
-    for key, e in estimates.items():
-        for part in ("mean", "lo", "hi"):
-            tags[f"{TAG_PREFIX}{key}.{part}"] = f"{getattr(e, part):.6g}"
-    return tags
+def to_metrics(estimates: Mapping[str, Estimate]) -> dict[str, float]:
+    """{metric key: Estimate} -> {"KEY.mean": mean, "KEY.lo": lo, "KEY.hi": hi}: a logged model's metrics
+    (see the module docstring)."""
+    return {f"{key}.{part}": getattr(e, part) for key, e in estimates.items() for part in PARTS}
 
 
-def from_tags(tags: Mapping[str, str]) -> dict[str, Estimate]:
-    """Model version tags -> {metric key: Estimate}, for the keys that have all three parts."""
-    keys = {
-        k[len(TAG_PREFIX) : -len(".mean")] for k in tags if k.startswith(TAG_PREFIX) and k.endswith(".mean")
-    }
+def from_metrics(metrics: Mapping[str, float]) -> dict[str, Estimate]:
+    """`to_metrics`' inverse: {metric key: Estimate} for the keys that have all three parts (other
+    metrics, such as a training run's loss, are left out)."""
+    keys = {k.removesuffix(".mean") for k in metrics if k.endswith(".mean")}
     found = {}
     for key in keys:
-        parts = [tags.get(f"{TAG_PREFIX}{key}.{p}") for p in ("mean", "lo", "hi")]
+        parts = [metrics.get(f"{key}.{part}") for part in PARTS]
         if None not in parts:
-            found[key] = Estimate(*(float(p) for p in parts))
+            found[key] = Estimate(*parts)
     return found
+
+
+def to_tags(estimates: Mapping[str, Estimate]) -> dict[str, str]:
+    """{metric key: Estimate} -> model version tags, a summary for people: `to_metrics`' names with
+    TAG_PREFIX, their values to 6 significant digits."""
+    return {TAG_PREFIX + name: f"{value:.6g}" for name, value in to_metrics(estimates).items()}

@@ -3,7 +3,7 @@
 The policy compares the two versions' evaluations (see ltrp.evaluation.measures: a mean and a 95% bootstrap
 interval per metric key) and promotes the candidate only if
 
-* both were evaluated on the same held-out set and settings (the same `eval.dataset`);
+* both were evaluated on the same held-out set and settings (the same dataset digest);
 * on the primary metric, the candidate's mean is better than the champion's whole interval
   (lower-is-better: candidate mean < champion lo; higher-is-better: candidate mean > champion hi);
 * on every guarded metric, the candidate's mean is not worse than the champion's whole interval
@@ -17,7 +17,8 @@ depend on the evaluation data ("auto"): object recall at 25% keep where it has o
 else reconstruction error at 25%. Missing
 metrics on either side refuse: a champion evaluated before a metric existed must be re-evaluated
 (`python -m jobs.evaluate`) on the candidate's dataset before anything can replace it. Nothing here
-talks to MLflow; ltrp.pipeline.registry reads the tags, calls `decide` and records the result.
+talks to MLflow; ltrp.pipeline.registry reads each version's figures from its logged model's metrics
+(`evaluation_of`), calls `decide` and records the result.
 """
 
 from __future__ import annotations
@@ -186,11 +187,12 @@ def decide(
     """Whether `candidate` may replace `champion` under `policy`.
 
     Args:
-        candidate: the candidate's metrics, {metric key: Estimate} (ltrp.evaluation.measures.from_tags).
+        candidate: the candidate's metrics, {metric key: Estimate} (ltrp.evaluation.measures.from_metrics).
         champion: the champion's metrics, or None when there is no champion yet.
         policy: what the candidate must show.
-        candidate_dataset: the candidate's `eval.dataset` (None if it has none).
-        champion_dataset: the champion's `eval.dataset` (ignored when there is no champion).
+        candidate_dataset: the digest of the dataset the candidate's metrics were computed on (None if
+            unknown).
+        champion_dataset: the champion's (ignored when there is no champion).
 
     Returns:
         The decision; refusals name the metrics or datasets that caused them.

@@ -6,8 +6,10 @@ interval per measure; for scenes also the report's per-kind, oracle and seed fig
 recall, bias gap, probes: ltrp.evaluation.scene_eval), with --seed-models measured beside the ranker;
 other labelled images the classification one. The same files are logged to an MLflow run (experiment
 ltrp-evaluate), and when the ranker came from the registry, the ranker's figures and its paired
-differences from random are attached to its model version as tags (see `ltrp.evaluation.measures`),
-which is what promotion compares, with the seed-mean figures where there are seed models.
+differences from random become metrics of its logged model on the held-out dataset
+(`ltrp.pipeline.registry.log_evaluation`): what promotion compares and the MLflow UI and
+`mlflow.search_logged_models` rank versions by. The model version's `eval.*` tags repeat them for people
+(see `ltrp.evaluation.measures`), with the seed-mean figures where there are seed models.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
@@ -36,7 +37,7 @@ from ltrp.data.checkpoints import load_mae
 from ltrp.data.scenes import SEEN_CLASSES, UNSEEN_CLASSES
 from ltrp.data.tables import read_job_metadata, read_scores
 from ltrp.evaluation import fidelity, scene_report
-from ltrp.evaluation.measures import TAG_PREFIX, metric_key, to_tags, vs_random
+from ltrp.evaluation.measures import TAG_PREFIX, Estimate, metric_key, to_tags, vs_random
 from ltrp.evaluation.protocol import EvalSettings, EvaluationResult, evaluate, load_labelled, pseudo_scores
 from ltrp.evaluation.report import write_report
 from ltrp.evaluation.scene_eval import (
@@ -51,7 +52,7 @@ from ltrp.evaluation.scene_eval import (
 )
 from ltrp.pipeline import lineage, runtime
 from ltrp.pipeline.configs import EvaluateConfig, InputError, checking_inputs
-from ltrp.pipeline.registry import load_ranker_ref
+from ltrp.pipeline.registry import HELD_OUT, load_ranker_ref, log_evaluation
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def run(cfg: EvaluateConfig, progress=print) -> EvaluateSummary:
     with mlflow.start_run(run_name=f"evaluate {cfg.model}") as run, tempfile.TemporaryDirectory() as tmp:
         mlflow.log_params({k: str(v)[:500] for k, v in asdict(cfg).items()})
         mlflow.set_tags({"eval.dataset": result.dataset, "output_uri": cfg.output, "model_uri": cfg.model})
-        held_out = lineage.dataset(cfg.test_source, "held-out", result.dataset)
+        held_out = lineage.dataset(cfg.test_source, HELD_OUT, result.dataset)
         mlflow.log_input(held_out, context="evaluation")
         mlflow.log_metrics(
             {f"{s}.{k}": e.mean for s, keys in result.estimates.items() for k, e in keys.items()}
@@ -123,7 +124,7 @@ def run(cfg: EvaluateConfig, progress=print) -> EvaluateSummary:
         fs.put([str(p) for p in folder.iterdir()], root.rstrip("/") + "/")
         if version is not None:
             _tag_version(version, result, run.info.run_id, cfg.output, cfg.seed_models)
-            _log_model_metrics(version, result, held_out)
+            log_evaluation(version, _ranker_figures(result), held_out)
     return EvaluateSummary(result, run.info.run_id)
 
 
@@ -268,20 +269,10 @@ def _seed_metrics(result: EvaluationResult | SceneEvaluation) -> dict[str, float
     return {f"{key}.min": spread.low, f"{key}.max": spread.high, f"{key}.std": spread.std}
 
 
-def _log_model_metrics(
-    version: ModelVersion, result: EvaluationResult | SceneEvaluation, held_out: MetaDataset
-) -> None:
-    """The ranker's figures (mean and 95% interval) and its paired difference from random, as metrics of
-    the version's logged model on the held-out dataset: what the MLflow UI compares versions by, and
-    `mlflow.search_logged_models` filters on (e.g. "metrics.`object_recall.keep25.mean` > 0.6")."""
-    # MLflow 3 names the logged model in the version's source (models:/m-...); its model_id field is
-    # left empty by log_model(registered_model_name=...).
-    model_id = version.model_id or version.source.removeprefix("models:/")
-    if not model_id.startswith("m-"):  # registered from a run's artifacts, not from a logged model
-        return
-    estimates = result.estimates["ltrp"] | {vs_random(k): e for k, e in result.paired["random"].items()}
-    metrics = {f"{k}.{part}": getattr(e, part) for k, e in estimates.items() for part in ("mean", "lo", "hi")}
-    mlflow.log_metrics(metrics, model_id=model_id, dataset=held_out)
+def _ranker_figures(result: EvaluationResult | SceneEvaluation) -> dict[str, Estimate]:
+    """The ranker's figures and its paired differences from random (`vs_random.KEY`: the promotion
+    floor), by metric key: what its model version carries."""
+    return result.estimates["ltrp"] | {vs_random(k): e for k, e in result.paired["random"].items()}
 
 
 def _tag_version(
@@ -293,10 +284,10 @@ def _tag_version(
 ) -> None:
     """The ranker's figures, and its paired difference from random (the promotion floor), as tags of
     its model version, with the seed-mean ranker's object recall and its spread where seed models were
-    measured; a re-evaluation replaces the whole record."""
+    measured: a summary for people (promotion reads the logged model's metrics); a re-evaluation
+    replaces the whole record."""
     tags = {
-        **to_tags(result.estimates["ltrp"]),
-        **to_tags({vs_random(k): e for k, e in result.paired["random"].items()}),
+        **to_tags(_ranker_figures(result)),
         f"{TAG_PREFIX}run_id": run_id,
         f"{TAG_PREFIX}dataset": result.dataset,
         f"{TAG_PREFIX}report": output.rstrip("/") + "/report.md",
@@ -306,8 +297,8 @@ def _tag_version(
         tags |= {TAG_PREFIX + k: f"{v:.6g}" for k, v in _seed_metrics(result).items()}
         tags[f"{TAG_PREFIX}seed_models"] = ",".join(seed_models)
     client = MlflowClient()
-    # Keys it no longer produces (another keep ratio) would otherwise stay and be read by promotion as
-    # measured on this eval.dataset.
+    # Keys it no longer produces (another keep ratio) would otherwise stay and read as measured on this
+    # eval.dataset.
     for key in version.tags:
         if key.startswith(TAG_PREFIX) and key not in tags:
             client.delete_model_version_tag(version.name, version.version, key)

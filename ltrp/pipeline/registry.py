@@ -1,6 +1,7 @@
 """Logging a trained ranker to MLflow and registering it as a model version; loading one back by
-reference; promoting a version to the `champion` alias under ltrp.evaluation.promotion's policy, and
-rolling that back.
+reference; a version's evaluation as metrics of its logged model (`log_evaluation`, `evaluation_of`);
+promoting a version to the `champion` alias under ltrp.evaluation.promotion's policy, which compares
+those metrics, and rolling that back.
 
 A registered ranker is its weights (safetensors) and geometry (JSON), never a pickle, plus a pyfunc
 flavour that serves it: `mlflow.pyfunc.load_model(...).predict(frame)` takes a pandas DataFrame with a
@@ -20,6 +21,7 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -30,6 +32,7 @@ import mlflow
 import numpy as np
 import pyarrow as pa
 import torch
+from mlflow.data.dataset import Dataset
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
@@ -41,10 +44,12 @@ from ltrp.core.ranker import Ranker, keep_top, rank
 from ltrp.data.checkpoints import load_ranker, load_ranker_files, save_ranker_files, weights_sha256
 from ltrp.data.images import ImageDecodeError, center_crop, png_bytes, to_model_input
 from ltrp.data.sources import read_bytes
-from ltrp.evaluation.measures import from_tags
+from ltrp.evaluation.measures import Estimate, from_metrics, to_metrics
 from ltrp.evaluation.promotion import Decision, Policy, decide
 
 CHAMPION = "champion"
+#: The name of the dataset an evaluation's metrics are logged on: its held-out set (`log_evaluation`).
+HELD_OUT = "held-out"
 WEIGHTS_TAG = "weights_sha256"  # the registered weights' digest, checked on every load
 #: Beside the weights in the logged model: their digest at registration, which the pyfunc loader checks
 #: (it is handed the model's files only, not the registry version and its tag).
@@ -337,6 +342,74 @@ class Promotion:
     champion: str | None
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """A model version's latest evaluation, as its logged model's metrics hold it.
+
+    Attributes:
+        estimates: {metric key: Estimate}, the ranker's figures and its paired differences from random.
+        dataset: the digest of the held-out dataset they were computed on (the evaluation's
+            `eval.dataset`): two evaluations are comparable only when it is the same.
+    """
+
+    estimates: dict[str, Estimate]
+    dataset: str
+
+
+def logged_model_id(version: ModelVersion) -> str | None:
+    """The id (m-...) of the logged model `version` was registered from; None for a version registered
+    from a run's artifacts or a path, which has none."""
+    # MLflow 3 names the logged model in the version's source (models:/m-...); its model_id field is
+    # left empty by log_model(registered_model_name=...).
+    model_id = version.model_id or version.source.removeprefix("models:/")
+    return model_id if model_id.startswith("m-") else None
+
+
+def log_evaluation(version: ModelVersion, estimates: Mapping[str, Estimate], dataset: Dataset) -> None:
+    """Logs `estimates` (mean and 95% interval of each metric key) as metrics of `version`'s logged
+    model on `dataset`, in the active run: what promotion compares (`evaluation_of`, which reads the
+    metrics of a dataset named HELD_OUT only), the MLflow UI compares versions by, and
+    `mlflow.search_logged_models` sorts and filters on (e.g. "metrics.`object_recall.keep25.mean` > 0.6").
+    A version without a logged model gets nothing."""
+    if model_id := logged_model_id(version):
+        mlflow.log_metrics(to_metrics(estimates), model_id=model_id, dataset=dataset)
+
+
+def evaluation_of(version: ModelVersion, client: MlflowClient, role: str = "version") -> Evaluation:
+    """`version`'s latest evaluation: the metrics its logged model holds on the HELD_OUT dataset from
+    the evaluation run that logged last (an earlier evaluation's, of another keep ratio or dataset, are
+    not mixed in; metrics without a dataset, such as training's, are not an evaluation's).
+
+    Raises:
+        PromotionError: the version has no logged model, or its logged model no evaluation metrics (never
+            evaluated, or by an older ltrp that wrote `eval.*` tags only); the message names the
+            version as `role`, its logged model and the command to run.
+    """
+    where = f"{role} {version.version} of {version.name}"
+    model_id = logged_model_id(version)
+    if model_id is None:
+        raise PromotionError(
+            f"{where} was registered from {version.source}, not from a logged model, so it has no "
+            "evaluation metrics: register the ranker again (python -m jobs.train), then evaluate it"
+        )
+    evaluated = [m for m in client.get_logged_model(model_id).metrics or [] if m.dataset_name == HELD_OUT]
+    if not evaluated:
+        raise PromotionError(
+            f"{where} (logged model {model_id}) has no evaluation metrics: evaluate it first, python -m "
+            f"jobs.evaluate --model models:/{version.name}/{version.version} --mae ... --scores ... "
+            "--train-source ... --test-source ... (an older ltrp wrote eval.* tags only, which promotion "
+            "no longer reads)"
+        )
+    evaluated.sort(key=lambda m: (m.timestamp, m.step))  # oldest first: a key logged twice keeps its last
+    last = evaluated[-1]
+    latest = {
+        m.key: m.value
+        for m in evaluated
+        if (m.run_id, m.dataset_digest) == (last.run_id, last.dataset_digest)
+    }
+    return Evaluation(from_metrics(latest), last.dataset_digest)
+
+
 def champion_version(name: str, client: MlflowClient | None = None) -> str | None:
     """The version that `name`'s `champion` alias points at, None if the alias is not set."""
     client = client or MlflowClient()
@@ -354,28 +427,34 @@ def promote(
     dry_run: bool = False,
     client: MlflowClient | None = None,
 ) -> Promotion:
-    """Compares version `candidate` of `name` with its champion under `policy`, moves the `champion`
-    alias to it if the policy allows (and not `dry_run`), and records on the candidate the tags
+    """Compares version `candidate` of `name` with its champion under `policy`, each by its latest
+    evaluation (`evaluation_of`: its logged model's metrics, not its tags), moves the `champion` alias to
+    it if the policy allows (and not `dry_run`), and records on the candidate the tags
     `promotion.decision` (promoted, refused or dry-run), `.reason`, `.evidence` (JSON), `.policy`
     (JSON), `.previous_champion` (the champion at decision time, "" if none) and `.time` (UTC ISO 8601).
 
     Raises:
         mlflow.exceptions.MlflowException: the model or version does not exist.
+        PromotionError: the candidate or the champion has no evaluation metrics (nothing is recorded).
     """
     client = client or MlflowClient()
     candidate = str(candidate)
-    tags = client.get_model_version(name, candidate).tags
+    version = client.get_model_version(name, candidate)
     current = champion_version(name, client)
     if current == candidate:
         # Comparing the champion with itself would refuse it and overwrite the record rollback reads.
         return Promotion(Decision(False, f"version {candidate} already is {CHAMPION}"), "unchanged", current)
-    theirs = None if current is None else client.get_model_version(name, current).tags
+    # Both read before anything is written: a version without evaluation metrics leaves no record.
+    ours = evaluation_of(version, client, role="candidate version")
+    theirs = None
+    if current is not None:
+        theirs = evaluation_of(client.get_model_version(name, current), client, role=f"{CHAMPION} version")
     decision = decide(
-        from_tags(tags),
-        None if theirs is None else from_tags(theirs),
+        ours.estimates,
+        None if theirs is None else theirs.estimates,
         policy,
-        candidate_dataset=tags.get("eval.dataset"),
-        champion_dataset=None if theirs is None else theirs.get("eval.dataset"),
+        candidate_dataset=ours.dataset,
+        champion_dataset=None if theirs is None else theirs.dataset,
     )
     outcome = "dry-run" if dry_run else "promoted" if decision.promote else "refused"
     reason = decision.reason

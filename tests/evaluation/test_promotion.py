@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support import PRIMARY, evaluation
+from support import PRIMARY, SCENE_PRIMARY, evaluation, scene_evaluation
 
 from ltrp.evaluation.measures import Estimate
 from ltrp.evaluation.promotion import Decision, Policy, decide
@@ -82,18 +82,12 @@ def test_the_floor_no_champion_unless_it_beats_random(
 
 
 def test_auto_policy_ranks_by_object_recall_where_the_data_has_masks() -> None:
-    scene = {
-        f"{m}.keep{round(100 * r):02d}": Estimate(v, v - 0.01, v + 0.01)
-        for r in (0.1, 0.25, 0.5, 0.75)
-        for m, v in (("object_recall", 0.6), ("background_share", 0.2))
-    } | {"vs_random.object_recall.keep25": Estimate(0.3, 0.28, 0.32)}
+    scene = scene_evaluation()
     resolved = Policy().resolved(scene)
-    assert (
-        resolved.primary_key == "object_recall.keep25" and "background_share.keep10" in resolved.required_keys
-    )
+    assert resolved.primary_key == SCENE_PRIMARY and "background_share.keep10" in resolved.required_keys
     assert Policy().resolved(evaluation()).primary_key == PRIMARY  # the fallback without masks
     assert run_decide(scene, None).promote
-    better = {**scene, "object_recall.keep25": Estimate(0.7, 0.69, 0.71)}
+    better = scene_evaluation(object_recall_keep25=0.7)
     assert run_decide(better, scene).promote and not run_decide(scene, better).promote
     with pytest.raises(ValueError, match="best at 0"):
         Policy(primary="bias_gap")
@@ -159,6 +153,3 @@ def test_bad_policy_is_rejected(tmp_path: Path, text: str) -> None:
     path.write_text(text)
     with pytest.raises(ValueError):
         Policy.from_yaml(path)
-
-
-# --- the launcher against a real MLflow server -------------------------------------------------

@@ -1,5 +1,6 @@
-"""The evaluation job end to end: a registered ranker evaluated through a real MLflow server, its version
-tagged, then promoted; and the refusals that come before any measure or MLflow run."""
+"""The evaluation job end to end: a registered ranker evaluated through a real MLflow server, its logged
+model given the figures as metrics and its version a summary as tags, then promoted; and the refusals
+that come before any measure or MLflow run."""
 
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ from support import SMALL_MAE, SMALL_RANKER, fashion_mnist, score_rows, write_fo
 
 import ltrp
 from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, RankerConfig
-from ltrp.evaluation.measures import KEEP_RATIOS, from_tags
+from ltrp.evaluation.measures import KEEP_RATIOS
 from ltrp.evaluation.promotion import Policy
 from ltrp.evaluation.report import CURVES, KEPT, REPORT
 from ltrp.pipeline import evaluate_job
 from ltrp.pipeline.configs import ConfigError, EvaluateConfig, InputError
-from ltrp.pipeline.registry import register_ranker
+from ltrp.pipeline.registry import evaluation_of, logged_model_id, register_ranker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -106,7 +107,7 @@ def python_module(module: str, args: list[str], cwd: Path, uri: str) -> subproce
 
 
 @pytest.mark.slow
-def test_evaluate_job_tags_the_version_and_promotion_follows(
+def test_evaluate_job_logs_metrics_on_the_logged_model_and_promotion_follows(
     mlflow_uri: str, job_in_process: Path, capsys: pytest.CaptureFixture
 ) -> None:
     tmp_path = job_in_process
@@ -157,7 +158,7 @@ def test_evaluate_job_tags_the_version_and_promotion_follows(
     assert (held_out.name, held_out.digest) == ("held-out", tags["eval.dataset"][:36])
     # The figures are the logged model's metrics on that dataset: what versions are compared and
     # searched by in the MLflow UI.
-    model_id = client.get_model_version(name, "1").source.removeprefix("models:/")
+    model_id = logged_model_id(client.get_model_version(name, "1"))
     model = mlflow.get_logged_model(model_id)
     logged = {m.key: m for m in model.metrics}
     key = "reconstruction_error.keep25.mean"
@@ -172,7 +173,10 @@ def test_evaluate_job_tags_the_version_and_promotion_follows(
             output_format="list",
         )
         assert (model_id in {m.model_id for m in found}) is holds, (bound, found)
-    carried = from_tags(tags)
+    # What promotion reads: the metrics, on the dataset the version's summary names.
+    evaluated = evaluation_of(client.get_model_version(name, "1"), client)
+    assert evaluated.dataset == tags["eval.dataset"]
+    carried = evaluated.estimates
     assert set(Policy().resolved(carried).required_keys) <= set(carried)
     assert {"kendall_tau", "spearman", "vs_random.reconstruction_error.keep25"} <= set(carried)
     assert carried["reconstruction_error.keep25"].mean == pytest.approx(

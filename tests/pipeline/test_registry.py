@@ -87,7 +87,8 @@ def test_a_registered_ranker_is_files_and_sources_and_loads_by_alias_version_and
         {"type": "binary", "name": "image", "required": False},
         {"type": "string", "name": "uri", "required": False},
     ]
-    assert [(p.name, p.default) for p in info.signature.params.params] == [("keep_ratio", 0.25)]
+    params = [(p.name, p.default) for p in info.signature.params.params]
+    assert params == [("keep_ratio", 0.25), ("rounds", 8)]
     assert info.signature.outputs.input_names() == ["scores", "kept"]
     example = mlflow.models.Model.load(str(folder)).load_input_example(str(folder))
     assert list(example.columns) == ["image"] and Image.open(io.BytesIO(example["image"][0])).format == "PNG"

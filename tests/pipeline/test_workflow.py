@@ -15,8 +15,8 @@ from PIL import Image
 import ltrp
 from ltrp.data.scenes import SEEN_CLASSES, SHIPPED_MAE, UNSEEN_CLASSES
 from ltrp.evaluation import scene_report
-from ltrp.evaluation.measures import from_tags
 from ltrp.evaluation.promotion import Policy
+from ltrp.pipeline.registry import evaluation_of
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,7 +72,7 @@ def test_pipeline_end_to_end_then_reused(
     client = MlflowClient(mlflow_uri)
     model = client.get_registered_model("ltrp-pipeline-test")
     assert model.aliases["candidate"] in ("1", 1)
-    carried = from_tags(client.get_model_version("ltrp-pipeline-test", "1").tags)
+    carried = evaluation_of(client.get_model_version("ltrp-pipeline-test", "1"), client).estimates
     policy = Policy().resolved(carried)
     assert policy.primary_key == "object_recall.keep25" and set(policy.required_keys) <= set(carried)
     floor = carried["vs_random.object_recall.keep25"]
