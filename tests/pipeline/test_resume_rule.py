@@ -39,7 +39,8 @@ DECISIONS = {
         CORPUS_IDENTITY | {"cover", "mask_ratio", "mode", "metric", "precision"},
         CORPUS_MAY_CHANGE | {"mae"},  # its bytes are fingerprinted, not its path
     ),
-    RankConfig: (CORPUS_IDENTITY, CORPUS_MAY_CHANGE | {"model"}),  # likewise its weights
+    # likewise its weights; the rounds of set inference change every score
+    RankConfig: (CORPUS_IDENTITY | {"rounds"}, CORPUS_MAY_CHANGE | {"model"}),
     TrainConfig: (
         {"scores", "ranker", "head", "init", "loss", "training", "val_fraction", "views", "seed"},
         RUNNING
