@@ -190,15 +190,14 @@ def _rank_in_sets(model: Ranker, images: torch.Tensor, sets: torch.Tensor) -> to
     b, (_, count, n) = len(images), sets.shape
     tokens = model.embed_patches(images)  # (B, L, D): embedded once for every set
     total = torch.zeros(b, model.cfg.num_patches, device=images.device)
-    times = torch.zeros(model.cfg.num_patches, device=images.device)
     for round_sets in sets.to(images.device):  # one round at a time bounds the memory: B * S' sequences
         seen = gather_tokens(tokens, round_sets.flatten().expand(b, -1)).view(b * count, n, -1)
         visible = round_sets.repeat(b, 1)  # (B * S', n): image i's sets are rows i * S' .. (i + 1) * S' - 1
         scores = model.score_seen(seen, visible).float()
         scores = (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp_min(1e-6)
         total.scatter_add_(1, visible.view(b, count * n), scores.view(b, count * n))
-        times.scatter_add_(0, round_sets.flatten(), torch.ones(count * n, device=images.device))
-    return total / times
+    times = torch.bincount(sets.flatten(), minlength=model.cfg.num_patches)  # the same for every image
+    return total / times.to(total)
 
 
 def keep_top(scores: torch.Tensor, ratio: float) -> torch.Tensor:
