@@ -288,7 +288,7 @@ def _selectors(
     p, seed = mae.cfg.patch_size, settings.seed
     seen = [train.classes.index(c) for c in settings.seen]
     progress(f"supervised selector: fine-tuning the MAE encoder on the {len(seen)} seen classes")
-    supervised, val_history = _supervised_selector(mae, train, seen, settings)
+    supervised, val_history = supervised_selector(mae, train, seen, settings)
     scorers: dict[str, Scorer] = {
         "ltrp": RankerScorer(ranker, settings.rounds),
         "random": RandomScorer(p, seed),
@@ -608,7 +608,7 @@ def split_half_reliability(
     return SplitHalf(tau=tau, corrected=fidelity.spearman_brown(tau.mean), rounds=rounds)
 
 
-def _supervised_selector(
+def supervised_selector(
     mae: MAE, train: SceneSet, seen: list[int], settings: SceneEvalSettings
 ) -> tuple[torch.nn.Module, list[float]]:
     """Fine-tuned from the MAE encoder with the seen classes' labels (every patch visible), until the

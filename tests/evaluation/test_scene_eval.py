@@ -13,7 +13,6 @@ from ltrp.evaluation.objects import measure
 from ltrp.evaluation.scene_eval import (
     POOLED,
     SceneEvalSettings,
-    _supervised_selector,
     gain_share,
     kind_order,
     load_scene_set,
@@ -22,6 +21,7 @@ from ltrp.evaluation.scene_eval import (
     seed_average,
     seed_spread,
     split_half_reliability,
+    supervised_selector,
 )
 
 
@@ -39,7 +39,7 @@ def test_the_supervised_selector_learns_to_attend_to_the_seen_class(tmp_path) ->
     # the selector's mechanism, not how far an encoder was trained.
     mae = ltrp.load_mae(str(FIRST_MAE))
     settings = SceneEvalSettings(supervised=ProbeSettings(epochs=8, patience=3, lr=5e-4, batch_size=32))
-    selector, history = _supervised_selector(mae, train, [train.classes.index("Trouser")], settings)
+    selector, history = supervised_selector(mae, train, [train.classes.index("Trouser")], settings)
     assert max(history) > 0.4  # validation AP of "a trouser is in the scene"
     keep = keep_top(selector.cls_attention(test.inputs()), 0.25).numpy()
     supervised = measure(test.objects, keep, seen, unseen)
