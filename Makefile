@@ -34,10 +34,12 @@ PLASMA_PHOTOS := BytheWater ColdRipple ColorfulCups DarkestHour EveningGlow Fall
 
 .PHONY: demo test test-quick test-faults test-docs pin image photos fashion-mnist
 
-# Every package at the version of constraints.txt: what CI tests is what the cluster image installs.
-$(VENV)/.installed: pyproject.toml constraints.txt
+# Every package at the version and hash of requirements/dev.lock: what CI tests is what the cluster
+# images install (requirements/worker.lock and head.lock: the same versions, fewer packages).
+$(VENV)/.installed: pyproject.toml requirements/dev.lock
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --require-hashes -r requirements/dev.lock
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 fashion-mnist: $(FASHION_MNIST_READY)
@@ -89,14 +91,23 @@ test-faults: $(VENV)/.installed fashion-mnist
 test-docs: $(VENV)/.installed fashion-mnist
 	$(PY) -m pytest -m "docs and not gpu" --durations=5 tests/test_docs.py
 
-# After a dependency change in pyproject.toml: re-pin constraints.txt to what the fresh .venv resolved.
-pin: $(VENV)/.installed
-	{ grep '^#' constraints.txt; $(VENV)/bin/pip freeze --exclude-editable; } > constraints.txt.new
-	mv constraints.txt.new constraints.txt
+# After a dependency change in pyproject.toml: re-lock with pip-tools (in a venv of its own), keeping
+# every locked version that still fits; `make pin PIN_ARGS=--upgrade` moves to the newest. The worker
+# and head locks start from the dev lock, so the three agree on every version they share.
+PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make pin" .pin/bin/pip-compile --quiet --generate-hashes \
+	--allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links $(PIN_ARGS)
+pin:
+	test -x .pin/bin/pip-compile || { python3 -m venv .pin && .pin/bin/pip install --quiet pip-tools==7.4.1; }
+	$(PIP_COMPILE) --extra full --extra dev -o requirements/dev.lock pyproject.toml
+	cp requirements/dev.lock requirements/worker.lock && $(PIP_COMPILE) -o requirements/worker.lock pyproject.toml
+	cp requirements/dev.lock requirements/head.lock
+	$(PIP_COMPILE) --extra full --extra cluster -o requirements/head.lock pyproject.toml
 
-# Build and push the cluster image of this commit; the tag names the commit, so commit first.
+# Build and push the cluster images of this commit, the head's and (tag suffix -worker) the workers';
+# the tags name the commit, so commit first.
 image:
 	git diff --quiet HEAD || { echo "make image: uncommitted changes; the tag $(IMAGE) names HEAD" >&2; exit 1; }
-	docker build -f cluster/Dockerfile -t $(IMAGE) .
-	docker push $(IMAGE)
+	docker build -f cluster/Dockerfile --build-arg LOCK=head -t $(IMAGE) .
+	docker build -f cluster/Dockerfile --build-arg LOCK=worker -t $(IMAGE)-worker .
+	docker push $(IMAGE) && docker push $(IMAGE)-worker
 	@echo "export LTRP_IMAGE=$(IMAGE)"

@@ -38,7 +38,7 @@ FENCE = re.compile(r"^```(\S*)\s*$")
 CHECK_ONLY = re.compile(r"^<!--\s*check-only:\s*(\S.*?)\s*-->$")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 #: What the sandbox links from the checkout, so that the blocks' relative paths are the README's.
-LINKED = ("jobs", "ltrp", "cluster", "docs", "Makefile", "pyproject.toml", "constraints.txt")
+LINKED = ("jobs", "ltrp", "cluster", "docs", "Makefile", "pyproject.toml", "requirements")
 BLOCK_TIMEOUT_S = 420
 
 

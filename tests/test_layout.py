@@ -103,6 +103,30 @@ def test_import_ltrp_the_configs_and_the_local_services_load_nothing_heavy() -> 
     assert "torch" in _imported_after("import ltrp; ltrp.MAE")  # the export still resolves
 
 
+#: What only drivers and users install (pyproject.toml's `full` extra), by import name; mlflow's server
+#: side (sqlalchemy, alembic, flask) with them. Workers get the base dependencies only.
+DRIVER_ONLY = ("scipy", "skimage", "matplotlib", "sklearn", "sqlalchemy", "alembic", "flask")
+#: Every module a Ray worker imports to run a stage or a training loop (the stages' classes, the tasks
+#: pickled to Ray Train's workers).
+WORKER_MODULES = (
+    "ltrp.pipeline.score_stages", "ltrp.pipeline.rank_stages", "ltrp.pipeline.train_job",
+    "ltrp.pipeline.pretrain_job", "ltrp.pipeline.trainer", "ltrp.pipeline.training_data",
+)  # fmt: skip
+
+
+def test_the_worker_stages_import_without_the_driver_only_packages(tmp_path: Path) -> None:
+    """A worker image installs `pip install ltrp` only: every worker module imports in an interpreter
+    where importing any of the `full` extra's packages fails (each shadowed by a package that raises
+    ModuleNotFoundError, as an absent one does), and loads none of them."""
+    for name in DRIVER_ONLY:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ModuleNotFoundError('no {name} in a worker')")
+    imports = "; ".join(f"import {m}" for m in WORKER_MODULES)
+    loaded = _imported_after(f"sys.path.insert(0, {str(tmp_path)!r}); {imports}")
+    assert {"ltrp", "torch", "ray", "mlflow"} <= loaded  # the probe sees what was imported
+    assert not loaded & set(DRIVER_ONLY), loaded & set(DRIVER_ONLY)
+
+
 @pytest.mark.parametrize(
     ("choices", "registry"),
     [(options.MAEGeometry, GEOMETRIES), (options.RankerGeometry, RANKER_GEOMETRIES), (options.Loss, LOSSES)],

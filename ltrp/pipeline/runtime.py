@@ -20,6 +20,8 @@ TRACKING_URI = "MLFLOW_TRACKING_URI"
 SUBMITTED_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 #: Ray Data's number of Parquet footer-reader actors per read (its default: 32).
 PARQUET_FOOTER_READERS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+#: MLflow's switch of its artifact download and upload progress bars.
+MLFLOW_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 def tracking_uri() -> str:
@@ -113,9 +115,17 @@ def start(experiment: str | None = None, *, workers: int = 1, worker_cpus: float
 
 def track(experiment: str | None = None) -> None:
     """Points MLflow at `tracking_uri()`, in `experiment` if given."""
+    quiet_off_a_terminal()
     mlflow.set_tracking_uri(tracking_uri())
     if experiment:
         mlflow.set_experiment(experiment)
+
+
+def quiet_off_a_terminal() -> None:
+    """Off a terminal (a job's log, a file), no MLflow artifact progress bar: it logs a redraw per
+    file, 64 for one ranker. A user's own setting stays."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault(MLFLOW_PROGRESS_BAR, "false")
 
 
 def cluster_gpus() -> int:

@@ -121,7 +121,9 @@ def test_launcher_config_passes_rays_schema_and_installs_nothing_at_start() -> N
     # Ray's AWS defaults would pip install boto3 on the head; the image has it.
     for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands"):
         assert config[key] == [], key
-    assert config["docker"]["image"] == AWS_VALUES["LTRP_IMAGE"] and config["docker"]["pull_before_run"]
+    docker = config["docker"]
+    assert docker["head_image"] == AWS_VALUES["LTRP_IMAGE"] and docker["pull_before_run"]
+    assert docker["worker_image"] == AWS_VALUES["LTRP_IMAGE"] + "-worker"
     for name, node_type in config["available_node_types"].items():
         node = node_type["node_config"]
         # A concrete AMI: the head launches workers with a role that may not read SSM ("resolve:ssm:").
@@ -159,7 +161,8 @@ def test_kuberay_pods_fit_their_nodes_and_run_the_tested_ray(where: str, cluster
     assert cluster["rayVersion"] == ray.__version__, where
     assert pod["securityContext"]["runAsNonRoot"] is True, where
     (container,) = pod["containers"]
-    assert container["image"] == "${LTRP_IMAGE}" and container["imagePullPolicy"] == "IfNotPresent", where
+    image = "${LTRP_IMAGE}" if where.endswith(":head") else "${LTRP_IMAGE}-worker"  # the stages' lock only
+    assert container["image"] == image and container["imagePullPolicy"] == "IfNotPresent", where
     requests, limits = container["resources"]["requests"], container["resources"]["limits"]
     assert requests == limits, where  # Ray sizes itself by the limits: a request below them oversubscribes
     vcpus, gib, gpus = NODE_TYPES[pod["nodeSelector"]["node.kubernetes.io/instance-type"]]
@@ -231,28 +234,48 @@ def test_image_is_rays_own_for_our_ray_and_python_running_as_a_user() -> None:
     assert "NVIDIA_VISIBLE_DEVICES=all" in env and "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in env
 
 
-def test_image_and_venv_install_the_versions_ci_tests() -> None:
-    """The Dockerfile and the Makefile install with constraints.txt, whose pins are this environment's
-    versions and cover every dependency of the project, so the cluster runs what CI tested."""
-    runs = [" ".join(line.split()) for line in _dockerfile().splitlines()]
-    installs = [r for r in runs if "pip install" in r]
-    assert installs and all(
-        re.search(r"pip install --no-cache-dir -c constraints\.txt -e \. boto3$", r) for r in installs
-    )
-    assert "pip install --quiet -c constraints.txt -e '.[dev]'" in (ROOT / "Makefile").read_text()
-    pins = dict(
-        line.split("==")
-        for line in (ROOT / "constraints.txt").read_text().splitlines()
-        if line and line[0] != "#"
-    )
+def _locked(name: str) -> dict[str, tuple[str, list[str]]]:
+    """requirements/NAME.lock: package -> (version, its hashes)."""
+    text = (ROOT / "requirements" / f"{name}.lock").read_text().replace("\\\n", " ")
+    pins = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            requirement, *options = line.split()
+            package, version = requirement.split("==")
+            pins[_canonical(package)] = (version, [o.removeprefix("--hash=sha256:") for o in options])
+    return pins
+
+
+def test_the_venv_and_the_images_install_the_locked_versions_ci_tests() -> None:
+    """The Makefile and the Dockerfile install a lock with hashes, pip refusing anything unhashed; the
+    dev lock is this environment and covers every dependency of the project; the worker and head locks
+    pin the same versions, the worker's without the drivers' packages."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert "pip install --quiet --require-hashes -r requirements/dev.lock" in makefile
+    runs = [" ".join(line.split()) for line in _dockerfile().splitlines() if "pip install" in line]
+    assert runs == [
+        "RUN pip install --no-cache-dir --require-hashes -r requirements/${LOCK}.lock",
+        "RUN pip install --no-cache-dir --no-deps -e .",
+    ]
+    locks = {name: _locked(name) for name in ("dev", "worker", "head")}
+    for name, pins in locks.items():
+        unhashed = [p for p, (_, hashes) in pins.items() if not hashes]
+        assert not unhashed, f"requirements/{name}.lock: no hash for {unhashed} (make pin)"
+    dev = locks["dev"]
     wrong = {
-        n: (v, importlib.metadata.version(n)) for n, v in pins.items() if importlib.metadata.version(n) != v
+        p: (v, importlib.metadata.version(p))
+        for p, (v, _) in dev.items()
+        if importlib.metadata.version(p) != v
     }
-    assert not wrong, f"constraints.txt is not this environment (make pin): {wrong}"
-    pinned = {_canonical(n) for n in pins}
+    assert not wrong, f"requirements/dev.lock is not this environment (make pin): {wrong}"
     needed = [Requirement(r) for r in importlib.metadata.requires("ltrp")]
-    unpinned = [str(r.name) for r in needed if _canonical(r.name) not in pinned]
-    assert not unpinned and "boto3" in pins, f"not in constraints.txt (make pin): {unpinned}"
+    unpinned = [str(r.name) for r in needed if _canonical(r.name) not in dev | locks["head"]]
+    assert not unpinned, f"not in the locks (make pin): {unpinned}"
+    for name in ("worker", "head"):
+        differ = {p: v for p, (v, _) in locks[name].items() if p in dev and dev[p][0] != v}
+        assert not differ, f"requirements/{name}.lock and dev.lock pin other versions: {differ}"
+    drivers_only = {"scipy", "scikit-image", "matplotlib", "mlflow", "sqlalchemy", "alembic", "flask"}
+    assert not drivers_only & set(locks["worker"]) and drivers_only | {"boto3"} <= set(locks["head"])
 
 
 def _canonical(name: str) -> str:

@@ -269,6 +269,27 @@ def test_a_store_that_outlives_the_node_is_used(
     assert runtime.tracking_uri() == expected.format(cwd=tmp_path)
 
 
+def test_install_size_benchmark_measures_each_lock_here() -> None:
+    """The worker lock is a strict subset of the head's, so its installed size is smaller; the dev lock
+    is this environment, so every package it pins is measured."""
+    from jobs.bench import install_size
+
+    sizes = install_size.main([])
+    assert 0 < sizes["worker"] < sizes["head"] <= sizes["dev"]
+
+
+def test_off_a_terminal_mlflow_draws_no_artifact_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's log gets no redraw per downloaded file (pytest's stderr is not a terminal); a user's
+    own setting stays."""
+    monkeypatch.setenv(runtime.MLFLOW_PROGRESS_BAR, "")  # recorded, so that the undo removes it
+    monkeypatch.delenv(runtime.MLFLOW_PROGRESS_BAR)
+    runtime.quiet_off_a_terminal()
+    assert os.environ[runtime.MLFLOW_PROGRESS_BAR] == "false"
+    monkeypatch.setenv(runtime.MLFLOW_PROGRESS_BAR, "true")
+    runtime.quiet_off_a_terminal()
+    assert os.environ[runtime.MLFLOW_PROGRESS_BAR] == "true"
+
+
 def test_required_options_are_required(tmp_path: Path) -> None:
     proc = _launch("jobs.score", cwd=tmp_path)
     assert proc.returncode == 2
