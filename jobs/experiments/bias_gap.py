@@ -22,7 +22,6 @@ covariates capture geometry. Prints a table; writes OUTPUT/bias_gap.json and OUT
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -119,10 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
             for other in ("oracle", "supervised", "mae_attention") if other in gaps
         },
     }  # fmt: skip
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bias_gap.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / "bias_gap.png")
+    from jobs.experiments.figures import write_result
+
+    write_result(result, cfg.output, "bias_gap", plot)
     print(table_text(result))
     return result
 

@@ -17,7 +17,6 @@ Prints a table; writes OUTPUT/set_inference.json and OUTPUT/set_inference.png (r
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -78,10 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
         "scenes": len(images), "kinds": {k: int((kinds == k).sum()) for k in kind_order(kinds)},
         "rounds": [_measures(recalls, r, seconds, kinds, cfg.seed) for r in recalls],
     }  # fmt: skip
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "set_inference.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / "set_inference.png")
+    from jobs.experiments.figures import write_result
+
+    write_result(result, cfg.output, "set_inference", plot)
     print(table(result))
     return result
 
