@@ -1,0 +1,53 @@
+"""The benchmarks' stand-in scorer (jobs/bench/standin.py) as a plain function, then its job in this
+process: the real scorer's rows and schema, at its rate, with a fingerprint of its own."""
+
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from support import decode, image, score_config, write_shard
+
+import ltrp
+from jobs.bench.standin import StandInScoreJob, StandInScorer
+from ltrp.data.tables import SCORES_SCHEMA
+from ltrp.pipeline.configs import InputError
+from ltrp.pipeline.score_job import ScoreJob
+from ltrp.pipeline.score_stages import ShardScorer
+from ltrp.pipeline.stages import run_in_process
+
+
+@pytest.mark.parametrize("mask_ratio", [0.9, 0.25])  # 6 and 48 of the tiny MAE's 64 patches visible
+def test_the_stand_in_returns_the_real_scorers_rows_after_its_batch_time(
+    tmp_path: Path, mae_path: str, mae: ltrp.MAE, mask_ratio: float
+) -> None:
+    files = {"a.png": image(0, 60, 90), "b.png": b"junk", "c.png": image(1, 64, 64)}
+    cfg = score_config(tmp_path, mae_path, views=2, mask_ratio=mask_ratio)
+    batch = decode(cfg, write_shard(tmp_path, 0, files))
+    real = ShardScorer(cfg, mae.checkpoint.sha256, gpu=False)(batch)
+
+    started = time.perf_counter()
+    stand_in = StandInScorer(views_per_second=100)(batch)
+    assert time.perf_counter() - started >= batch.num_rows / 100  # 5 rows: at least 50 ms
+    assert stand_in.schema == real.schema
+    assert stand_in.drop_columns(["scores"]).equals(real.drop_columns(["scores"]))
+    lengths = [None if s is None else len(s) for s in stand_in.column("scores").to_pylist()]
+    assert lengths == [None if s is None else len(s) for s in real.column("scores").to_pylist()]
+    assert None in lengths and set(lengths) - {None} == {6 if mask_ratio == 0.9 else 48}
+
+    with pytest.raises(ValueError, match="views_per_second"):
+        StandInScorer(views_per_second=0)
+
+
+def test_the_stand_in_job_writes_the_real_jobs_rows_and_is_never_taken_for_it(
+    tmp_path: Path, mae_path: str
+) -> None:
+    write_shard(tmp_path / "corpus", 0, {"a.png": image(0, 60, 90), "b.png": image(1, 64, 64)})
+    cfg = score_config(tmp_path, mae_path, source=str(tmp_path / "corpus"), views=2)
+    StandInScoreJob(cfg, views_per_second=1000).write(run_in_process, progress=lambda _: None)
+    table = pq.read_table(tmp_path / "out" / "scores")
+    assert table.num_rows == 4 and table.schema.equals(SCORES_SCHEMA, check_metadata=False)
+    scores, visible = (table.column(c).to_pylist() for c in ("scores", "visible"))
+    assert all(s == [0.0] * len(v) for s, v in zip(scores, visible, strict=True))
+    with pytest.raises(InputError):  # the real job refuses the stand-in's output
+        ScoreJob(cfg)
