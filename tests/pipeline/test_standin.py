@@ -51,3 +51,19 @@ def test_the_stand_in_job_writes_the_real_jobs_rows_and_is_never_taken_for_it(
     assert all(s == [0.0] * len(v) for s, v in zip(scores, visible, strict=True))
     with pytest.raises(InputError):  # the real job refuses the stand-in's output
         ScoreJob(cfg)
+
+
+def test_the_feed_benchmark_reads_each_operators_cpu_from_ray_datas_stats() -> None:
+    from jobs.bench.feed import _stage, operator_cpu
+
+    stats = (
+        "Operator 1 MapBatches(decode_shards): 4 tasks executed, 4 blocks produced in 1.86s\n"
+        "* Remote wall time: 164.85ms min, 553.56ms max, 294.19ms mean, 1.18s total\n"
+        "* Remote cpu time: 141.97ms min, 258.06ms max, 172.4ms mean, 689.61ms total\n"
+        "Operator 2 MapBatches(StandInScorer): 4 tasks executed, 4 blocks produced in 1.48s\n"
+        "* Remote cpu time: 11.76ms min, 21.19ms max, 14.79ms mean, 1.5s total\n"
+        "Operator 3 MapBatches(commit_shards): 4 tasks executed, 4 blocks produced in 4.26s\n"
+        "* Remote cpu time: 7.46us min, 28.16us max, 13.96us mean, 55.83us total\n"
+    )
+    cpu = {_stage(name): seconds for name, seconds in operator_cpu(stats).items()}
+    assert cpu == pytest.approx({"decode": 0.68961, "scorer": 1.5, "commit": 55.83e-6})
