@@ -16,6 +16,12 @@ would, computing nothing. What limits the job is then the CPU side only. Per K (
     driver ms/view      time.process_time() of this process around the job (Ray Data's executor,
                         Ray's core worker threads, the shard bookkeeping), per view written
 
+Then the same K on twice the images (the first N are the same JPEGs), and the steady state as the
+difference of the two jobs, which cancels their fixed costs (planning, actor start-up, ramp-up, drain):
+
+    marginal views/s    (views_2N - views_N) / (seconds_2N - seconds_N)
+    driver CPU-s / 10k  (driver CPU_2N - driver CPU_N) per 10,000 of those views
+
 A first job of one shard warms the cluster up (worker processes, imports) and is not reported. Ray's
 own daemons (raylet, GCS, object store) are not counted here. The numbers are per view, so a GPU at
 R views/s needs about R x (decode + scorer + commit + driver) ms of CPU each second.
@@ -115,6 +121,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         corpus = write_corpus(root / "corpus", cfg.images)
+        double = write_corpus(root / "double", 2 * cfg.images)
         mae = root / "mae_b.pth"
         ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES["mae_vit_base_patch16"]), str(mae), dtype=torch.float16)
         ray.init(num_cpus=cfg.cpus)
@@ -124,16 +131,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )  # fmt: skip
         warm = write_corpus(root / "warm", 8)
         run_job(replace(job, source=str(warm), output=str(root / "out-warm")), cfg.rate)
-        print("| K | views | views/s (stand-in's rate) | decode | scorer | commit | driver (CPU ms/view) |")
-        print("|---|---|---|---|---|---|---|")
+        print(
+            "| K | views | views/s (stand-in's rate) | decode | scorer | commit | driver (CPU ms/view) "
+            "| marginal views/s | driver CPU-s per 10k views, marginal |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
         for k in cfg.views:
             f = run_job(replace(job, views=k, output=str(root / f"out-{k}")), cfg.rate)
+            f2 = run_job(replace(job, source=str(double), views=k, output=str(root / f"out2-{k}")), cfg.rate)
             row = {"K": k, "views": f.views, "views_per_s": f.views / f.seconds, "rate": cfg.rate}
             row |= {_stage(name): 1e3 * s / f.views for name, s in f.operator_cpu.items()}
             row["driver"] = 1e3 * f.driver_cpu / f.views
+            row["marginal_views_per_s"] = (f2.views - f.views) / (f2.seconds - f.seconds)
+            row["marginal_driver_per_10k"] = 1e4 * (f2.driver_cpu - f.driver_cpu) / (f2.views - f.views)
             rows.append(row)
             cells = " | ".join(f"{row.get(stage, float('nan')):.3f}" for stage in STAGES)
-            print(f"| {k} | {f.views} | {row['views_per_s']:.0f} ({cfg.rate:g}) | {cells} |", flush=True)
+            print(
+                f"| {k} | {f.views} | {row['views_per_s']:.0f} ({cfg.rate:g}) | {cells} "
+                f"| {row['marginal_views_per_s']:.0f} | {row['marginal_driver_per_10k']:.2f} |",
+                flush=True,
+            )
         ray.shutdown()
     return rows
 
