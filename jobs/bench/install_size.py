@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCKS = ("worker", "head", "dev")
@@ -33,7 +34,7 @@ class InstallSizeConfig:
 def locked_packages(name: str) -> list[str]:
     """The packages requirements/NAME.lock pins, in canonical form."""
     text = (ROOT / "requirements" / f"{name}.lock").read_text()
-    return [_canonical(m) for m in re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==", text, re.M)]
+    return [canonicalize_name(m) for m in re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==", text, re.M)]
 
 
 def installed_bytes(package: str) -> int:
@@ -56,10 +57,6 @@ def main(argv: list[str] | None = None) -> dict:
     for package, size in sorted(extra.items(), key=lambda kv: -kv[1])[: cfg.largest]:
         print(f"  {package:24s} {size / MB:8.1f} MB")
     return {name: sum(packages.values()) for name, packages in sizes.items()}
-
-
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 if __name__ == "__main__":

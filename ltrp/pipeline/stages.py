@@ -101,11 +101,16 @@ def wire(ds: ray.data.Dataset, stages: Iterable[Stage]) -> ray.data.Dataset:
     return ds
 
 
-def run_on_ray(stages: list[Stage], items: list[dict]) -> Iterator[dict]:
-    """The rows the last stage returns, the items (one block each) run through the stages by Ray Data."""
+def dataset(stages: list[Stage], items: list[dict]) -> ray.data.Dataset:
+    """The items (one block each) through the stages, as a Ray Data dataset (lazy: nothing runs yet)."""
     import ray.data
 
-    return wire(ray.data.from_items(items, override_num_blocks=len(items)), stages).iter_rows()
+    return wire(ray.data.from_items(items, override_num_blocks=len(items)), stages)
+
+
+def run_on_ray(stages: list[Stage], items: list[dict]) -> Iterator[dict]:
+    """The rows the last stage returns, the items run through the stages by Ray Data."""
+    return dataset(stages, items).iter_rows()
 
 
 def run_in_process(stages: list[Stage], items: list[dict]) -> Iterator[dict]:

@@ -262,11 +262,8 @@ def test_the_venv_and_the_images_install_the_locked_versions_ci_tests() -> None:
         unhashed = [p for p, (_, hashes) in pins.items() if not hashes]
         assert not unhashed, f"requirements/{name}.lock: no hash for {unhashed} (make pin)"
     dev = locks["dev"]
-    wrong = {
-        p: (v, importlib.metadata.version(p))
-        for p, (v, _) in dev.items()
-        if importlib.metadata.version(p) != v
-    }
+    installed = {p: importlib.metadata.version(p) for p in dev}
+    wrong = {p: (v, installed[p]) for p, (v, _) in dev.items() if installed[p] != v}
     assert not wrong, f"requirements/dev.lock is not this environment (make pin): {wrong}"
     needed = [Requirement(r) for r in importlib.metadata.requires("ltrp")]
     unpinned = [str(r.name) for r in needed if _canonical(r.name) not in dev | locks["head"]]
