@@ -225,7 +225,13 @@ def port_flags(*names: str) -> list[str]:
     return [f"--{name}={free_port()}" for name in names]
 
 
-def start_ray_node(args: Sequence[str], cpus: int, env: Mapping[str, str], temp_prefix: str) -> RayNode:
+def start_ray_node(
+    args: Sequence[str],
+    cpus: int,
+    env: Mapping[str, str],
+    temp_prefix: str,
+    object_store_bytes: int = 200_000_000,
+) -> RayNode:
     """Starts one Ray node on 127.0.0.1 with ports of its own, without waiting for it.
 
     Args:
@@ -233,6 +239,8 @@ def start_ray_node(args: Sequence[str], cpus: int, env: Mapping[str, str], temp_
         cpus: Its logical CPUs.
         env: Its environment (`ray_node_env`).
         temp_prefix: Prefix of its temp dir under /tmp.
+        object_store_bytes: Its object store's size (small for tests; a job whose blocks do not fit
+            spills them to disk).
 
     Returns:
         The node. Stop it with `kill_ray_nodes`.
@@ -248,7 +256,7 @@ def start_ray_node(args: Sequence[str], cpus: int, env: Mapping[str, str], temp_
             "--node-ip-address=127.0.0.1",
             f"--num-cpus={cpus}",
             "--num-gpus=0",
-            "--object-store-memory=200000000",
+            f"--object-store-memory={object_store_bytes}",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
             *port_flags(*_NODE_PORTS),
@@ -313,6 +321,7 @@ class RayCluster:
         head_env: Mapping[str, str] | None = None,
         dashboard: bool = False,
         temp_prefix: str = "ltrp-ray-",
+        object_store_bytes: int = 200_000_000,
     ) -> None:
         """Starts the cluster; on any failure stops whatever of it started, and raises.
 
@@ -324,10 +333,12 @@ class RayCluster:
             head_env: Variables for the head only, over `env` (e.g. its health-check settings).
             dashboard: Whether the head runs the dashboard and its Jobs API.
             temp_prefix: Prefix of the nodes' temp dirs under /tmp (tells whose leftovers they are).
+            object_store_bytes: Each node's object store size.
         """
         self.env = dict(env)
         self.worker_cpus = worker_cpus
         self.temp_prefix = temp_prefix
+        self.object_store_bytes = object_store_bytes
         self.head: RayNode | None = None
         self.workers: list[RayNode] = []
         gcs, dashboard_port = free_port(), free_port()
@@ -347,6 +358,7 @@ class RayCluster:
                 head_cpus,
                 self.env | dict(head_env or {}),
                 temp_prefix,
+                object_store_bytes,
             )
             wait_for_port(gcs, self.head.proc, timeout=60)
             for _ in range(workers):
@@ -359,7 +371,13 @@ class RayCluster:
 
     def add_worker(self) -> RayNode:
         """Starts one more worker node (as an autoscaler would), without waiting for it to join."""
-        node = start_ray_node([f"--address={self.gcs_address}"], self.worker_cpus, self.env, self.temp_prefix)
+        node = start_ray_node(
+            [f"--address={self.gcs_address}"],
+            self.worker_cpus,
+            self.env,
+            self.temp_prefix,
+            self.object_store_bytes,
+        )
         self.workers.append(node)
         return node
 

@@ -1,48 +1,69 @@
 """Benchmark: can the CPUs feed a GPU? The scoring job at GPU demand, its CPU cost per scored view by stage.
 
-    python -m jobs.bench.feed                          # K = 1, 4, 8; 512 JPEGs; a stand-in at 1,500 views/s
-    python -m jobs.bench.feed --views 8 --images 256 --rate 400      # a quick look (~1 min)
+    python -m jobs.bench.feed           # K = 8, 195 scores a row, local disk and S3, 1 and 2 nodes (~10 min)
+    python -m jobs.bench.feed --views 1 4 8 --scores 19 --storage local --nodes 1       # the K table
+    python -m jobs.bench.feed --photo-side 96 --actors 1 2 4 --storage local --nodes 1  # the driver at
+                                                                   # 1-4 GPUs' demand (cheap JPEGs)
 
-The library's scoring job (`ScoreJob`, MAE-B/16 geometry at 224 px, random fp16 weights: only its shape
-is used) runs on a local Ray started here, over ImageNet-sized JPEGs of scikit-image's photos
-(`jobs.bench.jpegs`) on local disk, in shards of --shard-size images, with its MAE stage replaced by
-the stand-in of `jobs.bench.standin`: one actor that holds each batch as long as a GPU at --rate views/s
-would, computing nothing. What limits the job is then the CPU side only. Per K (views per image):
+The library's scoring job (`ScoreJob`, MAE-B/16's geometry at 224 px; random fp16 weights, of which only
+the shape is used), its MAE stage replaced by `jobs.bench.standin`: actors that hold each batch as long as
+a GPU at --rate views/s would, computing nothing, so that what limits the job is the CPU side only. It
+runs on a local cluster of `ray start` nodes (--node-cpus logical CPUs each, all on this machine's cores),
+--actors stand-in actors a node, over --images JPEGs of scikit-image's photos (`jobs.bench.jpegs`,
+longer side --photo-side: 500 is ImageNet's) in shards of --shard-size, on local disk or in a bucket of
+a moto S3 server on 127.0.0.1 (source and output both). A one-shard job warms each cluster up first.
+For each job, CPU milliseconds per view written:
 
-    views/s             views written / the job's wall seconds (planning, actor start-up and the last
-                        commit included), against the stand-in's rate: their ratio is the headroom
-    decode, scorer,     each Ray Data operator's remote CPU time (Ray Data's own per-task accounting,
-    commit ms/view      `Dataset.stats()`), per view written
-    driver ms/view      time.process_time() of this process around the job (Ray Data's executor,
-                        Ray's core worker threads, the shard bookkeeping), per view written
+    read        the job's shards read into memory (`read_shard`) in this process, once per storage: the
+                part of the decode operator's CPU that fetching the bytes takes
+    decode      the decode operator's remote CPU time (`Dataset.stats()`), minus read
+    scorer      the stand-in operator's (Arrow only: its sleeping is not CPU)
+    commit      the commit operator's (staging, committing and combining the shards' files)
+    driver      `time.process_time()` of this process around the job: planning, Ray Data's executor,
+                Ray's core worker threads, the lease, the commit bookkeeping
+    daemons     the Ray nodes' own processes (raylet, GCS, dashboard, agents, log monitors; `psutil`),
+                not their task and actor workers
+    other       this machine's busy CPU time (`psutil.cpu_times`) minus all the other columns: the
+                workers outside the operators' tasks (an actor's start-up and imports, serialising
+                blocks into the object store, moving them between nodes, Ray Data's own actors), the
+                kernel's work for them, anything else running (nothing else ran here)
+    S3 server   moto's process, which a cluster on real S3 does not run (not in the other columns)
 
-Then the same K on twice the images (the first N are the same JPEGs), and the steady state as the
-difference of the two jobs, which cancels their fixed costs (planning, actor start-up, ramp-up, drain):
-
-    marginal views/s    (views_2N - views_N) / (seconds_2N - seconds_N)
-    driver CPU-s / 10k  (driver CPU_2N - driver CPU_N) per 10,000 of those views
-
-A first job of one shard warms the cluster up (worker processes, imports) and is not reported. Ray's
-own daemons (raylet, GCS, object store) are not counted here. The numbers are per view, so a GPU at
-R views/s needs about R x (decode + scorer + commit + driver) ms of CPU each second.
+And the rates: views/s end to end (planning, actor start-up and the last commit included) against
+the stand-ins' demand (their rate times their number). The driver: its cores from the job's first
+commit to its last (its CPU seconds a second, fixed costs left out), and what that comes to per
+10,000 views at the demand. Its cost is mostly Ray Data's scheduling loop, paid per second a job
+runs, not per view: that last figure holds if its cores stay the same at a GPU's rate, which
+`--photo-side 96 --actors 1 2 4` (JPEGs cheap enough that these cores reach that rate) tests.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from itertools import product
 from pathlib import Path
+from typing import Literal
 
+import fsspec
+import psutil
 import ray
 import torch
 import tyro
 
 import ltrp
 from jobs.bench.jpegs import imagenet_sized_jpegs
+from jobs.bench.local_ray import LocalCluster, check_same_code
 from jobs.bench.standin import StandInScoreJob
+from ltrp import local
+from ltrp.data.sources import plan_corpus, read_shard
 from ltrp.pipeline.configs import ScoreConfig
 from ltrp.pipeline.stages import Stage, dataset
 
@@ -50,43 +71,57 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_fie
 #: Ray Data's per-operator line of remote CPU time, e.g. "* Remote cpu time: 1ms min, ... 689.61ms total".
 CPU_TOTAL = re.compile(r"Remote cpu time:.*?([\d.]+)(us|ms|s) total")
 UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
-STAGES = ("decode", "scorer", "commit", "driver")
+#: Scores a row -> the mask ratio that gives them: 19 of 196 patches visible (MAE's 0.9), or 195, the most
+#: leave-one-out scores (with all 196 visible, no patch is left to measure a reconstruction on).
+MASK_RATIOS = {19: 0.9, 195: 0.005}
+COLUMNS = ("read", "decode", "scorer", "commit", "driver", "daemons", "other", "s3_server")
+BUCKET = "s3://ltrp-feed"
 
 
 @dataclass
 class FeedConfig:
-    """The scoring job's CPU cost per view, at a stand-in GPU's demand."""
+    """The scoring job's CPU cost per view, at stand-in GPUs' demand: a job per combination of the
+    tuples' values."""
 
-    views: tuple[int, ...] = (1, 4, 8)  # K, views per image
-    images: int = 512
-    rate: float = 1500.0  # the stand-in's views/s (an H100 scoring MAE-B/16 in bf16: ~1,400-1,600)
+    views: tuple[int, ...] = (8,)  # K, views per image
+    scores: tuple[Literal[19, 195], ...] = (195,)  # scores a row (visible patches)
+    storage: tuple[Literal["local", "s3"], ...] = ("local", "s3")
+    nodes: tuple[int, ...] = (1, 2)  # local Ray nodes
+    actors: tuple[int, ...] = (1,)  # stand-in actors (GPUs) a node
+    images: int = 2048
+    photo_side: int = 500  # longer side of the JPEGs (ImageNet's typical 500 x 375)
+    rate: float = 1500.0  # each stand-in's views/s (an H100 scoring MAE-B/16 in bf16: ~1,400-1,600)
     shard_size: int = 256
     batch_size: int = 64
-    mask_ratio: float = 0.9  # 19 of 196 patches visible: 19 scores a row
-    cpus: int = 4  # logical CPUs of the local Ray (more than the cores: decode tasks beside the actor)
+    node_cpus: int = 4  # logical CPUs a node (more than the cores: decode tasks beside the actors)
+    actor_cpus: float = 0.25
+    json: Path | None = None  # also write the rows here (`jobs.bench.sizing` reads them)
+    object_store_gb: float = 4.0  # a node's (a shard's views at K = 8 are 300 MB: less spills to disk)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Figures:
+    """One job's CPU seconds by column, its views and seconds, and its driver's steady state."""
+
     views: int
     seconds: float
-    driver_cpu: float
-    operator_cpu: dict[str, float]  # operator name -> CPU seconds
+    cpu: dict[str, float] = field(default_factory=dict)
+    steady_seconds: float = 0.0  # from the first commit to the last
+    steady_driver: float = 0.0  # the driver's CPU seconds meanwhile
+    workers: dict[str, float] = field(default_factory=dict)  # the workers' CPU seconds by title
 
 
-def write_corpus(folder: Path, count: int) -> Path:
+def write_corpus(folder: Path, count: int, side: int) -> Path:
     (folder / "photos").mkdir(parents=True)
-    for i, data in enumerate(imagenet_sized_jpegs(count, PHOTOS)):
+    for i, data in enumerate(imagenet_sized_jpegs(count, PHOTOS, side=side)):
         (folder / "photos" / f"{i:06d}.jpg").write_bytes(data)
     return folder
 
 
-def first_of(corpus: Path, folder: Path, count: int) -> Path:
-    """A corpus of `corpus`'s first `count` JPEGs, linked, not encoded again."""
-    (folder / "photos").mkdir(parents=True)
-    for path in sorted((corpus / "photos").iterdir())[:count]:
-        (folder / "photos" / path.name).symlink_to(path)
-    return folder
+def upload(corpus: Path, uri: str) -> str:
+    fs, root = fsspec.core.url_to_fs(uri)
+    fs.put(str(corpus / "photos"), f"{root}/photos", recursive=True)
+    return uri
 
 
 def operator_cpu(stats: str) -> dict[str, float]:
@@ -108,57 +143,238 @@ def _stage(operator: str) -> str:
     return operator
 
 
-def run_job(cfg: ScoreConfig, rate: float) -> Figures:
+def read_seconds(source: str, shard_size: int) -> float:
+    """CPU seconds this process takes to read every image of `source` into memory, shard by shard."""
+    start = time.process_time()
+    for shard in plan_corpus(source, shard_size).shards:
+        for _ in read_shard(shard):
+            pass
+    return time.process_time() - start
+
+
+class MachineCPU:
+    """CPU seconds used so far: by this machine in all, by a local Ray cluster's daemons (the processes
+    of its nodes that are not task or actor workers, which live through a job) and by the S3 server."""
+
+    def __init__(self, cluster: LocalCluster, s3_server: local.Server | None) -> None:
+        nodes = [psutil.Process(node.proc.pid) for node in [cluster.head, *cluster.workers]]
+        processes = [p for node in nodes for p in [node, *node.children(recursive=True)]]
+        self.daemons = [p for p in processes if not _is_worker(p)]
+        self.s3_server = [psutil.Process(s3_server.proc.pid)] if s3_server else []
+
+    def read(self) -> dict[str, float]:
+        busy = psutil.cpu_times()
+        return {
+            "machine": sum(busy) - busy.idle - busy.iowait,
+            "daemons": _seconds(self.daemons),
+            "s3_server": _seconds(self.s3_server),
+        }
+
+
+def _title(p: psutil.Process) -> str:
+    return " ".join(p.cmdline()).strip()
+
+
+def _is_worker(p: psutil.Process) -> bool:
+    """Ray titles a worker "ray::IDLE", "ray::MapBatches(...)", ...; an agent "ray::...Agent"."""
+    title = _title(p)
+    return title.startswith("ray::") and not title.endswith("Agent")
+
+
+def _seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = p.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+class WorkerSampler:
+    """The CPU seconds of a cluster's task and actor workers during a block, by title ("ray::IDLE",
+    "ray::MapWorker(...)"): every worker is read twice a second, so one that exits loses at most its last
+    half second. The sampling thread's own CPU is counted (`thread_seconds`), to be taken off the
+    driver's."""
+
+    def __init__(self, cluster: LocalCluster, interval: float = 0.5) -> None:
+        self.nodes = [psutil.Process(node.proc.pid) for node in [cluster.head, *cluster.workers]]
+        self.interval = interval
+        self.seen: dict[int, tuple[str, float, float]] = {}  # pid -> (title, first, last CPU seconds)
+        self.thread_seconds = 0.0
+
+    def _sample(self) -> None:
+        for node in self.nodes:
+            for p in node.children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    if _is_worker(p):
+                        title, first, _ = self.seen.get(p.pid, ("ray::IDLE", None, 0.0))
+                        times, now_title = p.cpu_times(), _title(p)
+                        now = times.user + times.system
+                        title = title if now_title == "ray::IDLE" else now_title  # what it last worked on
+                        self.seen[p.pid] = (title, now if first is None else first, now)
+
+    def _run(self) -> None:
+        start = time.thread_time()
+        while not self.stop.wait(self.interval):
+            self._sample()
+        self.thread_seconds = time.thread_time() - start
+
+    def __enter__(self) -> WorkerSampler:
+        self._sample()  # workers alive now count from now; later ones from their start
+        self.seen = {pid: (title, last, last) for pid, (title, _, last) in self.seen.items()}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def by_title(self) -> dict[str, float]:
+        """CPU seconds by title, "TITLE xN" for N processes."""
+        totals: dict[str, list] = {}
+        for title, first, last in self.seen.values():
+            entry = totals.setdefault(title, [0.0, 0])
+            entry[0] += last - first
+            entry[1] += last > first
+        named = {f"{title} x{count}": seconds for title, (seconds, count) in totals.items()}
+        return dict(sorted(named.items(), key=lambda item: -item[1]))
+
+
+def run_job(cfg: ScoreConfig, rate: float, meter: MachineCPU, sampler: WorkerSampler) -> Figures:
     stats: list[str] = []
+    commits: list[tuple[float, float, int]] = []  # (wall, driver CPU, views) at each commit
 
     def runner(stages: list[Stage], items: list[dict]) -> Iterator[dict]:
         ds = dataset(stages, items)
-        yield from ds.iter_rows()
+        for manifest in ds.iter_rows():
+            commits.append((time.perf_counter(), time.process_time(), manifest["rows"]))
+            yield manifest
         stats.append(ds.stats())
 
-    cpu, wall = time.process_time(), time.perf_counter()
-    summary = StandInScoreJob(cfg, views_per_second=rate).write(runner, progress=lambda _: None)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return Figures(summary.rows_written, wall, cpu, operator_cpu(stats[0]))
+    before, cpu, wall = meter.read(), time.process_time(), time.perf_counter()
+    with sampler:
+        summary = StandInScoreJob(cfg, views_per_second=rate).write(runner, progress=lambda _: None)
+    wall, cpu, after = time.perf_counter() - wall, time.process_time() - cpu, meter.read()
+    cpu -= sampler.thread_seconds
+    used = {name: after[name] - before[name] for name in after}
+    f = Figures(summary.rows_written, wall)
+    f.cpu = {_stage(name): s for name, s in operator_cpu(stats[0]).items()}
+    f.cpu |= {"driver": cpu, "daemons": used["daemons"], "s3_server": used["s3_server"]}
+    f.cpu["other"] = used["machine"] - sum(f.cpu.values()) - sampler.thread_seconds
+    f.workers = sampler.by_title()
+    (t0, c0, _), (t1, c1, _) = commits[0], commits[-1]
+    f.steady_seconds, f.steady_driver = t1 - t0, c1 - c0
+    return f
+
+
+def row_of(f: Figures, read: float, key: dict, demand: float) -> dict:
+    """The table's row: CPU ms per view by column (`read`: the job's CPU seconds reading), and the rates."""
+    cpu = f.cpu | {"read": read, "decode": f.cpu["decode"] - read}
+    row = key | {"views": f.views} | {column: 1e3 * cpu[column] / f.views for column in COLUMNS}
+    row |= {"views_per_s": f.views / f.seconds, "demand": demand}
+    row["workers_ms"] = {title: 1e3 * seconds / f.views for title, seconds in f.workers.items()}
+    if f.steady_seconds > 0:
+        cores = f.steady_driver / f.steady_seconds
+        row |= {"driver_cores": cores, "driver_per_10k_at_demand": 1e4 * cores / demand}
+    return row
+
+
+HEADER = (
+    "| nodes | actors a node | storage | K | scores | views | read | decode | scorer | commit | driver "
+    "| daemons | other | S3 server | views/s (demand) | driver cores, steady "
+    "| driver CPU-s per 10k views at the demand |\n" + "|---" * 17 + "|"
+)
+
+
+def format_row(r: dict) -> str:
+    cells = " | ".join(f"{r[c]:.3f}" for c in COLUMNS)
+    steady = (
+        f"{r['driver_cores']:.3f} | {r['driver_per_10k_at_demand']:.2f}"
+        if "driver_cores" in r
+        else "n/a | n/a"
+    )
+    return (
+        f"| {r['nodes']} | {r['actors']} | {r['storage']} | {r['K']} | {r['scores']} | {r['views']} "
+        f"| {cells} "
+        f"| {r['views_per_s']:.0f} ({r['demand']:g}) | {steady} |"
+    )
+
+
+def bench_cluster(nodes: int, sources: dict[str, str], reads: dict[str, float], mae: Path, cfg: FeedConfig,
+                  moto: local.Server | None) -> list[dict]:  # fmt: skip
+    cluster = LocalCluster(nodes, cfg.node_cpus, "ltrp-feed-", int(cfg.object_store_gb * 2**30))
+    rows = []
+    try:
+        ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes(nodes, cfg.node_cpus)
+        check_same_code()
+        meter, sampler = MachineCPU(cluster, moto), WorkerSampler(cluster)
+        job = ScoreConfig(
+            source="", mae=str(mae), output="", shard_size=cfg.shard_size, batch_size=cfg.batch_size,
+            worker_cpus=cfg.actor_cpus, device="cpu",
+        )  # fmt: skip
+        # A shard an image: a decode task on each logical CPU, so that the jobs measured start no workers.
+        warm = replace(
+            job, source=sources["warm"], output=f"{sources['out']}/warm-{nodes}", views=1, shard_size=1
+        )
+        run_job(warm, cfg.rate, meter, sampler)
+        for storage, actors, k, scores in product(cfg.storage, cfg.actors, cfg.views, cfg.scores):
+            key = {"nodes": nodes, "actors": actors, "storage": storage, "K": k, "scores": scores}
+            out = f"{sources[f'{storage}-out']}/n{nodes}-a{actors}-k{k}-s{scores}"
+            run = replace(job, source=sources[storage], output=out, views=k, mask_ratio=MASK_RATIOS[scores],
+                          workers=nodes * actors)  # fmt: skip
+            row = row_of(
+                run_job(run, cfg.rate, meter, sampler), reads[storage], key, cfg.rate * nodes * actors
+            )
+            rows.append(row)
+            print(format_row(row), flush=True)
+            workers = ", ".join(f"{title} {ms:.3f}" for title, ms in row["workers_ms"].items() if ms >= 0.01)
+            print(
+                f"  workers' CPU ms/view by title (in the operators' columns and in other): {workers}",
+                flush=True,
+            )
+    finally:
+        ray.shutdown()
+        cluster.stop()
+    return rows
+
+
+@contextlib.contextmanager
+def s3_bucket() -> Iterator[local.Server]:
+    """A moto S3 server with BUCKET in it, and this process's environment (which the Ray nodes started
+    meanwhile inherit) pointing at it with dummy credentials, restored at the end."""
+    names = ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    saved = {k: os.environ.get(k) for k in names}
+    with local.moto_server() as moto:
+        os.environ.update(zip(names, (moto.url, "testing", "testing", "us-east-1"), strict=True))
+        try:
+            fsspec.filesystem("s3").mkdir(BUCKET)
+            yield moto
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = tyro.cli(FeedConfig, args=argv, prog="python -m jobs.bench.feed", description=__doc__)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="ltrp-feed-") as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
-        double = write_corpus(root / "double", 2 * cfg.images)
-        corpus = first_of(double, root / "corpus", cfg.images)
+        corpus = write_corpus(root / "corpus", cfg.images, cfg.photo_side)
+        sources = {"local": str(corpus), "local-out": str(root / "out"), "out": str(root / "out")}
+        sources["warm"] = str(write_corpus(root / "warm", cfg.node_cpus * max(cfg.nodes), cfg.photo_side))
+        moto = None
+        if "s3" in cfg.storage:
+            moto = stack.enter_context(s3_bucket())
+            sources |= {"s3": upload(corpus, f"{BUCKET}/corpus"), "s3-out": f"{BUCKET}/out"}
         mae = root / "mae_b.pth"
         ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES["mae_vit_base_patch16"]), str(mae), dtype=torch.float16)
-        ray.init(num_cpus=cfg.cpus)
-        job = ScoreConfig(
-            source=str(corpus), mae=str(mae), output="", shard_size=cfg.shard_size, batch_size=cfg.batch_size,
-            mask_ratio=cfg.mask_ratio, workers=1, worker_cpus=0.5, device="cpu",
-        )  # fmt: skip
-        warm = first_of(double, root / "warm", 8)
-        run_job(replace(job, source=str(warm), output=str(root / "out-warm")), cfg.rate)
-        print(
-            "| K | views | views/s (stand-in's rate) | decode | scorer | commit | driver (CPU ms/view) "
-            "| marginal views/s | driver CPU-s per 10k views, marginal |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|")
-        for k in cfg.views:
-            f = run_job(replace(job, views=k, output=str(root / f"out-{k}")), cfg.rate)
-            f2 = run_job(replace(job, source=str(double), views=k, output=str(root / f"out2-{k}")), cfg.rate)
-            row = {"K": k, "views": f.views, "views_per_s": f.views / f.seconds, "rate": cfg.rate}
-            row |= {_stage(name): 1e3 * s / f.views for name, s in f.operator_cpu.items()}
-            row["driver"] = 1e3 * f.driver_cpu / f.views
-            row["marginal_views_per_s"] = (f2.views - f.views) / (f2.seconds - f.seconds)
-            row["marginal_driver_per_10k"] = 1e4 * (f2.driver_cpu - f.driver_cpu) / (f2.views - f.views)
-            rows.append(row)
-            cells = " | ".join(f"{row.get(stage, float('nan')):.3f}" for stage in STAGES)
-            print(
-                f"| {k} | {f.views} | {row['views_per_s']:.0f} ({cfg.rate:g}) | {cells} "
-                f"| {row['marginal_views_per_s']:.0f} | {row['marginal_driver_per_10k']:.2f} |",
-                flush=True,
-            )
-        ray.shutdown()
+        reads = {storage: read_seconds(sources[storage], cfg.shard_size) for storage in cfg.storage}
+        print(HEADER, flush=True)
+        rows = [row for nodes in cfg.nodes for row in bench_cluster(nodes, sources, reads, mae, cfg, moto)]
+    if cfg.json is not None:
+        cfg.json.write_text(json.dumps(rows, indent=1) + "\n")
     return rows
 
 

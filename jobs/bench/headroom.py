@@ -66,7 +66,7 @@ import torch
 import tyro
 
 import ltrp
-from ltrp import local
+from jobs.bench.local_ray import LocalCluster, check_same_code
 from ltrp.core.options import MAEGeometry
 from ltrp.data.datasets import read_fashion_mnist
 from ltrp.data.images import center_crop, png_bytes, to_model_input
@@ -152,43 +152,6 @@ def mae_b_seconds_per_view(cfg: HeadroomConfig) -> float:
         return seconds_per_view(
             partial(ltrp.loo_scores, mae, images, visible), 8, cfg.mae_b_repeats, warm_up=one
         )
-
-
-class LocalCluster(local.RayCluster):
-    """`nodes` Ray nodes on 127.0.0.1 (`ltrp.local.RayCluster`: a head and nodes - 1 workers, each
-    a process group with a temp dir of its own, stopped by killing those groups), token authentication
-    off, each node with `cpus` logical CPUs."""
-
-    def __init__(self, nodes: int, cpus: int) -> None:
-        super().__init__(
-            nodes - 1, head_cpus=cpus, worker_cpus=cpus, env=local.ray_node_env(), temp_prefix="ltrp-hr-"
-        )
-        self.address = self.gcs_address
-
-    def wait_for_nodes(self, count: int, cpus: int, timeout: float = 120) -> None:
-        """Until this (connected) driver sees `count` alive nodes and all their CPUs."""
-        deadline = time.monotonic() + timeout
-        while True:
-            alive = [n for n in ray.nodes() if n["Alive"]]
-            if len(alive) == count and ray.cluster_resources().get("CPU", 0) == count * cpus:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(alive)} of {count} Ray nodes alive after {timeout} s")
-            time.sleep(0.5)
-
-
-@ray.remote(num_cpus=0)
-def _worker_ltrp() -> str:
-    return ltrp.__file__
-
-
-def check_same_code() -> None:
-    """A worker must import the same `ltrp` as this driver: the editable install points at one
-    checkout, and a run from another (a worktree of an older commit) must not be scored by that one's
-    code. (Ray puts the driver's working directory first on its workers' path: run from the root.)"""
-    theirs = ray.get(_worker_ltrp.remote())
-    if theirs != ltrp.__file__:
-        raise RuntimeError(f"Ray workers import {theirs}, this driver {ltrp.__file__}: run from the checkout")
 
 
 def after_first_commit(output: Path) -> JobFigures:

@@ -115,7 +115,7 @@ class CorpusJob(ABC, Generic[C]):
                 "fingerprint": sorted(fingerprint),
                 **self.details(),
                 "ltrp_version": importlib.metadata.version("ltrp"),
-                "torch_version": torch.__version__,
+                "torch_version": str(torch.__version__),  # a plain str: a TorchVersion would unpickle torch
             }
             groups = FileGroups(cfg.file_shards, len(self.corpus.shards))
             self.out = ShardedOutput(cfg.output, self.table, self.schema, groups)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
-from ltrp.core.ranker import Ranker, RankerConfig, rank
-from ltrp.data.checkpoints import weights_sha256
 from ltrp.data.sources import SourceImage
 from ltrp.pipeline.configs import RankConfig
 from ltrp.pipeline.shards import usable_images, view_rows
@@ -26,6 +24,12 @@ class ShardRanker:
     geometry, not as the registry's artifact: every actor checks the weights' digest."""
 
     def __init__(self, ranker_config: dict, weights: dict, sha256: str, rounds: int, gpu: bool) -> None:
+        # Here, not at the top: the decode workers import this module for `image_rows`, and the ranker's
+        # modules (timm, torchvision) would add ~2.4 CPU-s to every decode worker's start.
+        from ltrp.core.ranker import Ranker, RankerConfig, rank
+        from ltrp.data.checkpoints import weights_sha256
+
+        self.rank = rank
         self.device = torch.device("cuda" if gpu else "cpu")
         ranker = Ranker(RankerConfig(**ranker_config))
         ranker.load_state_dict(weights)  # strict: the geometry and the weights must agree
@@ -39,7 +43,7 @@ class ShardRanker:
         scores: list[list[float] | None] = [None] * batch.num_rows
         order: list[list[int] | None] = [None] * batch.num_rows
         if len(ok):
-            values = rank(self.ranker, images, self.rounds).float()  # (B, L)
+            values = self.rank(self.ranker, images, self.rounds).float()  # (B, L)
             ranked = values.argsort(dim=1, descending=True, stable=True)
             for i, row, positions in zip(ok, values.cpu().tolist(), ranked.cpu().tolist(), strict=True):
                 scores[i], order[i] = row, positions

@@ -1,6 +1,7 @@
 """The scoring job's worker side: each image's rows (its views and visible sets) and the scoring stage.
 
-No MLflow, no job module: the decode and scoring workers import only this, `shards` and `stages`.
+No MLflow, no job module: the decode and scoring workers import only this, `shards` and `stages`; the
+MAE's modules load in the scoring actors only.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ import math
 import pyarrow as pa
 import torch
 
-from ltrp.core.leave_one_out import AUTOCAST_DTYPES, loo_scores
 from ltrp.core.masking import cover_sets, visible_count, visible_sets
-from ltrp.data.checkpoints import load_mae
 from ltrp.data.sources import SourceImage
 from ltrp.data.tables import SCORES_SCHEMA
 from ltrp.pipeline.configs import ScoreConfig
@@ -53,6 +52,12 @@ class ShardScorer:
     """Scoring stage: an actor holding the MAE on its device; rows with pixels -> rows with scores."""
 
     def __init__(self, cfg: ScoreConfig, sha256: str, gpu: bool) -> None:
+        # Here, not at the top: the decode workers import this module for `image_rows`, and the MAE's
+        # modules (timm, torchvision) would add ~2.4 CPU-s to every decode worker's start.
+        from ltrp.core.leave_one_out import AUTOCAST_DTYPES, loo_scores
+        from ltrp.data.checkpoints import load_mae
+
+        self.loo_scores, self.autocast_dtype = loo_scores, AUTOCAST_DTYPES[cfg.precision]
         self.device = torch.device("cuda" if gpu else "cpu")
         self.mae = load_mae(cfg.mae).to(self.device)
         if self.mae.checkpoint.sha256 != sha256:
@@ -64,13 +69,13 @@ class ShardScorer:
         scores: list[list[float] | None] = [None] * batch.num_rows
         if len(ok):
             visible = torch.tensor(batch.column("visible").take(ok).to_pylist(), device=self.device)
-            values = loo_scores(
+            values = self.loo_scores(
                 self.mae,
                 images,
                 visible,
                 mode=self.cfg.mode,
                 metric=self.cfg.metric,
-                autocast_dtype=AUTOCAST_DTYPES[self.cfg.precision],
+                autocast_dtype=self.autocast_dtype,
             )
             for i, row in zip(ok, values.cpu().tolist(), strict=True):
                 scores[i] = row

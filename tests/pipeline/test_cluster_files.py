@@ -5,6 +5,7 @@ cluster: test_cluster.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 import re
@@ -18,6 +19,7 @@ from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from jobs._cli import parse
+from jobs.bench.sizing import INSTANCES, FeedFigures, cores_per_gpu
 from ltrp.pipeline.configs import EvaluateConfig, ScoreConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,8 +40,6 @@ LAUNCHER_CONFIGS = {
     "jobs.train": (TrainConfig, "train"),
     "jobs.evaluate": (EvaluateConfig, "evaluate"),
 }
-# The EC2 node types the files name: (vCPUs, GiB, GPUs), as AWS lists them.
-NODE_TYPES = {"m6i.2xlarge": (8, 32, 0), "g6.4xlarge": (16, 64, 1), "c6i.4xlarge": (16, 32, 0)}
 AWS_VALUES = {"LTRP_IMAGE": "ghcr.io/ltrp/ltrp:0.1.0-0123456789ab", "LTRP_AMI": "ami-0123456789abcdef0"}
 
 
@@ -128,7 +128,7 @@ def test_launcher_config_passes_rays_schema_and_installs_nothing_at_start() -> N
         node = node_type["node_config"]
         # A concrete AMI: the head launches workers with a role that may not read SSM ("resolve:ssm:").
         assert node["ImageId"] == AWS_VALUES["LTRP_AMI"], name
-        assert node["InstanceType"] in NODE_TYPES, name
+        assert node["InstanceType"] in INSTANCES, name
     print(
         "ray-schema.json: cluster/aws.yaml valid after prepare_config;",
         len(config["available_node_types"]),
@@ -165,7 +165,8 @@ def test_kuberay_pods_fit_their_nodes_and_run_the_tested_ray(where: str, cluster
     assert container["image"] == image and container["imagePullPolicy"] == "IfNotPresent", where
     requests, limits = container["resources"]["requests"], container["resources"]["limits"]
     assert requests == limits, where  # Ray sizes itself by the limits: a request below them oversubscribes
-    vcpus, gib, gpus = NODE_TYPES[pod["nodeSelector"]["node.kubernetes.io/instance-type"]]
+    node = INSTANCES[pod["nodeSelector"]["node.kubernetes.io/instance-type"]]
+    vcpus, gib, gpus = node.vcpus, node.gib, node.gpus
     # The kubelet, the system and the daemon sets keep at least a core and a tenth of the memory.
     assert float(requests["cpu"]) <= vcpus - 1, where
     memory = _quantity_gib(requests["memory"])
@@ -277,3 +278,36 @@ def test_the_venv_and_the_images_install_the_locked_versions_ci_tests() -> None:
 
 def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _gpu_nodes() -> list[tuple[str, float, int, str]]:
+    """(where, CPUs, GPUs, GPU model) of every node or pod with GPUs that the cluster files start."""
+    found = []
+    for name, node_type in _launcher_config()["available_node_types"].items():
+        node = INSTANCES[node_type["node_config"]["InstanceType"]]
+        if node.gpus:  # `resources: {}`: Ray counts the instance's vCPUs and GPUs
+            found.append((f"aws.yaml:{name}", node.vcpus, node.gpus, node.gpu))
+    for where, _, pod in _pod_templates():
+        requests = pod["containers"][0]["resources"]["requests"]
+        if int(requests.get("nvidia.com/gpu", 0)):
+            node = INSTANCES[pod["nodeSelector"]["node.kubernetes.io/instance-type"]]
+            found.append((where, float(requests["cpu"]), int(requests["nvidia.com/gpu"]), node.gpu))
+    return found
+
+
+def test_gpu_nodes_have_the_cores_the_sizing_table_asks_for() -> None:
+    """docs/cluster.md's table (`jobs.bench.sizing`): each GPU's own node decodes for it, from S3, at
+    the K that needs the most cores, beside its scoring actor; the RayJob that scores starts no CPU-only
+    workers, whose pixels would cross the network (`jobs.bench.feed`: that costs more CPU than decoding)."""
+    feed = FeedFigures.load()
+    nodes = _gpu_nodes()
+    # The scoring actor's CPUs: ScoreConfig's worker_cpus default, which no cluster file overrides.
+    (actor_cpus,) = [f.default for f in dataclasses.fields(ScoreConfig) if f.name == "worker_cpus"]
+    assert nodes
+    for where, cpus, gpus, gpu in nodes:
+        need = max(cores_per_gpu(feed, gpu, "mae_vit_base_patch16", k, "s3") for k in (1, 4, 8))
+        assert cpus / gpus >= need + actor_cpus, where
+    score = [doc for path, doc in _kuberay_docs() if path.name == "rayjob-score.yaml"]
+    for group in score[0]["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        resources = group["template"]["spec"]["containers"][0]["resources"]["requests"]
+        assert int(resources.get("nvidia.com/gpu", 0)) > 0, group["groupName"]

@@ -74,3 +74,29 @@ def test_a_worker_running_a_jobs_stages_loads_neither_mlflow_nor_the_jobs(tmp_pa
     )
     assert loaded.stdout.split() == []
     assert {s.name for s in stages} == {"decode_shards", "ShardScorer", "commit_shards"}
+
+
+def test_decode_and_commit_workers_start_without_the_models_libraries(tmp_path: Path) -> None:
+    """Each stage of the scoring job, pickled alone and unpickled in a fresh interpreter, as a worker
+    that runs only it: the decode stage loads no timm or torchvision (the MAE's, ~2.4 CPU-s at every
+    worker's start), the commit stage not even torch (~2 CPU-s); the scoring actor's class loads them
+    only when an actor is built (jobs.bench.feed measured worker starts as the largest CPU cost after
+    decoding)."""
+    (tmp_path / "images").mkdir()
+    for name, png in list(fashion_mnist_pngs(2).items()):
+        (tmp_path / "images" / Path(name).name).write_bytes(png)
+    ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"]), str(tmp_path / "mae.pth"))
+    cfg = ScoreConfig(
+        source=str(tmp_path / "images"), mae=str(tmp_path / "mae.pth"), output=str(tmp_path / "out")
+    )
+    code = (
+        "import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read()); "
+        "print(' '.join(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules)))"
+    )
+    loaded = {}
+    for stage in ScoreJob(cfg).stages("token", gpu=False):
+        (tmp_path / "stage.pkl").write_bytes(cloudpickle.dumps((stage.fn, stage.kwargs)))
+        run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "stage.pkl")], capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        loaded[stage.name] = run.stdout.split()
+    assert loaded == {"decode_shards": ["torch"], "ShardScorer": ["torch"], "commit_shards": []}

@@ -67,3 +67,35 @@ def test_the_feed_benchmark_reads_each_operators_cpu_from_ray_datas_stats() -> N
     )
     cpu = {_stage(name): seconds for name, seconds in operator_cpu(stats).items()}
     assert cpu == pytest.approx({"decode": 0.68961, "scorer": 1.5, "commit": 55.83e-6})
+
+
+def test_the_feed_benchmark_reports_cpu_per_view_with_reading_taken_out_of_decoding() -> None:
+    from jobs.bench.feed import Figures, row_of
+
+    job = Figures(views=1000, seconds=4.0, steady_seconds=2.0, steady_driver=0.1)
+    job.cpu = {"decode": 3.0, "scorer": 0.05, "commit": 0.02, "driver": 0.4, "daemons": 0.2, "other": 1.0,
+               "s3_server": 0.0}  # fmt: skip
+    row = row_of(job, read=0.5, key={"nodes": 1}, demand=1500.0)
+    assert row["read"] == pytest.approx(0.5) and row["decode"] == pytest.approx(2.5)  # ms a view
+    assert row["driver"] == pytest.approx(0.4) and row["views_per_s"] == pytest.approx(250.0)
+    assert row["driver_cores"] == pytest.approx(0.05)
+    assert row["driver_per_10k_at_demand"] == pytest.approx(0.05 * 1e4 / 1500)
+
+
+def test_the_sizing_table_counts_a_nodes_cpu_per_view_and_scales_the_specs_gpu_rate() -> None:
+    from jobs.bench.sizing import NODE_COLUMNS, FeedFigures, cores_per_gpu, flops_per_view, gpu_views_per_s
+
+    # The spec's roofline line: MAE-B/16 scoring a view of 19 visible patches is ~218 GFLOP.
+    assert flops_per_view("mae_vit_base_patch16", 19) == pytest.approx(218e9, rel=0.1)
+    assert gpu_views_per_s("H100", "mae_vit_base_patch16") == pytest.approx(1400)
+    assert gpu_views_per_s("L4", "mae_vit_base_patch16") == pytest.approx(1400 * 121 / 989)
+    key = {"nodes": 1, "actors": 1, "scores": 19, "K": 4}
+    feed = FeedFigures(
+        [key | {"storage": s} | dict.fromkeys(NODE_COLUMNS, m) for s, m in (("local", 1.0), ("s3", 2.0))]
+    )
+    assert feed.node_ms_per_view(4) == pytest.approx(len(NODE_COLUMNS))
+    assert cores_per_gpu(feed, "H100", "mae_vit_base_patch16", 4, "s3") == pytest.approx(
+        1.4 * 2 * len(NODE_COLUMNS)
+    )
+    with pytest.raises(KeyError, match="no row"):
+        feed.node_ms_per_view(8)
