@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import tyro
 from torch.utils.flop_counter import FlopCounterMode
 
 import ltrp
@@ -125,8 +126,16 @@ def table(feed: FeedFigures) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    print(table(FeedFigures.load()))
+@dataclass
+class SizingConfig:
+    """The node-sizing table from `jobs.bench.feed`'s rows."""
+
+    feed: Path = FEED_FIGURES  # `python -m jobs.bench.feed --views 1 4 8 --storage local s3 --json ...`
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = tyro.cli(SizingConfig, args=argv, prog="python -m jobs.bench.sizing", description=__doc__)
+    print(table(FeedFigures.load(cfg.feed)))
 
 
 if __name__ == "__main__":
