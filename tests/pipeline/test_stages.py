@@ -48,11 +48,13 @@ def test_a_class_needs_a_pool_and_a_function_none() -> None:
         Stage(len, batch_size=1, pool=Pool(1, 1))
 
 
-def test_a_worker_running_a_jobs_stages_loads_neither_mlflow_nor_the_jobs(tmp_path: Path) -> None:
-    """The scoring job's stages, pickled as Ray ships them to workers, unpickled in a fresh
-    interpreter: the decode, scoring and commit functions and their arguments import no MLflow, no
-    driver-side job module and no launcher, nor what only the evaluation uses (scikit-image, scipy,
-    matplotlib)."""
+def test_each_worker_loads_only_what_its_stage_needs(tmp_path: Path) -> None:
+    """Each stage of the scoring job, pickled alone as Ray ships it and unpickled in a fresh interpreter,
+    as a worker that runs only it: none loads MLflow, a driver-side job module or a launcher, nor what
+    only the evaluation uses (scikit-image, scipy, matplotlib); the decode stage loads no timm or
+    torchvision (the MAE's, ~2.4 CPU-s at every worker's start), the commit stage not even torch (~2
+    CPU-s); the scoring actor's class loads the MAE's modules only when an actor is built
+    (jobs.bench.feed measured worker starts as the largest CPU cost after decoding)."""
     (tmp_path / "images").mkdir()
     for name, png in list(fashion_mnist_pngs(2).items()):
         (tmp_path / "images" / Path(name).name).write_bytes(png)
@@ -61,37 +63,10 @@ def test_a_worker_running_a_jobs_stages_loads_neither_mlflow_nor_the_jobs(tmp_pa
     cfg = ScoreConfig(
         source=str(tmp_path / "images"), mae=str(tmp_path / "mae.pth"), output=str(tmp_path / "out")
     )
-    stages = ScoreJob(cfg).stages("token", gpu=False)
-    (tmp_path / "stages.pkl").write_bytes(cloudpickle.dumps([(s.fn, s.kwargs) for s in stages]))
     code = (
         "import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read()); "
-        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'jobs', 'skimage', "
-        "'matplotlib', 'scipy') "
-        "or m.endswith('_job'))))"
-    )
-    loaded = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "stages.pkl")], capture_output=True, text=True, check=True
-    )
-    assert loaded.stdout.split() == []
-    assert {s.name for s in stages} == {"decode_shards", "ShardScorer", "commit_shards"}
-
-
-def test_decode_and_commit_workers_start_without_the_models_libraries(tmp_path: Path) -> None:
-    """Each stage of the scoring job, pickled alone and unpickled in a fresh interpreter, as a worker
-    that runs only it: the decode stage loads no timm or torchvision (the MAE's, ~2.4 CPU-s at every
-    worker's start), the commit stage not even torch (~2 CPU-s); the scoring actor's class loads them
-    only when an actor is built (jobs.bench.feed measured worker starts as the largest CPU cost after
-    decoding)."""
-    (tmp_path / "images").mkdir()
-    for name, png in list(fashion_mnist_pngs(2).items()):
-        (tmp_path / "images" / Path(name).name).write_bytes(png)
-    ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES["mae_vit_tiny_patch8"]), str(tmp_path / "mae.pth"))
-    cfg = ScoreConfig(
-        source=str(tmp_path / "images"), mae=str(tmp_path / "mae.pth"), output=str(tmp_path / "out")
-    )
-    code = (
-        "import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read()); "
-        "print(' '.join(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules)))"
+        "print(' '.join(sorted(m for m in sys.modules if m in ('torch', 'timm', 'torchvision') "
+        "or m.split('.')[0] in ('mlflow', 'jobs', 'skimage', 'matplotlib', 'scipy') or m.endswith('_job'))))"
     )
     loaded = {}
     for stage in ScoreJob(cfg).stages("token", gpu=False):
