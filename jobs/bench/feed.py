@@ -11,7 +11,8 @@ a GPU at --rate views/s would, computing nothing, so that what limits the job is
 runs on a local cluster of `ray start` nodes (--node-cpus logical CPUs each, all on this machine's cores),
 --actors stand-in actors a node, over --images JPEGs of scikit-image's photos (`jobs.bench.jpegs`,
 longer side --photo-side: 500 is ImageNet's) in shards of --shard-size, on local disk or in a bucket of
-a moto S3 server on 127.0.0.1 (source and output both). A one-shard job warms each cluster up first.
+a moto S3 server on 127.0.0.1 (source and output both). A job of one image a shard warms each cluster
+up first, starting a decode worker on every logical CPU.
 For each job, CPU milliseconds per view written:
 
     read        the job's shards read into memory (`read_shard`) in this process, once per storage: the
@@ -51,6 +52,7 @@ from dataclasses import dataclass, field, replace
 from itertools import product
 from pathlib import Path
 from typing import Literal
+from unittest import mock
 
 import fsspec
 import psutil
@@ -105,9 +107,9 @@ class Figures:
 
     views: int
     seconds: float
-    cpu: dict[str, float] = field(default_factory=dict)
-    steady_seconds: float = 0.0  # from the first commit to the last
-    steady_driver: float = 0.0  # the driver's CPU seconds meanwhile
+    cpu: dict[str, float]  # column -> CPU seconds
+    steady_seconds: float  # from the first commit to the last
+    steady_driver: float  # the driver's CPU seconds meanwhile
     workers: dict[str, float] = field(default_factory=dict)  # the workers' CPU seconds by title
 
 
@@ -157,9 +159,7 @@ class MachineCPU:
     of its nodes that are not task or actor workers, which live through a job) and by the S3 server."""
 
     def __init__(self, cluster: LocalCluster, s3_server: local.Server | None) -> None:
-        nodes = [psutil.Process(node.proc.pid) for node in [cluster.head, *cluster.workers]]
-        processes = [p for node in nodes for p in [node, *node.children(recursive=True)]]
-        self.daemons = [p for p in processes if not _is_worker(p)]
+        self.daemons = [p for p in _node_processes(cluster) if not _is_worker(p)]
         self.s3_server = [psutil.Process(s3_server.proc.pid)] if s3_server else []
 
     def read(self) -> dict[str, float]:
@@ -169,6 +169,13 @@ class MachineCPU:
             "daemons": _seconds(self.daemons),
             "s3_server": _seconds(self.s3_server),
         }
+
+
+def _node_processes(cluster: LocalCluster) -> list[psutil.Process]:
+    """Every process of the cluster's nodes: each `ray start` process and its descendants (a worker has
+    a process group of its own, but the raylet is its parent)."""
+    nodes = [psutil.Process(node.proc.pid) for node in [cluster.head, *cluster.workers]]
+    return [p for node in nodes for p in [node, *node.children(recursive=True)]]
 
 
 def _title(p: psutil.Process) -> str:
@@ -197,21 +204,20 @@ class WorkerSampler:
     driver's."""
 
     def __init__(self, cluster: LocalCluster, interval: float = 0.5) -> None:
-        self.nodes = [psutil.Process(node.proc.pid) for node in [cluster.head, *cluster.workers]]
+        self.cluster = cluster
         self.interval = interval
         self.seen: dict[int, tuple[str, float, float]] = {}  # pid -> (title, first, last CPU seconds)
         self.thread_seconds = 0.0
 
     def _sample(self) -> None:
-        for node in self.nodes:
-            for p in node.children(recursive=True):
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    if _is_worker(p):
-                        title, first, _ = self.seen.get(p.pid, ("ray::IDLE", None, 0.0))
-                        times, now_title = p.cpu_times(), _title(p)
-                        now = times.user + times.system
-                        title = title if now_title == "ray::IDLE" else now_title  # what it last worked on
-                        self.seen[p.pid] = (title, now if first is None else first, now)
+        for p in _node_processes(self.cluster):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if _is_worker(p):
+                    title, first, _ = self.seen.get(p.pid, ("ray::IDLE", None, 0.0))
+                    times, now_title = p.cpu_times(), _title(p)
+                    now = times.user + times.system
+                    title = title if now_title == "ray::IDLE" else now_title  # what it last worked on
+                    self.seen[p.pid] = (title, now if first is None else first, now)
 
     def _run(self) -> None:
         start = time.thread_time()
@@ -244,12 +250,12 @@ class WorkerSampler:
 
 def run_job(cfg: ScoreConfig, rate: float, meter: MachineCPU, sampler: WorkerSampler) -> Figures:
     stats: list[str] = []
-    commits: list[tuple[float, float, int]] = []  # (wall, driver CPU, views) at each commit
+    commits: list[tuple[float, float]] = []  # (wall, driver CPU) at each commit
 
     def runner(stages: list[Stage], items: list[dict]) -> Iterator[dict]:
         ds = dataset(stages, items)
         for manifest in ds.iter_rows():
-            commits.append((time.perf_counter(), time.process_time(), manifest["rows"]))
+            commits.append((time.perf_counter(), time.process_time()))
             yield manifest
         stats.append(ds.stats())
 
@@ -259,14 +265,11 @@ def run_job(cfg: ScoreConfig, rate: float, meter: MachineCPU, sampler: WorkerSam
     wall, cpu, after = time.perf_counter() - wall, time.process_time() - cpu, meter.read()
     cpu -= sampler.thread_seconds
     used = {name: after[name] - before[name] for name in after}
-    f = Figures(summary.rows_written, wall)
-    f.cpu = {_stage(name): s for name, s in operator_cpu(stats[0]).items()}
-    f.cpu |= {"driver": cpu, "daemons": used["daemons"], "s3_server": used["s3_server"]}
-    f.cpu["other"] = used["machine"] - sum(f.cpu.values()) - sampler.thread_seconds
-    f.workers = sampler.by_title()
-    (t0, c0, _), (t1, c1, _) = commits[0], commits[-1]
-    f.steady_seconds, f.steady_driver = t1 - t0, c1 - c0
-    return f
+    columns = {_stage(name): s for name, s in operator_cpu(stats[0]).items()}
+    columns |= {"driver": cpu, "daemons": used["daemons"], "s3_server": used["s3_server"]}
+    columns["other"] = used["machine"] - sum(columns.values()) - sampler.thread_seconds
+    (t0, c0), (t1, c1) = commits[0], commits[-1]
+    return Figures(summary.rows_written, wall, columns, t1 - t0, c1 - c0, sampler.by_title())
 
 
 def row_of(f: Figures, read: float, key: dict, demand: float) -> dict:
@@ -317,7 +320,7 @@ def bench_cluster(nodes: int, sources: dict[str, str], reads: dict[str, float], 
         )  # fmt: skip
         # A shard an image: a decode task on each logical CPU, so that the jobs measured start no workers.
         warm = replace(
-            job, source=sources["warm"], output=f"{sources['out']}/warm-{nodes}", views=1, shard_size=1
+            job, source=sources["warm"], output=f"{sources['local-out']}/warm-{nodes}", views=1, shard_size=1
         )
         run_job(warm, cfg.rate, meter, sampler)
         for storage, actors, k, scores in product(cfg.storage, cfg.actors, cfg.views, cfg.scores):
@@ -345,16 +348,12 @@ def bench_cluster(nodes: int, sources: dict[str, str], reads: dict[str, float], 
 def s3_bucket() -> Iterator[local.Server]:
     """A moto S3 server with BUCKET in it, and this process's environment (which the Ray nodes started
     meanwhile inherit) pointing at it with dummy credentials, restored at the end."""
-    names = ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-    saved = {k: os.environ.get(k) for k in names}
     with local.moto_server() as moto:
-        os.environ.update(zip(names, (moto.url, "testing", "testing", "us-east-1"), strict=True))
-        try:
+        settings = {"AWS_ENDPOINT_URL_S3": moto.url, "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+        with mock.patch.dict(os.environ, settings):
             fsspec.filesystem("s3").mkdir(BUCKET)
             yield moto
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -362,7 +361,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="ltrp-feed-") as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
         corpus = write_corpus(root / "corpus", cfg.images, cfg.photo_side)
-        sources = {"local": str(corpus), "local-out": str(root / "out"), "out": str(root / "out")}
+        sources = {"local": str(corpus), "local-out": str(root / "out")}
         sources["warm"] = str(write_corpus(root / "warm", cfg.node_cpus * max(cfg.nodes), cfg.photo_side))
         moto = None
         if "s3" in cfg.storage:

@@ -72,9 +72,9 @@ def test_the_feed_benchmark_reads_each_operators_cpu_from_ray_datas_stats() -> N
 def test_the_feed_benchmark_reports_cpu_per_view_with_reading_taken_out_of_decoding() -> None:
     from jobs.bench.feed import Figures, row_of
 
-    job = Figures(views=1000, seconds=4.0, steady_seconds=2.0, steady_driver=0.1)
-    job.cpu = {"decode": 3.0, "scorer": 0.05, "commit": 0.02, "driver": 0.4, "daemons": 0.2, "other": 1.0,
-               "s3_server": 0.0}  # fmt: skip
+    cpu = {"decode": 3.0, "scorer": 0.05, "commit": 0.02, "driver": 0.4, "daemons": 0.2, "other": 1.0,
+           "s3_server": 0.0}  # fmt: skip
+    job = Figures(views=1000, seconds=4.0, cpu=cpu, steady_seconds=2.0, steady_driver=0.1)
     row = row_of(job, read=0.5, key={"nodes": 1}, demand=1500.0)
     assert row["read"] == pytest.approx(0.5) and row["decode"] == pytest.approx(2.5)  # ms a view
     assert row["driver"] == pytest.approx(0.4) and row["views_per_s"] == pytest.approx(250.0)
