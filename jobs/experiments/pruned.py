@@ -1,16 +1,19 @@
 """Experiment: cheaper vision transformers. A timm ViT's accuracy against its measured throughput on this
-machine, when it runs on the top-k patches of LTRP rankers of two sizes (their forward counted in the
-cost), random, the centre prior, patch variance and FOLK, or merges tokens with ToMe; off the shelf
-(trained on all tokens) and fine-tuned on the kept tokens. On scenes (multi-label mAP; the shipped MAE
-scores the rankers' table) and on Fashion-MNIST (top-1 accuracy; an MAE pre-trained here scores it).
-Also the ranking job's images/s next to the ranker kernel's on the same machine.
+machine, when it runs on the top-k patches of a tiny LTRP ranker (about a tenth of the ViT's compute,
+its forward counted in the cost), random, the centre prior, patch variance and FOLK, merges tokens with
+ToMe, or merges among the ranker's top-k (prune, then merge); off the shelf (trained on all tokens) and
+fine-tuned as each method runs it. The ViT starts from the MAE's encoder (--init mae, as MAE's
+fine-tuning does) and trains on as many generated images as --train-images asks, its held-out score
+recorded after every epoch, so the run shows whether it stopped improving. On scenes (multi-label mAP;
+the shipped MAE, which also scores the ranker's table) and on Fashion-MNIST (top-1 accuracy; an MAE
+pre-trained here). Also the ranking job's images/s next to the ranker kernel's on the same machine.
 
     python -m jobs.experiments.pruned                            # scenes (runs/bench-pruned-scenes/)
     python -m jobs.experiments.pruned --dataset fashion_mnist    # Fashion-MNIST
     python -m jobs.experiments.pruned --train-images 300 --test-images 100 --epochs 1 --fine-tune-epochs 1
 
-Self-contained and reusing what exists under --root: the images, the MAE, a score table of the rankers'
-training images (--views views each), the rankers trained on it, the ViT. Logs the table, the figure
+Self-contained and reusing what exists under --root: the images, the MAE, a score table of the ranker's
+training images (--views views each), the ranker trained on it, the ViT. Logs the table, the figures
 and every figure's number to MLflow (experiment ltrp-bench-pruned).
 """
 
@@ -30,7 +33,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from jobs.experiments.figures import plt, save
 from ltrp.core.baselines import CenterScorer, FolkRComScorer, RankerScorer, VarianceScorer
+from ltrp.core.pruned import vit_from_mae
 from ltrp.core.ranker import Ranker, rank
+from ltrp.data.checkpoints import load_mae
 from ltrp.data.datasets import write_fashion_mnist
 from ltrp.data.scenes import SHIPPED_MAE, SceneConfig, write_scenes
 from ltrp.evaluation import efficiency
@@ -47,49 +52,71 @@ Dataset = Literal["scenes", "fashion_mnist"]
 
 @dataclass(frozen=True)
 class DatasetSetting:
-    """What the experiment fixes per dataset: the input, the two ranker sizes, ToMe's r values."""
+    """What the experiment fixes per dataset: the input, the ranker, ToMe's r values."""
 
     size: int  # input side in pixels (4-px patches)
-    rankers: tuple[str, str]  # the ranker geometries for that grid, large and tiny
+    ranker: str  # the ranker's geometry for that grid: about a tenth of the ViT's compute per image
     tome_r: tuple[int, ...]  # tokens merged per block, spanning the top-k methods' speeds at depth 4
+    #: (keep, r): ToMe merging r tokens per block among the ranker's top `keep` (prune, then merge)
+    prune_then_merge: tuple[tuple[float, int], ...]
     mask_ratio: float  # the scoring's, as the pipeline scores this dataset
     measure: str  # the accuracy's name
 
 
 DATASETS: dict[str, DatasetSetting] = {
     "scenes": DatasetSetting(
-        56, ("ltrp_vit_scenes_patch4", "ltrp_vit_scenes_tiny_patch4"), (12, 24, 36, 48), 0.9, "mAP"
+        56, "ltrp_vit_scenes_tiny_patch4", (12, 24, 36, 48), ((0.75, 24), (0.5, 12)), 0.9, "mAP"
     ),
     "fashion_mnist": DatasetSetting(
-        32, ("ltrp_vit_fmnist_patch4", "ltrp_vit_fmnist_tiny_patch4"), (4, 8, 12, 15), 0.75, "top-1"
+        32, "ltrp_vit_fmnist_tiny_patch4", (4, 8, 12, 15), ((0.75, 6), (0.5, 4)), 0.75, "top-1"
     ),
 }
 PATCH = 4
+SELECTORS = ("ltrp", "random", "center", "variance", "folk")
 
 
 @dataclass
 class PrunedArgs:
     dataset: Dataset = "scenes"
     root: str | None = None  # everything goes here, what exists is reused; None: runs/bench-pruned-DATASET
-    train_images: int = 3000  # images that train the ViT (the first --ranker-images also train the rankers)
-    ranker_images: int = 1500  # training images scored for the rankers
+    #: the ViT: mae starts from the MAE's encoder, in its shape (MAE's fine-tuning); scratch: --width,
+    #: --depth and --heads, randomly initialised
+    init: Literal["mae", "scratch"] = "mae"
+    train_images: int = 20000  # images that train the ViT (the first --ranker-images also train the ranker)
+    val_images: int = 1000  # more training-split images, never trained on: the ViT's score after each epoch
+    ranker_images: int = 1500  # training images scored for the ranker
     test_images: int = 500  # held-out images: accuracy and throughput
     views: int = 4  # scored views per ranker training image
-    ranker_epochs: int = 4
-    mae_epochs: int = 3  # Fashion-MNIST: pre-training of its MAE on the rankers' images
-    width: int = 128  # the ViT: 4-px patches, this width, depth and heads
-    depth: int = 4
-    heads: int = 2
-    epochs: int = 10  # ViT training on all tokens
-    fine_tune_epochs: int = 1  # fine-tuning on kept tokens, per selector and keep ratio
-    keep_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
-    fine_tuned: tuple[str, ...] = ("random", "center")  # baselines fine-tuned too (the rankers always are)
+    ranker_epochs: int = 24  # at most: training stops when validation Kendall tau stops improving
+    mae_epochs: int = 3  # Fashion-MNIST: pre-training of its MAE on the ranker's images
+    width: int | None = None  # --init scratch: the ViT's width, depth and heads (None: 128, 4, 4)
+    depth: int | None = None
+    heads: int | None = None
+    epochs: int = 8  # ViT training on all tokens
+    fine_tune_epochs: int = 1  # fine-tuning as each method runs, per method and setting
+    keep_ratios: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75)
+    #: methods fine-tuned as they run, beside their off-the-shelf score: selectors (SELECTORS), tome,
+    #: ltrp+tome
+    fine_tuned: tuple[str, ...] = (*SELECTORS, "tome", "ltrp+tome")
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float | None = None  # the ViT's peak learning rate (None: 5e-4 from the MAE, 1e-3 from scratch)
     rounds: int = 3  # timing rounds (median)
     threads: int = 2  # torch threads for training and timing
     device: str = "cpu"  # where the ViT, the selectors and ToMe train and are timed (cuda: a GPU)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        shape = {"--width": self.width, "--depth": self.depth, "--heads": self.heads}
+        if self.init == "mae" and any(v is not None for v in shape.values()):
+            given = ", ".join(k for k, v in shape.items() if v is not None)
+            raise ValueError(
+                f"{given}: the ViT's shape is the MAE encoder's with --init mae; use --init scratch"
+            )
+        unknown = set(self.fine_tuned) - {*SELECTORS, "tome", "ltrp+tome"}
+        if unknown:
+            raise ValueError(
+                f"--fine-tuned: unknown method(s) {sorted(unknown)}; choose from {SELECTORS}, tome, ltrp+tome"
+            )
 
 
 @dataclass
@@ -98,10 +125,12 @@ class Data:
 
     x_train: torch.Tensor
     y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-    ranker_source: str  # the rankers' training images (scored, then learned from)
-    corpus: str  # the ViT's training images, which the ranking job ranks
+    ranker_source: str  # the ranker's training images (scored, then learned from)
+    corpus: str  # the ViT's training and validation images, which the ranking job ranks
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -111,16 +140,15 @@ def main(argv: list[str] | None = None) -> dict:
     root = Path(args.root or f"runs/bench-pruned-{args.dataset}")
     data = _scenes(args, root) if args.dataset == "scenes" else _fashion_mnist(args, root)
     runtime.start(None, workers=1, worker_cpus=1.0)
-    rankers = _rankers(args, setting, root, data.ranker_source, _mae(args, root, data.ranker_source))
+    mae = _mae(args, root, data.ranker_source)
+    ranker = _ranker(args, setting, root, data.ranker_source, mae)
 
     device = torch.device(args.device)
-    data = replace(
-        data, **{k: getattr(data, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")}
-    )
-    vit = _vit(args, root, data)
+    data = replace(data, **{k: v.to(device) for k, v in vars(data).items() if isinstance(v, torch.Tensor)})
+    vit, curve = _vit(args, root, data, mae)
     num_patches = (setting.size // PATCH) ** 2
-    selectors = {name: RankerScorer(model.to(device)) for name, model in rankers.items()}
-    selectors |= {
+    selectors = {
+        "ltrp": RankerScorer(ranker.to(device), rounds=0),  # one pass: the ranker trained on all L patches
         "random": efficiency.random_selector(num_patches, args.seed),
         "center": CenterScorer(PATCH),
         "variance": VarianceScorer(PATCH),
@@ -129,29 +157,34 @@ def main(argv: list[str] | None = None) -> dict:
     methods = [Method("full", "full")]
     methods += [Method(name, "top-k", s, keep) for name, s in selectors.items() for keep in args.keep_ratios]
     methods += [Method("tome", "tome", r=r) for r in setting.tome_r]
+    methods += [
+        Method("ltrp+tome", "top-k+tome", selectors["ltrp"], keep, r) for keep, r in setting.prune_then_merge
+    ]
     speed = efficiency.throughputs(
         {m.label: partial(m, vit) for m in methods}, data.x_test, rounds=args.rounds
     )
     _progress(f"timed {len(methods)} methods")
-    settings = FitSettings(args.fine_tune_epochs, args.batch_size, args.lr / 2, seed=args.seed)
-    fine_tuned = {*rankers, *args.fine_tuned}
+    settings = FitSettings(args.fine_tune_epochs, args.batch_size, _lr(args) / 2, seed=args.seed)
     rows = []
     for m in methods:
         row = {"label": m.label, "method": m.name, "kind": m.kind, "keep": m.keep, "r": m.r}
         row["images_per_s"] = speed[m.label]
         row["accuracy_off_the_shelf"] = efficiency.score(efficiency.outputs(vit, data.x_test, m), data.y_test)
-        if m.kind == "top-k" and m.name in fine_tuned:
+        if m.name in args.fine_tuned:
             tuned = efficiency.fine_tuned(vit, data.x_train, data.y_train, settings, m)
             row["accuracy_fine_tuned"] = efficiency.score(
                 efficiency.outputs(tuned, data.x_test, m), data.y_test
             )
         rows.append(row)
         _progress(f"{m.label}: {_fmt(row, setting.measure)}")
-    job_rate, kernel_rate = _ranking_job_rates(args, root, data.corpus, rankers, data.x_test.cpu())
+    job_rate, kernel_rate = _ranking_job_rates(args, root, data.corpus, ranker, data.x_test.cpu())
     result = {
         "args": asdict(args),
         "dataset": args.dataset,
         "measure": setting.measure,
+        "chance": efficiency.chance(data.y_test.cpu()),
+        "vit": {"parameters": _parameters(vit), "val_curve": curve, "val_images": len(data.y_val)},
+        "ranker": {"geometry": setting.ranker, "parameters": _parameters(ranker)},
         "rows": rows,
         "rank_job": {"job_images_per_s": job_rate, "kernel_images_per_s": kernel_rate},
         "machine": _machine(args),
@@ -162,41 +195,56 @@ def main(argv: list[str] | None = None) -> dict:
     (root / "pruned.json").write_text(json.dumps(result, indent=2))
     (root / "pruned.md").write_text(table + "\n")
     _figure(result, root / "pruned.png")
+    _curve_figure(result, root / "vit_curve.png")
     _log(result, root)
     return result
 
 
 def _scenes(args: PrunedArgs, root: Path) -> Data:
     scenes = SceneConfig(seed=args.seed)
-    corpus = write_scenes(root / "scenes-train", "train", args.train_images, scenes)
+    corpus = write_scenes(root / "scenes-train", "train", args.train_images + args.val_images, scenes)
     test = write_scenes(root / "scenes-test", "test", args.test_images, scenes)
-    ranker_source = write_scenes(root / "scenes-rankers", "train", args.ranker_images, scenes)
+    ranker_source = write_scenes(root / "scenes-ranker", "train", args.ranker_images, scenes)
     train, test = (load_scene_set(str(m), DATASETS["scenes"].size, PATCH) for m in (corpus, test))
-    return _data(train, test, ranker_source, corpus)
+    return _data(args, train, test, ranker_source, corpus)
 
 
 def _fashion_mnist(args: PrunedArgs, root: Path) -> Data:
-    corpus = write_fashion_mnist(root / "fmnist-train", "train", args.train_images)
+    corpus = write_fashion_mnist(root / "fmnist-train", "train", args.train_images + args.val_images)
     test = write_fashion_mnist(root / "fmnist-test", "test", args.test_images)
-    ranker_source = write_fashion_mnist(root / "fmnist-rankers", "train", args.ranker_images)
+    ranker_source = write_fashion_mnist(root / "fmnist-ranker", "train", args.ranker_images)
     size = DATASETS["fashion_mnist"].size
     train, classes, _ = load_labelled(str(corpus), size)
     test, _, _ = load_labelled(str(test), size, classes)
-    return _data(train, test, ranker_source, corpus)
+    return _data(args, train, test, ranker_source, corpus)
 
 
 def _data(
-    train: SceneSet | LabelledImages, test: SceneSet | LabelledImages, ranker_source: Path, corpus: Path
+    args: PrunedArgs,
+    train: SceneSet | LabelledImages,
+    test: SceneSet | LabelledImages,
+    ranker_source: Path,
+    corpus: Path,
 ) -> Data:
+    """The training images split at random (seeded) into --train-images and --val-images."""
+    x, y = train.inputs(), torch.from_numpy(train.labels)
+    if len(x) != args.train_images + args.val_images:
+        raise ValueError(
+            f"{corpus}: {len(x)} training images, --train-images + --val-images ask for "
+            f"{args.train_images + args.val_images}"
+        )
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))
+    fit, val = order[: args.train_images], order[args.train_images :]
     return Data(
-        train.inputs(), torch.from_numpy(train.labels), test.inputs(), torch.from_numpy(test.labels),
-        str(ranker_source), str(corpus),
+        x[fit], y[fit], x[val], y[val], test.inputs(), torch.from_numpy(test.labels), str(ranker_source),
+        str(corpus),
     )  # fmt: skip
 
 
 def _mae(args: PrunedArgs, root: Path, source: str) -> Path:
-    """The MAE that scores the rankers' table: the shipped one for scenes; for Fashion-MNIST one
-    pre-trained here on the rankers' images (the pipeline's settings for it), kept under --root."""
+    """The MAE that scores the ranker's table and that the ViT starts from: the shipped one for scenes;
+    for Fashion-MNIST one pre-trained here on the ranker's images (the pipeline's settings for it),
+    kept under --root."""
     if args.dataset == "scenes":
         return SHIPPED_MAE
     mae = root / f"mae-fmnist-{args.ranker_images}-{args.mae_epochs}ep-{args.seed}.pth"
@@ -220,63 +268,90 @@ def _progress(message: str) -> None:
     print(f"[pruned] {message}", flush=True)
 
 
-def _rankers(
-    args: PrunedArgs, setting: DatasetSetting, root: Path, source: str, mae: Path
-) -> dict[str, Ranker]:
-    """Each ranker size trained on one score table of the rankers' images."""
+def _ranker(args: PrunedArgs, setting: DatasetSetting, root: Path, source: str, mae: Path) -> Ranker:
+    """The tiny ranker, trained on a score table of the ranker's images: on all L patches (symmetric),
+    so that one pass over a whole image is what it learned, until validation Kendall tau stops
+    improving (the training budget is what makes a ranker: docs/method.md)."""
     cfg = ScoreConfig(
         source=source, mae=str(mae), output=str(root / "scores-train"), views=args.views, flip=True,
         mask_ratio=setting.mask_ratio, batch_size=64, seed=args.seed,
     )  # fmt: skip
     ScoreJob(cfg).write()
-    rankers = {}
-    for geometry in setting.rankers:
-        train_cfg = TrainConfig(
-            scores=cfg.output, name=geometry, storage=str(root.resolve() / "train"), ranker=geometry,
-            epochs=args.ranker_epochs, warmup_epochs=0, batch_size=64, lr=1e-3, threads=args.threads,
-            seed=args.seed,
-        )  # fmt: skip
-        result = train_job.fit(train_cfg, *train_job.check_inputs(train_cfg))
-        checkpoint, _ = trainer.best_checkpoint(result)
-        rankers[geometry] = train_job.load_ranker_checkpoint(checkpoint).eval()
-        _progress(f"ranker {geometry}: {sum(p.numel() for p in rankers[geometry].parameters()):,} parameters")
-    return rankers
+    train_cfg = TrainConfig(
+        scores=cfg.output, name=f"{setting.ranker}-{args.ranker_epochs}ep",
+        storage=str(root.resolve() / "train"), ranker=setting.ranker, training="symmetric",
+        epochs=args.ranker_epochs, warmup_epochs=1, validate_every=2, patience=3, batch_size=64, lr=1e-3,
+        threads=args.threads, seed=args.seed,
+    )  # fmt: skip
+    result = train_job.fit(train_cfg, *train_job.check_inputs(train_cfg))
+    checkpoint, metrics = trainer.best_checkpoint(result)
+    ranker = train_job.load_ranker_checkpoint(checkpoint).eval()
+    tau = metrics["val_kendall_tau"]
+    _progress(
+        f"ranker {setting.ranker}: {_parameters(ranker):,} parameters, validation Kendall tau {tau:.3f}"
+    )
+    return ranker
 
 
-def _vit(args: PrunedArgs, root: Path, data: Data) -> VisionTransformer:
-    """The ViT trained on all tokens (reused from --root when its settings match)."""
+def _lr(args: PrunedArgs) -> float:
+    return args.lr or (5e-4 if args.init == "mae" else 1e-3)
+
+
+def _parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _vit(args: PrunedArgs, root: Path, data: Data, mae: Path) -> tuple[VisionTransformer, list[float]]:
+    """The ViT trained on all tokens, and its validation score after each epoch (both reused from
+    --root when the settings match)."""
     torch.manual_seed(args.seed)
     classes = data.y_train.shape[1] if data.y_train.dim() == 2 else int(data.y_train.max()) + 1
-    model = VisionTransformer(
-        img_size=DATASETS[args.dataset].size, patch_size=PATCH, num_classes=classes, embed_dim=args.width,
-        depth=args.depth, num_heads=args.heads, global_pool="token",
-    )  # fmt: skip
+    if args.init == "mae":
+        model, shape = vit_from_mae(load_mae(str(mae)), classes), Path(mae).stem
+    else:
+        width, depth, heads = args.width or 128, args.depth or 4, args.heads or 4
+        model = VisionTransformer(
+            img_size=DATASETS[args.dataset].size, patch_size=PATCH, num_classes=classes, embed_dim=width,
+            depth=depth, num_heads=heads, global_pool="avg",
+        )  # fmt: skip
+        shape = f"{width}x{depth}x{heads}"
     model.to(data.x_train.device)
-    path = root / f"vit-{args.width}x{args.depth}-{args.epochs}ep-{len(data.x_train)}-{args.seed}.pt"
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True, map_location=data.x_train.device))
-        return model.eval()
-    fit = FitSettings(args.epochs, args.batch_size, args.lr, seed=args.seed)
-    efficiency.fit(model, data.x_train, data.y_train, fit)
-    torch.save(model.state_dict(), path)
-    _progress(f"trained the ViT ({sum(p.numel() for p in model.parameters()):,} parameters)")
-    return model.eval()
+    name = f"vit-{args.init}-{shape}-{args.epochs}ep-{len(data.x_train)}-lr{_lr(args):g}-{args.seed}"
+    weights, curve_file = root / f"{name}.pt", root / f"{name}.curve.json"
+    if weights.exists() and curve_file.exists():
+        model.load_state_dict(torch.load(weights, weights_only=True, map_location=data.x_train.device))
+        return model.eval(), json.loads(curve_file.read_text())
+    curve: list[float] = []
+
+    def validate(epoch: int, model: VisionTransformer) -> None:
+        curve.append(
+            efficiency.score(efficiency.outputs(model, data.x_val, Method("full", "full")), data.y_val)
+        )
+        _progress(
+            f"ViT epoch {epoch}/{args.epochs}: validation {DATASETS[args.dataset].measure} {curve[-1]:.3f}"
+        )
+
+    fit = FitSettings(args.epochs, args.batch_size, _lr(args), seed=args.seed)
+    efficiency.fit(model, data.x_train, data.y_train, fit, after_epoch=validate)
+    torch.save(model.state_dict(), weights)
+    curve_file.write_text(json.dumps(curve))
+    _progress(f"trained the ViT ({_parameters(model):,} parameters)")
+    return model.eval(), curve
 
 
 def _ranking_job_rates(
-    args: PrunedArgs, root: Path, corpus: str, rankers: dict[str, Ranker], images: torch.Tensor
+    args: PrunedArgs, root: Path, corpus: str, ranker: Ranker, images: torch.Tensor
 ) -> tuple[float, float]:
     """The ranking job's images/s on the ViT's training images (decode, rank, commit, on Ray: the
-    larger corpus, so that starting the actors weighs less) and the kernel's (the first ranker's forward
-    on decoded tensors) on this machine."""
-    name, ranker = next(iter(rankers.items()))
+    larger corpus, so that starting the actors weighs less) and the kernel's (the ranker's forward on
+    decoded tensors, in one pass) on this machine."""
     ranker = ranker.cpu()  # the ranking job and its kernel rate: on this machine's CPUs
-    checkpoint = root / f"{name}.state.pt"
+    checkpoint = root / "ranker.state.pt"
     torch.save({"model": ranker.state_dict(), "ranker_config": asdict(ranker.cfg)}, checkpoint)
     out = root / f"ranks-{os.getpid()}"  # a fresh output: the job's full cost, nothing resumed
-    job = RankJob(RankConfig(source=corpus, model=str(checkpoint), output=str(out), batch_size=256))
+    job = RankJob(RankConfig(source=corpus, model=str(checkpoint), output=str(out), batch_size=256, rounds=0))
     summary = job.write(progress=lambda _: None)
-    kernel = efficiency.throughputs({"kernel": partial(rank, ranker)}, images, rounds=args.rounds)
+    kernel = efficiency.throughputs({"kernel": partial(rank, ranker, rounds=0)}, images, rounds=args.rounds)
     return summary.images_per_second, kernel["kernel"]
 
 
@@ -286,18 +361,27 @@ def _fmt(row: dict, measure: str) -> str:
 
 
 def _table(result: dict) -> str:
-    rows, measure = result["rows"], result["measure"]
+    rows, measure, vit = result["rows"], result["measure"], result["vit"]
     full = next(r for r in rows if r["kind"] == "full")
+    curve = ", ".join(f"{v:.3f}" for v in vit["val_curve"])
+    ranker = result["ranker"]
     lines = [
-        f"{measure} on {result['test_images']} held-out {result['dataset']} images (higher is better) "
-        f"against throughput (images/s, selector included; {result['machine']}). Speed-up: against the "
-        "full model in the same run.",
+        f"{measure} on {result['test_images']} held-out {result['dataset']} images (higher is better; chance "
+        f"{result['chance']:.3f}) against throughput (images/s, selector included; {result['machine']}). "
+        "Speed-up: against the full model in the same run.",
+        "",
+        f"The ViT ({vit['parameters']:,} parameters, init {result['args']['init']}): {measure} "
+        f"{full['accuracy_off_the_shelf']:.3f} on all tokens; on {vit['val_images']} validation images after "
+        f"each epoch: {curve}. The ranker ({ranker['geometry']}, {ranker['parameters']:,} parameters) ranks "
+        "in one pass.",
         "",
         f"| method | keep / r | images/s | speed-up | {measure} off the shelf | {measure} fine-tuned |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        setting = f"r={r['r']}" if r["kind"] == "tome" else f"{r['keep']:.0%}"
+        setting = {"tome": f"r={r['r']}", "top-k+tome": f"{r['keep']:.0%}, r={r['r']}"}.get(
+            r["kind"], f"{r['keep']:.0%}"
+        )
         tuned = f"{r['accuracy_fine_tuned']:.3f}" if "accuracy_fine_tuned" in r else "-"
         speed_up = r["images_per_s"] / full["images_per_s"]
         lines.append(
@@ -314,6 +398,7 @@ def _table(result: dict) -> str:
 
 
 def _figure(result: dict, path: Path) -> None:
+    """Each method's accuracy against its throughput: off the shelf (solid) and fine-tuned (dashed)."""
     rows, measure = result["rows"], result["measure"]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     full = next(r for r in rows if r["kind"] == "full")
@@ -329,10 +414,23 @@ def _figure(result: dict, path: Path) -> None:
             ax.plot([r["images_per_s"] for r in tuned], [r["accuracy_fine_tuned"] for r in tuned], "s--",
                     color=colours[name], label=f"{name}, fine-tuned")  # fmt: skip
     ax.plot([full["images_per_s"]], [full["accuracy_off_the_shelf"]], "k*", markersize=14, label="full model")
+    ax.axhline(result["chance"], color="grey", linestyle=":", label="chance")
     ax.set_xlabel("images/s on this machine, selector included (higher is better)")
     ax.set_ylabel(f"{measure} on held-out {result['dataset']} images (higher is better)")
     ax.set_title(f"{result['dataset']}: accuracy against throughput, top-k patches and ToMe")
     save(fig, [ax], path, legend_columns=2)
+
+
+def _curve_figure(result: dict, path: Path) -> None:
+    """The ViT's validation score after each epoch of training on all tokens, against chance."""
+    curve, measure = result["vit"]["val_curve"], result["measure"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(range(1, len(curve) + 1), curve, "o-", label=f"validation {measure}")
+    ax.axhline(result["chance"], color="grey", linestyle=":", label="chance")
+    ax.set_xlabel(f"epoch ({result['args']['train_images']:,} training images each)")
+    ax.set_ylabel(f"{measure} on {result['vit']['val_images']:,} validation images")
+    ax.set_title(f"{result['dataset']}: the ViT on all tokens, init {result['args']['init']}")
+    save(fig, [ax], path)
 
 
 def _log(result: dict, root: Path) -> None:
@@ -340,12 +438,16 @@ def _log(result: dict, root: Path) -> None:
     with mlflow.start_run(run_name=f"pruned ViT vs ToMe, {result['dataset']}"):
         mlflow.log_params({k: str(v) for k, v in result["args"].items()})
         for r in result["rows"]:
-            key = r["label"].replace("%", "pct").replace("=", "")  # MLflow's metric names
+            key = r["label"].replace("%", "pct").replace("=", "").replace("+", "and")  # MLflow's metric names
             mlflow.log_metrics(
                 {f"{key}.{k}": v for k, v in r.items() if k.startswith(("images", "accuracy"))}
             )
-        mlflow.log_metrics({f"rank_job.{k}": v for k, v in result["rank_job"].items()})
-        for name in ("pruned.md", "pruned.png", "pruned.json"):
+        mlflow.log_metrics(
+            {f"rank_job.{k}": v for k, v in result["rank_job"].items()} | {"chance": result["chance"]}
+        )
+        for epoch, value in enumerate(result["vit"]["val_curve"], start=1):
+            mlflow.log_metric("vit.val_score", value, step=epoch)
+        for name in ("pruned.md", "pruned.png", "vit_curve.png", "pruned.json"):
             mlflow.log_artifact(str(root / name))
 
 

@@ -9,18 +9,24 @@ Both wrap an unmodified timm model (its own modules and weights, no fork of its 
   edge goes to its most similar B token (cosine similarity of the attention keys, averaged over
   heads); the r most similar edges are merged by a size-weighted average, so every block removes r
   tokens. Attention is size-weighted (proportional attention: log(size) added to the logits), so a
-  merged token counts for the patches it stands for. Prefix tokens are never merged.
+  merged token counts for the patches it stands for. Prefix tokens are never merged. Given kept
+  patches, it merges among those only: prune, then merge.
+- `vit_from_mae`: the timm ViT that MAE's fine-tuning starts from, its encoder's weights loaded.
 
 Shapes: B images, L = grid^2 patches, P prefix tokens, k kept patches, T tokens now, D width.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
 
+from ltrp.core.mae import MAE
 from ltrp.core.vit import gather_tokens
 
 
@@ -41,12 +47,18 @@ def forward_kept(model: VisionTransformer, images: torch.Tensor, keep: torch.Ten
     Returns:
         The model's head output, e.g. logits (B, num_classes). Differentiable: fine-tune through it.
     """
-    _check_grid(model, keep)
-    x = _embedded(model, images)
-    prefix = model.num_prefix_tokens
-    x = torch.cat([x[:, :prefix], gather_tokens(x[:, prefix:], keep)], dim=1)  # (B, P + k, D)
-    x = model.norm(model.blocks(model.norm_pre(x)))
+    x = model.norm(model.blocks(model.norm_pre(_kept_tokens(model, images, keep))))
     return model.forward_head(x)
+
+
+def _kept_tokens(model: VisionTransformer, images: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The prefix tokens and the kept patch tokens (all of them for None), with positions: (B, P + k, D)."""
+    x = _embedded(model, images)
+    if keep is None:
+        return x
+    _check_grid(model, keep)
+    prefix = model.num_prefix_tokens
+    return torch.cat([x[:, :prefix], gather_tokens(x[:, prefix:], keep)], dim=1)
 
 
 def _check_grid(model: VisionTransformer, keep: torch.Tensor) -> None:
@@ -61,20 +73,25 @@ def _check_grid(model: VisionTransformer, keep: torch.Tensor) -> None:
         )
 
 
-def forward_tome(model: VisionTransformer, images: torch.Tensor, r: int) -> torch.Tensor:
-    """The model's output with ToMe merging r tokens in every block (r = 0: the plain forward).
+def forward_tome(
+    model: VisionTransformer, images: torch.Tensor, r: int, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The model's output with ToMe merging r tokens in every block (r = 0: the plain forward, or
+    `forward_kept`'s with `keep`).
 
     Args:
         model: a timm VisionTransformer whose blocks are timm `Block`s with timm `Attention`, pooled by
             its CLS token ("token") or by a mean ("avg", then weighted by the merged tokens' sizes).
         images: (B, C, H, W), normalised as the model expects.
         r: tokens merged per block; at most half of the patch tokens left are merged in one block.
+        keep: None for every patch, or (B, k) kept patch positions as `forward_kept` takes them: the
+            merging then starts from those k patches (prune, then merge).
 
     Returns:
         The model's head output, e.g. logits (B, num_classes).
     """
     _check_tome(model, r)
-    x = model.norm_pre(_embedded(model, images))
+    x = model.norm_pre(_kept_tokens(model, images, keep))
     size = x.new_ones(x.shape[0], x.shape[1], 1)  # patches each token stands for
     for block in model.blocks:
         x, size = tome_block(block, x, size, r, model.num_prefix_tokens)
@@ -167,3 +184,27 @@ def merge_tokens(
     new_size = torch.cat([gather_tokens(a_size, kept), b_size], dim=1)
     new_x = torch.cat([gather_tokens(a_x, kept), b_x], dim=1) / new_size
     return torch.cat([head_x, new_x], dim=1), torch.cat([head_size, new_size], dim=1)
+
+
+def vit_from_mae(mae: MAE, num_classes: int) -> VisionTransformer:
+    """A timm ViT of the MAE encoder's shape with its weights, and a new head, as MAE's fine-tuning
+    starts: patch tokens mean-pooled, the encoder's final norm applied to that mean (timm's fc_norm).
+
+    Raises:
+        ValueError: when a weight of the encoder does not fit (never loaded partly).
+    """
+    cfg = mae.cfg
+    model = VisionTransformer(
+        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=num_classes,
+        embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+        global_pool="avg", norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps),
+    )  # fmt: skip
+    encoder = {
+        k.replace("norm.", "fc_norm.", 1) if k.startswith("norm.") else k: v
+        for k, v in mae.state_dict().items()
+        if not k.startswith(("decoder", "mask_token"))
+    }
+    result = model.load_state_dict(encoder, strict=False)  # strict but for the new head:
+    if set(result.missing_keys) != {"head.weight", "head.bias"} or result.unexpected_keys:
+        raise ValueError(f"the MAE's encoder does not fit a timm ViT of its shape: {result}")
+    return model

@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,31 +28,41 @@ from ltrp.core.ranker import keep_top
 
 #: images (B, 3, S, S) -> patch scores (B, L); larger = keep
 Selector = Callable[[torch.Tensor], torch.Tensor]
+Kind = Literal["full", "top-k", "tome", "top-k+tome"]
 
 
 @dataclass(frozen=True)
 class Method:
     """One way to run the model: every token ("full"), the top `keep` fraction of `selector`'s patches
-    ("top-k"), or ToMe merging `r` tokens per block ("tome")."""
+    ("top-k"), ToMe merging `r` tokens per block ("tome"), or ToMe on the top-k ("top-k+tome")."""
 
     name: str  # the selector's name for top-k ("ltrp-...", "random", ...), "full" or "tome"
-    kind: str  # "full", "top-k" or "tome"
+    kind: Kind
     selector: Selector | None = None
     keep: float = 1.0
     r: int = 0
 
     @property
     def label(self) -> str:
-        if self.kind == "top-k":
-            return f"{self.name} keep {self.keep:.0%}"
-        return f"tome r={self.r}" if self.kind == "tome" else "full"
+        top_k = f"{self.name} keep {self.keep:.0%}"
+        return {
+            "full": "full",
+            "top-k": top_k,
+            "tome": f"tome r={self.r}",
+            "top-k+tome": f"{top_k} + tome r={self.r}",
+        }[self.kind]
 
     def __call__(self, model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
-        if self.kind == "tome":
-            return forward_tome(model, images, self.r)
+        """(B, C) the model's outputs on images (B, 3, S, S); differentiable through the model only."""
+        if self.kind == "full":
+            return model(images)
+        keep = None
+        if self.kind in ("top-k", "top-k+tome"):
+            with torch.no_grad():  # the selector is fixed: fine-tuning trains the model alone
+                keep = keep_top(self.selector(images), self.keep)
         if self.kind == "top-k":
-            return forward_kept(model, images, keep_top(self.selector(images), self.keep))
-        return model(images)
+            return forward_kept(model, images, keep)
+        return forward_tome(model, images, self.r, keep)
 
 
 @dataclass(frozen=True)
@@ -69,15 +80,18 @@ def fit(
     targets: torch.Tensor,
     settings: FitSettings,
     method: Method | None = None,
+    after_epoch: Callable[[int, VisionTransformer], None] | None = None,
 ) -> VisionTransformer:
-    """Trains `model` in place on all tokens, or fine-tunes it on the tokens `method` keeps (top-k:
-    the selector's patches, chosen afresh for each batch, so a random selector draws a new set every
-    step). AdamW, one-cycle schedule.
+    """Trains `model` in place on all tokens, or fine-tunes it as `method` runs it (top-k: on the
+    selector's patches, chosen afresh for each batch, so a random selector draws a new set every step;
+    ToMe: through its merging). AdamW, one-cycle schedule.
 
     Args:
         images: (N, 3, S, S) model inputs.
         targets: (N,) class indices (cross-entropy) or (N, C) multi-hot floats (binary cross-entropy).
-        method: None or a "full"/"top-k" method.
+        method: None for all tokens, or any method.
+        after_epoch: called with the epoch's number (from 1) and the model after each epoch, e.g. to
+            validate; the model is back in training mode when it returns.
 
     Returns:
         The model, in eval mode.
@@ -87,20 +101,17 @@ def fit(
     steps = settings.epochs * -(-len(images) // settings.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=steps, pct_start=0.1)
     loss_fn = F.binary_cross_entropy_with_logits if targets.dim() == 2 else F.cross_entropy
-    model.train()
-    for _ in range(settings.epochs):
+    run = method or Method("full", "full")
+    for epoch in range(1, settings.epochs + 1):
+        model.train()
         for idx in torch.randperm(len(images)).split(settings.batch_size):
-            x = images[idx]
-            with torch.no_grad():  # the selector is fixed: only the ViT learns
-                keep = (
-                    keep_top(method.selector(x), method.keep) if method and method.kind == "top-k" else None
-                )
-            logits = model(x) if keep is None else forward_kept(model, x, keep)
-            loss = loss_fn(logits, targets[idx])
+            loss = loss_fn(run(model, images[idx]), targets[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
+        if after_epoch:
+            after_epoch(epoch, model.eval())
     return model.eval()
 
 
@@ -128,6 +139,15 @@ def score(logits: torch.Tensor, targets: torch.Tensor) -> float:
     if targets.dim() == 2:
         return mean_average_precision(logits.sigmoid(), targets)
     return float((logits.argmax(dim=1) == targets).float().mean())
+
+
+def chance(targets: torch.Tensor) -> float:
+    """The score of a model that ignores the image: for (N, C) multi-hot targets the expected mAP of
+    random scores (each class's AP is then its prevalence), for (N,) classes the largest class's share."""
+    if targets.dim() == 2:
+        prevalence = targets.float().mean(dim=0)
+        return float(prevalence[prevalence > 0].mean())
+    return float(targets.bincount().max() / len(targets))
 
 
 @torch.inference_mode()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
-from ltrp.core.pruned import forward_kept, forward_tome, merge_tokens, tome_block
+from ltrp.core.mae import GEOMETRIES, MAE
+from ltrp.core.pruned import forward_kept, forward_tome, merge_tokens, tome_block, vit_from_mae
 from ltrp.core.ranker import keep_top
 
 GRID, PATCH = 8, 4
@@ -100,6 +102,19 @@ def test_tome_with_r_0_is_the_plain_forward(variant: str, images: torch.Tensor) 
         torch.testing.assert_close(forward_tome(model, images, 0), model(images), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["cls", "avg"], ids=str)
+def test_tome_on_kept_patches_merges_among_them_only(variant: str, images: torch.Tensor) -> None:
+    model = _vit(**VARIANTS[variant])
+    keep = keep_top(torch.randn(len(images), L, generator=torch.Generator().manual_seed(3)), 0.5)
+    with torch.no_grad():
+        kept = forward_kept(model, images, keep)
+        torch.testing.assert_close(forward_tome(model, images, 0, keep), kept, atol=1e-5, rtol=1e-5)
+        merged = forward_tome(model, images, 4, keep)
+        noisy = torch.where(_patch_mask(keep), torch.randn_like(images) * 5, images)
+        torch.testing.assert_close(forward_tome(model, noisy, 4, keep), merged, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(merged, kept, atol=1e-4)
+
+
 @pytest.mark.parametrize("r", [1, 7, 16])
 def test_each_tome_block_removes_r_tokens_and_keeps_the_size_total(r: int, images: torch.Tensor) -> None:
     model = _vit()
@@ -133,3 +148,22 @@ def test_tome_refuses_what_it_cannot_run(images: torch.Tensor) -> None:
         forward_tome(_vit(global_pool="map"), images, 2)
     with pytest.raises(ValueError, match="at least 0"):
         forward_tome(_vit(), images, -1)
+
+
+def test_a_vit_from_an_mae_runs_the_mae_encoder() -> None:
+    torch.manual_seed(0)
+    mae = MAE(GEOMETRIES["mae_vit_tiny_patch8"]).eval()
+    vit = vit_from_mae(mae, num_classes=3).eval()
+    images = torch.randn(2, 3, mae.cfg.img_size, mae.cfg.img_size)
+    torch.testing.assert_close(vit.fc_norm.weight, mae.norm.weight)  # MAE's final norm, on the mean
+    mae.norm = nn.Identity()  # the ViT normalises after pooling, the MAE before: compare the blocks
+    with torch.no_grad():
+        torch.testing.assert_close(vit.forward_features(images), mae.encode(images), atol=1e-5, rtol=1e-5)
+    assert vit(images).shape == (2, 3)
+
+
+def test_a_vit_from_an_mae_refuses_weights_that_do_not_fit() -> None:
+    mae = MAE(GEOMETRIES["mae_vit_tiny_patch8"])
+    mae.register_parameter("extra", nn.Parameter(torch.zeros(1)))
+    with pytest.raises(ValueError, match=r"does not fit.*extra"):
+        vit_from_mae(mae, num_classes=3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -20,8 +22,12 @@ def _vit(classes: int = 2) -> VisionTransformer:
 
 @pytest.mark.parametrize(
     "method",
-    [Method("center", "top-k", CenterScorer(4), keep=1.0), Method("tome", "tome", r=0)],
-    ids=["top-k keeping all", "tome r=0"],
+    [
+        Method("center", "top-k", CenterScorer(4), keep=1.0),
+        Method("tome", "tome", r=0),
+        Method("center", "top-k+tome", CenterScorer(4), keep=1.0, r=0),
+    ],
+    ids=["top-k keeping all", "tome r=0", "top-k+tome keeping all, r=0"],
 )
 def test_methods_that_drop_nothing_are_the_full_model(method: Method) -> None:
     model, images = _vit().eval(), torch.randn(5, 3, 16, 16)
@@ -49,6 +55,25 @@ def test_fine_tuning_on_kept_tokens_learns_what_the_kept_tokens_show() -> None:
 def test_multi_label_targets_are_scored_by_map() -> None:
     targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     assert efficiency.score(torch.tensor([[5.0, -5.0], [-5.0, 5.0], [4.0, 4.0]]), targets) == 1.0
+
+
+def test_fine_tuning_through_tome_trains_the_model() -> None:
+    model, images, labels = _vit(), torch.randn(64, 3, 16, 16), torch.randint(0, 2, (64,))
+    before = copy.deepcopy(model.state_dict())
+    efficiency.fit(model, images, labels, FitSettings(epochs=1, batch_size=32), Method("tome", "tome", r=3))
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k.startswith("blocks"))
+
+
+@pytest.mark.parametrize("kind", ["multi-label", "single-label"])
+def test_chance_is_what_random_outputs_score(kind: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    if kind == "multi-label":
+        targets = (torch.rand(4000, 5, generator=generator) < torch.tensor([0.1, 0.2, 0.3, 0.5, 0.0])).float()
+        scores = [efficiency.score(torch.randn(4000, 5, generator=generator), targets) for _ in range(5)]
+    else:
+        targets = torch.cat([torch.zeros(600), torch.ones(300), torch.full((100,), 2)]).long()
+        scores = [efficiency.score(torch.tensor([[1.0, 0.0, 0.0]]).expand(1000, -1), targets)]  # the majority
+    assert abs(sum(scores) / len(scores) - efficiency.chance(targets)) < 0.01
 
 
 def test_throughputs_times_every_run() -> None:
