@@ -33,11 +33,13 @@ from timm.models.vision_transformer import VisionTransformer
 
 from jobs.experiments.figures import plt, save
 from ltrp.core.baselines import CenterScorer, FolkRComScorer, RankerScorer, VarianceScorer
-from ltrp.core.pruned import vit_from_mae
+from ltrp.core.pruned import TokenScorer, vit_from_mae
 from ltrp.core.ranker import Ranker, rank
 from ltrp.data.checkpoints import load_mae
 from ltrp.data.datasets import write_fashion_mnist
+from ltrp.data.images import to_model_input
 from ltrp.data.scenes import SHIPPED_MAE, SceneConfig, write_scenes
+from ltrp.data.tables import read_scores
 from ltrp.evaluation import efficiency
 from ltrp.evaluation.efficiency import FitSettings, Method
 from ltrp.evaluation.protocol import LabelledImages, load_labelled
@@ -46,6 +48,7 @@ from ltrp.pipeline import pretrain_job, runtime, train_job, trainer
 from ltrp.pipeline.configs import PretrainConfig, RankConfig, ScoreConfig, TrainConfig
 from ltrp.pipeline.rank_job import RankJob
 from ltrp.pipeline.score_job import ScoreJob
+from ltrp.pipeline.training_data import load_views, select_split
 
 Dataset = Literal["scenes", "fashion_mnist"]
 
@@ -72,7 +75,8 @@ DATASETS: dict[str, DatasetSetting] = {
     ),
 }
 PATCH = 4
-SELECTORS = ("ltrp", "random", "center", "variance", "folk")
+VAL_FRACTION = 0.1  # the score table's images (by id) that validate the ranker and the token scorer
+SELECTORS = ("ltrp", "ltrp-shared", "random", "center", "variance", "folk")
 
 
 @dataclass
@@ -88,6 +92,7 @@ class PrunedArgs:
     test_images: int = 500  # held-out images: accuracy and throughput
     views: int = 4  # scored views per ranker training image
     ranker_epochs: int = 24  # at most: training stops when validation Kendall tau stops improving
+    scorer_epochs: int = 10  # the shared first block's token scorer, on the same score table
     mae_epochs: int = 3  # Fashion-MNIST: pre-training of its MAE on the ranker's images
     width: int | None = None  # --init scratch: the ViT's width, depth and heads (None: 128, 4, 4)
     depth: int | None = None
@@ -141,11 +146,12 @@ def main(argv: list[str] | None = None) -> dict:
     data = _scenes(args, root) if args.dataset == "scenes" else _fashion_mnist(args, root)
     runtime.start(None, workers=1, worker_cpus=1.0)
     mae = _mae(args, root, data.ranker_source)
-    ranker = _ranker(args, setting, root, data.ranker_source, mae)
+    ranker, ranker_tau = _ranker(args, setting, root, data.ranker_source, mae)
 
     device = torch.device(args.device)
     data = replace(data, **{k: v.to(device) for k, v in vars(data).items() if isinstance(v, torch.Tensor)})
     vit, curve = _vit(args, root, data, mae)
+    scorer, scorer_tau = _token_scorer(args, setting, root, vit)
     num_patches = (setting.size // PATCH) ** 2
     selectors = {
         "ltrp": RankerScorer(ranker.to(device), rounds=0),  # one pass: the ranker trained on all L patches
@@ -156,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     methods = [Method("full", "full")]
     methods += [Method(name, "top-k", s, keep) for name, s in selectors.items() for keep in args.keep_ratios]
+    methods += [Method("ltrp-shared", "shared", scorer, keep) for keep in args.keep_ratios]
     methods += [Method("tome", "tome", r=r) for r in setting.tome_r]
     methods += [
         Method("ltrp+tome", "top-k+tome", selectors["ltrp"], keep, r) for keep, r in setting.prune_then_merge
@@ -184,7 +191,12 @@ def main(argv: list[str] | None = None) -> dict:
         "measure": setting.measure,
         "chance": efficiency.chance(data.y_test.cpu()),
         "vit": {"parameters": _parameters(vit), "val_curve": curve, "val_images": len(data.y_val)},
-        "ranker": {"geometry": setting.ranker, "parameters": _parameters(ranker)},
+        "ranker": {
+            "geometry": setting.ranker,
+            "parameters": _parameters(ranker),
+            "val_kendall_tau": ranker_tau,
+        },
+        "shared_scorer": {"parameters": _parameters(scorer), "val_kendall_tau": scorer_tau},
         "rows": rows,
         "rank_job": {"job_images_per_s": job_rate, "kernel_images_per_s": kernel_rate},
         "machine": _machine(args),
@@ -268,10 +280,12 @@ def _progress(message: str) -> None:
     print(f"[pruned] {message}", flush=True)
 
 
-def _ranker(args: PrunedArgs, setting: DatasetSetting, root: Path, source: str, mae: Path) -> Ranker:
-    """The tiny ranker, trained on a score table of the ranker's images: on all L patches (symmetric),
-    so that one pass over a whole image is what it learned, until validation Kendall tau stops
-    improving (the training budget is what makes a ranker: docs/method.md)."""
+def _ranker(
+    args: PrunedArgs, setting: DatasetSetting, root: Path, source: str, mae: Path
+) -> tuple[Ranker, float]:
+    """The tiny ranker and its validation Kendall tau, trained on a score table of the ranker's images:
+    on all L patches (symmetric), so that one pass over a whole image is what it learned, until
+    validation Kendall tau stops improving (the training budget is what makes a ranker: docs/method.md)."""
     cfg = ScoreConfig(
         source=source, mae=str(mae), output=str(root / "scores-train"), views=args.views, flip=True,
         mask_ratio=setting.mask_ratio, batch_size=64, seed=args.seed,
@@ -281,7 +295,7 @@ def _ranker(args: PrunedArgs, setting: DatasetSetting, root: Path, source: str, 
         scores=cfg.output, name=f"{setting.ranker}-{args.ranker_epochs}ep",
         storage=str(root.resolve() / "train"), ranker=setting.ranker, training="symmetric",
         epochs=args.ranker_epochs, warmup_epochs=1, validate_every=2, patience=3, batch_size=64, lr=1e-3,
-        threads=args.threads, seed=args.seed,
+        val_fraction=VAL_FRACTION, threads=args.threads, seed=args.seed,
     )  # fmt: skip
     result = train_job.fit(train_cfg, *train_job.check_inputs(train_cfg))
     checkpoint, metrics = trainer.best_checkpoint(result)
@@ -290,7 +304,32 @@ def _ranker(args: PrunedArgs, setting: DatasetSetting, root: Path, source: str, 
     _progress(
         f"ranker {setting.ranker}: {_parameters(ranker):,} parameters, validation Kendall tau {tau:.3f}"
     )
-    return ranker
+    return ranker, tau
+
+
+def _token_scorer(
+    args: PrunedArgs, setting: DatasetSetting, root: Path, vit: VisionTransformer
+) -> tuple[TokenScorer, float]:
+    """The ranker that shares the ViT's first block: a token scorer trained on the ranker's score table
+    (its training views; the ranker's validation views, by image id), and its validation Kendall tau."""
+    table = read_scores(str(root / "scores-train"))
+    device = next(vit.parameters()).device
+    split = {}
+    for name, validation in (("train", False), ("val", True)):
+        views = load_views(select_split(table, VAL_FRACTION, validation, None), setting.size)
+        split[name] = [
+            to_model_input(views["image"]).to(device),
+            *(torch.from_numpy(views[k]).to(device) for k in ("visible", "scores")),
+        ]
+    torch.manual_seed(args.seed)
+    scorer = TokenScorer(vit.embed_dim).to(device)
+    settings = FitSettings(args.scorer_epochs, args.batch_size, 1e-3, seed=args.seed)
+    efficiency.fit_token_scorer(vit, scorer, *split["train"], settings)
+    tau = efficiency.token_scorer_tau(vit, scorer, *split["val"])
+    _progress(
+        f"shared-block token scorer: {_parameters(scorer):,} parameters, validation Kendall tau {tau:.3f}"
+    )
+    return scorer, tau
 
 
 def _lr(args: PrunedArgs) -> float:
@@ -373,7 +412,9 @@ def _table(result: dict) -> str:
         f"The ViT ({vit['parameters']:,} parameters, init {result['args']['init']}): {measure} "
         f"{full['accuracy_off_the_shelf']:.3f} on all tokens; on {vit['val_images']} validation images after "
         f"each epoch: {curve}. The ranker ({ranker['geometry']}, {ranker['parameters']:,} parameters) ranks "
-        "in one pass.",
+        f"in one pass; validation Kendall tau {ranker['val_kendall_tau']:.3f}. The token scorer on the "
+        f"ViT's first block (ltrp-shared, {result['shared_scorer']['parameters']:,} parameters): validation "
+        f"Kendall tau {result['shared_scorer']['val_kendall_tau']:.3f}.",
         "",
         f"| method | keep / r | images/s | speed-up | {measure} off the shelf | {measure} fine-tuned |",
         "|---|---|---|---|---|---|",

@@ -11,6 +11,9 @@ Both wrap an unmodified timm model (its own modules and weights, no fork of its 
   tokens. Attention is size-weighted (proportional attention: log(size) added to the logits), so a
   merged token counts for the patches it stands for. Prefix tokens are never merged. Given kept
   patches, it merges among those only: prune, then merge.
+- `forward_shared`: the ranker shares the ViT's first block (beyond the paper). The ViT runs its
+  first block on every token, a small `TokenScorer` on those tokens scores the patches, and the top-k
+  go on through the other blocks: the ranker costs one block and a head.
 - `vit_from_mae`: the timm ViT that MAE's fine-tuning starts from, its encoder's weights loaded.
 
 Shapes: B images, L = grid^2 patches, P prefix tokens, k kept patches, T tokens now, D width.
@@ -27,6 +30,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ltrp.core.mae import MAE
+from ltrp.core.ranker import keep_top
 from ltrp.core.vit import gather_tokens
 
 
@@ -71,6 +75,55 @@ def _check_grid(model: VisionTransformer, keep: torch.Tensor) -> None:
         raise ValueError(
             f"keep holds positions {low}..{high}, outside [0, {patches}) of the model's {grid} grid"
         )
+
+
+class TokenScorer(nn.Module):
+    """A patch score from each token the ViT's first block gives: (B, L, D) -> (B, L); larger = keep.
+    Per token (norm, MLP), so its cost is a small fraction of a block's."""
+
+    def __init__(self, width: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net(tokens).squeeze(-1)
+
+
+def first_block_tokens(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """images (B, C, H, W) -> every token after the model's first block: (B, P + L, D)."""
+    return model.blocks[0](model.norm_pre(_embedded(model, images)))
+
+
+def shared_parameters(model: VisionTransformer) -> list[nn.Parameter]:
+    """What `first_block_tokens` computes with: frozen while the rest fine-tunes on kept tokens, so the
+    scorer keeps seeing the tokens it learned from."""
+    embedding = [p for name, p in model.named_parameters() if name in ("cls_token", "reg_token", "pos_embed")]
+    return [*model.patch_embed.parameters(), *embedding, *model.blocks[0].parameters()]
+
+
+def forward_shared(
+    model: VisionTransformer, scorer: TokenScorer, images: torch.Tensor, keep_ratio: float
+) -> torch.Tensor:
+    """The model's output when its first block's tokens choose the patches the other blocks see.
+
+    Args:
+        model: a timm VisionTransformer of at least two blocks.
+        scorer: scores the first block's patch tokens (trained on them: `TokenScorer`).
+        images: (B, C, H, W), normalised as the model expects.
+        keep_ratio: the fraction of the L patches that go on past the first block.
+
+    Returns:
+        The model's head output, e.g. logits (B, num_classes).
+    """
+    x = first_block_tokens(model, images)
+    prefix = model.num_prefix_tokens
+    with torch.no_grad():  # the choice is not trained through: the scorer learns from LTRP's scores
+        keep = keep_top(scorer(x[:, prefix:]), keep_ratio)
+    x = torch.cat([x[:, :prefix], gather_tokens(x[:, prefix:], keep)], dim=1)  # (B, P + k, D)
+    x = model.norm(model.blocks[1:](x))
+    return model.forward_head(x)
 
 
 def forward_tome(

@@ -22,23 +22,33 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from ltrp.core.losses import listmle
 from ltrp.core.probe import mean_average_precision
-from ltrp.core.pruned import forward_kept, forward_tome
+from ltrp.core.pruned import (
+    TokenScorer,
+    first_block_tokens,
+    forward_kept,
+    forward_shared,
+    forward_tome,
+    shared_parameters,
+)
 from ltrp.core.ranker import keep_top
+from ltrp.core.ranking_metrics import kendall_tau
 
 #: images (B, 3, S, S) -> patch scores (B, L); larger = keep
 Selector = Callable[[torch.Tensor], torch.Tensor]
-Kind = Literal["full", "top-k", "tome", "top-k+tome"]
+Kind = Literal["full", "top-k", "tome", "top-k+tome", "shared"]
 
 
 @dataclass(frozen=True)
 class Method:
     """One way to run the model: every token ("full"), the top `keep` fraction of `selector`'s patches
-    ("top-k"), ToMe merging `r` tokens per block ("tome"), or ToMe on the top-k ("top-k+tome")."""
+    ("top-k"), ToMe merging `r` tokens per block ("tome"), ToMe on the top-k ("top-k+tome"), or the
+    top `keep` by a `TokenScorer` of the model's own first block ("shared")."""
 
     name: str  # the selector's name for top-k ("ltrp-...", "random", ...), "full" or "tome"
     kind: Kind
-    selector: Selector | None = None
+    selector: Selector | TokenScorer | None = None
     keep: float = 1.0
     r: int = 0
 
@@ -48,6 +58,7 @@ class Method:
         return {
             "full": "full",
             "top-k": top_k,
+            "shared": top_k,
             "tome": f"tome r={self.r}",
             "top-k+tome": f"{top_k} + tome r={self.r}",
         }[self.kind]
@@ -56,6 +67,8 @@ class Method:
         """(B, C) the model's outputs on images (B, 3, S, S); differentiable through the model only."""
         if self.kind == "full":
             return model(images)
+        if self.kind == "shared":
+            return forward_shared(model, self.selector, images, self.keep)
         keep = None
         if self.kind in ("top-k", "top-k+tome"):
             with torch.no_grad():  # the selector is fixed: fine-tuning trains the model alone
@@ -122,8 +135,63 @@ def fine_tuned(
     settings: FitSettings,
     method: Method,
 ) -> VisionTransformer:
-    """A copy of `model` fine-tuned on the tokens `method` keeps (the original is untouched)."""
-    return fit(copy.deepcopy(model), images, targets, settings, method)
+    """A copy of `model` fine-tuned on the tokens `method` keeps (the original is untouched). With a
+    "shared" method the first block and the embedding stay as they are: its scorer learned their tokens."""
+    tuned = copy.deepcopy(model)
+    if method.kind == "shared":
+        for p in shared_parameters(tuned):
+            p.requires_grad_(False)
+    return fit(tuned, images, targets, settings, method)
+
+
+def fit_token_scorer(
+    model: VisionTransformer,
+    scorer: TokenScorer,
+    images: torch.Tensor,
+    visible: torch.Tensor,
+    scores: torch.Tensor,
+    settings: FitSettings,
+) -> TokenScorer:
+    """Trains `scorer` in place to order each view's scored patches as LTRP's pseudo-scores do (ListMLE,
+    the paper's loss), from the frozen `model`'s first-block tokens of the whole view. AdamW, one-cycle.
+
+    Args:
+        images: (N, 3, S, S) the scored views, as the model takes them.
+        visible: (N, n) the positions each view's scores belong to; scores: (N, n) their pseudo-scores.
+
+    Returns:
+        The scorer, in eval mode.
+    """
+    torch.manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(scorer.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    steps = settings.epochs * -(-len(images) // settings.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=steps, pct_start=0.1)
+    model.eval()
+    scorer.train()
+    for _ in range(settings.epochs):
+        for idx in torch.randperm(len(images)).split(settings.batch_size):
+            with torch.no_grad():
+                tokens = first_block_tokens(model, images[idx])[:, model.num_prefix_tokens :]
+            loss = listmle(scorer(tokens).gather(1, visible[idx]), scores[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return scorer.eval()
+
+
+@torch.inference_mode()
+def token_scorer_tau(
+    model: VisionTransformer,
+    scorer: TokenScorer,
+    images: torch.Tensor,
+    visible: torch.Tensor,
+    scores: torch.Tensor,
+) -> float:
+    """Mean Kendall tau between `scorer`'s scores and the pseudo-scores over the views' scored patches
+    (the ranker's validation measure)."""
+    tokens = first_block_tokens(model, images)[:, model.num_prefix_tokens :]
+    return float(kendall_tau(scorer(tokens).gather(1, visible), scores).mean())
 
 
 @torch.inference_mode()

@@ -8,7 +8,15 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ltrp.core.mae import GEOMETRIES, MAE
-from ltrp.core.pruned import forward_kept, forward_tome, merge_tokens, tome_block, vit_from_mae
+from ltrp.core.pruned import (
+    TokenScorer,
+    forward_kept,
+    forward_shared,
+    forward_tome,
+    merge_tokens,
+    tome_block,
+    vit_from_mae,
+)
 from ltrp.core.ranker import keep_top
 
 GRID, PATCH = 8, 4
@@ -113,6 +121,38 @@ def test_tome_on_kept_patches_merges_among_them_only(variant: str, images: torch
         noisy = torch.where(_patch_mask(keep), torch.randn_like(images) * 5, images)
         torch.testing.assert_close(forward_tome(model, noisy, 4, keep), merged, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(merged, kept, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["cls", "avg"], ids=str)
+def test_a_shared_first_block_that_keeps_every_patch_is_the_plain_forward(
+    variant: str, images: torch.Tensor
+) -> None:
+    model, scorer = _vit(**VARIANTS[variant]), TokenScorer(48).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            forward_shared(model, scorer, images, 1.0), model(images), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_a_shared_first_block_passes_on_the_patches_its_scorer_ranks_first(images: torch.Tensor) -> None:
+    model, scorer = _vit(), TokenScorer(48).eval()
+    seen = []
+    model.blocks[1].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    with torch.no_grad():
+        out = forward_shared(model, scorer, images, 0.25)
+        first = model.blocks[0](model._pos_embed(model.patch_embed(images)))
+        best = scorer(first[:, 1:]).topk(L // 4, dim=1).indices.sort(dim=1).values
+        torch.testing.assert_close(forward_kept_after_first(model, first, best), out, atol=1e-5, rtol=1e-5)
+    assert seen[0].shape == (3, 1 + L // 4, 48)
+
+
+def forward_kept_after_first(
+    model: VisionTransformer, first: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """The ViT's blocks 2.. on CLS and the kept tokens of its first block's output."""
+    kept = first[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, first.shape[-1]))
+    x = model.norm(model.blocks[1:](torch.cat([first[:, :1], kept], dim=1)))
+    return model.forward_head(x)
 
 
 @pytest.mark.parametrize("r", [1, 7, 16])

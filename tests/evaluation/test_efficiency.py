@@ -9,6 +9,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from ltrp.core.baselines import CenterScorer
+from ltrp.core.pruned import TokenScorer
 from ltrp.evaluation import efficiency
 from ltrp.evaluation.efficiency import FitSettings, Method
 
@@ -74,6 +75,33 @@ def test_chance_is_what_random_outputs_score(kind: str) -> None:
         targets = torch.cat([torch.zeros(600), torch.ones(300), torch.full((100,), 2)]).long()
         scores = [efficiency.score(torch.tensor([[1.0, 0.0, 0.0]]).expand(1000, -1), targets)]  # the majority
     assert abs(sum(scores) / len(scores) - efficiency.chance(targets)) < 0.01
+
+
+def test_fine_tuning_a_shared_first_block_method_leaves_that_block_as_it_was() -> None:
+    model, images, labels = _vit(), torch.randn(64, 3, 16, 16), torch.randint(0, 2, (64,))
+    method = Method("ltrp-shared", "shared", TokenScorer(32).eval(), keep=0.5)
+    tuned = efficiency.fine_tuned(model, images, labels, FitSettings(epochs=1, batch_size=32), method)
+    before, after = model.state_dict(), tuned.state_dict()
+    for key in before:
+        frozen = key.startswith(("patch_embed", "cls_token", "pos_embed", "blocks.0."))
+        assert torch.equal(before[key], after[key]) == frozen, key
+
+
+def test_a_token_scorer_learns_the_order_of_the_pseudo_scores() -> None:
+    # Pseudo-scores that the first block's tokens can tell: each patch's mean brightness.
+    generator = torch.Generator().manual_seed(0)
+    model = _vit().eval()
+    images = torch.randn(512, 3, 16, 16, generator=generator)
+    brightness = images.mean(1).unfold(1, 4, 4).unfold(2, 4, 4).mean((-1, -2)).flatten(1)  # (N, 16)
+    visible = torch.stack([torch.randperm(16, generator=generator)[:6] for _ in range(512)])
+    scores = brightness.gather(1, visible)
+    scorer = TokenScorer(32)
+    train, test = slice(0, 448), slice(448, None)
+    before = efficiency.token_scorer_tau(model, scorer, images[test], visible[test], scores[test])
+    settings = FitSettings(epochs=20, batch_size=64, lr=3e-3)
+    efficiency.fit_token_scorer(model, scorer, images[train], visible[train], scores[train], settings)
+    after = efficiency.token_scorer_tau(model, scorer, images[test], visible[test], scores[test])
+    assert after > 0.4 and after > before + 0.4, (before, after)
 
 
 def test_throughputs_times_every_run() -> None:
