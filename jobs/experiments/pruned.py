@@ -19,7 +19,9 @@ and every figure's number to MLflow (experiment ltrp-bench-pruned).
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -434,8 +436,58 @@ def _table(result: dict) -> str:
         "",
         f"Ranking job (decode, rank, commit, on a local Ray): {job:.0f} images/s; the ranker kernel alone "
         f"on decoded tensors: {kernel:.0f} images/s; ratio {job / kernel:.2f}.",
+        "",
+        *_matched_table(result),
     ]
     return "\n".join(lines)
+
+
+def _matched_table(result: dict) -> list[str]:
+    """Every method against each LTRP point at the same throughput: its best accuracy (fine-tuned where
+    it was) interpolated in log images/s between its two measured points around that speed."""
+    rows, measure = result["rows"], result["measure"]
+    full = next(r for r in rows if r["kind"] == "full")
+    names = list(dict.fromkeys(r["method"] for r in rows if r["kind"] != "full"))
+    curves = {name: _curve(rows, name, full) for name in names}
+    lines = [
+        f"At matched throughput: each method's {measure} (fine-tuned where it was) at the images/s of an "
+        "LTRP point, interpolated in log images/s between its two measured points around that speed, the "
+        "full model counting as every method's slowest point; - where the method was not measured that "
+        "fast or that slow.",
+        "",
+        f"| LTRP point | images/s | its {measure} | {' | '.join(names)} |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    for r in rows:
+        if r["method"] not in ("ltrp", "ltrp-shared"):
+            continue
+        speed, own = r["images_per_s"], _best(r)
+        cells = [_fmt_or_dash(_at_speed(curves[name], speed)) for name in names]
+        lines.append(f"| {r['method']} {r['keep']:.0%} | {speed:.0f} | {own:.3f} | {' | '.join(cells)} |")
+    return lines
+
+
+def _best(row: dict) -> float:
+    return row.get("accuracy_fine_tuned", row["accuracy_off_the_shelf"])
+
+
+def _curve(rows: list[dict], name: str, full: dict) -> list[tuple[float, float]]:
+    """(images/s, accuracy) of a method's points and the full model's, by speed."""
+    return sorted(
+        [(full["images_per_s"], _best(full))]
+        + [(r["images_per_s"], _best(r)) for r in rows if r["method"] == name]
+    )
+
+
+def _at_speed(curve: list[tuple[float, float]], speed: float) -> float | None:
+    for (s0, a0), (s1, a1) in itertools.pairwise(curve):
+        if s0 <= speed <= s1:
+            return a0 + (a1 - a0) * (math.log(speed / s0) / math.log(s1 / s0) if s1 > s0 else 0.0)
+    return None
+
+
+def _fmt_or_dash(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _figure(result: dict, path: Path) -> None:

@@ -58,3 +58,10 @@ def test_the_training_images_split_into_disjoint_training_and_validation_sets() 
         ValueError, match=r"corpus: 15 training images, --train-images \+ --val-images ask for 16"
     ):
         pruned._data(args, _images(15), _images(5), Path("ranker"), Path("corpus"))
+
+
+def test_accuracy_at_a_matched_speed_is_interpolated_in_log_speed_within_the_measured_range() -> None:
+    curve = [(100.0, 0.5), (400.0, 0.3), (800.0, 0.2)]
+    assert pruned._at_speed(curve, 200.0) == pytest.approx(0.4)  # halfway between 100 and 400 in log
+    assert pruned._at_speed(curve, 800.0) == pytest.approx(0.2)
+    assert pruned._at_speed(curve, 900.0) is None and pruned._at_speed(curve, 50.0) is None
