@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 import mlflow
+import numpy as np
 import torch
 import tyro
 from timm.models.vision_transformer import VisionTransformer
@@ -44,6 +45,7 @@ from ltrp.data.scenes import SHIPPED_MAE, SceneConfig, write_scenes
 from ltrp.data.tables import read_scores
 from ltrp.evaluation import efficiency
 from ltrp.evaluation.efficiency import FitSettings, Method
+from ltrp.evaluation.objects import ImageObjects, object_recalls
 from ltrp.evaluation.protocol import LabelledImages, load_labelled
 from ltrp.evaluation.scene_eval import SceneSet, load_scene_set
 from ltrp.pipeline import pretrain_job, runtime, train_job, trainer
@@ -138,6 +140,7 @@ class Data:
     y_test: torch.Tensor
     ranker_source: str  # the ranker's training images (scored, then learned from)
     corpus: str  # the ViT's training and validation images, which the ranking job ranks
+    test_objects: list[ImageObjects] | None = None  # scenes: each test image's objects, per patch
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -179,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
         row = {"label": m.label, "method": m.name, "kind": m.kind, "keep": m.keep, "r": m.r}
         row["images_per_s"] = speed[m.label]
         row["accuracy_off_the_shelf"] = efficiency.score(efficiency.outputs(vit, data.x_test, m), data.y_test)
+        if data.test_objects and m.kind in ("top-k", "shared"):
+            row["object_recall"] = object_recall(m, vit, data.x_test, data.test_objects)
         if m.name in args.fine_tuned:
             tuned = efficiency.fine_tuned(vit, data.x_train, data.y_train, settings, m)
             row["accuracy_fine_tuned"] = efficiency.score(
@@ -220,7 +225,7 @@ def _scenes(args: PrunedArgs, root: Path) -> Data:
     test = write_scenes(root / "scenes-test", "test", args.test_images, scenes)
     ranker_source = write_scenes(root / "scenes-ranker", "train", args.ranker_images, scenes)
     train, test = (load_scene_set(str(m), DATASETS["scenes"].size, PATCH) for m in (corpus, test))
-    return _data(args, train, test, ranker_source, corpus)
+    return replace(_data(args, train, test, ranker_source, corpus), test_objects=test.objects)
 
 
 def _fashion_mnist(args: PrunedArgs, root: Path) -> Data:
@@ -334,6 +339,15 @@ def _token_scorer(
     return scorer, tau
 
 
+def object_recall(
+    method: Method, vit: VisionTransformer, images: torch.Tensor, objects: list[ImageObjects]
+) -> float:
+    """The share of the objects' pixels in the patches `method` keeps: per image over its objects, then
+    the mean over images (why a selector helps or fails a classifier: does it keep what the labels name)."""
+    keep = torch.cat([method.kept(vit, x) for x in images.split(256)]).cpu().numpy()
+    return float(np.mean([np.nanmean(object_recalls(o, k)) for o, k in zip(objects, keep, strict=True)]))
+
+
 def _lr(args: PrunedArgs) -> float:
     return args.lr or (5e-4 if args.init == "mae" else 1e-3)
 
@@ -418,8 +432,9 @@ def _table(result: dict) -> str:
         f"ViT's first block (ltrp-shared, {result['shared_scorer']['parameters']:,} parameters): validation "
         f"Kendall tau {result['shared_scorer']['val_kendall_tau']:.3f}.",
         "",
-        f"| method | keep / r | images/s | speed-up | {measure} off the shelf | {measure} fine-tuned |",
-        "|---|---|---|---|---|---|",
+        f"| method | keep / r | images/s | speed-up | {measure} off the shelf | {measure} fine-tuned "
+        "| object recall |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         setting = {"tome": f"r={r['r']}", "top-k+tome": f"{r['keep']:.0%}, r={r['r']}"}.get(
@@ -429,7 +444,7 @@ def _table(result: dict) -> str:
         speed_up = r["images_per_s"] / full["images_per_s"]
         lines.append(
             f"| {r['method']} | {setting} | {r['images_per_s']:.0f} | {speed_up:.2f}x "
-            f"| {r['accuracy_off_the_shelf']:.3f} | {tuned} |"
+            f"| {r['accuracy_off_the_shelf']:.3f} | {tuned} | {_fmt_or_dash(r.get('object_recall'))} |"
         )
     job, kernel = result["rank_job"]["job_images_per_s"], result["rank_job"]["kernel_images_per_s"]
     lines += [

@@ -67,15 +67,22 @@ class Method:
         """(B, C) the model's outputs on images (B, 3, S, S); differentiable through the model only."""
         if self.kind == "full":
             return model(images)
-        if self.kind == "shared":
+        if self.kind == "shared":  # the first block runs once: its tokens choose, then go on
             return forward_shared(model, self.selector, images, self.keep)
-        keep = None
-        if self.kind in ("top-k", "top-k+tome"):
-            with torch.no_grad():  # the selector is fixed: fine-tuning trains the model alone
-                keep = keep_top(self.selector(images), self.keep)
+        keep = self.kept(model, images)
         if self.kind == "top-k":
             return forward_kept(model, images, keep)
         return forward_tome(model, images, self.r, keep)
+
+    def kept(self, model: VisionTransformer, images: torch.Tensor) -> torch.Tensor | None:
+        """(B, k) the patch positions this method keeps of images (B, 3, S, S); None when it keeps all."""
+        with torch.no_grad():  # the selector is fixed: fine-tuning trains the model alone
+            if self.kind in ("top-k", "top-k+tome"):
+                return keep_top(self.selector(images), self.keep)
+            if self.kind == "shared":
+                tokens = first_block_tokens(model, images)[:, model.num_prefix_tokens :]
+                return keep_top(self.selector(tokens), self.keep)
+        return None
 
 
 @dataclass(frozen=True)
