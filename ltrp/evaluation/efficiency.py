@@ -14,13 +14,14 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from ltrp.core.losses import listmle
 from ltrp.core.probe import mean_average_precision
@@ -116,23 +117,43 @@ def fit(
     Returns:
         The model, in eval mode.
     """
-    torch.manual_seed(settings.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    steps = settings.epochs * -(-len(images) // settings.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=steps, pct_start=0.1)
     loss_fn = F.binary_cross_entropy_with_logits if targets.dim() == 2 else F.cross_entropy
     run = method or Method("full", "full")
-    for epoch in range(1, settings.epochs + 1):
+
+    def epoch_done(epoch: int) -> None:
+        if after_epoch:
+            after_epoch(epoch, model.eval())
         model.train()
-        for idx in torch.randperm(len(images)).split(settings.batch_size):
-            loss = loss_fn(run(model, images[idx]), targets[idx])
+
+    model.train()
+    _train(
+        model.parameters(), lambda idx: loss_fn(run(model, images[idx]), targets[idx]), len(images), settings,
+        epoch_done,
+    )  # fmt: skip
+    return model.eval()
+
+
+def _train(
+    parameters: Iterable[nn.Parameter],
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    count: int,
+    settings: FitSettings,
+    after_epoch: Callable[[int], None] = lambda _: None,
+) -> None:
+    """AdamW on `parameters` with a one-cycle schedule: each epoch, `batch_loss` of every batch of
+    indices into the `count` examples (shuffled), then `after_epoch` with the epoch's number (from 1)."""
+    torch.manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+    steps = settings.epochs * -(-count // settings.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=steps, pct_start=0.1)
+    for epoch in range(1, settings.epochs + 1):
+        for idx in torch.randperm(count).split(settings.batch_size):
+            loss = batch_loss(idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-        if after_epoch:
-            after_epoch(epoch, model.eval())
-    return model.eval()
+        after_epoch(epoch)
 
 
 def fine_tuned(
@@ -169,21 +190,15 @@ def fit_token_scorer(
     Returns:
         The scorer, in eval mode.
     """
-    torch.manual_seed(settings.seed)
-    optimizer = torch.optim.AdamW(scorer.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    steps = settings.epochs * -(-len(images) // settings.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=steps, pct_start=0.1)
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            tokens = first_block_tokens(model, images[idx])[:, model.num_prefix_tokens :]
+        return listmle(scorer(tokens).gather(1, visible[idx]), scores[idx])
+
     model.eval()
     scorer.train()
-    for _ in range(settings.epochs):
-        for idx in torch.randperm(len(images)).split(settings.batch_size):
-            with torch.no_grad():
-                tokens = first_block_tokens(model, images[idx])[:, model.num_prefix_tokens :]
-            loss = listmle(scorer(tokens).gather(1, visible[idx]), scores[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    _train(scorer.parameters(), batch_loss, len(images), settings)
     return scorer.eval()
 
 
