@@ -420,6 +420,7 @@ def _table(result: dict) -> str:
     full = next(r for r in rows if r["kind"] == "full")
     curve = ", ".join(f"{v:.3f}" for v in vit["val_curve"])
     ranker = result["ranker"]
+    recall = any("object_recall" in r for r in rows)  # scenes: their objects' masks are known
     lines = [
         f"{measure} on {result['test_images']} held-out {result['dataset']} images (higher is better; chance "
         f"{result['chance']:.3f}) against throughput (images/s, selector included; {result['machine']}). "
@@ -432,9 +433,9 @@ def _table(result: dict) -> str:
         f"ViT's first block (ltrp-shared, {result['shared_scorer']['parameters']:,} parameters): validation "
         f"Kendall tau {result['shared_scorer']['val_kendall_tau']:.3f}.",
         "",
-        f"| method | keep / r | images/s | speed-up | {measure} off the shelf | {measure} fine-tuned "
-        "| object recall |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | keep / r | images/s | speed-up | {measure} off the shelf | {measure} fine-tuned |"
+        + (" object recall |" if recall else ""),
+        "|---|---|---|---|---|---|" + ("---|" if recall else ""),
     ]
     for r in rows:
         setting = {"tome": f"r={r['r']}", "top-k+tome": f"{r['keep']:.0%}, r={r['r']}"}.get(
@@ -444,7 +445,8 @@ def _table(result: dict) -> str:
         speed_up = r["images_per_s"] / full["images_per_s"]
         lines.append(
             f"| {r['method']} | {setting} | {r['images_per_s']:.0f} | {speed_up:.2f}x "
-            f"| {r['accuracy_off_the_shelf']:.3f} | {tuned} | {_fmt_or_dash(r.get('object_recall'))} |"
+            f"| {r['accuracy_off_the_shelf']:.3f} | {tuned} |"
+            + (f" {_fmt_or_dash(r.get('object_recall'))} |" if recall else "")
         )
     job, kernel = result["rank_job"]["job_images_per_s"], result["rank_job"]["kernel_images_per_s"]
     lines += [
