@@ -1,5 +1,5 @@
 """Experiment: cheaper vision transformers. A timm ViT's accuracy against its measured throughput on this
-machine, when it runs on the top-k patches of a tiny LTRP ranker (about a tenth of the ViT's compute,
+machine, when it runs on the top-k patches of a tiny LTRP ranker (about a tenth of the ViT's parameters,
 its forward counted in the cost), random, the centre prior, patch variance and FOLK, merges tokens with
 ToMe, or merges among the ranker's top-k (prune, then merge); off the shelf (trained on all tokens) and
 fine-tuned as each method runs it. The ViT starts from the MAE's encoder (--init mae, as MAE's
@@ -292,7 +292,7 @@ def _ranker(
 ) -> tuple[Ranker, float]:
     """The tiny ranker and its validation Kendall tau, trained on a score table of the ranker's images:
     on all L patches (symmetric), so that one pass over a whole image is what it learned, until
-    validation Kendall tau stops improving (the training budget is what makes a ranker: docs/method.md)."""
+    validation Kendall tau stops improving (a ranker needs the training budget: docs/LTRP.md section 7)."""
     cfg = ScoreConfig(
         source=source, mae=str(mae), output=str(root / "scores-train"), views=args.views, flip=True,
         mask_ratio=setting.mask_ratio, batch_size=64, seed=args.seed,

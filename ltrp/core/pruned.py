@@ -61,7 +61,11 @@ def _kept_tokens(model: VisionTransformer, images: torch.Tensor, keep: torch.Ten
     if keep is None:
         return x
     _check_grid(model, keep)
-    prefix = model.num_prefix_tokens
+    return _prefix_and_kept(x, keep, model.num_prefix_tokens)
+
+
+def _prefix_and_kept(x: torch.Tensor, keep: torch.Tensor, prefix: int) -> torch.Tensor:
+    """x (B, P + L, D), keep (B, k) patch positions -> the prefix tokens and the kept ones: (B, P + k, D)."""
     return torch.cat([x[:, :prefix], gather_tokens(x[:, prefix:], keep)], dim=1)
 
 
@@ -96,6 +100,12 @@ def first_block_tokens(model: VisionTransformer, images: torch.Tensor) -> torch.
     return model.blocks[0](model.norm_pre(_embedded(model, images)))
 
 
+def first_block_patches(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """images (B, C, H, W) -> the patch tokens after the model's first block, what a `TokenScorer`
+    scores: (B, L, D)."""
+    return first_block_tokens(model, images)[:, model.num_prefix_tokens :]
+
+
 def shared_parameters(model: VisionTransformer) -> list[nn.Parameter]:
     """What `first_block_tokens` computes with: frozen while the rest fine-tunes on kept tokens, so the
     scorer keeps seeing the tokens it learned from."""
@@ -121,8 +131,7 @@ def forward_shared(
     prefix = model.num_prefix_tokens
     with torch.no_grad():  # the choice is not trained through: the scorer learns from LTRP's scores
         keep = keep_top(scorer(x[:, prefix:]), keep_ratio)
-    x = torch.cat([x[:, :prefix], gather_tokens(x[:, prefix:], keep)], dim=1)  # (B, P + k, D)
-    x = model.norm(model.blocks[1:](x))
+    x = model.norm(model.blocks[1:](_prefix_and_kept(x, keep, prefix)))
     return model.forward_head(x)
 
 

@@ -27,7 +27,7 @@ from ltrp.core.losses import listmle
 from ltrp.core.probe import mean_average_precision
 from ltrp.core.pruned import (
     TokenScorer,
-    first_block_tokens,
+    first_block_patches,
     forward_kept,
     forward_shared,
     forward_tome,
@@ -81,7 +81,7 @@ class Method:
             if self.kind in ("top-k", "top-k+tome"):
                 return keep_top(self.selector(images), self.keep)
             if self.kind == "shared":
-                tokens = first_block_tokens(model, images)[:, model.num_prefix_tokens :]
+                tokens = first_block_patches(model, images)
                 return keep_top(self.selector(tokens), self.keep)
         return None
 
@@ -193,7 +193,7 @@ def fit_token_scorer(
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            tokens = first_block_tokens(model, images[idx])[:, model.num_prefix_tokens :]
+            tokens = first_block_patches(model, images[idx])
         return listmle(scorer(tokens).gather(1, visible[idx]), scores[idx])
 
     model.eval()
@@ -212,7 +212,7 @@ def token_scorer_tau(
 ) -> float:
     """Mean Kendall tau between `scorer`'s scores and the pseudo-scores over the views' scored patches
     (the ranker's validation measure)."""
-    tokens = first_block_tokens(model, images)[:, model.num_prefix_tokens :]
+    tokens = first_block_patches(model, images)
     return float(kendall_tau(scorer(tokens).gather(1, visible), scores).mean())
 
 
