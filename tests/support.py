@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -234,6 +235,32 @@ def job_metadata(cfg: ScoreConfig) -> dict:
     from ltrp.pipeline.score_job import ScoreJob
 
     return ScoreJob(dataclasses.replace(cfg, output=cfg.output + "-planned")).metadata
+
+
+def ray_data_workers() -> set[psutil.Process]:
+    """The workers of this process's local Ray cluster (`address="local"`: they descend from it) running a
+    Ray Data operator: a worker's title names what it runs, `ray::MapBatches(f)` for a task of operator f,
+    `ray::MapWorker(MapBatches(C))` for an actor of its pool. Ray Data's own detached actors
+    (`_StatsActor`, ...) outlive the job and are not among them."""
+    return {p for p in psutil.Process().children(recursive=True) if _runs_ray_data_operator(p)}
+
+
+def _runs_ray_data_operator(process: psutil.Process) -> bool:
+    try:
+        title = process.cmdline()[0]
+    except (psutil.Error, IndexError):
+        return False
+    return title.startswith(("ray::MapBatches(", "ray::MapWorker("))
+
+
+def wait_for_exit(processes: set[psutil.Process], timeout: float = 60) -> None:
+    """Waits until every one of `processes` has exited, failing after `timeout` seconds.
+
+    A job's driver killed with SIGKILL leaves its tasks running until Ray notices and kills them: until
+    then they may still commit or combine shards.
+    """
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    assert not alive, f"processes still running after {timeout} s: {alive}"
 
 
 def committed_shards(out: Path, table: str, groups: FileGroups) -> set[int]:
