@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ltrp.core.folk import frequency_split
 from ltrp.core.options import ROUNDS
 from ltrp.core.ranker import Ranker, rank
 
@@ -104,27 +105,6 @@ class GradientEnergyScorer:
         dx = F.pad((x[..., :, 1:] - x[..., :, :-1]) ** 2, (0, 1))
         dy = F.pad((x[..., 1:, :] - x[..., :-1, :]) ** 2, (0, 0, 0, 1))
         return _patch_means(dx + dy, self.patch_size)
-
-
-def frequency_split(images: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """FOLK's image-adaptive filter, as we read it (FOLK's code is unreleased): per channel, a 2-D FFT of
-    the whole image; Com keeps the k = round(tau * H*W) coefficients of largest magnitude (at least one)
-    and their conjugates, so that Com is a real image (k or k + 1 coefficients: a real image's spectrum
-    comes in conjugate pairs of equal magnitude, and the k-th may split one); RCom = x - Com is what
-    that compression throws away.
-
-    images: (B, C, H, W) -> (com, rcom), both (B, C, H, W) float32.
-    """
-    x = images.float()
-    spectrum = torch.fft.fft2(x)
-    flat = spectrum.flatten(2)  # (B, C, H*W)
-    k = max(1, round(tau * flat.shape[-1]))
-    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(2, flat.abs().topk(k, dim=2).indices, True)
-    keep = keep.view_as(spectrum)
-    # The conjugate of frequency (u, v) sits at (-u mod H, -v mod W): a flip, then a roll by one.
-    keep |= keep.flip(dims=(-2, -1)).roll(shifts=(1, 1), dims=(-2, -1))
-    com = torch.fft.ifft2(spectrum * keep).real
-    return com, x - com
 
 
 class FolkRComScorer:

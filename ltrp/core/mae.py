@@ -130,6 +130,10 @@ class MAE(ViTEncoder):
         for blk in [*self.blocks, *self.decoder_blocks]:
             blk.compile()
 
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights, under the names a `ViTEncoder` of the same shape has (no decoder)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+
     # -- pixels <-> patches ---------------------------------------------------------------------------
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs: (N, C, S, S) -> (N, L, p*p*C), patches in raster order, pixels (row, col, channel)."""

@@ -41,8 +41,7 @@ class Probe(ViTEncoder):
         self.head = nn.Linear(cfg.embed_dim, num_classes)
         nn.init.zeros_(self.head.bias)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
-        encoder = {k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
-        result = self.load_state_dict(encoder, strict=False)  # strict but for the new head:
+        result = self.load_state_dict(mae.encoder_state(), strict=False)  # strict but for the new head:
         if set(result.missing_keys) != {"head.weight", "head.bias"} or result.unexpected_keys:
             raise ValueError(f"MAE encoder does not fit the probe: {result}")
 

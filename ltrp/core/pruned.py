@@ -261,11 +261,8 @@ def vit_from_mae(mae: MAE, num_classes: int) -> VisionTransformer:
         embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
         global_pool="avg", norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps),
     )  # fmt: skip
-    encoder = {
-        k.replace("norm.", "fc_norm.", 1) if k.startswith("norm.") else k: v
-        for k, v in mae.state_dict().items()
-        if not k.startswith(("decoder", "mask_token"))
-    }
+    # MAE's final norm normalises the pooled patch tokens here (norm.* -> fc_norm.*), as in its fine-tuning.
+    encoder = {("fc_" + k if k.startswith("norm.") else k): v for k, v in mae.encoder_state().items()}
     result = model.load_state_dict(encoder, strict=False)  # strict but for the new head:
     if set(result.missing_keys) != {"head.weight", "head.bias"} or result.unexpected_keys:
         raise ValueError(f"the MAE's encoder does not fit a timm ViT of its shape: {result}")

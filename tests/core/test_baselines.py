@@ -10,9 +10,9 @@ from ltrp.core.baselines import (
     RankerScorer,
     StratifiedRandomScorer,
     VarianceScorer,
-    frequency_split,
 )
 from ltrp.core.classifier import ClassifierConfig, PatchClassifier
+from ltrp.core.folk import frequency_split
 from ltrp.core.ranker import RANKER_GEOMETRIES, Ranker, keep_top
 
 
@@ -56,16 +56,6 @@ def test_content_scorers_prefer_the_textured_patch() -> None:
     for scorer in (VarianceScorer(16), GradientEnergyScorer(16), FolkRComScorer(16)):
         assert scorer(images).argmax().item() == 2, scorer.name
     assert CenterScorer(16)(images).unique().numel() == 1  # 2x2 grid: every patch equally central
-
-
-@pytest.mark.parametrize("tau", [0.005, 0.01, 0.05, 0.5])
-def test_com_plus_rcom_is_the_image_and_com_keeps_a_tau_fraction(tau: float) -> None:
-    images = torch.randn(2, 3, 32, 32)
-    com, rcom = frequency_split(images, tau)
-    torch.testing.assert_close(com + rcom, images)
-    kept = (torch.fft.fft2(com).abs() > 1e-4).flatten(2).sum(dim=2)
-    k = max(1, round(tau * 32 * 32))
-    assert ((kept == k) | (kept == k + 1)).all()  # k, or k + 1 when the k-th splits a conjugate pair
 
 
 def test_rcom_of_a_constant_image_is_zero() -> None:
