@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> PretrainSummary:
     summary = run_job(pretrain_job.run, cfg, PROG)
     skipped = summary.skipped_images
     print(
-        f"pre-trained {summary.geometry} for {summary.epochs} epochs (this run started at epoch "
-        f"{summary.start_epoch}); train_loss {summary.train_loss:.4f}"
+        f"pre-trained {summary.geometry} (objective {summary.objective}) for {summary.epochs} epochs (this "
+        f"run started at epoch {summary.start_epoch}); train_loss {summary.train_loss:.4f}"
         + (f"; skipped {skipped} unreadable images (MLflow: skipped_images.json)" if skipped else "")
         + (f"; {describe_passed_over(summary.passed_over)}" if summary.passed_over else "")
         + f"; wrote {summary.output}; MLflow run {summary.mlflow_run_id}"

@@ -22,16 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ltrp.core.mae import MAE
+from ltrp.core.options import FrequencyFilter as Filter
 from ltrp.core.vit import ViTEncoder
-
-Filter = Literal["com", "rcom", "lowpass", "highpass"]
 
 
 # -- filters -------------------------------------------------------------------------------------------

@@ -20,6 +20,11 @@ Head = Literal["cls", "token"]
 Loss = Literal["listmle", "listnet", "ranknet", "mse"]
 #: Where a job computes: GPUs when the cluster (or machine) has them, or forced either way.
 Device = Literal["auto", "gpu", "cpu"]
+#: What pre-training learns: the patches hidden from the encoder (MAE), or the frequencies a filter
+#: removed from an image the encoder sees whole (FOLK, MFM: `ltrp.core.folk`).
+Objective = Literal["mae", "frequency"]
+#: A frequency filter of `ltrp.core.folk`: image-adaptive (com, rcom: FOLK) or a fixed disc (MFM).
+FrequencyFilter = Literal["com", "rcom", "lowpass", "highpass"]
 #: Names of `ltrp.core.mae.GEOMETRIES`.
 MAEGeometry = Literal[
     "mae_vit_base_patch16",

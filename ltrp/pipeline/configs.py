@@ -34,12 +34,14 @@ from ltrp.core.options import (
     Background,
     Crop,
     Device,
+    FrequencyFilter,
     Head,
     Init,
     Loss,
     MAEGeometry,
     Metric,
     Mode,
+    Objective,
     Precision,
     RankerGeometry,
     Split,
@@ -263,7 +265,8 @@ class RankConfig(CorpusConfig):
 
 @dataclass
 class PretrainConfig(_Checked):
-    """Pre-train an MAE with Ray Train (DDP) on any corpus the scoring job reads."""
+    """Pre-train an MAE with Ray Train (DDP) on any corpus the scoring job reads: masked patches (MAE), or
+    filtered frequencies (FOLK, MFM)."""
 
     source: str  # images: folder, s3:// prefix, .tar shard or .parquet/.csv manifest
     output: str = may_change(MISSING)  # where the final MAE goes (local or s3://), e.g. runs/mae.pth
@@ -271,8 +274,17 @@ class PretrainConfig(_Checked):
     name: str = may_change("ltrp-mae")
     storage: str = may_change("runs/pretrain")  # checkpoints go to STORAGE/NAME (local or s3://)
     geometry: MAEGeometry = "mae_vit_base_patch16"  # MAE size and patch grid
-    norm_pix: bool = False  # learn per-patch standardised pixels; default raw pixels, what LTRP scores in
-    mask_ratio: float = 0.75  # fraction of patches hidden from the encoder
+    #: mae: reconstruct the patches hidden from the encoder; frequency: restore the frequencies a filter
+    #: removed, the encoder seeing every patch of the filtered image (FOLK, MFM)
+    objective: Objective = "mae"
+    norm_pix: bool = False  # mae: learn per-patch standardised pixels (default raw, what LTRP scores in)
+    mask_ratio: float = 0.75  # mae: fraction of patches hidden from the encoder
+    #: frequency: filters drawn per image; com/rcom adapt to the image's spectrum (FOLK), lowpass/highpass
+    #: are a fixed disc around DC (MFM)
+    filters: tuple[FrequencyFilter, ...] = ("com", "rcom")
+    taus: tuple[float, ...] = (0.005, 0.01, 0.05)  # frequency: fraction com/lowpass keep, drawn per image
+    distill_weight: float = 1.0  # frequency: weight of the EMA teacher's distillation; 0: no teacher (MFM)
+    teacher_momentum: float = 0.996  # frequency: the teacher's EMA momentum at the start, cosine to 1
     epochs: int = may_change(10)  # epochs
     warmup_epochs: int = may_change(1)  # linear warm-up epochs before the cosine decay
     batch_size: int = may_change(64)  # images per worker and step
@@ -300,8 +312,28 @@ class PretrainConfig(_Checked):
         _at_least(self, 1, "keep_checkpoints")
         _at_least(self, 0, "warmup_epochs", "shuffle_buffer", "max_failures", "sample_images")
         _positive(self, "lr", "base_lr", "worker_cpus")
-        _at_least(self, 0, "weight_decay")
+        _at_least(self, 0, "weight_decay", "distill_weight")
         _mask_ratio(self.mask_ratio)
+        _require(len(self.filters) > 0, "filters", "name at least one filter")
+        _require(
+            len(self.taus) > 0 and all(0 < t < 1 for t in self.taus),
+            "taus",
+            f"must be in (0, 1): {self.taus}",
+        )
+        momentum = self.teacher_momentum
+        _require(0 <= momentum < 1, "teacher_momentum", f"must be in [0, 1), got {momentum}")
+        other = {
+            "mae": ("filters", "taus", "distill_weight", "teacher_momentum"),
+            "frequency": ("norm_pix", "mask_ratio"),
+        }
+        _only_defaults(self, other[self.objective], f"not an option of --objective {self.objective}")
+
+
+def _only_defaults(cfg: object, names: tuple[str, ...], problem: str) -> None:
+    """Refuses a value other than its default in any of `names`: options the chosen mode has no use for."""
+    defaults = {f.name: f.default for f in fields(cfg)}  # type: ignore[arg-type]
+    for name in names:
+        _require(getattr(cfg, name) == defaults[name], name, problem)
 
 
 @dataclass

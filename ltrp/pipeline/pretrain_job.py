@@ -6,10 +6,16 @@ pixels with the scoring job's own `render_view`, in Ray's prefetch threads. The 
 (seed, image id, epoch), so it is rendered as the batches are formed rather than stored in the dataset.
 Images that cannot be decoded are skipped, counted and listed; they never stop the job.
 
-Training follows MAE: random masking (75% by default), MSE on the masked patches, raw-pixel targets
-(what LTRP scores in) or norm-pix ones, AdamW (0.9, 0.95), warm-up then cosine, lr = base * batch / 256.
-The loop is `ltrp.pipeline.training_loop`'s, shared with ranker training; `MAETask` is what differs: the MAE,
-the masking and loss of a batch, the skipped images, and the reconstruction grid logged each epoch.
+Two objectives, each a `Task` of the loop that `ltrp.pipeline.training_loop` shares with ranker training:
+- `MAETask` (--objective mae) follows MAE: random masking (75% by default), MSE on the masked patches,
+  raw-pixel targets (what LTRP scores in) or norm-pix ones; the grid logged each epoch shows
+  original | masked input | reconstruction.
+- `FrequencyTask` (--objective frequency) follows FOLK, or MFM without a teacher (`ltrp.core.folk`): the
+  encoder sees every patch of an image whose spectrum a filter cut, drawn per image; the decoder restores
+  the image, the loss counts the removed frequencies; an EMA teacher of the encoder, on the unfiltered
+  image, is distilled into it, and moves after every step. The grid shows original | filtered | restored.
+Both: AdamW (0.9, 0.95), warm-up then cosine, lr = base * batch / 256; the MAE written at the end is the
+student (its decoder is what restored the images), in the format every loader reads.
 
 Fault tolerance: a checkpoint every epoch under STORAGE/NAME; a failed worker group is restarted from
 the last one (`max_failures`), and launching again with the same name and storage resumes it, in the
@@ -33,6 +39,7 @@ import ray
 import ray.train
 import torch
 
+from ltrp.core.folk import Folk, FolkConfig, draw_filters, teacher_momentum
 from ltrp.core.mae import GEOMETRIES, MAE, MAEConfig, random_visible
 from ltrp.core.masking import visible_sets
 from ltrp.data.checkpoints import save_mae
@@ -62,6 +69,7 @@ class PretrainSummary:
 
     output: str  # where the final MAE was written
     geometry: str  # the MAE's geometry
+    objective: str  # what it learnt: mae or frequency
     epochs: int  # epochs the training has done in all
     start_epoch: int  # the epoch this launch started at (0: a new training, else resumed)
     history: tuple[float, ...]  # mean training loss of every epoch, the first launch's included
@@ -97,11 +105,12 @@ def run(cfg: PretrainConfig) -> PretrainSummary:
             save_mae(mae, cfg.output)
             with tempfile.TemporaryDirectory() as folder:
                 curve = Path(folder) / "loss_curve.png"
-                loss_curve_png(history, curve)
+                loss_curve_png(history, curve, cfg.objective)
                 mlflow.log_artifact(str(curve))
     return PretrainSummary(
         output=cfg.output,
         geometry=cfg.geometry,
+        objective=cfg.objective,
         epochs=len(history),
         start_epoch=int(result.metrics["start_epoch"]),
         history=tuple(history),
@@ -119,6 +128,10 @@ def _inputs(cfg: PretrainConfig, shards: list[Shard]) -> dict:
 
 def mae_config(cfg: PretrainConfig) -> MAEConfig:
     return replace(GEOMETRIES[cfg.geometry], norm_pix=cfg.norm_pix)
+
+
+def folk_config(cfg: PretrainConfig) -> FolkConfig:
+    return FolkConfig(cfg.filters, cfg.taus, cfg.distill_weight, cfg.teacher_momentum)
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -214,6 +227,13 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return pixels.permute(0, 2, 3, 1).numpy()
 
 
+def _side_by_side(columns: list[np.ndarray]) -> np.ndarray:
+    """Columns of (K, S, S, 3) uint8 images side by side, a row per image, zoomed to at least 96 px."""
+    grid = np.concatenate([np.concatenate(list(c), axis=0) for c in columns], axis=1)
+    zoom = max(1, math.ceil(96 / columns[0].shape[1]))
+    return grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
+
+
 @torch.no_grad()
 def reconstruction_grid(mae: MAE, images: np.ndarray, visible: torch.Tensor) -> np.ndarray:
     """One row per image: original | masked input (hidden patches grey) | reconstruction, with the
@@ -238,13 +258,24 @@ def reconstruction_grid(mae: MAE, images: np.ndarray, visible: torch.Tensor) -> 
     patches = mae.patchify(x)
     masked = mae.unpatchify(patches * shown)  # 0 = ImageNet mean colour
     pasted = mae.unpatchify(patches * shown + pred * (1 - shown))
-    columns = [images, _to_uint8(masked), _to_uint8(pasted)]
-    grid = np.concatenate([np.concatenate(list(c), axis=0) for c in columns], axis=1)
-    zoom = max(1, math.ceil(96 / images.shape[1]))
-    return grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
+    return _side_by_side([images, _to_uint8(masked), _to_uint8(pasted)])
 
 
-def loss_curve_png(losses: list[float], path: str | Path) -> None:
+@torch.no_grad()
+def restoration_grid(folk: Folk, images: np.ndarray, kept: torch.Tensor) -> np.ndarray:
+    """One row per image: original | filtered input | restoration, as `reconstruction_grid` lays them out.
+
+    Args:
+        folk: the model (its mode is left as it was).
+        images: (K, S, S, 3) uint8.
+        kept: (K, 3, S, S) bool, the frequencies each filter kept.
+    """
+    device = next(folk.parameters()).device
+    filtered, _, restored = folk.restore(to_model_input(images).to(device), kept.to(device))
+    return _side_by_side([images, _to_uint8(filtered), _to_uint8(restored)])
+
+
+def loss_curve_png(losses: list[float], path: str | Path, objective: str = "mae") -> None:
     """Training loss per epoch as a PNG (matplotlib, Agg backend: no display needed)."""
     import matplotlib
 
@@ -254,8 +285,8 @@ def loss_curve_png(losses: list[float], path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     ax.plot(range(len(losses)), losses, marker="o")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("train loss (MSE, masked patches)")
-    ax.set_title("MAE pre-training")
+    ax.set_ylabel("train loss")
+    ax.set_title(f"pre-training, objective {objective}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -278,6 +309,7 @@ class MAETask(Task):
     """
 
     unit = "images"
+    grids = "reconstructions"  # the MLflow folder of the epochs' sample grids
 
     def __init__(self, cfg: PretrainConfig, sample_ids: list[str], samples: np.ndarray) -> None:
         self.cfg, self.sample_ids, self.samples = cfg, sample_ids, samples
@@ -291,9 +323,8 @@ class MAETask(Task):
 
     def batches(self, epoch: int, worker: Worker) -> Iterator[dict]:
         """{"image": (B, S, S, 3) uint8, "skipped": [(uri, reason), ...]}: the epoch's views, in a
-        seeded local shuffle; the masks of the epoch are drawn from a generator seeded here too."""
-        self.generator = torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch, worker.rank))
-        self.skipped = []
+        seeded local shuffle."""
+        self.begin_epoch(epoch, worker)
         collate = ViewBatches(
             mae_config(self.cfg).img_size, epoch, seed=self.cfg.seed, crop=self.cfg.crop, flip=self.cfg.flip
         )
@@ -305,6 +336,12 @@ class MAETask(Task):
         ):
             self.skipped += batch["skipped"]
             yield batch
+
+    def begin_epoch(self, epoch: int, worker: Worker) -> None:
+        """Before an epoch's batches: the generator its masks (or filters) are drawn from, seeded so that a
+        resumed epoch draws the same ones."""
+        self.generator = torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch, worker.rank))
+        self.skipped = []
 
     def loss(self, model: torch.nn.Module, batch: dict, worker: Worker) -> tuple[torch.Tensor, int]:
         mae = unwrap(model)
@@ -323,27 +360,66 @@ class MAETask(Task):
     def checkpoint_state(self, model: torch.nn.Module) -> dict:
         return {"mae_config": asdict(model.cfg)}  # what `load_pretrained` rebuilds it from
 
-    def log_epoch(self, model: torch.nn.Module, epoch: int, first: bool, run: RunLog) -> None:
-        """The epoch's reconstruction grid of the sample images (always the same masks); the skipped
-        images once per launch (every epoch skips the same ones)."""
+    def sample_grid(self, model: torch.nn.Module) -> np.ndarray:
+        """The sample images' reconstruction grid, always with the same masks."""
         mae = unwrap(model)
+        visible = visible_sets(
+            self.sample_ids, grid=mae.cfg.grid, mask_ratio=self.cfg.mask_ratio, seed=self.cfg.seed
+        )
+        mae.eval()
+        return reconstruction_grid(mae, self.samples, visible)
+
+    def log_epoch(self, model: torch.nn.Module, epoch: int, first: bool, run: RunLog) -> None:
+        """The epoch's `sample_grid` (folder `grids`); the skipped images once per launch (every epoch
+        skips the same ones)."""
         if len(self.samples):
-            visible = visible_sets(
-                self.sample_ids, grid=mae.cfg.grid, mask_ratio=self.cfg.mask_ratio, seed=self.cfg.seed
-            )
-            mae.eval()
-            grid = reconstruction_grid(mae, self.samples, visible)
-            run.artifact(f"epoch_{epoch:03d}.png", png_bytes(grid), "reconstructions")
+            run.artifact(f"epoch_{epoch:03d}.png", png_bytes(self.sample_grid(model)), self.grids)
         if first and self.skipped:
             listing = [{"uri": uri, "reason": reason} for uri, reason in self.skipped]
             run.artifact("skipped_images.json", json.dumps(listing, indent=1).encode())
 
 
+class FrequencyTask(MAETask):
+    """The MAE learns to restore the frequencies a filter removed from the images its encoder sees
+    whole, distilling an EMA teacher of its encoder (FOLK) or not (MFM): `ltrp.core.folk.Folk`."""
+
+    grids = "restorations"
+
+    def build(self, worker: Worker) -> Folk:
+        return Folk(super().build(worker), folk_config(self.cfg))
+
+    def loss(self, model: torch.nn.Module, batch: dict, worker: Worker) -> tuple[torch.Tensor, int]:
+        imgs = to_model_input(batch["image"].to(worker.device, non_blocking=True))  # (B, 3, S, S)
+        kept = draw_filters(imgs, self.cfg.filters, self.cfg.taus, self.generator)  # (B, 3, S, S) bool
+        with worker.autocast():
+            return model(imgs, kept), len(imgs)
+
+    def after_step(self, model: torch.nn.Module, step: int, total_steps: int) -> None:
+        folk = unwrap(model)
+        if folk.teacher is not None:
+            folk.update_teacher(teacher_momentum(step, total_steps, self.cfg.teacher_momentum))
+
+    def checkpoint_state(self, model: torch.nn.Module) -> dict:
+        return {"mae_config": asdict(model.student.cfg), "folk_config": asdict(model.cfg)}
+
+    def sample_grid(self, model: torch.nn.Module) -> np.ndarray:
+        """The sample images' restoration grid, always with the same filters."""
+        folk = unwrap(model)
+        images = to_model_input(torch.from_numpy(self.samples))
+        kept = draw_filters(
+            images, self.cfg.filters, self.cfg.taus, torch.Generator().manual_seed(self.cfg.seed)
+        )
+        folk.eval()
+        return restoration_grid(folk, self.samples, kept)
+
+
 def load_pretrained(checkpoint: ray.train.Checkpoint) -> tuple[MAE, list[float]]:
-    """A training checkpoint -> (the MAE in eval mode, train loss of every epoch so far)."""
+    """A training checkpoint of either objective -> (the MAE in eval mode, train loss of every epoch so
+    far). Loaded strictly: a frequency checkpoint's student, teacher and head must all fit."""
     state = training_loop.read_state(checkpoint)
     mae = MAE(MAEConfig(**state["mae_config"]))
-    mae.load_state_dict(state["model"])
+    model = Folk(mae, FolkConfig(**state["folk_config"])) if "folk_config" in state else mae
+    model.load_state_dict(state["model"])
     return mae.eval(), state["history"]
 
 
@@ -371,6 +447,5 @@ def fit(
         tracking_uri=tracking_uri,
         mlflow_run_id=mlflow_run_id,
     )
-    return trainer.fit(
-        settings, MAETask(cfg, sample_ids, samples), {"train": training_data.images_dataset(reads)}
-    )
+    task = (FrequencyTask if cfg.objective == "frequency" else MAETask)(cfg, sample_ids, samples)
+    return trainer.fit(settings, task, {"train": training_data.images_dataset(reads)})

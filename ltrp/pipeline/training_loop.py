@@ -154,6 +154,10 @@ class Task:
         """
         raise NotImplementedError
 
+    def after_step(self, model: torch.nn.Module, step: int, total_steps: int) -> None:
+        """After each optimiser step (`step` of `total_steps` in the whole training): e.g. moving an EMA
+        teacher. Every worker runs it on identical weights, so what it changes stays identical."""
+
     def end_epoch(self, model: torch.nn.Module, epoch: int, worker: Worker) -> dict[str, float]:
         """Metrics of the epoch besides the training loss (e.g. validation), on the epochs that
         `TrainerConfig.validates`. Runs on every worker, so it may all-reduce; rank 0's values are
@@ -272,14 +276,16 @@ def train_epoch(
     sums = torch.zeros(2, device=worker.device)  # sum of loss * samples, samples
     steps, lr, started = cfg.steps_per_epoch, cfg.lr, time.perf_counter()
     for i, batch in enumerate(task.batches(epoch, worker)):
+        step = epoch * steps + i
         # Per step, not per epoch: the warm-up is usually a few epochs, the first of them steep.
-        lr = lr_at(epoch * steps + i, cfg.epochs * steps, cfg.warmup_epochs * steps, cfg.lr)
+        lr = lr_at(step, cfg.epochs * steps, cfg.warmup_epochs * steps, cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, count = task.loss(model, batch, worker)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        task.after_step(model, step, cfg.epochs * steps)
         sums += torch.stack([loss.detach().float() * count, torch.tensor(float(count), device=worker.device)])
     sums = all_reduce_sum(sums)
     seconds = time.perf_counter() - started

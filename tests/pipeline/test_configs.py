@@ -27,6 +27,9 @@ SCORE = {"source": "s", "mae": "m.pth", "output": "o"}
 EVALUATE = {"model": "models:/r/1", "mae": "m", "scores": ("t",), "train_source": "a", "test_source": "b"}
 
 
+FREQUENCY = {"source": "s", "output": "o", "objective": "frequency"}
+
+
 @pytest.mark.parametrize(
     ("cls", "values", "named"),
     [
@@ -40,6 +43,14 @@ EVALUATE = {"model": "models:/r/1", "mae": "m", "scores": ("t",), "train_source"
         (RankConfig, {"source": "s", "model": "r.pt", "output": "o", "max_workers": 0}, "--max-workers"),
         (PretrainConfig, {"source": "s", "output": "o", "geometry": "mae_vit_gigantic"}, "--geometry"),
         (PretrainConfig, {"source": "s", "output": "o", "lr": 0.0}, "--lr"),
+        (PretrainConfig, {"source": "s", "output": "o", "objective": "folk"}, "--objective"),
+        (PretrainConfig, {"source": "s", "output": "o", "filters": ("com", "bandpass")}, "--filters"),
+        (PretrainConfig, {"source": "s", "output": "o", "taus": (0.01, 1.0)}, "--taus: must be in"),
+        (PretrainConfig, {"source": "s", "output": "o", "taus": ()}, "--taus"),
+        (PretrainConfig, {"source": "s", "output": "o", "teacher_momentum": 1.0}, "--teacher-momentum"),
+        (PretrainConfig, {"source": "s", "output": "o", "filters": ("lowpass",)}, "--filters: not an option"),
+        (PretrainConfig, {**FREQUENCY, "mask_ratio": 0.5}, "--mask-ratio: not an option of --objective freq"),
+        (PretrainConfig, {**FREQUENCY, "norm_pix": True}, "--norm-pix: not an option of --objective freq"),
         (TrainConfig, {"scores": "s", "loss": "listMLE"}, "--loss"),
         (TrainConfig, {"scores": "s", "val_fraction": 1.0}, "--val-fraction"),
         (TrainConfig, {"scores": "s", "register": "ltrp-ranker"}, "--register"),

@@ -3,25 +3,35 @@ real local Ray cluster with a real MLflow server."""
 
 import io
 import json
+import math
+import sys
 import tarfile
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray.cloudpickle
+import ray.train
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from support import fashion_mnist, fashion_mnist_pngs, png_bytes
 
 import ltrp
+from ltrp.core.folk import Folk
 from ltrp.core.mae import random_visible
 from ltrp.core.optim import param_groups
+from ltrp.core.probe import Probe
+from ltrp.core.pruned import vit_from_mae
 from ltrp.data.images import to_model_input
 from ltrp.data.sources import Shard
-from ltrp.pipeline.configs import PretrainConfig
-from ltrp.pipeline.pretrain_job import ViewBatches, mae_config, read_tasks
-from ltrp.pipeline.training_data import read_images
+from ltrp.pipeline import pretrain_job, trainer
+from ltrp.pipeline.configs import PretrainConfig, option
+from ltrp.pipeline.pretrain_job import FrequencyTask, ViewBatches, folk_config, mae_config, read_tasks
+from ltrp.pipeline.training_data import images_dataset, read_images
+from ltrp.pipeline.training_loop import Worker, read_state
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -218,3 +228,112 @@ def test_a_source_without_images_is_refused_up_front(tmp_path: Path, capsys: pyt
     assert exit_.value.code == 2
     assert f"--source: image source not found: {tmp_path / 'nothing'}" in capsys.readouterr().err
     assert not (tmp_path / "mae.pth").exists()
+
+
+# -- frequency-masked pre-training (FOLK, MFM) ------------------------------------------------------------
+def _images(folder: Path, count: int) -> Path:
+    for name, data in fashion_mnist_pngs(count).items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def _frequency_cfg(tmp_path: Path, name: str, **changes: object) -> PretrainConfig:
+    """A deterministic filter (one kind, one tau), so that how images are dealt to workers cannot matter."""
+    cfg = PretrainConfig(
+        source=str(tmp_path / "images"), output=str(tmp_path / f"{name}.pth"), name=name,
+        storage=str(tmp_path / "ckpt"), geometry="mae_vit_tiny_patch8", objective="frequency",
+        filters=("com",), taus=(0.05,), epochs=1, batch_size=8, lr=1e-3, sample_images=0,
+    )  # fmt: skip
+    return replace(cfg, **changes)
+
+
+def _state(result: ray.train.Result) -> dict[str, torch.Tensor]:
+    return read_state(result.checkpoint)["model"]
+
+
+def _moved(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    return torch.cat([(state[k] - start[k]).flatten() for k in start if k.startswith(prefix)])
+
+
+@pytest.mark.slow
+def test_frequency_pretraining_on_two_workers_takes_one_workers_steps_and_logs_restorations(
+    job_in_process: Path, mlflow_uri: str, capsys: pytest.CaptureFixture
+) -> None:
+    """The launcher with 2 DDP workers of 4 images a step against the library with 1 worker of 8: the
+    same step for student and teacher. The MAE it writes loads, and the probe and the ViT take it."""
+    from jobs.pretrain_mae import main
+
+    tmp_path = job_in_process
+    _images(tmp_path / "images", 8)
+    two = _frequency_cfg(tmp_path, "two", workers=2, batch_size=4, sample_images=2)
+    main(_argv(two))
+    assert "pre-trained mae_vit_tiny_patch8 (objective frequency) for 1 epochs" in capsys.readouterr().out
+    (checkpoint,) = (tmp_path / "ckpt" / "two").glob("checkpoint_*/state.pt")
+    by_two = torch.load(checkpoint, weights_only=True)["model"]
+    by_one = _state(pretrain_job.fit(_frequency_cfg(tmp_path, "one")))
+
+    torch.manual_seed(0)  # as the training loop seeds every worker before building
+    start = Folk(ltrp.MAE(mae_config(two)), folk_config(two)).state_dict()
+    for part in ("student.", "teacher.", "distill_head."):
+        one_step, two_steps = _moved(by_one, start, part), _moved(by_two, start, part)
+        assert one_step.abs().mean() > 0, part
+        assert (two_steps - one_step).abs().mean() < 0.01 * one_step.abs().mean(), part
+
+    mae = ltrp.load_mae(two.output)  # strict: the student, in the official layout
+    assert all(torch.equal(v, by_two[f"student.{k}"]) for k, v in mae.state_dict().items())
+    images = _fmnist_batch(2, 64)
+    assert Probe(mae, num_classes=3)(images).shape == (2, 3) and vit_from_mae(mae, 3)(images).shape == (2, 3)
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("ltrp-pretrain")
+    (run,) = client.search_runs([experiment.experiment_id], f"tags.output = '{two.output}'")
+    assert run.data.params["objective"] == "frequency" and run.data.params["filters"] == "('com',)"
+    (grid,) = client.list_artifacts(run.info.run_id, "restorations")
+    picture = Image.open(client.download_artifacts(run.info.run_id, grid.path, str(tmp_path)))
+    assert picture.size == (3 * 2 * 64, 2 * 2 * 64)  # original | filtered | restored, 2 images, zoom 2
+
+
+def _argv(cfg: PretrainConfig) -> list[str]:
+    """`cfg` as the launcher's options."""
+    values = {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != f.default}
+    argv = []
+    for name, value in values.items():
+        argv += [option(name), *map(str, value)] if isinstance(value, tuple) else [option(name), str(value)]
+    return argv
+
+
+class _LosesAWorkerInEpoch1(FrequencyTask):
+    """Fails the first time epoch 1 starts (a marker file remembers it across the restarted workers)."""
+
+    def __init__(self, cfg: PretrainConfig, marker: Path) -> None:
+        super().__init__(cfg, [], np.zeros((0, 64, 64, 3), np.uint8))
+        self.marker = marker
+
+    def batches(self, epoch: int, worker: Worker) -> Iterator[dict]:
+        if epoch == 1 and not self.marker.exists():
+            self.marker.touch()
+            raise RuntimeError("worker lost")
+        yield from super().batches(epoch, worker)
+
+
+@pytest.mark.faults
+def test_a_restarted_frequency_pretraining_continues_its_schedule_teacher_included(
+    tmp_path: Path, ray_address: str
+) -> None:
+    """Ray Train restarts the worker group from epoch 0's checkpoint: epoch 1 then runs as it would
+    have (learning rate, teacher momentum, the teacher itself), and ends where an unbroken run ends."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module
+    _images(tmp_path / "images", 8)
+    straight = _frequency_cfg(tmp_path, "straight", epochs=2, filters=("com", "rcom"), taus=(0.01, 0.05))
+    unbroken = read_state(pretrain_job.fit(straight).checkpoint)
+    broken = replace(straight, name="broken", max_failures=1)
+    reads, count = read_tasks(broken)
+    settings = trainer.settings(broken, steps_per_epoch=math.ceil(count / broken.batch_size), lr=broken.lr)
+    task = _LosesAWorkerInEpoch1(broken, tmp_path / "lost")
+    resumed = read_state(trainer.fit(settings, task, {"train": images_dataset(reads)}).checkpoint)
+    assert (tmp_path / "lost").exists() and resumed["epoch"] == unbroken["epoch"] == 1
+    torch.testing.assert_close(resumed["history"], unbroken["history"])
+    weights = unbroken["model"]
+    lags = weights["teacher.blocks.0.attn.qkv.weight"] - weights["student.blocks.0.attn.qkv.weight"]
+    assert lags.abs().max() > 1e-4  # the teacher is its own state, not a copy of the student
+    torch.testing.assert_close(resumed["model"], unbroken["model"], atol=1e-6, rtol=1e-4)
