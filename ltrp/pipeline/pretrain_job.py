@@ -318,7 +318,6 @@ class MAETask(Task):
     def build(self, worker: Worker) -> MAE:
         if self.cfg.threads and worker.device.type == "cpu":
             torch.set_num_threads(self.cfg.threads)
-        self.shard = ray.train.get_dataset_shard("train")
         return MAE(mae_config(self.cfg))
 
     def batches(self, epoch: int, worker: Worker) -> Iterator[dict]:
@@ -328,7 +327,7 @@ class MAETask(Task):
         collate = ViewBatches(
             mae_config(self.cfg).img_size, epoch, seed=self.cfg.seed, crop=self.cfg.crop, flip=self.cfg.flip
         )
-        for batch in self.shard.iter_torch_batches(
+        for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
             batch_size=self.cfg.batch_size,
             collate_fn=collate,
             local_shuffle_buffer_size=self.cfg.shuffle_buffer or None,
