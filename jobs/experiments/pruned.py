@@ -90,6 +90,9 @@ class PrunedArgs:
     #: the ViT: mae starts from the MAE's encoder, in its shape (MAE's fine-tuning); scratch: --width,
     #: --depth and --heads, randomly initialised
     init: Literal["mae", "scratch"] = "mae"
+    #: --init mae: the MAE file whose encoder the ViT starts from, e.g. one pre-trained with
+    #: `jobs.pretrain_mae --objective frequency` (FOLK); None: the MAE that scores the ranker's table
+    backbone: str | None = None
     train_images: int = 20000  # images that train the ViT (the first --ranker-images also train the ranker)
     val_images: int = 1000  # more training-split images, never trained on: the ViT's score after each epoch
     ranker_images: int = 1500  # training images scored for the ranker
@@ -116,6 +119,8 @@ class PrunedArgs:
 
     def __post_init__(self) -> None:
         shape = {"--width": self.width, "--depth": self.depth, "--heads": self.heads}
+        if self.init == "scratch" and self.backbone is not None:
+            raise ValueError("--backbone: a ViT with --init scratch starts from no MAE; use --init mae")
         if self.init == "mae" and any(v is not None for v in shape.values()):
             given = ", ".join(k for k, v in shape.items() if v is not None)
             raise ValueError(
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device)
     data = replace(data, **{k: v.to(device) for k, v in vars(data).items() if isinstance(v, torch.Tensor)})
-    vit, curve = _vit(args, root, data, mae)
+    vit, curve = _vit(args, root, data, Path(args.backbone) if args.backbone else mae)
     scorer, scorer_tau = _token_scorer(args, setting, root, vit)
     num_patches = (setting.size // PATCH) ** 2
     selectors = {
