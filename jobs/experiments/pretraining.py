@@ -175,19 +175,21 @@ def _data(args: PretrainingArgs, root: Path) -> Data:
 # -- pre-training -----------------------------------------------------------------------------------------
 class _FromMemory:
     """A pre-training task fed from pixels in memory: each of the loop's epochs (a schedule unit) takes
-    the next `steps` batches of an endless stream of seeded shuffles."""
+    the next `images` images of an endless stream of seeded shuffles, in `steps` batches of nearly equal
+    size (about --batch-size): every arm then spends its FLOPs exactly, with the same schedule."""
 
     pixels: torch.Tensor  # (N, S, S, 3) uint8
+    images: int  # images per unit
     steps: int  # batches per unit
 
     def batches(self, epoch: int, worker: Worker) -> Iterator[dict]:
         self.begin_epoch(epoch, worker)
-        n, per = len(self.pixels), self.steps * self.cfg.batch_size
+        n, per = len(self.pixels), self.images
         first, last = epoch * per // n, ((epoch + 1) * per - 1) // n
         shuffles = [torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + p))
                     for p in range(first, last + 1)]  # fmt: skip
         order = torch.cat(shuffles)[epoch * per - first * n :][:per]
-        for idx in order.split(self.cfg.batch_size):
+        for idx in order.tensor_split(self.steps):
             yield {"image": self.pixels[idx], "skipped": []}
 
 
@@ -199,13 +201,14 @@ class _FrequencyFromMemory(_FromMemory, FrequencyTask):
     pass
 
 
-def _task(args: PretrainingArgs, arm: str, seed: int, pixels: torch.Tensor, steps: int) -> MAETask:
+def _task(args: PretrainingArgs, arm: str, seed: int, pixels: torch.Tensor, images: int) -> MAETask:
+    """The arm's task, fed `images` images a unit in batches of about --batch-size."""
     cfg = PretrainConfig(
         source="memory", output="memory", geometry=GEOMETRY[args.dataset][0], batch_size=args.batch_size,
         lr=args.lr, seed=seed, sample_images=0, **ARMS[arm],
     )  # fmt: skip
     task = (_FrequencyFromMemory if cfg.objective == "frequency" else _MAEFromMemory)(cfg, [], pixels[:0])
-    task.pixels, task.steps = pixels, steps
+    task.pixels, task.images, task.steps = pixels, images, max(1, round(images / args.batch_size))
     return task
 
 
@@ -213,7 +216,7 @@ def _flops_per_image(args: PretrainingArgs, arm: str, batch: torch.Tensor) -> fl
     """FLOPs of one training step (forward and backward, the teacher's forward), per image."""
     if arm == "none":
         return 0.0
-    task, worker = _task(args, arm, 0, batch, 1), Worker(0, 1, torch.device("cpu"))
+    task, worker = _task(args, arm, 0, batch, len(batch)), Worker(0, 1, torch.device("cpu"))
     model = task.build(worker)
     task.begin_epoch(0, worker)
     with FlopCounterMode(display=False) as counter:
@@ -228,8 +231,7 @@ def _run(args: PretrainingArgs, arm: str, seed: int, data: Data, flops: float, b
     if arm == "none":
         mae = MAE(mae_config(PretrainConfig(source="-", output="-", geometry=GEOMETRY[args.dataset][0])))
         return {"arm": arm, "seed": seed, "steps": 0, "curve": []} | _probes(args, mae, data, seed)
-    steps = max(UNITS, round(budget / (flops * args.batch_size)))
-    task = _task(args, arm, seed, data.pixels, math.ceil(steps / UNITS))
+    task = _task(args, arm, seed, data.pixels, images=max(1, round(budget / flops / UNITS)))
     worker = Worker(0, 1, torch.device("cpu"))
     model = task.build(worker)
     settings = TrainerConfig(
@@ -243,16 +245,14 @@ def _run(args: PretrainingArgs, arm: str, seed: int, data: Data, flops: float, b
     for unit in range(UNITS):
         losses.append(train_epoch(settings, task, worker, model, optimizer, unit)["train_loss"])
         if (unit + 1) % (UNITS // 4) == 0:
-            done = (unit + 1) * task.steps * args.batch_size * flops / budget
+            done = (unit + 1) * task.images * flops / budget
             curve.append((done, _linear_probe(args, mae, data, seed)))
             loss, linear = losses[-1], curve[-1][1]
             _progress(f"{arm} seed {seed}: {done:.0%} of the budget, loss {loss:.4f}, linear {linear:.3f}")
-    steps = UNITS * task.steps
-    return {
-        "arm": arm, "seed": seed, "steps": steps, "budget_used": steps * args.batch_size * flops / budget,
-        "train_loss": losses, "curve": curve, "linear": curve[-1][1],
-        "fine_tuned": _fine_tuned(args, mae, data, seed),
-    }  # fmt: skip
+    images = UNITS * task.images
+    spent = {"steps": UNITS * task.steps, "images": images, "budget_used": images * flops / budget}
+    probes = {"linear": curve[-1][1], "fine_tuned": _fine_tuned(args, mae, data, seed)}
+    return {"arm": arm, "seed": seed, **spent, "train_loss": losses, "curve": curve, **probes}
 
 
 # -- probes -----------------------------------------------------------------------------------------------
