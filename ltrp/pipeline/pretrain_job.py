@@ -275,7 +275,7 @@ def restoration_grid(folk: Folk, images: np.ndarray, kept: torch.Tensor) -> np.n
     return _side_by_side([images, _to_uint8(filtered), _to_uint8(restored)])
 
 
-def loss_curve_png(losses: list[float], path: str | Path, objective: str = "mae") -> None:
+def loss_curve_png(losses: list[float], path: str | Path, objective: str) -> None:
     """Training loss per epoch as a PNG (matplotlib, Agg backend: no display needed)."""
     import matplotlib
 
