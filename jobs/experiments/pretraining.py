@@ -342,7 +342,7 @@ def _table(result: dict) -> str:
 
 def _figure(result: dict, path: Path) -> None:
     """Left: each arm's probes with their intervals. Right: the linear probe against the share of the
-    compute budget spent, each seed a line."""
+    compute budget spent, each seed a line; the untrained encoder's level dashed."""
     fig, (bars, curves) = plt.subplots(1, 2, figsize=(11, 4))
     arms = list(result["summary"])
     for offset, probe in ((-0.18, "fine_tuned"), (0.18, "linear")):
@@ -362,6 +362,9 @@ def _figure(result: dict, path: Path) -> None:
             done, score = zip(*run["curve"], strict=True)
             label = run["arm"] if run["seed"] == result["args"]["seeds"][0] else None
             curves.plot(done, score, marker="o", color=colours[run["arm"]], label=label)
+    if "none" in result["summary"]:
+        level = result["summary"]["none"]["linear"]["mean"]
+        curves.axhline(level, color=colours["none"], linestyle="--", label="none (mean)")
     curves.set_xlabel("share of the compute budget (MAE's epochs)")
     curves.set_ylabel(f"linear probe {result['measure']}")
     curves.set_title("linear probe during pre-training")
