@@ -5,8 +5,9 @@ job's own task and epoch (`pretrain_job.MAETask` or `FrequencyTask`, `training_l
 unlabelled training images, for as many steps as MAE's --mae-epochs cost in FLOPs: each arm's FLOPs per
 image are counted on one training step (torch's FlopCounterMode: matmuls and attention, the teacher's
 forward included; the FFTs are not counted). Every arm has the same batch, peak learning rate and
-schedule shape (warm-up for the first 5%, then cosine), untuned. Then each encoder is measured on the
-first --labelled-images of those images with their labels, and tested on --test-images held-out ones:
+schedule shape (warm-up for the first 5%, then cosine), untuned. Then each encoder is trained on a
+seeded sample of --labelled-images of those images with their labels, and tested on --test-images
+held-out ones:
 - linear: a linear classifier on the frozen encoder's standardised features (patch tokens mean-pooled,
   then the encoder's final norm, as `vit_from_mae` pools);
 - fine-tuned: the whole encoder as a timm ViT (`vit_from_mae`) with a new head.
@@ -79,7 +80,7 @@ class PretrainingArgs:
     dataset: Dataset = "scenes"
     arms: tuple[Arm, ...] = ("none", "mae", "folk", "mfm")
     seeds: tuple[int, ...] = (0, 1, 2)
-    pretrain_images: int = 4000  # unlabelled training images (the first --labelled-images also labelled)
+    pretrain_images: int = 4000  # unlabelled training images (--labelled-images of them also labelled)
     labelled_images: int = 1000  # the probes' training images
     test_images: int = 1000  # held-out images the probes are scored on
     mae_epochs: int = 8  # MAE's pre-training epochs over --pretrain-images: the FLOPs every arm gets
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "mae" not in args.arms:
         raise SystemExit("--arms: the compute budget is MAE's, so the arms must include mae")
     if args.labelled_images > args.pretrain_images:
-        raise SystemExit("--labelled-images: at most --pretrain-images (they are its first images)")
+        raise SystemExit("--labelled-images: at most --pretrain-images (they are some of them)")
     torch.set_num_threads(args.threads)
     root = Path(args.root or f"runs/bench-pretraining-{args.dataset}")
     data = _data(args, root)
@@ -149,8 +150,8 @@ def _progress(message: str) -> None:
 
 # -- data -------------------------------------------------------------------------------------------------
 def _data(args: PretrainingArgs, root: Path) -> Data:
-    """The dataset's training images (the pre-training's; their first --labelled-images the probes') and
-    test images, written under `root` as the jobs read them, then loaded at the geometry's size."""
+    """The dataset's training images (the pre-training's; a seeded sample of --labelled-images of them the
+    probes') and test images, written under `root` as the jobs read them, loaded at the geometry's size."""
     size = GEOMETRY[args.dataset][1]
     if args.dataset == "scenes":
         scenes = SceneConfig()
@@ -165,10 +166,13 @@ def _data(args: PretrainingArgs, root: Path) -> Data:
         test, _, _ = load_labelled(
             str(write_fashion_mnist(root / "test", "test", args.test_images)), size, classes
         )
-    m = args.labelled_images
+    # A seeded sample: an ImageFolder's images come sorted by class, so its first ones are a few classes.
+    labelled = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(0))[
+        : args.labelled_images
+    ]
     return Data(
-        torch.from_numpy(train.pixels), train.inputs()[:m], torch.from_numpy(train.labels[:m]), test.inputs(),
-        torch.from_numpy(test.labels),
+        torch.from_numpy(train.pixels), train.inputs()[labelled], torch.from_numpy(train.labels)[labelled],
+        test.inputs(), torch.from_numpy(test.labels),
     )  # fmt: skip
 
 

@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 
 from jobs.experiments import pretraining
-from jobs.experiments.pretraining import PretrainingArgs, _task, t_interval
+from jobs.experiments.pretraining import PretrainingArgs, _data, _task, t_interval
 from ltrp.pipeline.training_loop import Worker
 
 
@@ -63,3 +63,11 @@ def test_a_tiny_comparison_writes_its_table_figure_and_numbers(tmp_path: Path) -
     assert all(f"| {arm} |" in table for arm in ("none", "mae", "folk")) and "top-1" in table
     assert json.loads((root / "pretraining.json").read_text())["summary"] == result["summary"]
     assert (root / "pretraining.png").stat().st_size > 10_000
+
+
+def test_the_labelled_images_are_a_sample_of_every_class(tmp_path: Path) -> None:
+    """An ImageFolder lists its images class by class: the first ones would be one or two classes."""
+    args = PretrainingArgs(dataset="fashion_mnist", pretrain_images=200, labelled_images=40, test_images=20)
+    data = _data(args, tmp_path)
+    assert data.pixels.shape == (200, 32, 32, 3) and data.x_labelled.shape == (40, 3, 32, 32)
+    assert len(data.y_labelled.unique()) >= 8
