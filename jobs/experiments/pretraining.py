@@ -48,8 +48,9 @@ from ltrp.core.folk import Folk
 from ltrp.core.mae import MAE
 from ltrp.core.optim import param_groups
 from ltrp.core.pruned import vit_from_mae
+from ltrp.data.checkpoints import load_mae
 from ltrp.data.datasets import write_fashion_mnist
-from ltrp.data.scenes import SceneConfig, write_scenes
+from ltrp.data.scenes import SHIPPED_MAE, SceneConfig, write_scenes
 from ltrp.evaluation import efficiency
 from ltrp.evaluation.efficiency import FitSettings
 from ltrp.evaluation.protocol import load_labelled
@@ -60,10 +61,13 @@ from ltrp.pipeline.pretrain_job import FrequencyTask, MAETask, mae_config
 from ltrp.pipeline.training_loop import TrainerConfig, Worker, train_epoch
 
 Dataset = Literal["scenes", "fashion_mnist"]
-Arm = Literal["none", "mae", "folk", "mfm", "folk-no-teacher"]
-#: Each arm's pre-training options (`jobs.pretrain_mae`'s); "none" is the MAE's initialisation.
+Arm = Literal["none", "mae", "folk", "mfm", "folk-no-teacher", "shipped"]
+#: Each arm's pre-training options (`jobs.pretrain_mae`'s). Outside the budget: "none", the MAE's
+#: initialisation, and "shipped" (scenes), the MAE that ships with the package, pre-trained far longer:
+#: the check that the probes can tell a good pre-training at all.
 ARMS: dict[str, dict] = {
     "none": {},
+    "shipped": {},
     "mae": {"objective": "mae"},
     "folk": {"objective": "frequency"},  # Com/RCom, taus 0.005/0.01/0.05, the EMA teacher
     "mfm": {"objective": "frequency", "filters": ("lowpass", "highpass"), "distill_weight": 0.0},
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = tyro.cli(PretrainingArgs, args=argv)
     if "mae" not in args.arms:
         raise SystemExit("--arms: the compute budget is MAE's, so the arms must include mae")
+    if "shipped" in args.arms and args.dataset != "scenes":
+        raise SystemExit("--arms shipped: the shipped MAE is a scenes MAE")
     if args.labelled_images > args.pretrain_images:
         raise SystemExit("--labelled-images: at most --pretrain-images (they are some of them)")
     torch.set_num_threads(args.threads)
@@ -218,7 +224,7 @@ def _task(args: PretrainingArgs, arm: str, seed: int, pixels: torch.Tensor, imag
 
 def _flops_per_image(args: PretrainingArgs, arm: str, batch: torch.Tensor) -> float:
     """FLOPs of one training step (forward and backward, the teacher's forward), per image."""
-    if arm == "none":
+    if arm in ("none", "shipped"):
         return 0.0
     task, worker = _task(args, arm, 0, batch, len(batch)), Worker(0, 1, torch.device("cpu"))
     model = task.build(worker)
@@ -232,8 +238,9 @@ def _flops_per_image(args: PretrainingArgs, arm: str, batch: torch.Tensor) -> fl
 def _run(args: PretrainingArgs, arm: str, seed: int, data: Data, flops: float, budget: float) -> dict:
     """Pre-trains one arm under the budget, measuring the linear probe every fifth unit; then both probes."""
     torch.manual_seed(seed)  # as the training loop seeds every worker before building
-    if arm == "none":
-        mae = MAE(mae_config(PretrainConfig(source="-", output="-", geometry=GEOMETRY[args.dataset][0])))
+    if arm in ("none", "shipped"):
+        geometry = mae_config(PretrainConfig(source="-", output="-", geometry=GEOMETRY[args.dataset][0]))
+        mae = load_mae(str(SHIPPED_MAE)) if arm == "shipped" else MAE(geometry)
         return {"arm": arm, "seed": seed, "steps": 0, "curve": []} | _probes(args, mae, data, seed)
     task = _task(args, arm, seed, data.pixels, images=max(1, round(budget / flops / UNITS)))
     worker = Worker(0, 1, torch.device("cpu"))

@@ -32,9 +32,25 @@ def test_the_memory_stream_shows_every_image_once_per_pass_across_units() -> Non
     assert seen[:10] != seen[10:20]  # each pass its own shuffle
 
 
-def test_the_budget_is_maes_so_mae_must_be_an_arm(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="--arms"):
-        pretraining.main(["--arms", "none", "folk", "--root", str(tmp_path / "run")])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--arms", "none", "folk"], "--arms: the compute budget is MAE's"),
+        (
+            ["--dataset", "fashion_mnist", "--arms", "mae", "shipped"],
+            "--arms shipped: the shipped MAE is a scenes",
+        ),
+        (
+            ["--pretrain-images", "10", "--labelled-images", "20"],
+            "--labelled-images: at most --pretrain-images",
+        ),
+    ],
+)
+def test_settings_that_cannot_run_are_refused_before_any_work(
+    argv: list[str], message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit, match=message):
+        pretraining.main([*argv, "--root", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
 
