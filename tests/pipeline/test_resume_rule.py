@@ -48,7 +48,9 @@ DECISIONS = {
         | {"topk", "validate_every", "patience", "cache_mib", "register", "alias"},
     ),
     PretrainConfig: (
-        {"source", "geometry", "norm_pix", "mask_ratio", "crop", "flip", "max_images", "shard_size", "seed"},
+        {"source", "geometry", "norm_pix", "mask_ratio", "crop", "flip", "max_images", "shard_size", "seed"}
+        # what a frequency pre-training learns: a resume that changed them would mix two objectives
+        | {"objective", "filters", "taus", "distill_weight", "teacher_momentum"},
         RUNNING
         | {"output", "epochs", "warmup_epochs", "batch_size", "lr", "base_lr", "weight_decay"}
         | {"shuffle_buffer", "sample_images"},
