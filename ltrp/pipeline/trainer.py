@@ -56,6 +56,7 @@ def claimed(storage: str, name: str, job: str, inputs: dict[str, Any]) -> Iterat
         InputError: naming --storage and --name and the inputs that differ.
     """
     folder = posixpath.join(absolute_uri(storage), name)
+    inputs = json.loads(json.dumps(inputs))  # as the record reads back: a tuple option becomes a list
     with Lease(folder, job) as lease:
         fs, root = fsspec.core.url_to_fs(folder)
         path = posixpath.join(root, INPUTS_FILE)

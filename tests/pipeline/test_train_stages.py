@@ -56,6 +56,7 @@ def test_a_training_name_stands_for_one_set_of_inputs(where: str, tmp_path: Path
         "score_table": {"plan_digest": "ab12"},
         "ranker": "r",
         "seed": 0,
+        "taus": (0.005, 0.01),  # a tuple option: its record reads back as a list
     }
     with claimed(storage, "run1", "jobs.train", inputs):  # the first launch records them
         pass
