@@ -84,8 +84,9 @@ class LocalCluster(local.RayCluster):
         )
         return [n for n in nodes if n.state == "ALIVE"]
 
-    def wait_for_nodes(self, count: int, timeout: float = 90) -> None:
-        """Until exactly `count` nodes are alive (a killed node counts until the GCS declares it dead)."""
+    def wait_for_nodes(self, count: int, timeout: float = 180) -> None:
+        """Until exactly `count` nodes are alive (a killed node counts until the GCS declares it dead).
+        Starting the two nodes took 72 s on a CI run beside the other fault tests, and over 90 s once."""
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(Exception):  # the dashboard may not answer yet
