@@ -396,7 +396,7 @@ class FrequencyTask(MAETask):
     def after_step(self, model: torch.nn.Module, step: int, total_steps: int) -> None:
         folk = unwrap(model)
         if folk.teacher is not None:
-            folk.update_teacher(teacher_momentum(step, total_steps, self.cfg.teacher_momentum))
+            folk.update_teacher(teacher_momentum(step, total_steps, folk.cfg.momentum))
 
     def checkpoint_state(self, model: torch.nn.Module) -> dict:
         return {"mae_config": asdict(model.student.cfg), "folk_config": asdict(model.cfg)}
