@@ -30,7 +30,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,19 +45,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from jobs.experiments.figures import plt, save
 from ltrp.core.folk import Folk
-from ltrp.core.mae import MAE
+from ltrp.core.mae import GEOMETRIES, MAE
 from ltrp.core.optim import param_groups
 from ltrp.core.pruned import vit_from_mae
 from ltrp.data.checkpoints import load_mae
 from ltrp.data.datasets import write_fashion_mnist
 from ltrp.data.scenes import SHIPPED_MAE, SceneConfig, write_scenes
 from ltrp.evaluation import efficiency
-from ltrp.evaluation.efficiency import FitSettings
+from ltrp.evaluation.efficiency import FitSettings, Method
 from ltrp.evaluation.protocol import load_labelled
 from ltrp.evaluation.scene_eval import load_scene_set
 from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import PretrainConfig
-from ltrp.pipeline.pretrain_job import FrequencyTask, MAETask, mae_config
+from ltrp.pipeline.pretrain_job import FrequencyTask, MAETask
 from ltrp.pipeline.training_loop import TrainerConfig, Worker, train_epoch
 
 Dataset = Literal["scenes", "fashion_mnist"]
@@ -75,6 +75,7 @@ ARMS: dict[str, dict] = {
 }
 #: The dataset's MAE geometry and image size.
 GEOMETRY = {"scenes": ("mae_vit_scenes_patch4", 56), "fashion_mnist": ("mae_vit_fmnist_patch4", 32)}
+FULL = Method("full", "full")  # a probe runs on every token
 UNITS = 20  # the schedule's units (the loop's "epochs"): warm-up for one, the linear probe every fifth
 WARMUP_UNITS = 1
 
@@ -101,7 +102,7 @@ class PretrainingArgs:
 @dataclass
 class Data:
     pixels: torch.Tensor  # (N, S, S, 3) uint8, the pre-training images
-    x_labelled: torch.Tensor  # (M, 3, S, S) model inputs, the first M of them
+    x_labelled: torch.Tensor  # (M, 3, S, S) model inputs of a seeded sample of M of them
     y_labelled: torch.Tensor  # (M,) classes or (M, C) multi-hot
     x_test: torch.Tensor
     y_test: torch.Tensor
@@ -239,8 +240,7 @@ def _run(args: PretrainingArgs, arm: str, seed: int, data: Data, flops: float, b
     """Pre-trains one arm under the budget, measuring the linear probe every fifth unit; then both probes."""
     torch.manual_seed(seed)  # as the training loop seeds every worker before building
     if arm in ("none", "shipped"):
-        geometry = mae_config(PretrainConfig(source="-", output="-", geometry=GEOMETRY[args.dataset][0]))
-        mae = load_mae(str(SHIPPED_MAE)) if arm == "shipped" else MAE(geometry)
+        mae = load_mae(str(SHIPPED_MAE)) if arm == "shipped" else MAE(GEOMETRIES[GEOMETRY[args.dataset][0]])
         return {"arm": arm, "seed": seed, "steps": 0, "curve": []} | _probes(args, mae, data, seed)
     task = _task(args, arm, seed, data.pixels, images=max(1, round(budget / flops / UNITS)))
     worker = Worker(0, 1, torch.device("cpu"))
@@ -289,19 +289,14 @@ def _linear_probe(args: PretrainingArgs, mae: MAE, data: Data, seed: int) -> flo
     head = nn.Linear(train.shape[1], _classes(data))
     settings = FitSettings(args.linear_epochs, 256, lr=1e-2, weight_decay=0.0, seed=seed)
     efficiency.fit(head, (train - mean) / std, data.y_labelled, settings)
-    return efficiency.score(_logits(head, (test - mean) / std), data.y_test)
+    return efficiency.score(efficiency.outputs(head, (test - mean) / std, FULL), data.y_test)
 
 
 def _fine_tuned(args: PretrainingArgs, mae: MAE, data: Data, seed: int) -> float:
     vit = vit_from_mae(mae, _classes(data))
     settings = FitSettings(args.fine_tune_epochs, 128, lr=args.fine_tune_lr, seed=seed)
     efficiency.fit(vit, data.x_labelled, data.y_labelled, settings)
-    return efficiency.score(_logits(vit, data.x_test), data.y_test)
-
-
-@torch.no_grad()
-def _logits(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([model(b) for b in x.split(256)])
+    return efficiency.score(efficiency.outputs(vit, data.x_test, FULL), data.y_test)
 
 
 # -- summary ----------------------------------------------------------------------------------------------

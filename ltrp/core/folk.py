@@ -142,14 +142,10 @@ class Folk(nn.Module):
         self.teacher: ViTEncoder | None = None
         self.distill_head: nn.Linear | None = None
         if cfg.distill_weight > 0:
-            c = mae.cfg
-            self.teacher = ViTEncoder(
-                c.img_size, c.patch_size, c.in_chans, c.embed_dim, c.depth, c.num_heads, c.mlp_ratio,
-                c.norm_eps,
-            )  # fmt: skip
+            self.teacher = ViTEncoder(**mae.cfg.encoder)
             self.teacher.load_state_dict(mae.encoder_state())  # strict: the student's encoder, exactly
             self.teacher.requires_grad_(False)
-            self.distill_head = nn.Linear(c.embed_dim, c.embed_dim)
+            self.distill_head = nn.Linear(mae.cfg.embed_dim, mae.cfg.embed_dim)
 
     def restore(self, imgs: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """imgs: (B, C, S, S), kept: (B, C, S, S) bool -> (filtered (B, C, S, S), the student's tokens

@@ -34,6 +34,15 @@ class MAEConfig(PatchGrid):
     norm_eps: float = 1e-6
     norm_pix: bool = False  # True: targets were per-patch standardised pixels (MAE's norm_pix_loss)
 
+    @property
+    def encoder(self) -> dict:
+        """The encoder's shape, as `ViTEncoder`'s arguments: `ViTEncoder(**cfg.encoder)`."""
+        return {
+            "img_size": self.img_size, "patch_size": self.patch_size, "in_chans": self.in_chans,
+            "dim": self.embed_dim, "depth": self.depth, "heads": self.num_heads, "mlp_ratio": self.mlp_ratio,
+            "norm_eps": self.norm_eps,
+        }  # fmt: skip
+
 
 _BASE = MAEConfig()
 
@@ -98,16 +107,7 @@ class MAE(ViTEncoder):
     """
 
     def __init__(self, cfg: MAEConfig) -> None:
-        super().__init__(
-            cfg.img_size,
-            cfg.patch_size,
-            cfg.in_chans,
-            cfg.embed_dim,
-            cfg.depth,
-            cfg.num_heads,
-            cfg.mlp_ratio,
-            cfg.norm_eps,
-        )
+        super().__init__(**cfg.encoder)
         self.cfg = cfg
         ddim = cfg.decoder_embed_dim
         self.decoder_embed = nn.Linear(cfg.embed_dim, ddim)

@@ -34,10 +34,7 @@ class Probe(ViTEncoder):
 
     def __init__(self, mae: MAE, num_classes: int) -> None:
         cfg = mae.cfg
-        super().__init__(
-            cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads,
-            cfg.mlp_ratio, cfg.norm_eps,
-        )  # fmt: skip
+        super().__init__(**cfg.encoder)
         self.head = nn.Linear(cfg.embed_dim, num_classes)
         nn.init.zeros_(self.head.bias)
         nn.init.trunc_normal_(self.head.weight, std=0.02)

@@ -217,6 +217,7 @@ def token_scorer_tau(
 
 
 @torch.inference_mode()
+@torch.no_grad()
 def outputs(
     model: VisionTransformer, images: torch.Tensor, method: Method, batch_size: int = 256
 ) -> torch.Tensor:
