@@ -104,7 +104,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(xml)))
             self.end_headers()
-            self.wfile.write(xml)
+            if self.command != "HEAD":  # bytes after a HEAD's answer would be read as the next answer
+                self.wfile.write(xml)
             return
         upstream = http.client.HTTPConnection(self.server.upstream, timeout=60)
         try:
