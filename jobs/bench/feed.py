@@ -1,6 +1,7 @@
 """Benchmark: can the CPUs feed a GPU? The scoring job at GPU demand, its CPU cost per scored view by stage.
 
     python -m jobs.bench.feed           # K = 8, 195 scores a row, local disk and S3, 1 and 2 nodes (~10 min)
+    python -m jobs.bench.feed --images 2048 8192    # ... and what a view costs beyond each job's fixed costs
     python -m jobs.bench.feed --views 1 4 8 --scores 19 --storage local --nodes 1       # the K table
     python -m jobs.bench.feed --photo-side 96 --actors 1 2 4 --storage local --nodes 1  # the driver at
                                                                    # 1-4 GPUs' demand (cheap JPEGs)
@@ -29,6 +30,11 @@ For each job, CPU milliseconds per view written:
                 blocks into the object store, moving them between nodes, Ray Data's own actors), the
                 kernel's work for them, anything else running (nothing else ran here)
     S3 server   moto's process, which a cluster on real S3 does not run (not in the other columns)
+
+With two --images sizes, a "marginal" row follows each pair: the larger job's CPU less the smaller's,
+per extra view, column by column, and the extra views over the extra seconds. What a job pays once
+(its planning, the MAE's check, the scoring actors' start-up and imports, the last commit) cancels:
+it is what each view costs a job of millions of images. The fixed cost a job follows it, by column.
 
 And the rates: views/s end to end (planning, actor start-up and the last commit included) against
 the stand-ins' demand (their rate times their number). The driver: its cores from the job's first
@@ -90,7 +96,7 @@ class FeedConfig:
     storage: tuple[Literal["local", "s3"], ...] = ("local", "s3")
     nodes: tuple[int, ...] = (1, 2)  # local Ray nodes
     actors: tuple[int, ...] = (1,)  # stand-in actors (GPUs) a node
-    images: int = 2048
+    images: tuple[int, ...] = (2048,)  # images a job; two sizes add the marginal row
     photo_side: int = 500  # longer side of the JPEGs (ImageNet's typical 500 x 375)
     rate: float = 1500.0  # each stand-in's views/s (an H100 scoring MAE-B/16 in bf16: ~1,400-1,600)
     shard_size: int = 256
@@ -285,9 +291,9 @@ def row_of(f: Figures, read: float, key: dict, demand: float) -> dict:
 
 
 HEADER = (
-    "| nodes | actors a node | storage | K | scores | views | read | decode | scorer | commit | driver "
+    "| nodes | actors a node | storage | K | scores | job | views | read | decode | scorer | commit | driver "
     "| daemons | other | S3 server | views/s (demand) | driver cores, steady "
-    "| driver CPU-s per 10k views at the demand |\n" + "|---" * 17 + "|"
+    "| driver CPU-s per 10k views at the demand |\n" + "|---" * 18 + "|"
 )
 
 
@@ -299,49 +305,89 @@ def format_row(r: dict) -> str:
         else "n/a | n/a"
     )
     return (
-        f"| {r['nodes']} | {r['actors']} | {r['storage']} | {r['K']} | {r['scores']} | {r['views']} "
-        f"| {cells} "
+        f"| {r['nodes']} | {r['actors']} | {r['storage']} | {r['K']} | {r['scores']} | {r['job']} "
+        f"| {r['views']} | {cells} "
         f"| {r['views_per_s']:.0f} ({r['demand']:g}) | {steady} |"
     )
 
 
-def bench_cluster(nodes: int, sources: dict[str, str], reads: dict[str, float], mae: Path, cfg: FeedConfig,
-                  moto: local.Server | None) -> list[dict]:  # fmt: skip
+def marginal_row(small: dict, big: dict) -> dict:
+    """What the larger job's extra views cost, column by column: each job's fixed costs cancel."""
+    views = big["views"] - small["views"]
+    seconds = big["views"] / big["views_per_s"] - small["views"] / small["views_per_s"]
+
+    def extra(column: str) -> float:  # the extra CPU ms, per extra view
+        return (big[column] * big["views"] - small[column] * small["views"]) / views
+
+    row = {**big, "job": "marginal", "views": views, "views_per_s": views / seconds, "workers_ms": {}}
+    row |= {column: extra(column) for column in COLUMNS}
+    row["fixed_s"] = {column: (small[column] - row[column]) * small["views"] / 1e3 for column in COLUMNS}
+    cores = row["driver"] * views / 1e3 / seconds
+    return row | {"driver_cores": cores, "driver_per_10k_at_demand": 1e4 * cores / row["demand"]}
+
+
+@dataclass
+class Inputs:
+    """What the jobs read and where they write."""
+
+    corpora: dict[tuple[str, int], str]  # (storage, images) -> the corpus's folder or prefix
+    reads: dict[tuple[str, int], float]  # (storage, images) -> CPU seconds reading it (`read_seconds`)
+    outputs: dict[str, str]  # storage -> where the jobs write
+    warm: str  # the warm-up job's corpus (local)
+    mae: Path
+    moto: local.Server | None
+
+
+def bench_cluster(nodes: int, inputs: Inputs, cfg: FeedConfig) -> list[dict]:
     cluster = LocalCluster(nodes, cfg.node_cpus, "ltrp-feed-", int(cfg.object_store_gb * 2**30))
     rows = []
     try:
         ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
         cluster.wait_for_nodes(nodes, cfg.node_cpus)
         check_same_code()
-        meter, sampler = MachineCPU(cluster, moto), WorkerSampler(cluster)
+        meter, sampler = MachineCPU(cluster, inputs.moto), WorkerSampler(cluster)
         job = ScoreConfig(
-            source="", mae=str(mae), output="", shard_size=cfg.shard_size, batch_size=cfg.batch_size,
+            source="", mae=str(inputs.mae), output="", shard_size=cfg.shard_size, batch_size=cfg.batch_size,
             worker_cpus=cfg.actor_cpus, device="cpu",
         )  # fmt: skip
         # A shard an image: a decode task on each logical CPU, so that the jobs measured start no workers.
-        warm = replace(
-            job, source=sources["warm"], output=f"{sources['local-out']}/warm-{nodes}", views=1, shard_size=1
-        )
+        warm = replace(job, source=inputs.warm, output=f"{inputs.outputs['local']}/warm-{nodes}", views=1,
+                       shard_size=1)  # fmt: skip
         run_job(warm, cfg.rate, meter, sampler)
         for storage, actors, k, scores in product(cfg.storage, cfg.actors, cfg.views, cfg.scores):
             key = {"nodes": nodes, "actors": actors, "storage": storage, "K": k, "scores": scores}
-            out = f"{sources[f'{storage}-out']}/n{nodes}-a{actors}-k{k}-s{scores}"
-            run = replace(job, source=sources[storage], output=out, views=k, mask_ratio=MASK_RATIOS[scores],
-                          workers=nodes * actors)  # fmt: skip
-            row = row_of(
-                run_job(run, cfg.rate, meter, sampler), reads[storage], key, cfg.rate * nodes * actors
-            )
-            rows.append(row)
-            print(format_row(row), flush=True)
-            workers = ", ".join(f"{title} {ms:.3f}" for title, ms in row["workers_ms"].items() if ms >= 0.01)
-            print(
-                f"  workers' CPU ms/view by title (in the operators' columns and in other): {workers}",
-                flush=True,
-            )
+            jobs = []
+            for images in cfg.images:
+                out = f"{inputs.outputs[storage]}/n{nodes}-a{actors}-k{k}-s{scores}-i{images}"
+                run = replace(job, source=inputs.corpora[storage, images], output=out, views=k,
+                              mask_ratio=MASK_RATIOS[scores], workers=nodes * actors)  # fmt: skip
+                figures = run_job(run, cfg.rate, meter, sampler)
+                jobs.append(row_of(figures, inputs.reads[storage, images], key | {"job": str(images)},
+                                   cfg.rate * nodes * actors))  # fmt: skip
+                _print(jobs[-1])
+            if len(jobs) == 2:
+                jobs.append(marginal_row(*sorted(jobs, key=lambda row: row["views"])))
+                _print(jobs[-1])
+            rows += jobs
     finally:
         ray.shutdown()
         cluster.stop()
     return rows
+
+
+def _print(row: dict) -> None:
+    print(format_row(row), flush=True)
+    workers = ", ".join(f"{title} {ms:.3f}" for title, ms in row["workers_ms"].items() if ms >= 0.01)
+    if "fixed_s" in row:
+        fixed = ", ".join(f"{column} {seconds:.1f}" for column, seconds in row["fixed_s"].items())
+        print(
+            f"  fixed CPU-s a job (the smaller job's less its views at the marginal cost): {fixed}",
+            flush=True,
+        )
+    if workers:
+        print(
+            f"  workers' CPU ms/view by title (in the operators' columns and in other): {workers}", flush=True
+        )
 
 
 @contextlib.contextmanager
@@ -358,20 +404,28 @@ def s3_bucket() -> Iterator[local.Server]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = tyro.cli(FeedConfig, args=argv, prog="python -m jobs.bench.feed", description=__doc__)
+    if len(cfg.images) > 2:
+        raise SystemExit(f"--images: one size, or two for the marginal row; got {list(cfg.images)}")
     with tempfile.TemporaryDirectory(prefix="ltrp-feed-") as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
-        corpus = write_corpus(root / "corpus", cfg.images, cfg.photo_side)
-        sources = {"local": str(corpus), "local-out": str(root / "out")}
-        sources["warm"] = str(write_corpus(root / "warm", cfg.node_cpus * max(cfg.nodes), cfg.photo_side))
+        corpora = {
+            ("local", n): str(write_corpus(root / f"corpus-{n}", n, cfg.photo_side)) for n in cfg.images
+        }
+        warm = str(write_corpus(root / "warm", cfg.node_cpus * max(cfg.nodes), cfg.photo_side))
+        outputs = {"local": str(root / "out")}
         moto = None
         if "s3" in cfg.storage:
             moto = stack.enter_context(s3_bucket())
-            sources |= {"s3": upload(corpus, f"{BUCKET}/corpus"), "s3-out": f"{BUCKET}/out"}
+            corpora |= {
+                ("s3", n): upload(Path(corpora["local", n]), f"{BUCKET}/corpus-{n}") for n in cfg.images
+            }
+            outputs["s3"] = f"{BUCKET}/out"
         mae = root / "mae_b.pth"
         ltrp.save_mae(ltrp.MAE(ltrp.GEOMETRIES["mae_vit_base_patch16"]), str(mae), dtype=torch.float16)
-        reads = {storage: read_seconds(sources[storage], cfg.shard_size) for storage in cfg.storage}
+        reads = {key: read_seconds(source, cfg.shard_size) for key, source in corpora.items()}
+        inputs = Inputs(corpora, reads, outputs, warm, mae, moto)
         print(HEADER, flush=True)
-        rows = [row for nodes in cfg.nodes for row in bench_cluster(nodes, sources, reads, mae, cfg, moto)]
+        rows = [row for nodes in cfg.nodes for row in bench_cluster(nodes, inputs, cfg)]
     if cfg.json is not None:
         cfg.json.write_text(json.dumps(rows, indent=1) + "\n")
     return rows

@@ -1,6 +1,7 @@
 """The node-sizing table: the CPU cores one GPU needs to stay busy scoring.
 
-    python -m jobs.bench.sizing     # from docs/figures/feed.json (jobs.bench.feed --views 1 4 8 --json ...)
+    python -m jobs.bench.sizing     # from docs/figures/feed.json (jobs.bench.feed --views 1 4 8 --images
+                                    # 2048 8192 --json ...)
 
 Per MAE, views per image K and GPU:
 
@@ -10,10 +11,11 @@ Per MAE, views per image K and GPU:
                     the two chips' dense bf16 peaks (vendor datasheets): estimates until
                     `jobs.bench.scoring` runs on a GPU
     node ms/view    CPU milliseconds a scored view costs the GPU's node, measured by `jobs.bench.feed`
-                    on this machine's cores at that K, 19 scores a row, one node: read, decode, the
-                    stand-in's Arrow work, commit, Ray's daemons and the rest of the machine's CPU
-                    (the workers' start-ups, the object store), from local disk or from S3 (moto's
-                    own CPU left out)
+                    on this machine's cores at that K, 19 scores a row, one node, at the margin (its
+                    "marginal" row: what a view costs beyond a job's fixed costs, as in a long job):
+                    read, decode, the stand-in's Arrow work, commit, Ray's daemons and the rest of
+                    the machine's CPU (the object store, moving blocks), from local disk or from S3
+                    (moto's own CPU left out)
     cores per GPU   GPU views/s x node ms/view / 1000
 """
 
@@ -38,8 +40,7 @@ GPU = Literal["H100", "L4"]
 DENSE_BF16_TFLOPS: dict[GPU, float] = {"H100": 989.0, "L4": 121.0}
 #: docs/LTRP.md section 6: one H100, MAE-B/16, 19 scores a row, bf16, batched (views/s).
 H100_MAE_B_VIEWS_PER_S = 1400.0
-#: A node's CPU per view: `jobs.bench.feed`'s columns but the driver's and the S3 server's ("other"
-#: holds the workers' start-ups, which a longer job amortises: counted, to be safe).
+#: A node's CPU per view: `jobs.bench.feed`'s columns but the driver's and the S3 server's.
 NODE_COLUMNS = ("read", "decode", "scorer", "commit", "daemons", "other")
 
 
@@ -81,7 +82,7 @@ def gpu_views_per_s(gpu: GPU, geometry: MAEGeometry, scores: int = 19) -> float:
 
 @dataclass(frozen=True)
 class FeedFigures:
-    """`jobs.bench.feed`'s rows: CPU ms per view by column, per (nodes, actors, storage, K, scores)."""
+    """`jobs.bench.feed`'s rows: CPU ms per view by column, per (nodes, actors, storage, K, scores, job)."""
 
     rows: list[dict]
 
@@ -90,7 +91,15 @@ class FeedFigures:
         return cls(json.loads(path.read_text()))
 
     def row(self, k: int, storage: str = "local", scores: int = 19, nodes: int = 1, actors: int = 1) -> dict:
-        key = {"K": k, "storage": storage, "scores": scores, "nodes": nodes, "actors": actors}
+        """The marginal row (`--images N 2N`) of that job."""
+        key = {
+            "K": k,
+            "storage": storage,
+            "scores": scores,
+            "nodes": nodes,
+            "actors": actors,
+            "job": "marginal",
+        }
         found = [r for r in self.rows if all(r[name] == value for name, value in key.items())]
         if not found:
             raise KeyError(f"no row of jobs.bench.feed for {key}")

@@ -82,6 +82,23 @@ def test_the_feed_benchmark_reports_cpu_per_view_with_reading_taken_out_of_decod
     assert row["driver_per_10k_at_demand"] == pytest.approx(0.05 * 1e4 / 1500)
 
 
+def test_the_feed_benchmarks_marginal_row_cancels_each_jobs_fixed_cost() -> None:
+    from jobs.bench.feed import COLUMNS, marginal_row
+
+    fixed, per_view = 12.0, 0.25e-3  # CPU-s a job pays once in every column; CPU-s a view
+
+    def job(views: int, seconds: float) -> dict:  # a row: ms a view by column
+        row = {column: 1e3 * (fixed + per_view * views) / views for column in COLUMNS}
+        return row | {"job": str(views), "views": views, "views_per_s": views / seconds, "demand": 1500.0}
+
+    row = marginal_row(job(1000, 10.0), job(4000, 25.0))
+    assert row["job"] == "marginal" and row["views"] == 3000
+    assert all(row[column] == pytest.approx(0.25) for column in COLUMNS)  # ms a view
+    assert row["fixed_s"] == pytest.approx(dict.fromkeys(COLUMNS, fixed))
+    assert row["views_per_s"] == pytest.approx(3000 / 15.0)
+    assert row["driver_cores"] == pytest.approx(per_view * 3000 / 15.0)
+
+
 def test_the_sizing_table_counts_a_nodes_cpu_per_view_and_scales_the_specs_gpu_rate() -> None:
     from jobs.bench.sizing import NODE_COLUMNS, FeedFigures, cores_per_gpu, flops_per_view, gpu_views_per_s
 
@@ -89,7 +106,7 @@ def test_the_sizing_table_counts_a_nodes_cpu_per_view_and_scales_the_specs_gpu_r
     assert flops_per_view("mae_vit_base_patch16", 19) == pytest.approx(218e9, rel=0.1)
     assert gpu_views_per_s("H100", "mae_vit_base_patch16") == pytest.approx(1400)
     assert gpu_views_per_s("L4", "mae_vit_base_patch16") == pytest.approx(1400 * 121 / 989)
-    key = {"nodes": 1, "actors": 1, "scores": 19, "K": 4}
+    key = {"nodes": 1, "actors": 1, "scores": 19, "K": 4, "job": "marginal"}
     feed = FeedFigures(
         [key | {"storage": s} | dict.fromkeys(NODE_COLUMNS, m) for s, m in (("local", 1.0), ("s3", 2.0))]
     )
