@@ -34,7 +34,10 @@ For each job, CPU milliseconds per view written:
 With two --images sizes, a "marginal" row follows each pair: the larger job's CPU less the smaller's,
 per extra view, column by column, and the extra views over the extra seconds. What a job pays once
 (its planning, the MAE's check, the scoring actors' start-up and imports, the last commit) cancels:
-it is what each view costs a job of millions of images. The fixed cost a job follows it, by column.
+it is what each view costs a job of millions of images. Then the machinery a view (MACHINERY: outside
+reading, decoding and the model), and what it comes to at the stand-ins' demand if the cores of the
+columns paid by the second (PER_SECOND: the driver's loop, the daemons, the idle workers) stay as they
+are; then the fixed CPU seconds a job, by column.
 
 And the rates: views/s end to end (planning, actor start-up and the last commit included) against
 the stand-ins' demand (their rate times their number). The driver: its cores from the job's first
@@ -83,6 +86,10 @@ UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 #: leave-one-out scores (with all 196 visible, no patch is left to measure a reconstruction on).
 MASK_RATIOS = {19: 0.9, 195: 0.005}
 COLUMNS = ("read", "decode", "scorer", "commit", "driver", "daemons", "other", "s3_server")
+#: The machinery: the columns outside reading, decoding and the model (the stand-in's Arrow work is ours).
+MACHINERY = ("scorer", "commit", "driver", "daemons", "other")
+#: Of those, the ones paid by the second (the same cores at any rate), not by the view.
+PER_SECOND = ("driver", "daemons", "other")
 BUCKET = "s3://ltrp-feed"
 
 
@@ -323,7 +330,12 @@ def marginal_row(small: dict, big: dict) -> dict:
     row |= {column: extra(column) for column in COLUMNS}
     row["fixed_s"] = {column: (small[column] - row[column]) * small["views"] / 1e3 for column in COLUMNS}
     cores = row["driver"] * views / 1e3 / seconds
-    return row | {"driver_cores": cores, "driver_per_10k_at_demand": 1e4 * cores / row["demand"]}
+    row |= {"driver_cores": cores, "driver_per_10k_at_demand": 1e4 * cores / row["demand"]}
+    by_the_view = sum(row[column] for column in MACHINERY if column not in PER_SECOND)
+    per_second = sum(row[column] for column in PER_SECOND) * row["views_per_s"] / 1e3  # cores
+    row["machinery"] = sum(row[column] for column in MACHINERY)
+    row["machinery_at_demand"] = by_the_view + 1e3 * per_second / row["demand"]
+    return row | {"per_second_cores": per_second}
 
 
 @dataclass
@@ -380,6 +392,13 @@ def _print(row: dict) -> None:
     workers = ", ".join(f"{title} {ms:.3f}" for title, ms in row["workers_ms"].items() if ms >= 0.01)
     if "fixed_s" in row:
         fixed = ", ".join(f"{column} {seconds:.1f}" for column, seconds in row["fixed_s"].items())
+        print(
+            f"  machinery ({'+'.join(MACHINERY)}): {row['machinery']:.3f} ms a view at "
+            f"{row['views_per_s']:.0f} views/s, of which {'+'.join(PER_SECOND)} "
+            f"{row['per_second_cores']:.3f} cores: {row['machinery_at_demand']:.3f} ms a view at the "
+            "demand if those cores stay",
+            flush=True,
+        )
         print(
             f"  fixed CPU-s a job (the smaller job's less its views at the marginal cost): {fixed}",
             flush=True,

@@ -97,6 +97,9 @@ def test_the_feed_benchmarks_marginal_row_cancels_each_jobs_fixed_cost() -> None
     assert row["fixed_s"] == pytest.approx(dict.fromkeys(COLUMNS, fixed))
     assert row["views_per_s"] == pytest.approx(3000 / 15.0)
     assert row["driver_cores"] == pytest.approx(per_view * 3000 / 15.0)
+    # Machinery: scorer, commit (by the view) and driver, daemons, other (by the second: 0.15 cores).
+    assert row["machinery"] == pytest.approx(5 * 0.25) and row["per_second_cores"] == pytest.approx(0.15)
+    assert row["machinery_at_demand"] == pytest.approx(2 * 0.25 + 1e3 * 0.15 / 1500)
 
 
 def test_the_sizing_table_counts_a_nodes_cpu_per_view_and_scales_the_specs_gpu_rate() -> None:
