@@ -106,9 +106,10 @@ class FeedFigures:
         return found[0]
 
     def node_ms_per_view(self, k: int, storage: str = "local") -> float:
-        """CPU ms a view costs its GPU's node at `k` views an image, read from `storage`."""
+        """CPU ms a view costs its GPU's node at `k` views an image, read from `storage`: a column below 0
+        (a difference of two jobs, within their noise) counts as 0."""
         row = self.row(k, storage)
-        return sum(row[column] for column in NODE_COLUMNS)
+        return sum(max(0.0, row[column]) for column in NODE_COLUMNS)
 
 
 def cores_per_gpu(

@@ -119,3 +119,5 @@ def test_the_sizing_table_counts_a_nodes_cpu_per_view_and_scales_the_specs_gpu_r
     )
     with pytest.raises(KeyError, match="no row"):
         feed.node_ms_per_view(8)
+    noisy = FeedFigures([feed.rows[0] | {"other": -0.5}])  # a marginal column within the noise
+    assert noisy.node_ms_per_view(4) == pytest.approx(len(NODE_COLUMNS) - 1)
