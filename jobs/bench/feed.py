@@ -423,8 +423,10 @@ def s3_bucket() -> Iterator[local.Server]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = tyro.cli(FeedConfig, args=argv, prog="python -m jobs.bench.feed", description=__doc__)
-    if len(cfg.images) > 2:
-        raise SystemExit(f"--images: one size, or two for the marginal row; got {list(cfg.images)}")
+    if len(cfg.images) > 2 or len(set(cfg.images)) < len(cfg.images):
+        raise SystemExit(
+            f"--images: one size, or two different ones for the marginal row; got {list(cfg.images)}"
+        )
     with tempfile.TemporaryDirectory(prefix="ltrp-feed-") as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
         corpora = {

@@ -91,7 +91,7 @@ class FeedFigures:
         return cls(json.loads(path.read_text()))
 
     def row(self, k: int, storage: str = "local", scores: int = 19, nodes: int = 1, actors: int = 1) -> dict:
-        """The marginal row (`--images N 2N`) of that job."""
+        """That configuration's marginal row (`jobs.bench.feed` with two `--images` sizes)."""
         key = {
             "K": k,
             "storage": storage,
