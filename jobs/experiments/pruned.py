@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -36,6 +37,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from jobs.experiments.figures import plt, save
 from ltrp.core.baselines import CenterScorer, FolkRComScorer, RankerScorer, VarianceScorer
+from ltrp.core.options import Background
 from ltrp.core.pruned import TokenScorer, vit_from_mae
 from ltrp.core.ranker import Ranker, rank
 from ltrp.data.checkpoints import load_mae
@@ -86,6 +88,8 @@ SELECTORS = ("ltrp", "ltrp-shared", "random", "center", "variance", "folk")
 @dataclass
 class PrunedArgs:
     dataset: Dataset = "scenes"
+    #: scenes: the background kinds of every split, drawn equally often (shapes and faint: edges mislead)
+    backgrounds: tuple[Background, ...] = ("black", "texture", "clutter", "photo")
     root: str | None = None  # everything goes here, what exists is reused; None: runs/bench-pruned-DATASET
     #: the ViT: mae starts from the MAE's encoder, in its shape (MAE's fine-tuning); scratch: --width,
     #: --depth and --heads, randomly initialised
@@ -119,6 +123,8 @@ class PrunedArgs:
 
     def __post_init__(self) -> None:
         shape = {"--width": self.width, "--depth": self.depth, "--heads": self.heads}
+        if self.dataset != "scenes" and self.backgrounds != PrunedArgs.backgrounds:
+            raise ValueError(f"--backgrounds: scenes only, not {self.dataset}")
         if self.init == "scratch" and self.backbone is not None:
             raise ValueError("--backbone: a ViT with --init scratch starts from no MAE; use --init mae")
         if self.init == "mae" and any(v is not None for v in shape.values()):
@@ -225,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _scenes(args: PrunedArgs, root: Path) -> Data:
-    scenes = SceneConfig(seed=args.seed)
+    scenes = SceneConfig(backgrounds=Counter(args.backgrounds), seed=args.seed)
     corpus = write_scenes(root / "scenes-train", "train", args.train_images + args.val_images, scenes)
     test = write_scenes(root / "scenes-test", "test", args.test_images, scenes)
     ranker_source = write_scenes(root / "scenes-ranker", "train", args.ranker_images, scenes)

@@ -19,6 +19,7 @@ from ltrp.evaluation.protocol import LabelledImages
         ({"depth": 2, "heads": 2}, "--depth, --heads: the ViT's shape"),
         ({"fine_tuned": ("ltrp", "edges")}, r"--fine-tuned: unknown method\(s\) \['edges'\]"),
         ({"init": "scratch", "backbone": "folk.pth"}, "--backbone: a ViT with --init scratch starts"),
+        ({"dataset": "fashion_mnist", "backgrounds": ("faint",)}, "--backgrounds: scenes only"),
     ],
 )
 def test_settings_that_cannot_run_are_refused(settings: dict, message: str) -> None:
