@@ -217,7 +217,6 @@ def token_scorer_tau(
 
 
 @torch.inference_mode()
-@torch.no_grad()
 def outputs(
     model: VisionTransformer, images: torch.Tensor, method: Method, batch_size: int = 256
 ) -> torch.Tensor:
