@@ -27,7 +27,6 @@ MLflow (experiment ltrp-bench-pretraining).
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -39,7 +38,6 @@ import mlflow
 import numpy as np
 import torch
 import tyro
-from scipy import stats
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -53,7 +51,7 @@ from ltrp.data.datasets import write_fashion_mnist
 from ltrp.data.scenes import SHIPPED_MAE, SceneConfig, write_scenes
 from ltrp.evaluation import efficiency
 from ltrp.evaluation.efficiency import FitSettings, Method
-from ltrp.evaluation.protocol import load_labelled
+from ltrp.evaluation.protocol import load_labelled, t_interval
 from ltrp.evaluation.scene_eval import load_scene_set
 from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import PretrainConfig
@@ -300,13 +298,6 @@ def _fine_tuned(args: PretrainingArgs, mae: MAE, data: Data, seed: int) -> float
 
 
 # -- summary ----------------------------------------------------------------------------------------------
-def t_interval(values: list[float]) -> dict[str, float]:
-    """Mean and its 95% Student-t interval over seeds (the mean alone for one seed)."""
-    v = np.asarray(values, dtype=np.float64)
-    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
-    return {"mean": float(v.mean()), "low": float(v.mean()) - half, "high": float(v.mean()) + half}
-
-
 def _summary(runs: list[dict], arms: tuple[str, ...]) -> dict:
     """Per arm and probe: the mean over seeds with its interval, and the paired difference from MAE."""
     by = {(r["arm"], r["seed"]): r for r in runs}

@@ -38,7 +38,7 @@ from timm.models.vision_transformer import VisionTransformer
 from jobs.experiments.figures import plt, save
 from ltrp.core.baselines import CenterScorer, FolkRComScorer, RankerScorer, VarianceScorer
 from ltrp.core.options import Background
-from ltrp.core.pruned import TokenScorer, vit_from_mae
+from ltrp.core.pruned import FirstBlockSelector, TokenScorer, vit_from_mae
 from ltrp.core.ranker import Ranker, rank
 from ltrp.data.checkpoints import load_mae
 from ltrp.data.datasets import write_fashion_mnist
@@ -48,7 +48,7 @@ from ltrp.data.tables import read_scores
 from ltrp.evaluation import efficiency
 from ltrp.evaluation.efficiency import FitSettings, Method
 from ltrp.evaluation.objects import ImageObjects, object_recalls
-from ltrp.evaluation.protocol import LabelledImages, load_labelled
+from ltrp.evaluation.protocol import LabelledImages, load_labelled, t_interval
 from ltrp.evaluation.scene_eval import SceneSet, load_scene_set
 from ltrp.pipeline import pretrain_job, runtime, train_job, trainer
 from ltrp.pipeline.configs import PretrainConfig, RankConfig, ScoreConfig, TrainConfig
@@ -82,7 +82,11 @@ DATASETS: dict[str, DatasetSetting] = {
 }
 PATCH = 4
 VAL_FRACTION = 0.1  # the score table's images (by id) that validate the ranker and the token scorer
-SELECTORS = ("ltrp", "ltrp-shared", "random", "center", "variance", "folk")
+#: ltrp-mae-block (--init mae): a token scorer on the MAE encoder's first block, before any labels, run
+#: ahead of the ViT: what LTRP's scores teach without the features the labels shaped
+SELECTORS = ("ltrp", "ltrp-shared", "ltrp-mae-block", "random", "center", "variance", "folk")
+LTRP = SELECTORS[:3]  # the selectors that learned LTRP's scores
+BY_SEED = "accuracy_fine_tuned_by_seed"  # a row's fine-tuned accuracy with each seed (its mean: without)
 
 
 @dataclass
@@ -110,7 +114,11 @@ class PrunedArgs:
     heads: int | None = None
     epochs: int = 8  # ViT training on all tokens
     fine_tune_epochs: int = 1  # fine-tuning as each method runs, per method and setting
+    #: each fine-tuning repeated with seeds --seed, --seed + 1, ...: the mean, and paired intervals
+    #: against the LTRP points at matched throughput
+    fine_tune_seeds: int = 1
     keep_ratios: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75)
+    tome_r: tuple[int, ...] | None = None  # tokens ToMe merges per block (None: the dataset's)
     #: methods fine-tuned as they run, beside their off-the-shelf score: selectors (SELECTORS), tome,
     #: ltrp+tome
     fine_tuned: tuple[str, ...] = (*SELECTORS, "tome", "ltrp+tome")
@@ -132,6 +140,8 @@ class PrunedArgs:
             raise ValueError(
                 f"{given}: the ViT's shape is the MAE encoder's with --init mae; use --init scratch"
             )
+        if self.fine_tune_seeds < 1:
+            raise ValueError(f"--fine-tune-seeds: at least 1, not {self.fine_tune_seeds}")
         unknown = set(self.fine_tuned) - {*SELECTORS, "tome", "ltrp+tome"}
         if unknown:
             raise ValueError(
@@ -166,8 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device)
     data = replace(data, **{k: v.to(device) for k, v in vars(data).items() if isinstance(v, torch.Tensor)})
-    vit, curve = _vit(args, root, data, Path(args.backbone) if args.backbone else mae)
-    scorer, scorer_tau = _token_scorer(args, setting, root, vit)
+    backbone = Path(args.backbone) if args.backbone else mae
+    vit, curve = _vit(args, root, data, backbone)
+    scorer, scorer_tau = _token_scorer(args, setting, root, vit, "shared-block token scorer")
     num_patches = (setting.size // PATCH) ** 2
     selectors = {
         "ltrp": RankerScorer(ranker.to(device), rounds=0),  # one pass: the ranker trained on all L patches
@@ -176,10 +187,15 @@ def main(argv: list[str] | None = None) -> dict:
         "variance": VarianceScorer(PATCH),
         "folk": FolkRComScorer(PATCH),
     }
+    taus = {"ltrp": ranker_tau, "ltrp-shared": scorer_tau}
+    if args.init == "mae":
+        before = vit_from_mae(load_mae(str(backbone)), _classes(data)).to(device)  # the ViT before labels
+        mae_scorer, taus["ltrp-mae-block"] = _token_scorer(args, setting, root, before, "MAE-block scorer")
+        selectors["ltrp-mae-block"] = FirstBlockSelector(before, mae_scorer)
     methods = [Method("full", "full")]
     methods += [Method(name, "top-k", s, keep) for name, s in selectors.items() for keep in args.keep_ratios]
     methods += [Method("ltrp-shared", "shared", scorer, keep) for keep in args.keep_ratios]
-    methods += [Method("tome", "tome", r=r) for r in setting.tome_r]
+    methods += [Method("tome", "tome", r=r) for r in args.tome_r or setting.tome_r]
     methods += [
         Method("ltrp+tome", "top-k+tome", selectors["ltrp"], keep, r) for keep, r in setting.prune_then_merge
     ]
@@ -187,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
         {m.label: partial(m, vit) for m in methods}, data.x_test, rounds=args.rounds
     )
     _progress(f"timed {len(methods)} methods")
-    settings = FitSettings(args.fine_tune_epochs, args.batch_size, _lr(args) / 2, seed=args.seed)
+    settings = FitSettings(args.fine_tune_epochs, args.batch_size, _lr(args) / 2)
+    seeds = range(args.seed, args.seed + args.fine_tune_seeds)
     rows = []
     for m in methods:
         row = {"label": m.label, "method": m.name, "kind": m.kind, "keep": m.keep, "r": m.r}
@@ -196,10 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
         if data.test_objects and m.kind in ("top-k", "shared"):
             row["object_recall"] = object_recall(m, vit, data.x_test, data.test_objects)
         if m.name in args.fine_tuned:
-            tuned = efficiency.fine_tuned(vit, data.x_train, data.y_train, settings, m)
-            row["accuracy_fine_tuned"] = efficiency.score(
-                efficiency.outputs(tuned, data.x_test, m), data.y_test
-            )
+            row[BY_SEED] = [_fine_tuned_score(data, vit, replace(settings, seed=seed), m) for seed in seeds]
+            row["accuracy_fine_tuned"] = float(np.mean(row[BY_SEED]))
         rows.append(row)
         _progress(f"{m.label}: {_fmt(row, setting.measure)}")
     job_rate, kernel_rate = _ranking_job_rates(args, root, data.corpus, ranker, data.x_test.cpu())
@@ -215,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
             "val_kendall_tau": ranker_tau,
         },
         "shared_scorer": {"parameters": _parameters(scorer), "val_kendall_tau": scorer_tau},
+        "val_kendall_tau": taus,
         "rows": rows,
         "rank_job": {"job_images_per_s": job_rate, "kernel_images_per_s": kernel_rate},
         "machine": _machine(args),
@@ -326,10 +342,11 @@ def _ranker(
 
 
 def _token_scorer(
-    args: PrunedArgs, setting: DatasetSetting, root: Path, vit: VisionTransformer
+    args: PrunedArgs, setting: DatasetSetting, root: Path, vit: VisionTransformer, name: str
 ) -> tuple[TokenScorer, float]:
-    """The ranker that shares the ViT's first block: a token scorer trained on the ranker's score table
-    (its training views; the ranker's validation views, by image id), and its validation Kendall tau."""
+    """A token scorer on `vit`'s first block (the ViT's own: the ranker that shares it), trained on the
+    ranker's score table (its training views; the ranker's validation views, by image id), and its
+    validation Kendall tau."""
     table = read_scores(str(root / "scores-train"))
     device = next(vit.parameters()).device
     split = {}
@@ -344,9 +361,7 @@ def _token_scorer(
     settings = FitSettings(args.scorer_epochs, args.batch_size, 1e-3, seed=args.seed)
     efficiency.fit_token_scorer(vit, scorer, *split["train"], settings)
     tau = efficiency.token_scorer_tau(vit, scorer, *split["val"])
-    _progress(
-        f"shared-block token scorer: {_parameters(scorer):,} parameters, validation Kendall tau {tau:.3f}"
-    )
+    _progress(f"{name}: {_parameters(scorer):,} parameters, validation Kendall tau {tau:.3f}")
     return scorer, tau
 
 
@@ -357,6 +372,17 @@ def object_recall(
     the mean over images (why a selector helps or fails a classifier: does it keep what the labels name)."""
     keep = torch.cat([method.kept(vit, x) for x in images.split(256)]).cpu().numpy()
     return float(np.mean([np.nanmean(object_recalls(o, k)) for o, k in zip(objects, keep, strict=True)]))
+
+
+def _fine_tuned_score(data: Data, vit: VisionTransformer, settings: FitSettings, method: Method) -> float:
+    tuned = efficiency.fine_tuned(vit, data.x_train, data.y_train, settings, method)
+    score = efficiency.score(efficiency.outputs(tuned, data.x_test, method), data.y_test)
+    _progress(f"{method.label}: fine-tuned with seed {settings.seed}: {score:.3f}")
+    return score
+
+
+def _classes(data: Data) -> int:
+    return data.y_train.shape[1] if data.y_train.dim() == 2 else int(data.y_train.max()) + 1
 
 
 def _lr(args: PrunedArgs) -> float:
@@ -371,7 +397,7 @@ def _vit(args: PrunedArgs, root: Path, data: Data, mae: Path) -> tuple[VisionTra
     """The ViT trained on all tokens, and its validation score after each epoch (both reused from
     --root when the settings match)."""
     torch.manual_seed(args.seed)
-    classes = data.y_train.shape[1] if data.y_train.dim() == 2 else int(data.y_train.max()) + 1
+    classes = _classes(data)
     if args.init == "mae":
         model, shape = vit_from_mae(load_mae(str(mae)), classes), Path(mae).stem
     else:
@@ -442,7 +468,7 @@ def _table(result: dict) -> str:
         f"each epoch: {curve}. The ranker ({ranker['geometry']}, {ranker['parameters']:,} parameters) ranks "
         f"in one pass; validation Kendall tau {ranker['val_kendall_tau']:.3f}. The token scorer on the "
         f"ViT's first block (ltrp-shared, {result['shared_scorer']['parameters']:,} parameters): validation "
-        f"Kendall tau {result['shared_scorer']['val_kendall_tau']:.3f}.",
+        f"Kendall tau {result['shared_scorer']['val_kendall_tau']:.3f}." + _mae_block_sentence(result),
         "",
         f"| method | keep / r | images/s | speed-up | {measure} off the shelf | {measure} fine-tuned |"
         + (" object recall |" if recall else ""),
@@ -466,8 +492,19 @@ def _table(result: dict) -> str:
         f"on decoded tensors: {kernel:.0f} images/s; ratio {job / kernel:.2f}.",
         "",
         *_matched_table(result),
+        *_paired_table(result),
     ]
     return "\n".join(lines)
+
+
+def _mae_block_sentence(result: dict) -> str:
+    tau = result.get("val_kendall_tau", {}).get("ltrp-mae-block")
+    if tau is None:
+        return ""
+    return (
+        " The token scorer on the MAE encoder's first block, before the ViT learned the labels, run ahead "
+        f"of the ViT (ltrp-mae-block): validation Kendall tau {tau:.3f}."
+    )
 
 
 def _matched_table(result: dict) -> list[str]:
@@ -487,7 +524,7 @@ def _matched_table(result: dict) -> list[str]:
         "|---|---|---|" + "---|" * len(names),
     ]
     for r in rows:
-        if r["method"] not in ("ltrp", "ltrp-shared"):
+        if r["method"] not in LTRP:
             continue
         speed, own = r["images_per_s"], _best(r)
         cells = [_fmt_or_dash(_at_speed(curves[name], speed)) for name in names]
@@ -495,15 +532,58 @@ def _matched_table(result: dict) -> list[str]:
     return lines
 
 
-def _best(row: dict) -> float:
+def _paired_table(result: dict) -> list[str]:
+    """With several fine-tuning seeds: each seeded method less each seeded LTRP point at that point's
+    throughput, seed by seed (interpolated as `_matched_table` does), as the mean and its 95% t-interval
+    over seeds; above 0, the method beat that LTRP point."""
+    rows = result["rows"]
+    seeded = [r for r in rows if len(r.get(BY_SEED, ())) > 1]
+    if not seeded:
+        return []
+    full = next(r for r in rows if r["kind"] == "full")
+    seeds = range(len(seeded[0][BY_SEED]))
+    names = list(dict.fromkeys(r["method"] for r in seeded))
+    lines = [
+        "",
+        f"Paired over {len(seeds)} fine-tuning seeds: each method's fine-tuned {result['measure']} less the "
+        "LTRP point's, at its throughput, seed by seed (mean [95% t-interval]; above 0: the method beats "
+        "the LTRP point).",
+        "",
+        f"| LTRP point | images/s | its {result['measure']} | {' | '.join(names)} |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    for point in (r for r in seeded if r["method"] in LTRP):
+        own = point[BY_SEED]
+        cells = []
+        for name in names:
+            at = [_at_speed(_curve(rows, name, full, seed), point["images_per_s"]) for seed in seeds]
+            if name == point["method"] or None in at:
+                cells.append("-")
+                continue
+            cells.append(_fmt_interval(t_interval([a - o for a, o in zip(at, own, strict=True)])))
+        lines.append(
+            f"| {point['method']} {point['keep']:.0%} | {point['images_per_s']:.0f} | "
+            f"{_fmt_interval(t_interval(own), sign='')} | {' | '.join(cells)} |"
+        )
+    return lines
+
+
+def _fmt_interval(e: dict[str, float], sign: str = "+") -> str:
+    return f"{e['mean']:{sign}.3f} [{e['low']:{sign}.3f}, {e['high']:{sign}.3f}]"
+
+
+def _best(row: dict, seed: int | None = None) -> float:
+    """The row's accuracy: fine-tuned where it was (with `seed`'s fine-tuning, or their mean)."""
+    if seed is not None and BY_SEED in row:
+        return row[BY_SEED][seed]
     return row.get("accuracy_fine_tuned", row["accuracy_off_the_shelf"])
 
 
-def _curve(rows: list[dict], name: str, full: dict) -> list[tuple[float, float]]:
+def _curve(rows: list[dict], name: str, full: dict, seed: int | None = None) -> list[tuple[float, float]]:
     """(images/s, accuracy) of a method's points and the full model's, by speed."""
     return sorted(
         [(full["images_per_s"], _best(full))]
-        + [(r["images_per_s"], _best(r)) for r in rows if r["method"] == name]
+        + [(r["images_per_s"], _best(r, seed)) for r in rows if r["method"] == name]
     )
 
 
@@ -561,7 +641,7 @@ def _log(result: dict, root: Path) -> None:
         for r in result["rows"]:
             key = r["label"].replace("%", "pct").replace("=", "").replace("+", "and")  # MLflow's metric names
             mlflow.log_metrics(
-                {f"{key}.{k}": v for k, v in r.items() if k.startswith(("images", "accuracy"))}
+                {f"{key}.{k}": r[k] for k in r if k.startswith(("images", "accuracy")) and k != BY_SEED}
             )
         mlflow.log_metrics(
             {f"rank_job.{k}": v for k, v in result["rank_job"].items()} | {"chance": result["chance"]}

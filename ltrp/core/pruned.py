@@ -106,6 +106,19 @@ def first_block_patches(model: VisionTransformer, images: torch.Tensor) -> torch
     return first_block_tokens(model, images)[:, model.num_prefix_tokens :]
 
 
+class FirstBlockSelector(nn.Module):
+    """A selector that runs ahead of the ViT it prunes: another model's embedding and first block (e.g.
+    the MAE encoder's, before any labels) and a `TokenScorer` trained on its patch tokens.
+    images (B, C, H, W) -> scores (B, L); its cost is that block and the head, on every token."""
+
+    def __init__(self, model: VisionTransformer, scorer: TokenScorer) -> None:
+        super().__init__()
+        self.model, self.scorer = model.eval(), scorer.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.scorer(first_block_patches(self.model, images))
+
+
 def shared_parameters(model: VisionTransformer) -> list[nn.Parameter]:
     """What `first_block_tokens` computes with: frozen while the rest fine-tunes on kept tokens, so the
     scorer keeps seeing the tokens it learned from."""

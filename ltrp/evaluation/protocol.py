@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from scipy.stats import bootstrap
+from scipy.stats import t as student_t
 
 from ltrp.core.baselines import (
     CenterScorer,
@@ -263,6 +265,13 @@ def interval(values: np.ndarray, resamples: int, seed: int) -> Estimate:
         rng=np.random.default_rng(seed),
     ).confidence_interval
     return Estimate(float(values.mean()), float(ci.low), float(ci.high))
+
+
+def t_interval(values: list[float]) -> dict[str, float]:
+    """Mean and its 95% Student-t interval over seeds (the mean alone for one seed)."""
+    v = np.asarray(values, dtype=np.float64)
+    half = float(student_t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+    return {"mean": float(v.mean()), "low": float(v.mean()) - half, "high": float(v.mean()) + half}
 
 
 def dataset_digest(

@@ -9,6 +9,7 @@ from torch import nn
 
 from ltrp.core.mae import GEOMETRIES, MAE
 from ltrp.core.pruned import (
+    FirstBlockSelector,
     TokenScorer,
     forward_kept,
     forward_shared,
@@ -144,6 +145,20 @@ def test_a_shared_first_block_passes_on_the_patches_its_scorer_ranks_first(image
         best = scorer(first[:, 1:]).topk(L // 4, dim=1).indices.sort(dim=1).values
         torch.testing.assert_close(forward_kept_after_first(model, first, best), out, atol=1e-5, rtol=1e-5)
     assert seen[0].shape == (3, 1 + L // 4, 48)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_a_first_block_selector_scores_its_own_models_patch_tokens(
+    variant: str, images: torch.Tensor
+) -> None:
+    """Prefix tokens (CLS, registers) are not scored: one score per patch, from that patch's token."""
+    model, scorer = _vit(**VARIANTS[variant]), TokenScorer(48).eval()
+    with torch.no_grad():
+        scores = FirstBlockSelector(model, scorer)(images)
+        tokens = model.blocks[0](model.norm_pre(model._pos_embed(model.patch_embed(images))))
+        expected = scorer(tokens[:, model.num_prefix_tokens :])
+    assert scores.shape == (3, L)
+    torch.testing.assert_close(scores, expected)
 
 
 def forward_kept_after_first(

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import stats
 from support import SMALL_MAE, SMALL_RANKER, fashion_mnist, png_bytes, score_rows, write_folder, write_table
 
 import ltrp
@@ -29,6 +30,7 @@ from ltrp.evaluation.protocol import (
     pseudo_scores,
     reconstruction_error,
     spread,
+    t_interval,
 )
 from ltrp.evaluation.report import CURVES, KEPT, REPORT, write_report
 
@@ -90,6 +92,13 @@ def test_reconstruction_error_is_the_mse_on_the_dropped_patches(norm_pix: bool) 
         torch.testing.assert_close(got[i], by_hand)
     other = reconstruction_error(mae, images, keep_top(torch.rand(3, 64), 0.25))
     assert (other != got).all()
+
+
+def test_t_interval_over_seeds() -> None:
+    e = t_interval([1.0, 2.0, 3.0])
+    half = stats.t.ppf(0.975, 2) * 1.0 / 3**0.5
+    assert e["mean"] == 2.0 and e["low"] == pytest.approx(2 - half) and e["high"] == pytest.approx(2 + half)
+    assert t_interval([0.5]) == {"mean": 0.5, "low": 0.5, "high": 0.5}
 
 
 def test_interval_contains_the_mean_and_narrows_with_more_data() -> None:

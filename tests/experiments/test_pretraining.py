@@ -5,18 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from scipy import stats
 
 from jobs.experiments import pretraining
-from jobs.experiments.pretraining import PretrainingArgs, _data, _task, t_interval
+from jobs.experiments.pretraining import PretrainingArgs, _data, _task
 from ltrp.pipeline.training_loop import Worker
-
-
-def test_t_interval_over_seeds() -> None:
-    e = t_interval([1.0, 2.0, 3.0])
-    half = stats.t.ppf(0.975, 2) * 1.0 / 3**0.5
-    assert e["mean"] == 2.0 and e["low"] == pytest.approx(2 - half) and e["high"] == pytest.approx(2 + half)
-    assert t_interval([0.5]) == {"mean": 0.5, "low": 0.5, "high": 0.5}
 
 
 def test_the_memory_stream_shows_every_image_once_per_pass_across_units() -> None:
