@@ -350,9 +350,9 @@ def _token_scorer(
     table = read_scores(str(root / "scores-train"))
     device = next(vit.parameters()).device
     split = {}
-    for name, validation in (("train", False), ("val", True)):
+    for part, validation in (("train", False), ("val", True)):
         views = load_views(select_split(table, VAL_FRACTION, validation, None), setting.size)
-        split[name] = [
+        split[part] = [
             to_model_input(views["image"]).to(device),
             *(torch.from_numpy(views[k]).to(device) for k in ("visible", "scores")),
         ]

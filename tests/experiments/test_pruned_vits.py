@@ -9,7 +9,7 @@ import torch
 
 from jobs.experiments import pruned
 from jobs.experiments.pruned import PrunedArgs
-from ltrp.evaluation.protocol import LabelledImages
+from ltrp.evaluation.protocol import LabelledImages, t_interval
 
 
 @pytest.mark.parametrize(
@@ -20,6 +20,7 @@ from ltrp.evaluation.protocol import LabelledImages
         ({"fine_tuned": ("ltrp", "edges")}, r"--fine-tuned: unknown method\(s\) \['edges'\]"),
         ({"init": "scratch", "backbone": "folk.pth"}, "--backbone: a ViT with --init scratch starts"),
         ({"dataset": "fashion_mnist", "backgrounds": ("faint",)}, "--backgrounds: scenes only"),
+        ({"fine_tune_seeds": 0}, "--fine-tune-seeds: at least 1, not 0"),
     ],
 )
 def test_settings_that_cannot_run_are_refused(settings: dict, message: str) -> None:
@@ -67,3 +68,30 @@ def test_accuracy_at_a_matched_speed_is_interpolated_in_log_speed_within_the_mea
     assert pruned._at_speed(curve, 200.0) == pytest.approx(0.4)  # halfway between 100 and 400 in log
     assert pruned._at_speed(curve, 800.0) == pytest.approx(0.2)
     assert pruned._at_speed(curve, 900.0) is None and pruned._at_speed(curve, 50.0) is None
+
+
+def _row(method: str, speed: float, by_seed: list[float] | None, kind: str = "top-k") -> dict:
+    row = {"method": method, "kind": kind, "keep": 0.5, "images_per_s": speed, "accuracy_off_the_shelf": 0.6}
+    if by_seed is not None:
+        row |= {pruned.BY_SEED: by_seed, "accuracy_fine_tuned": float(np.mean(by_seed))}
+    return row
+
+
+def test_paired_gaps_are_taken_seed_by_seed_at_the_ltrp_points_speed() -> None:
+    """The centre at the shared scorer's 200 images/s: halfway in log speed between the full model (100,
+    0.6) and its own point (400), with each seed's fine-tuning: 0.50, 0.52, 0.51 against 0.50, 0.52, 0.54."""
+    full = _row("full", 100.0, None, "full")
+    rows = [
+        full,
+        _row("ltrp-shared", 200.0, [0.50, 0.52, 0.54]),
+        _row("center", 400.0, [0.40, 0.44, 0.42]),
+        _row("tome", 150.0, [0.6, 0.6, 0.6]),  # never as fast as the point: no gap
+        _row("variance", 300.0, None),  # fine-tuned once: not paired
+    ]
+    table = pruned._paired_table({"rows": rows, "measure": "mAP"})
+    header = next(line for line in table if line.startswith("| LTRP point"))
+    assert header.split(" | ")[3:] == ["ltrp-shared", "center", "tome |"]
+    line = next(line for line in table if line.startswith("| ltrp-shared 50%"))
+    expected = pruned._fmt_interval(t_interval([0.0, 0.0, -0.03]))
+    assert line.split(" | ")[3:] == ["-", expected, "- |"]
+    assert pruned._paired_table({"rows": [full, _row("center", 400.0, [0.4])], "measure": "mAP"}) == []
