@@ -7,10 +7,16 @@ fine-tuning does) and trains on as many generated images as --train-images asks,
 recorded after every epoch, so the run shows whether it stopped improving. On scenes (multi-label mAP;
 the shipped MAE, which also scores the ranker's table) and on Fashion-MNIST (top-1 accuracy; an MAE
 pre-trained here). Also the ranking job's images/s next to the ranker kernel's on the same machine.
+With --init mae, one more selector separates what LTRP's scores teach from what the labels taught the
+ViT's features: a token scorer on the MAE encoder's first block (ltrp-mae-block), trained on the same
+table and run ahead of the ViT. --fine-tune-seeds repeats every fine-tuning with more seeds and pairs
+each method with each LTRP point at that point's throughput, seed by seed.
 
     python -m jobs.experiments.pruned                            # scenes (runs/bench-pruned-scenes/)
     python -m jobs.experiments.pruned --dataset fashion_mnist    # Fashion-MNIST
     python -m jobs.experiments.pruned --train-images 300 --test-images 100 --epochs 1 --fine-tune-epochs 1
+    python -m jobs.experiments.pruned --keep-ratios 0.5 0.75 --tome-r 36 48 --fine-tune-seeds 3 \
+        --fine-tuned ltrp-shared center variance folk tome   # the contested points, 3 seeds, paired
 
 Self-contained and reusing what exists under --root: the images, the MAE, a score table of the ranker's
 training images (--views views each), the ranker trained on it, the ViT. Logs the table, the figures
