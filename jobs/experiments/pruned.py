@@ -498,7 +498,8 @@ def _table(result: dict) -> str:
         f"on decoded tensors: {kernel:.0f} images/s; ratio {job / kernel:.2f}.",
         "",
         *_matched_table(result),
-        *_paired_table(result),
+        *_paired_table(result, "throughput"),
+        *_paired_table(result, "keep"),
     ]
     return "\n".join(lines)
 
@@ -538,22 +539,21 @@ def _matched_table(result: dict) -> list[str]:
     return lines
 
 
-def _paired_table(result: dict) -> list[str]:
-    """With several fine-tuning seeds: each seeded method less each seeded LTRP point at that point's
-    throughput, seed by seed (interpolated as `_matched_table` does), as the mean and its 95% t-interval
-    over seeds; above 0, the method beat that LTRP point."""
+def _paired_table(result: dict, matched: Literal["throughput", "keep"]) -> list[str]:
+    """With several fine-tuning seeds: each seeded method less each seeded LTRP point, seed by seed, at
+    that point's throughput (interpolated as `_matched_table` does) or at its keep ratio, as the mean and
+    its 95% t-interval over seeds; above 0, the method beat that LTRP point."""
     rows = result["rows"]
     seeded = [r for r in rows if len(r.get(BY_SEED, ())) > 1]
     if not seeded:
         return []
-    full = next(r for r in rows if r["kind"] == "full")
-    seeds = range(len(seeded[0][BY_SEED]))
     names = list(dict.fromkeys(r["method"] for r in seeded))
+    where = {"throughput": "at its throughput", "keep": "at its keep ratio, the same number of tokens"}
     lines = [
         "",
-        f"Paired over {len(seeds)} fine-tuning seeds: each method's fine-tuned {result['measure']} less the "
-        "LTRP point's, at its throughput, seed by seed (mean [95% t-interval]; above 0: the method beats "
-        "the LTRP point).",
+        f"Paired over {len(seeded[0][BY_SEED])} fine-tuning seeds, {where[matched]}: each method's "
+        f"fine-tuned {result['measure']} less the LTRP point's, seed by seed (mean [95% t-interval]; above "
+        "0: the method beats the LTRP point).",
         "",
         f"| LTRP point | images/s | its {result['measure']} | {' | '.join(names)} |",
         "|---|---|---|" + "---|" * len(names),
@@ -562,16 +562,29 @@ def _paired_table(result: dict) -> list[str]:
         own = point[BY_SEED]
         cells = []
         for name in names:
-            at = [_at_speed(_curve(rows, name, full, seed), point["images_per_s"]) for seed in seeds]
-            if name == point["method"] or None in at:
-                cells.append("-")
-                continue
-            cells.append(_fmt_interval(t_interval([a - o for a, o in zip(at, own, strict=True)])))
+            theirs = None if name == point["method"] else _seeded_at(rows, name, point, matched)
+            gaps = None if theirs is None else [t - o for t, o in zip(theirs, own, strict=True)]
+            cells.append("-" if gaps is None else _fmt_interval(t_interval(gaps)))
         lines.append(
             f"| {point['method']} {point['keep']:.0%} | {point['images_per_s']:.0f} | "
             f"{_fmt_interval(t_interval(own), sign='')} | {' | '.join(cells)} |"
         )
     return lines
+
+
+def _seeded_at(
+    rows: list[dict], name: str, point: dict, matched: Literal["throughput", "keep"]
+) -> list[float] | None:
+    """Method `name`'s fine-tuned accuracy with each seed at `point`'s throughput or keep ratio; None
+    where it was not measured there."""
+    if matched == "keep":
+        row = next((r for r in rows if r["method"] == name and r["kind"] in ("top-k", "shared")
+                    and r["keep"] == point["keep"]), None)  # fmt: skip
+        return None if row is None else row[BY_SEED]
+    full = next(r for r in rows if r["kind"] == "full")
+    seeds = range(len(point[BY_SEED]))
+    at = [_at_speed(_curve(rows, name, full, seed), point["images_per_s"]) for seed in seeds]
+    return None if None in at else at
 
 
 def _fmt_interval(e: dict[str, float], sign: str = "+") -> str:

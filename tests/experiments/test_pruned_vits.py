@@ -77,21 +77,25 @@ def _row(method: str, speed: float, by_seed: list[float] | None, kind: str = "to
     return row
 
 
-def test_paired_gaps_are_taken_seed_by_seed_at_the_ltrp_points_speed() -> None:
+def test_paired_gaps_are_taken_seed_by_seed_at_the_ltrp_points_speed_or_keep_ratio() -> None:
     """The centre at the shared scorer's 200 images/s: halfway in log speed between the full model (100,
-    0.6) and its own point (400), with each seed's fine-tuning: 0.50, 0.52, 0.51 against 0.50, 0.52, 0.54."""
+    0.6) and its own point (400), with each seed's fine-tuning: 0.50, 0.52, 0.51 against 0.50, 0.52, 0.54.
+    At the same keep ratio (50%): its own 0.40, 0.44, 0.42."""
     full = _row("full", 100.0, None, "full")
+    shared = _row("ltrp-shared", 200.0, [0.50, 0.52, 0.54], "shared")
     rows = [
         full,
-        _row("ltrp-shared", 200.0, [0.50, 0.52, 0.54]),
+        shared,
         _row("center", 400.0, [0.40, 0.44, 0.42]),
-        _row("tome", 150.0, [0.6, 0.6, 0.6]),  # never as fast as the point: no gap
+        _row("tome", 150.0, [0.6, 0.6, 0.6], "tome"),  # never as fast as the point, and no keep ratio
         _row("variance", 300.0, None),  # fine-tuned once: not paired
     ]
-    table = pruned._paired_table({"rows": rows, "measure": "mAP"})
-    header = next(line for line in table if line.startswith("| LTRP point"))
-    assert header.split(" | ")[3:] == ["ltrp-shared", "center", "tome |"]
-    line = next(line for line in table if line.startswith("| ltrp-shared 50%"))
-    expected = pruned._fmt_interval(t_interval([0.0, 0.0, -0.03]))
-    assert line.split(" | ")[3:] == ["-", expected, "- |"]
-    assert pruned._paired_table({"rows": [full, _row("center", 400.0, [0.4])], "measure": "mAP"}) == []
+    result = {"rows": rows, "measure": "mAP"}
+    for matched, centre in (("throughput", [0.0, 0.0, -0.03]), ("keep", [-0.10, -0.08, -0.12])):
+        table = pruned._paired_table(result, matched)
+        header = next(line for line in table if line.startswith("| LTRP point"))
+        assert header.split(" | ")[3:] == ["ltrp-shared", "center", "tome |"]
+        line = next(line for line in table if line.startswith("| ltrp-shared 50%"))
+        assert line.split(" | ")[3:] == ["-", pruned._fmt_interval(t_interval(centre)), "- |"], matched
+    once = {"rows": [full, _row("center", 400.0, [0.4])], "measure": "mAP"}
+    assert pruned._paired_table(once, "throughput") == []
