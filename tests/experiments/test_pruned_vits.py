@@ -80,8 +80,9 @@ def _row(method: str, speed: float, by_seed: list[float] | None, kind: str = "to
 def test_paired_gaps_are_taken_seed_by_seed_at_the_ltrp_points_speed_or_keep_ratio() -> None:
     """The centre at the shared scorer's 200 images/s: halfway in log speed between the full model (100,
     0.6) and its own point (400), with each seed's fine-tuning: 0.50, 0.52, 0.51 against 0.50, 0.52, 0.54.
-    At the same keep ratio (50%): its own 0.40, 0.44, 0.42."""
-    full = _row("full", 100.0, None, "full")
+    At the same keep ratio (50%): its own 0.40, 0.44, 0.42. The full model, fine-tuned alike, is every
+    point's reference."""
+    full = _row("full", 100.0, [0.6, 0.6, 0.6], "full")
     shared = _row("ltrp-shared", 200.0, [0.50, 0.52, 0.54], "shared")
     rows = [
         full,
@@ -91,11 +92,13 @@ def test_paired_gaps_are_taken_seed_by_seed_at_the_ltrp_points_speed_or_keep_rat
         _row("variance", 300.0, None),  # fine-tuned once: not paired
     ]
     result = {"rows": rows, "measure": "mAP"}
+    expected_full = pruned._fmt_interval(t_interval([0.10, 0.08, 0.06]))
     for matched, centre in (("throughput", [0.0, 0.0, -0.03]), ("keep", [-0.10, -0.08, -0.12])):
         table = pruned._paired_table(result, matched)
         header = next(line for line in table if line.startswith("| LTRP point"))
-        assert header.split(" | ")[3:] == ["ltrp-shared", "center", "tome |"]
+        assert header.split(" | ")[3:] == ["full", "ltrp-shared", "center", "tome |"]
         line = next(line for line in table if line.startswith("| ltrp-shared 50%"))
-        assert line.split(" | ")[3:] == ["-", pruned._fmt_interval(t_interval(centre)), "- |"], matched
-    once = {"rows": [full, _row("center", 400.0, [0.4])], "measure": "mAP"}
+        cells = [expected_full, "-", pruned._fmt_interval(t_interval(centre)), "- |"]
+        assert line.split(" | ")[3:] == cells, matched
+    once = {"rows": [_row("full", 100.0, None, "full"), _row("center", 400.0, [0.4])], "measure": "mAP"}
     assert pruned._paired_table(once, "throughput") == []
