@@ -51,7 +51,7 @@ from ltrp.data.datasets import write_fashion_mnist
 from ltrp.data.scenes import SHIPPED_MAE, SceneConfig, write_scenes
 from ltrp.evaluation import efficiency
 from ltrp.evaluation.efficiency import FitSettings, Method
-from ltrp.evaluation.protocol import load_labelled, t_interval
+from ltrp.evaluation.protocol import format_interval, load_labelled, t_interval
 from ltrp.evaluation.scene_eval import load_scene_set
 from ltrp.pipeline import runtime
 from ltrp.pipeline.configs import PretrainConfig
@@ -313,10 +313,6 @@ def _summary(runs: list[dict], arms: tuple[str, ...]) -> dict:
     return summary
 
 
-def _fmt(e: dict[str, float]) -> str:
-    return f"{e['mean']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
-
-
 def _table(result: dict) -> str:
     args, measure = result["args"], result["measure"]
     steps = {r["arm"]: r["steps"] for r in result["runs"]}
@@ -332,7 +328,8 @@ def _table(result: dict) -> str:
     ]
     for arm, s in result["summary"].items():
         cells = [arm, f"{result['gflops_per_image'][arm]:.2f}", str(steps[arm])]
-        cells += [_fmt(s[k]) for k in ("fine_tuned", "linear", "fine_tuned_minus_mae", "linear_minus_mae")]
+        probes = ("fine_tuned", "linear", "fine_tuned_minus_mae", "linear_minus_mae")
+        cells += [format_interval(s[k]) for k in probes]
         lines.append(f"| {' | '.join(cells)} |")
     return "\n".join(lines)
 

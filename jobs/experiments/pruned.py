@@ -54,7 +54,7 @@ from ltrp.data.tables import read_scores
 from ltrp.evaluation import efficiency
 from ltrp.evaluation.efficiency import FitSettings, Method
 from ltrp.evaluation.objects import ImageObjects, object_recalls
-from ltrp.evaluation.protocol import LabelledImages, load_labelled, t_interval
+from ltrp.evaluation.protocol import LabelledImages, format_interval, load_labelled, t_interval
 from ltrp.evaluation.scene_eval import SceneSet, load_scene_set
 from ltrp.pipeline import pretrain_job, runtime, train_job, trainer
 from ltrp.pipeline.configs import PretrainConfig, RankConfig, ScoreConfig, TrainConfig
@@ -565,10 +565,10 @@ def _paired_table(result: dict, matched: Literal["throughput", "keep"]) -> list[
         for name in names:
             theirs = None if name == point["method"] else _seeded_at(rows, name, point, matched)
             gaps = None if theirs is None else [t - o for t, o in zip(theirs, own, strict=True)]
-            cells.append("-" if gaps is None else _fmt_interval(t_interval(gaps)))
+            cells.append("-" if gaps is None else format_interval(t_interval(gaps), "+"))
         lines.append(
             f"| {point['method']} {point['keep']:.0%} | {point['images_per_s']:.0f} | "
-            f"{_fmt_interval(t_interval(own), sign='')} | {' | '.join(cells)} |"
+            f"{format_interval(t_interval(own))} | {' | '.join(cells)} |"
         )
     return lines
 
@@ -588,10 +588,6 @@ def _seeded_at(
     seeds = range(len(point[BY_SEED]))
     at = [_at_speed(_curve(rows, name, full, seed), point["images_per_s"]) for seed in seeds]
     return None if None in at else at
-
-
-def _fmt_interval(e: dict[str, float], sign: str = "+") -> str:
-    return f"{e['mean']:{sign}.3f} [{e['low']:{sign}.3f}, {e['high']:{sign}.3f}]"
 
 
 def _best(row: dict, seed: int | None = None) -> float:

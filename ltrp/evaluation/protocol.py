@@ -274,6 +274,11 @@ def t_interval(values: list[float]) -> dict[str, float]:
     return {"mean": float(v.mean()), "low": float(v.mean()) - half, "high": float(v.mean()) + half}
 
 
+def format_interval(e: dict[str, float], sign: str = "") -> str:
+    """A `t_interval` as "mean [low, high]", to 3 decimals; sign "+" signs them (a difference)."""
+    return f"{e['mean']:{sign}.3f} [{e['low']:{sign}.3f}, {e['high']:{sign}.3f}]"
+
+
 def dataset_digest(
     test: LabelledImages,
     mae: MAE,

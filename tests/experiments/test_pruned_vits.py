@@ -9,7 +9,7 @@ import torch
 
 from jobs.experiments import pruned
 from jobs.experiments.pruned import PrunedArgs
-from ltrp.evaluation.protocol import LabelledImages, t_interval
+from ltrp.evaluation.protocol import LabelledImages, format_interval, t_interval
 
 
 @pytest.mark.parametrize(
@@ -92,13 +92,13 @@ def test_paired_gaps_are_taken_seed_by_seed_at_the_ltrp_points_speed_or_keep_rat
         _row("variance", 300.0, None),  # fine-tuned once: not paired
     ]
     result = {"rows": rows, "measure": "mAP"}
-    expected_full = pruned._fmt_interval(t_interval([0.10, 0.08, 0.06]))
+    expected_full = format_interval(t_interval([0.10, 0.08, 0.06]), "+")
     for matched, centre in (("throughput", [0.0, 0.0, -0.03]), ("keep", [-0.10, -0.08, -0.12])):
         table = pruned._paired_table(result, matched)
         header = next(line for line in table if line.startswith("| LTRP point"))
         assert header.split(" | ")[3:] == ["full", "ltrp-shared", "center", "tome |"]
         line = next(line for line in table if line.startswith("| ltrp-shared 50%"))
-        cells = [expected_full, "-", pruned._fmt_interval(t_interval(centre)), "- |"]
+        cells = [expected_full, "-", format_interval(t_interval(centre), "+"), "- |"]
         assert line.split(" | ")[3:] == cells, matched
     once = {"rows": [_row("full", 100.0, None, "full"), _row("center", 400.0, [0.4])], "measure": "mAP"}
     assert pruned._paired_table(once, "throughput") == []
